@@ -1,0 +1,140 @@
+//! Generation for one sequence: prefill the prompt, then decode token by token into a
+//! contiguous [`KvCache`], streaming text as it becomes final. `fount generate` runs this; the
+//! engine batches many sequences with the same pieces (sampler, text stream, stop matcher).
+
+use std::time::{Duration, Instant};
+
+use crate::batch::{Batch, Logits};
+use crate::error::{Error, Result};
+use crate::kv::KvCache;
+use crate::model::Model;
+use crate::sampling::{Sampler, SamplingParams, TokenHistory};
+use crate::stop::{StopMatcher, StopStep};
+use crate::tokenizer::{TextStream, Tokenizer};
+
+/// What ends a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens`, or the model's context, was reached.
+    Length,
+}
+
+/// Options of [`generate`].
+#[derive(Debug, Clone, Default)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Token ids that end generation (not emitted).
+    pub stop_ids: Vec<u32>,
+    /// Strings that end generation (not emitted).
+    pub stop_strings: Vec<String>,
+    /// How to choose tokens.
+    pub sampling: SamplingParams,
+}
+
+/// What a generation produced, with its timings.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The generated token ids (an EOS token that ended it is not included).
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Time for the prompt's forward and the first token.
+    pub prefill: Duration,
+    /// Time for the remaining tokens.
+    pub decode: Duration,
+}
+
+/// Generates from `prompt`, calling `on_text` with each piece of final text.
+pub fn generate(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let max_ctx = model.config().max_position_embeddings;
+    if prompt.len() >= max_ctx {
+        return Err(Error::ContextLength { tokens: prompt.len() + 1, max: max_ctx });
+    }
+    let cfg = model.config();
+    let mut cache = KvCache::new(
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        model.dtype(),
+        model.device(),
+    );
+    let mut sampler = Sampler::new(opts.sampling.clone())?;
+    let mut history = TokenHistory::new(prompt);
+    let mut stream = TextStream::new();
+    let mut stops = StopMatcher::new(&opts.stop_strings);
+    let budget = opts.max_tokens.min(max_ctx - prompt.len());
+
+    let start = Instant::now();
+    let mut batch = Batch::single(prompt, 0);
+    let mut tokens = Vec::with_capacity(budget);
+    let mut prefill = Duration::ZERO;
+    let mut finish = FinishReason::Length;
+    while tokens.len() < budget {
+        let out = model.forward(&batch, &mut cache, Logits::Last)?;
+        let mut logits = out.logits.squeeze(0)?.to_vec1::<f32>()?;
+        let next = sampler.sample(&mut logits, &history);
+        if tokens.is_empty() {
+            prefill = start.elapsed();
+        }
+        if opts.stop_ids.contains(&next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        tokens.push(next);
+        history.push(next);
+        if let Some(text) = stream.push(tokenizer, next)? {
+            match stops.push(&text) {
+                StopStep::Emit(t) => on_text(&t),
+                StopStep::Stop(t) => {
+                    on_text(&t);
+                    finish = FinishReason::Stop;
+                    break;
+                }
+            }
+        }
+        let position = prompt.len() + tokens.len() - 1;
+        batch.clear();
+        batch.push(&[next], position);
+    }
+    if finish == FinishReason::Length {
+        if let Some(text) = stream.finish(tokenizer)? {
+            match stops.push(&text) {
+                StopStep::Emit(t) => on_text(&t),
+                StopStep::Stop(t) => {
+                    on_text(&t);
+                    finish = FinishReason::Stop;
+                }
+            }
+        }
+        if finish == FinishReason::Length {
+            on_text(&stops.finish());
+        }
+    } else {
+        // Stopped by an EOS id: flush what the stop matcher held back.
+        let rest = stops.finish();
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+    }
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        decode: start.elapsed().saturating_sub(prefill),
+        tokens,
+        finish,
+        prefill,
+    })
+}

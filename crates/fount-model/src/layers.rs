@@ -1,0 +1,226 @@
+//! The small layers of a Llama-family decoder: linear projections, RMSNorm, the SwiGLU MLP and
+//! grouped-query attention over a packed batch.
+//!
+//! Every op is differentiable (no fused kernels that cut the autograd graph), so the same code
+//! trains and serves.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::batch::Batch;
+use crate::config::Config;
+use crate::error::Result;
+use crate::kv::KvView;
+use crate::rope;
+use crate::weights::Weights;
+
+/// `y = x Wᵀ + b`, with `W` of shape `(out, in)` as checkpoints store it.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get(&[out_dim, in_dim], "weight")?;
+        let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Builds from tensors (weight `(out, in)`).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// The weight, `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// # Shapes
+    /// - `x`: `(tokens, in)` → `(tokens, out)`
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in f32 as `transformers` does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `{prefix}.weight`.
+    pub fn load(w: &Weights, size: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: w.get(&[size], "weight")?, eps })
+    }
+
+    /// # Shapes
+    /// - `x`: `(tokens, size)` → `(tokens, size)`
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_mul(&(variance + self.eps)?.sqrt()?.recip()?)?;
+        Ok(x.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// The SwiGLU feed-forward: `down(silu(gate(x)) · up(x))` (Shazeer, 2020).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// Loads `gate_proj`, `up_proj`, `down_proj` under `w`.
+    pub fn load(w: &Weights, hidden: usize, intermediate: usize, bias: bool) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(&w.pp("gate_proj"), hidden, intermediate, bias)?,
+            up_proj: Linear::load(&w.pp("up_proj"), hidden, intermediate, bias)?,
+            down_proj: Linear::load(&w.pp("down_proj"), intermediate, hidden, bias)?,
+        })
+    }
+
+    /// Builds from the three projections.
+    pub fn from_parts(gate_proj: Linear, up_proj: Linear, down_proj: Linear) -> Self {
+        Mlp { gate_proj, up_proj, down_proj }
+    }
+
+    /// # Shapes
+    /// - `x`: `(tokens, hidden)` → `(tokens, hidden)`
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+/// Grouped-query self-attention (Ainslie et al., 2023) with RoPE, over the packed tokens of a
+/// batch, reading and extending each sequence's keys and values through a [`KvView`].
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    layer: usize,
+}
+
+impl Attention {
+    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` of layer `layer`.
+    pub fn load(w: &Weights, cfg: &Config, layer: usize) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let q = cfg.num_attention_heads * d;
+        let kv = cfg.num_key_value_heads * d;
+        Ok(Attention {
+            q_proj: Linear::load(&w.pp("q_proj"), h, q, cfg.qkv_bias)?,
+            k_proj: Linear::load(&w.pp("k_proj"), h, kv, cfg.qkv_bias)?,
+            v_proj: Linear::load(&w.pp("v_proj"), h, kv, cfg.qkv_bias)?,
+            o_proj: Linear::load(&w.pp("o_proj"), q, h, cfg.o_bias)?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+            window: cfg.window_of(layer),
+            layer,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `(tokens, hidden)`, the packed tokens of every sequence in `batch`
+    /// - `cos`, `sin`: `(tokens, head_dim / 2)`
+    /// - returns `(tokens, hidden)`
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: &Batch,
+        past: &[usize],
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &mut dyn KvView,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let groups = h / kvh;
+        let q = self.q_proj.forward(x)?.reshape((n, h, d))?;
+        let k = self.k_proj.forward(x)?.reshape((n, kvh, d))?;
+        let v = self.v_proj.forward(x)?.reshape((n, kvh, d))?;
+        let q = rope::apply(&q, cos, sin)?;
+        let k = rope::apply(&k, cos, sin)?;
+        let scale = 1.0 / (d as f64).sqrt();
+
+        let mut outs = Vec::with_capacity(batch.seq_lens.len());
+        let mut offset = 0;
+        for (seq, &len) in batch.seq_lens.iter().enumerate() {
+            let q = q.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?; // (h, len, d)
+            let k_new = k.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?; // (kvh, len, d)
+            let v_new = v.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
+            offset += len;
+            let (keys, values) = kv.append(self.layer, seq, &k_new, &v_new)?; // (kvh, total, d)
+            let total = keys.dim(1)?;
+            // Query heads sharing a key/value head are stacked along the rows, so one batched
+            // matmul per key/value head serves the whole group without copying keys.
+            let q = q.reshape((kvh, groups * len, d))?;
+            let scores = (q.matmul(&keys.t()?)? * scale)?; // (kvh, groups·len, total)
+            let scores = match attention_mask(len, past[seq], total, self.window) {
+                Some(mask) => {
+                    let mask = Tensor::from_vec(mask, (len, total), x.device())?
+                        .to_dtype(scores.dtype())?;
+                    scores
+                        .reshape((kvh, groups, len, total))?
+                        .broadcast_add(&mask)?
+                        .reshape((kvh, groups * len, total))?
+                }
+                None => scores,
+            };
+            let probs = softmax_last_dim(&scores)?;
+            let out = probs.matmul(&values.contiguous()?)?; // (kvh, groups·len, d)
+            let out = out.reshape((h, len, d))?.transpose(0, 1)?.reshape((len, h * d))?;
+            outs.push(out);
+        }
+        self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+    }
+}
+
+/// The additive mask of `len` new tokens at cache offset `past` over `total` keys: causal, and
+/// limited to the last `window` positions when the layer has a sliding window. `None` when
+/// nothing is masked (a single decoded token with no window in reach).
+fn attention_mask(len: usize, past: usize, total: usize, window: Option<usize>) -> Option<Vec<f32>> {
+    let window_bites = window.is_some_and(|w| total > w);
+    if len == 1 && !window_bites {
+        return None;
+    }
+    let mut mask = vec![0f32; len * total];
+    for i in 0..len {
+        let qpos = past + i;
+        for j in 0..total {
+            let causal = j > qpos;
+            let outside = window.is_some_and(|w| qpos - j.min(qpos) >= w);
+            if causal || outside {
+                mask[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Some(mask)
+}
+
+/// Numerically stable softmax over the last dimension, from differentiable ops.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}

@@ -1,0 +1,103 @@
+//! Rotary position embeddings (Su et al., 2021, arXiv 2104.09864) with the frequency scalings
+//! Hugging Face implements in `modeling_rope_utils.py`: `linear` (position interpolation) and
+//! `llama3` (Llama 3.1's wavelength-dependent interpolation).
+//!
+//! Positions are given per token, so sequences at different offsets share one packed batch.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Config, RopeScaling};
+use crate::error::Result;
+
+/// The inverse frequencies of one model, computed once at load.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `head_dim / 2` inverse frequencies, in f32 as `transformers` computes them.
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// Computes the (scaled) inverse frequencies for `config`.
+    pub fn new(config: &Config) -> Rope {
+        let dim = config.head_dim;
+        let base = config.rope_theta as f32;
+        let mut inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+            .collect();
+        match config.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                for f in &mut inv_freq {
+                    *f /= factor as f32;
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high) =
+                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                let old = original_max_position_embeddings as f32;
+                let low_freq_wavelen = old / low;
+                let high_freq_wavelen = old / high;
+                for f in &mut inv_freq {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
+                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    *f = if medium {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                }
+            }
+        }
+        Rope { inv_freq }
+    }
+
+    /// `cos` and `sin` tables for the given positions, each `(tokens, head_dim / 2)`.
+    pub fn tables(&self, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                // f32 product, as `transformers` computes `inv_freq @ position_ids`.
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), half);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
+    }
+}
+
+/// Applies RoPE in the "rotate half" layout of Llama checkpoints.
+///
+/// # Shapes
+/// - `x`: `(tokens, heads, head_dim)`
+/// - `cos`, `sin`: `(tokens, head_dim / 2)`
+///
+/// Composed of differentiable ops, so training backpropagates through it.
+pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (n, _heads, d) = x.dims3()?;
+    let half = d / 2;
+    let cos = cos.reshape((n, 1, half))?.to_dtype(x.dtype())?;
+    let sin = sin.reshape((n, 1, half))?.to_dtype(x.dtype())?;
+    let x1 = x.narrow(2, 0, half)?;
+    let x2 = x.narrow(2, half, half)?;
+    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Ok(Tensor::cat(&[r1, r2], 2)?)
+}
+
+/// The dtype RoPE tables are built in.
+pub const TABLE_DTYPE: DType = DType::F32;
