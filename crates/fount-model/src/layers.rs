@@ -10,8 +10,13 @@ use crate::batch::Batch;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kv::KvView;
+use crate::matvec::SmallMatmul;
 use crate::rope;
 use crate::weights::Weights;
+
+/// Up to this many rows (decoding steps), [`Linear::forward`] uses the memory-bound kernel of
+/// [`crate::matvec`].
+const SMALL_ROWS: usize = 8;
 
 /// `y = x Wᵀ + b`, with `W` of shape `(out, in)` as checkpoints store it.
 #[derive(Debug, Clone)]
@@ -41,7 +46,17 @@ impl Linear {
     /// # Shapes
     /// - `x`: `(tokens, in)` → `(tokens, out)`
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let small = x.dim(0)? <= SMALL_ROWS
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && !self.weight.track_op()
+            && !x.track_op();
+        let y = if small {
+            x.contiguous()?.apply_op2_no_bwd(&self.weight, &SmallMatmul)?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

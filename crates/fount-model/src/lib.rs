@@ -35,6 +35,7 @@ mod generate;
 pub mod init;
 mod kv;
 mod layers;
+mod matvec;
 mod model;
 mod moe;
 pub mod rope;

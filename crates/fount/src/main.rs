@@ -1,1 +1,56 @@
-fn main(){}
+//! `fount`: the command line of the fount platform.
+//!
+//! Each subcommand is one step of the flow in `DESIGN.md`; this binary parses arguments, adds
+//! context to errors, and prints the error chain with a non-zero exit code.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Large language models as a public utility.
+#[derive(Debug, Parser)]
+#[command(name = "fount", version, about, propagate_version = true)]
+struct Cli {
+    /// Worker threads for tensor math (default: all cores).
+    #[arg(long, global = true, env = "FOUNT_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create and inspect model directories.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
+    /// Generate text from a model, streaming it to stdout.
+    Generate(cmd::generate::GenerateArgs),
+    /// Measure speed against reference implementations.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle's CPU kernels size their thread pools from this variable on first use.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let result = match cli.command {
+        Command::Model(c) => cmd::model::run(c),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Bench(c) => cmd::bench::run(c, cli.threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

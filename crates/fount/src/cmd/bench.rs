@@ -1,0 +1,167 @@
+//! `fount bench …`: end-to-end speed figures, each beside a reference measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use fount_model::init::{init_model, preset, InitOptions};
+use fount_model::sampling::argmax;
+use fount_model::{Arch, Batch, KvCache, Logits, Model};
+use rand::{Rng, SeedableRng};
+
+/// `fount bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and batch-1 decode speed of one model.
+    Generate(GenerateBench),
+}
+
+/// Arguments of `fount bench generate`.
+#[derive(Debug, Args)]
+pub struct GenerateBench {
+    /// Model directory; by default a random model of --arch/--preset is written to
+    /// `target/fount-bench/` and reused.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Architecture of the generated model.
+    #[arg(long, default_value = "qwen2")]
+    pub arch: String,
+    /// Preset of the generated model.
+    #[arg(long, default_value = "qwen2.5-0.5b")]
+    pub preset: String,
+    /// Prompt length.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded after the prompt.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Compute dtype.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Reference to measure beside fount: `torch` (HF transformers) or `none`.
+    #[arg(long, default_value = "torch")]
+    pub reference: String,
+    /// The reference script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/bench/hf_generate.py"))]
+    pub reference_script: PathBuf,
+}
+
+/// Runs a `fount bench` subcommand.
+pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
+    match cmd {
+        BenchCommand::Generate(a) => bench_generate(a, threads),
+    }
+}
+
+struct Speed {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+}
+
+fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => {
+            let arch = Arch::from_short(&a.arch).with_context(|| format!("unknown --arch {}", a.arch))?;
+            let d = PathBuf::from("target/fount-bench").join(format!("{}-{}", a.arch, a.preset));
+            if !d.join("model.safetensors").exists() {
+                eprintln!("writing a random {} {} model to {} …", a.arch, a.preset, d.display());
+                init_model(arch, &preset(arch, &a.preset)?, &InitOptions::default(), &d)?;
+            }
+            d
+        }
+    };
+    let dtype = super::parse_dtype(&a.dtype)?;
+    let model = Model::load(&dir, dtype, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
+    let cfg = model.config().clone();
+    eprintln!(
+        "model: {} ({} parameters, {} layers, hidden {}), dtype {}, {threads} threads",
+        dir.display(),
+        super::model::human_count(cfg.num_parameters()),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        a.dtype
+    );
+    let ours = measure(&model, a.prompt_tokens, a.decode_tokens)?;
+    println!("| engine | prefill {} tok/s | decode tok/s (batch 1, {} tokens) |", a.prompt_tokens, a.decode_tokens);
+    println!("|---|---|---|");
+    println!("| fount (candle {}) | {:.1} | {:.2} |", a.dtype, ours.prefill_tok_s, ours.decode_tok_s);
+    match a.reference.as_str() {
+        "none" => {}
+        "torch" => {
+            let reference = reference_torch(&a.reference_script, &dir, &a, threads)?;
+            println!("| {} | {:.1} | {:.2} |", reference.0, reference.1.prefill_tok_s, reference.1.decode_tok_s);
+            println!(
+                "| **fount / reference** | **{:.2}×** | **{:.2}×** |",
+                ours.prefill_tok_s / reference.1.prefill_tok_s,
+                ours.decode_tok_s / reference.1.decode_tok_s
+            );
+        }
+        other => bail!("unknown --reference {other:?} (torch, none)"),
+    }
+    Ok(())
+}
+
+fn measure(model: &Model, prompt_tokens: usize, decode_tokens: usize) -> Result<Speed> {
+    let cfg = model.config();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let vocab = cfg.vocab_size.min(32_000) as u32;
+    let prompt: Vec<u32> = (0..prompt_tokens).map(|_| rng.random_range(0..vocab)).collect();
+    let new_cache =
+        || KvCache::new(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, model.dtype(), model.device());
+    // Warm-up: thread pools, page faults of the mapped weights.
+    let mut warm = new_cache();
+    model.forward(&Batch::single(&prompt[..8.min(prompt.len())], 0), &mut warm, Logits::Last)?;
+
+    let mut kv = new_cache();
+    let t0 = Instant::now();
+    let out = model.forward(&Batch::single(&prompt, 0), &mut kv, Logits::Last)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut next = argmax(&out.logits.squeeze(0)?.to_vec1::<f32>()?);
+    let mut batch = Batch::default();
+    let t0 = Instant::now();
+    for step in 0..decode_tokens {
+        batch.clear();
+        batch.push(&[next], prompt_tokens + step);
+        let out = model.forward(&batch, &mut kv, Logits::Last)?;
+        next = argmax(&out.logits.squeeze(0)?.to_vec1::<f32>()?);
+    }
+    let decode = t0.elapsed().as_secs_f64();
+    Ok(Speed { prefill_tok_s: prompt_tokens as f64 / prefill, decode_tok_s: decode_tokens as f64 / decode })
+}
+
+fn reference_torch(script: &Path, dir: &Path, a: &GenerateBench, threads: usize) -> Result<(String, Speed)> {
+    let dtype = match a.dtype.as_str() {
+        "f16" => "float16",
+        "bf16" => "bfloat16",
+        _ => "float32",
+    };
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--model", &dir.display().to_string()])
+        .args(["--prompt-tokens", &a.prompt_tokens.to_string()])
+        .args(["--decode-tokens", &a.decode_tokens.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--dtype", dtype])
+        .output()
+        .with_context(|| format!("running python3 {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the reference ({}) failed: {}\n(install it with `pip install torch transformers`, or pass --reference none)",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("reference output {line:?}"))?;
+    let f = |k: &str| v[k].as_f64().with_context(|| format!("reference output lacks {k}"));
+    Ok((
+        v["engine"].as_str().unwrap_or("transformers").to_string(),
+        Speed { prefill_tok_s: f("prefill_tok_s")?, decode_tok_s: f("decode_tok_s")? },
+    ))
+}

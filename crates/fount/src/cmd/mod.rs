@@ -1,0 +1,18 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod generate;
+pub mod model;
+
+use anyhow::{bail, Result};
+use candle_core::DType;
+
+/// Parses a dtype name as the command line spells it.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" | "float32" => DType::F32,
+        "f16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => bail!("unknown dtype {other:?} (f32, f16, bf16)"),
+    })
+}
