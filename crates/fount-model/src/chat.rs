@@ -50,7 +50,10 @@ const TEMPLATE_NAME: &str = "chat";
 
 impl ChatTemplate {
     /// Compiles `source`; `special_tokens` maps names such as `bos_token` to their strings.
-    pub fn new(source: &str, special_tokens: serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+    pub fn new(
+        source: &str,
+        special_tokens: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -62,7 +65,10 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME.to_string(), source.to_string())
             .map_err(|e| Error::ChatTemplate(format!("does not compile: {e:#}")))?;
-        Ok(ChatTemplate { env, special_tokens })
+        Ok(ChatTemplate {
+            env,
+            special_tokens,
+        })
     }
 
     /// Loads the template of a model directory, or `None` if it has none.
@@ -71,15 +77,21 @@ impl ChatTemplate {
         let mut special = serde_json::Map::new();
         if let Some(cfg) = &config {
             for key in [
-                "bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                "bos_token",
+                "eos_token",
+                "unk_token",
+                "pad_token",
+                "sep_token",
+                "cls_token",
                 "mask_token",
             ] {
                 if let Some(v) = cfg.get(key) {
                     let text = match v {
                         serde_json::Value::String(s) => Some(s.clone()),
-                        serde_json::Value::Object(o) => {
-                            o.get("content").and_then(|c| c.as_str()).map(str::to_string)
-                        }
+                        serde_json::Value::Object(o) => o
+                            .get("content")
+                            .and_then(|c| c.as_str())
+                            .map(str::to_string),
                         _ => None,
                     };
                     if let Some(t) = text {
@@ -144,7 +156,10 @@ fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Err
 
 /// `tojson(value, indent=None, sort_keys=False)`, byte-compatible with
 /// `json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)`.
-fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<Value, minijinja::Error> {
+fn tojson(
+    value: Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
@@ -155,7 +170,13 @@ fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> std::result::Result
     Ok(Value::from_safe_string(out))
 }
 
-fn write_py_json(v: &serde_json::Value, indent: Option<usize>, sort: bool, depth: usize, out: &mut String) {
+fn write_py_json(
+    v: &serde_json::Value,
+    indent: Option<usize>,
+    sort: bool,
+    depth: usize,
+    out: &mut String,
+) {
     use serde_json::Value as J;
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
@@ -239,8 +260,18 @@ fn strftime_now(format: String) -> String {
 /// Formats a Unix time (UTC) with the `strftime` codes templates use.
 pub(crate) fn strftime(secs: i64, format: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -291,7 +322,10 @@ mod tests {
     #[test]
     fn strftime_formats_known_dates() {
         // 2024-07-26 13:05:09 UTC
-        assert_eq!(strftime(1_722_000_309, "%d %b %Y %H:%M:%S"), "26 Jul 2024 13:25:09");
+        assert_eq!(
+            strftime(1_722_000_309, "%d %b %Y %H:%M:%S"),
+            "26 Jul 2024 13:25:09"
+        );
         assert_eq!(strftime(0, "%Y-%m-%d %B %%"), "1970-01-01 January %");
     }
 
@@ -304,7 +338,10 @@ mod tests {
         };
         let v = serde_json::json!({"a": [1, 2.5, "x\"y\n"], "é": null, "b": {}});
         let out = env
-            .render_str("{{ v | tojson }}|{{ v | tojson(indent=2) }}", minijinja::context! { v => Value::from_serialize(&v) })
+            .render_str(
+                "{{ v | tojson }}|{{ v | tojson(indent=2) }}",
+                minijinja::context! { v => Value::from_serialize(&v) },
+            )
             .unwrap_or_default();
         assert_eq!(
             out,

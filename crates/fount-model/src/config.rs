@@ -325,21 +325,24 @@ impl HfConfig {
         )?;
         let (sliding_window, sliding_window_from_layer) = match arch {
             Arch::Mistral | Arch::Mixtral => (self.sliding_window, 0),
-            Arch::Qwen2 if self.use_sliding_window.unwrap_or(false) => (
-                self.sliding_window,
-                self.max_window_layers.unwrap_or(0),
-            ),
+            Arch::Qwen2 if self.use_sliding_window.unwrap_or(false) => {
+                (self.sliding_window, self.max_window_layers.unwrap_or(0))
+            }
             _ => (None, 0),
         };
         let moe = match arch {
             Arch::Mixtral => {
-                let num_experts =
-                    positive(need(self.num_local_experts, "num_local_experts")?, "num_local_experts")?;
+                let num_experts = positive(
+                    need(self.num_local_experts, "num_local_experts")?,
+                    "num_local_experts",
+                )?;
                 let top_k = need(self.num_experts_per_tok, "num_experts_per_tok")?;
                 if top_k == 0 || top_k > num_experts {
                     return Err(Error::Config {
                         field: "num_experts_per_tok",
-                        reason: format!("{top_k} must be between 1 and num_local_experts = {num_experts}"),
+                        reason: format!(
+                            "{top_k} must be between 1 and num_local_experts = {num_experts}"
+                        ),
                     });
                 }
                 Some(MoeConfig {

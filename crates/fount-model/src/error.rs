@@ -67,7 +67,9 @@ pub enum Error {
     },
 
     /// A prompt (plus what is to be generated) does not fit the model's context.
-    #[error("{tokens} tokens exceed the model's context of {max} tokens (max_position_embeddings)")]
+    #[error(
+        "{tokens} tokens exceed the model's context of {max} tokens (max_position_embeddings)"
+    )]
     ContextLength {
         /// Tokens needed.
         tokens: usize,
@@ -118,4 +120,3 @@ pub enum Error {
 
 /// `Result` with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
-

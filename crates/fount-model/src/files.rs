@@ -45,7 +45,9 @@ impl ModelFiles {
                 what: "to be a directory (a Hugging Face model directory)",
             });
         }
-        Ok(ModelFiles { dir: dir.to_path_buf() })
+        Ok(ModelFiles {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The directory.
@@ -72,10 +74,11 @@ impl ModelFiles {
         let index = self.dir.join("model.safetensors.index.json");
         if index.exists() {
             let text = fs_err::read_to_string(&index)?;
-            let parsed: SafetensorsIndex = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index.clone(),
-                source,
-            })?;
+            let parsed: SafetensorsIndex =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index.clone(),
+                    source,
+                })?;
             let names: BTreeSet<&String> = parsed.weight_map.values().collect();
             return Ok(names.into_iter().map(|n| self.dir.join(n)).collect());
         }
@@ -120,5 +123,8 @@ pub(crate) fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Valu
     let text = fs_err::read_to_string(path)?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|source| Error::Json { path: path.to_path_buf(), source })
+        .map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
 }

@@ -62,7 +62,10 @@ pub fn generate(
     }
     let max_ctx = model.config().max_position_embeddings;
     if prompt.len() >= max_ctx {
-        return Err(Error::ContextLength { tokens: prompt.len() + 1, max: max_ctx });
+        return Err(Error::ContextLength {
+            tokens: prompt.len() + 1,
+            max: max_ctx,
+        });
     }
     let cfg = model.config();
     let mut cache = KvCache::new(

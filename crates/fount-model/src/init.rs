@@ -79,7 +79,10 @@ pub fn presets(arch: Arch) -> Vec<Shape> {
     });
     match arch {
         Arch::Llama => vec![
-            Shape { rope_scaling: llama3_scaling.clone(), ..tiny("tiny", 512) },
+            Shape {
+                rope_scaling: llama3_scaling.clone(),
+                ..tiny("tiny", 512)
+            },
             Shape {
                 name: "small",
                 vocab_size: 2048,
@@ -132,7 +135,11 @@ pub fn presets(arch: Arch) -> Vec<Shape> {
             },
         ],
         Arch::Qwen2 => vec![
-            Shape { tie_word_embeddings: true, rope_theta: 1e6, ..tiny("tiny", 512) },
+            Shape {
+                tie_word_embeddings: true,
+                rope_theta: 1e6,
+                ..tiny("tiny", 512)
+            },
             Shape {
                 name: "qwen2.5-0.5b",
                 vocab_size: 151_936,
@@ -150,7 +157,10 @@ pub fn presets(arch: Arch) -> Vec<Shape> {
             },
         ],
         Arch::Mistral => vec![
-            Shape { rope_theta: 1e6, ..tiny("tiny", 512) },
+            Shape {
+                rope_theta: 1e6,
+                ..tiny("tiny", 512)
+            },
             Shape {
                 name: "mistral-7b",
                 vocab_size: 32_768,
@@ -168,7 +178,11 @@ pub fn presets(arch: Arch) -> Vec<Shape> {
             },
         ],
         Arch::Mixtral => vec![
-            Shape { rope_theta: 1e6, experts: Some((4, 2)), ..tiny("tiny", 512) },
+            Shape {
+                rope_theta: 1e6,
+                experts: Some((4, 2)),
+                ..tiny("tiny", 512)
+            },
             Shape {
                 name: "mixtral-small",
                 vocab_size: 32_000,
@@ -207,11 +221,13 @@ pub fn presets(arch: Arch) -> Vec<Shape> {
 pub fn preset(arch: Arch, name: &str) -> Result<Shape> {
     let all = presets(arch);
     let available = all.iter().map(|s| s.name).collect::<Vec<_>>().join(", ");
-    all.into_iter().find(|s| s.name == name).ok_or(Error::UnknownPreset {
-        found: name.into(),
-        arch: arch.hf_names().1.into(),
-        available,
-    })
+    all.into_iter()
+        .find(|s| s.name == name)
+        .ok_or(Error::UnknownPreset {
+            found: name.into(),
+            arch: arch.hf_names().1.into(),
+            available,
+        })
 }
 
 /// Options of [`init_model`].
@@ -227,7 +243,11 @@ pub struct InitOptions {
 
 impl Default for InitOptions {
     fn default() -> Self {
-        InitOptions { seed: 0, dtype: DType::F32, std: 0.02 }
+        InitOptions {
+            seed: 0,
+            dtype: DType::F32,
+            std: 0.02,
+        }
     }
 }
 
@@ -283,10 +303,17 @@ fn family(arch: Arch) -> Family {
 const TOKENIZER_TEXT: &str = include_str!("init_corpus.txt");
 
 /// Trains a byte-level BPE tokenizer with `vocab_size` entries (at most) and `specials`.
-pub fn train_bpe(texts: &[&str], vocab_size: usize, specials: &[&str], bos: Option<&str>) -> Result<tokenizers::Tokenizer> {
+pub fn train_bpe(
+    texts: &[&str],
+    vocab_size: usize,
+    specials: &[&str],
+    bos: Option<&str>,
+) -> Result<tokenizers::Tokenizer> {
     let tok_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
-    let special_tokens: Vec<AddedToken> =
-        specials.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
+    let special_tokens: Vec<AddedToken> = specials
+        .iter()
+        .map(|s| AddedToken::from(s.to_string(), true))
+        .collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -322,7 +349,12 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
     let fam = family(arch);
 
     // Tokenizer first: its special-token ids go into the configs.
-    let tok = train_bpe(&[TOKENIZER_TEXT], shape.vocab_size.min(8192), fam.specials, fam.bos)?;
+    let tok = train_bpe(
+        &[TOKENIZER_TEXT],
+        shape.vocab_size.min(8192),
+        fam.specials,
+        fam.bos,
+    )?;
     if tok.get_vocab_size(true) > shape.vocab_size {
         return Err(Error::Tokenizer(format!(
             "tokenizer has {} entries but the model only {}",
@@ -332,7 +364,11 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
     }
     tok.save(out.join("tokenizer.json"), false)
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
-    let id = |t: &str| tok.token_to_id(t).map(serde_json::Value::from).unwrap_or_default();
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .map(serde_json::Value::from)
+            .unwrap_or_default()
+    };
     let stop_ids: Vec<serde_json::Value> = fam.stop.iter().map(|t| id(t)).collect();
 
     let (arch_name, model_type) = arch.hf_names();
@@ -372,7 +408,10 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
             }
             Arch::Qwen2 => {
                 obj.insert("use_sliding_window".into(), false.into());
-                obj.insert("sliding_window".into(), shape.max_position_embeddings.into());
+                obj.insert(
+                    "sliding_window".into(),
+                    shape.max_position_embeddings.into(),
+                );
                 obj.insert("max_window_layers".into(), shape.num_hidden_layers.into());
             }
             Arch::Mistral => {
@@ -389,8 +428,10 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
         }
     }
     // Resolve before writing anything large: a bad shape fails fast.
-    let hf: HfConfig = serde_json::from_value(config.clone())
-        .map_err(|e| Error::Config { field: "config", reason: e.to_string() })?;
+    let hf: HfConfig = serde_json::from_value(config.clone()).map_err(|e| Error::Config {
+        field: "config",
+        reason: e.to_string(),
+    })?;
     let cfg = hf.resolve()?;
     write_json(&out.join("config.json"), &config)?;
     write_json(
@@ -422,7 +463,10 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
     let dev = Device::Cpu;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let (h, v, i) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
     let mut normal = |name: String, shape: &[usize]| -> Result<()> {
         let n: usize = shape.iter().product();
         let data = gaussian(&mut rng, n, opts.std);
@@ -447,7 +491,10 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
         }
         match cfg.moe {
             Some(moe) => {
-                normal(format!("{p}.block_sparse_moe.gate.weight"), &[moe.num_experts, h])?;
+                normal(
+                    format!("{p}.block_sparse_moe.gate.weight"),
+                    &[moe.num_experts, h],
+                )?;
                 for e in 0..moe.num_experts {
                     let ep = format!("{p}.block_sparse_moe.experts.{e}");
                     normal(format!("{ep}.w1.weight"), &[i, h])?;
@@ -490,8 +537,10 @@ fn gaussian(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
 }
 
 pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     fs_err::write(path, text + "\n")?;
     Ok(())
 }

@@ -20,7 +20,13 @@ pub trait KvView {
     /// # Shapes
     /// - `k`, `v`: `(kv_heads, new_tokens, head_dim)`
     /// - returned: `(kv_heads, past + new_tokens, head_dim)` each
-    fn append(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+    fn append(
+        &mut self,
+        layer: usize,
+        seq: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
 }
 
 /// No cache: every sequence is complete in the batch (training, scoring).
@@ -32,7 +38,13 @@ impl KvView for NoCache {
         0
     }
 
-    fn append(&mut self, _layer: usize, _seq: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        &mut self,
+        _layer: usize,
+        _seq: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         Ok((k.clone(), v.clone()))
     }
 }
@@ -58,7 +70,13 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache for a model with `layers` layers.
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Self {
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         KvCache {
             layers: vec![None; layers],
             kv_heads,
@@ -114,7 +132,11 @@ impl KvCache {
                     v_buf.slice_set(&old.v.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
                 }
             }
-            *slot = Some(LayerCache { k: k_buf, v: v_buf, len: past });
+            *slot = Some(LayerCache {
+                k: k_buf,
+                v: v_buf,
+                len: past,
+            });
         }
         let Some(l) = slot.as_mut() else {
             return Err(Error::Batch("cache slot vanished".into()));
@@ -131,7 +153,13 @@ impl KvView for KvCache {
         self.len()
     }
 
-    fn append(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        &mut self,
+        layer: usize,
+        seq: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         if seq != 0 {
             return Err(Error::Batch(format!(
                 "a single KvCache serves one sequence; got sequence {seq}"
@@ -147,7 +175,13 @@ impl KvView for Vec<KvCache> {
         self.get(seq).map_or(0, KvCache::len)
     }
 
-    fn append(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        &mut self,
+        layer: usize,
+        seq: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let n = self.len();
         self.get_mut(seq)
             .ok_or_else(|| Error::Batch(format!("sequence {seq} but only {n} caches")))?

@@ -29,7 +29,11 @@ impl Linear {
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&[out_dim, in_dim], "weight")?;
-        let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
+        let bias = if bias {
+            Some(w.get(&[out_dim], "bias")?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -53,7 +57,8 @@ impl Linear {
             && !self.weight.track_op()
             && !x.track_op();
         let y = if small {
-            x.contiguous()?.apply_op2_no_bwd(&self.weight, &SmallMatmul)?
+            x.contiguous()?
+                .apply_op2_no_bwd(&self.weight, &SmallMatmul)?
         } else {
             x.matmul(&self.weight.t()?)?
         };
@@ -74,12 +79,23 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Loads `{prefix}.weight`.
     pub fn load(w: &Weights, size: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: w.get(&[size], "weight")?, eps })
+        Ok(RmsNorm {
+            weight: w.get(&[size], "weight")?,
+            eps,
+        })
     }
 
     /// # Shapes
     /// - `x`: `(tokens, size)` → `(tokens, size)`
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() && !self.weight.track_op() {
+            // Inference: candle's fused kernel (it does not backpropagate, and need not here).
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -108,7 +124,11 @@ impl Mlp {
 
     /// Builds from the three projections.
     pub fn from_parts(gate_proj: Linear, up_proj: Linear, down_proj: Linear) -> Self {
-        Mlp { gate_proj, up_proj, down_proj }
+        Mlp {
+            gate_proj,
+            up_proj,
+            down_proj,
+        }
     }
 
     /// # Shapes
@@ -170,9 +190,24 @@ impl Attention {
         let n = x.dim(0)?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let groups = h / kvh;
-        let q = self.q_proj.forward(x)?.reshape((n, h, d))?;
-        let k = self.k_proj.forward(x)?.reshape((n, kvh, d))?;
-        let v = self.v_proj.forward(x)?.reshape((n, kvh, d))?;
+        // Heads first: (heads, tokens, head_dim), so each sequence is a slice of dimension 1.
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((n, h, d))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((n, kvh, d))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((n, kvh, d))?
+            .transpose(0, 1)?;
         let q = rope::apply(&q, cos, sin)?;
         let k = rope::apply(&k, cos, sin)?;
         let scale = 1.0 / (d as f64).sqrt();
@@ -180,9 +215,9 @@ impl Attention {
         let mut outs = Vec::with_capacity(batch.seq_lens.len());
         let mut offset = 0;
         for (seq, &len) in batch.seq_lens.iter().enumerate() {
-            let q = q.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?; // (h, len, d)
-            let k_new = k.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?; // (kvh, len, d)
-            let v_new = v.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
+            let q = q.narrow(1, offset, len)?.contiguous()?; // (h, len, d)
+            let k_new = k.narrow(1, offset, len)?; // (kvh, len, d)
+            let v_new = v.narrow(1, offset, len)?;
             offset += len;
             let (keys, values) = kv.append(self.layer, seq, &k_new, &v_new)?; // (kvh, total, d)
             let total = keys.dim(1)?;
@@ -203,7 +238,10 @@ impl Attention {
             };
             let probs = softmax_last_dim(&scores)?;
             let out = probs.matmul(&values.contiguous()?)?; // (kvh, groups·len, d)
-            let out = out.reshape((h, len, d))?.transpose(0, 1)?.reshape((len, h * d))?;
+            let out = out
+                .reshape((h, len, d))?
+                .transpose(0, 1)?
+                .reshape((len, h * d))?;
             outs.push(out);
         }
         self.o_proj.forward(&Tensor::cat(&outs, 0)?)
@@ -213,7 +251,12 @@ impl Attention {
 /// The additive mask of `len` new tokens at cache offset `past` over `total` keys: causal, and
 /// limited to the last `window` positions when the layer has a sliding window. `None` when
 /// nothing is masked (a single decoded token with no window in reach).
-fn attention_mask(len: usize, past: usize, total: usize, window: Option<usize>) -> Option<Vec<f32>> {
+fn attention_mask(
+    len: usize,
+    past: usize,
+    total: usize,
+    window: Option<usize>,
+) -> Option<Vec<f32>> {
     let window_bites = window.is_some_and(|w| total > w);
     if len == 1 && !window_bites {
         return None;
@@ -232,8 +275,12 @@ fn attention_mask(len: usize, past: usize, total: usize, window: Option<usize>) 
     Some(mask)
 }
 
-/// Numerically stable softmax over the last dimension, from differentiable ops.
+/// Numerically stable softmax over the last dimension: differentiable ops when autograd tracks
+/// `x`, candle's fused kernel otherwise.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?);
+    }
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;

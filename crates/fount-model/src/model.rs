@@ -47,7 +47,11 @@ impl DecoderLayer {
             )?)
         };
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                &w.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             self_attn: Attention::load(&w.pp("self_attn"), cfg, layer)?,
             post_attention_layernorm: RmsNorm::load(
                 &w.pp("post_attention_layernorm"),
@@ -144,7 +148,10 @@ impl Model {
         let max = self.config.max_position_embeddings;
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= max {
-                return Err(Error::ContextLength { tokens: p as usize + 1, max });
+                return Err(Error::ContextLength {
+                    tokens: p as usize + 1,
+                    max,
+                });
             }
         }
         let n = batch.len();
@@ -184,6 +191,9 @@ impl Model {
         };
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(Output { logits, router_logits })
+        Ok(Output {
+            logits,
+            router_logits,
+        })
     }
 }

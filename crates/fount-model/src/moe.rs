@@ -36,7 +36,11 @@ impl SparseMoe {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(SparseMoe { gate, experts, top_k: moe.top_k })
+        Ok(SparseMoe {
+            gate,
+            experts,
+            top_k: moe.top_k,
+        })
     }
 
     /// Returns the layer's output and its router logits (for the auxiliary loss and metrics).

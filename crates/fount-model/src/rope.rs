@@ -38,15 +38,22 @@ impl Rope {
                 high_freq_factor,
                 original_max_position_embeddings,
             } => {
-                let (factor, low, high) =
-                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                let (factor, low, high) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                );
                 let old = original_max_position_embeddings as f32;
                 let low_freq_wavelen = old / low;
                 let high_freq_wavelen = old / high;
                 for f in &mut inv_freq {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let scaled = if wavelen > low_freq_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    let medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                     *f = if medium {
                         let smooth = (old / wavelen - low) / (high - low);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -83,15 +90,23 @@ impl Rope {
 /// Applies RoPE in the "rotate half" layout of Llama checkpoints.
 ///
 /// # Shapes
-/// - `x`: `(tokens, heads, head_dim)`
+/// - `x`: `(heads, tokens, head_dim)`
 /// - `cos`, `sin`: `(tokens, head_dim / 2)`
 ///
-/// Composed of differentiable ops, so training backpropagates through it.
+/// When autograd tracks `x`, it is composed of differentiable ops; otherwise candle's fused
+/// kernel runs.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (n, _heads, d) = x.dims3()?;
+    let (heads, n, d) = x.dims3()?;
     let half = d / 2;
-    let cos = cos.reshape((n, 1, half))?.to_dtype(x.dtype())?;
-    let sin = sin.reshape((n, 1, half))?.to_dtype(x.dtype())?;
+    let cos = cos.to_dtype(x.dtype())?;
+    let sin = sin.to_dtype(x.dtype())?;
+    if !x.track_op() {
+        let x4 = x.contiguous()?.reshape((1, heads, n, d))?;
+        let y = candle_nn::rotary_emb::rope(&x4, &cos.contiguous()?, &sin.contiguous()?)?;
+        return Ok(y.reshape((heads, n, d))?);
+    }
+    let cos = cos.reshape((1, n, half))?;
+    let sin = sin.reshape((1, n, half))?;
     let x1 = x.narrow(2, 0, half)?;
     let x2 = x.narrow(2, half, half)?;
     let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;

@@ -57,7 +57,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |param: &'static str, reason: String| Err(Error::Sampling { param, reason });
         if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
-            return bad("temperature", format!("{} is not between 0 and 2", self.temperature));
+            return bad(
+                "temperature",
+                format!("{} is not between 0 and 2", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("{} is not in (0, 1]", self.top_p));
@@ -66,7 +69,10 @@ impl SamplingParams {
             return bad("min_p", format!("{} is not in [0, 1]", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad("repetition_penalty", format!("{} must be positive", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("{} must be positive", self.repetition_penalty),
+            );
         }
         for (param, v) in [
             ("presence_penalty", self.presence_penalty),
@@ -76,8 +82,15 @@ impl SamplingParams {
                 return bad(param, format!("{v} is not between -2 and 2"));
             }
         }
-        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
-            return bad("logit_bias", format!("bias {b} for token {id} is not between -100 and 100"));
+        if let Some((id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(
+                "logit_bias",
+                format!("bias {b} for token {id} is not between -100 and 100"),
+            );
         }
         Ok(())
     }
@@ -100,7 +113,10 @@ pub struct TokenHistory {
 impl TokenHistory {
     /// A history starting from `prompt`.
     pub fn new(prompt: &[u32]) -> Self {
-        TokenHistory { output: HashMap::new(), prompt: prompt.iter().copied().collect() }
+        TokenHistory {
+            output: HashMap::new(),
+            prompt: prompt.iter().copied().collect(),
+        }
     }
 
     /// Records a generated token.
@@ -123,7 +139,11 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng, scratch: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng,
+            scratch: Vec::new(),
+        })
     }
 
     /// The parameters.
@@ -137,9 +157,18 @@ impl Sampler {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let penalise = |l: &mut f32| {
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty }
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                }
             };
-            for &t in history.prompt.iter().chain(history.output.keys().filter(|t| !history.prompt.contains(t))) {
+            for &t in history.prompt.iter().chain(
+                history
+                    .output
+                    .keys()
+                    .filter(|t| !history.prompt.contains(t)),
+            ) {
                 if let Some(l) = logits.get_mut(t as usize) {
                     penalise(l);
                 }
@@ -169,7 +198,12 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let cand = &mut self.scratch;
         cand.clear();
-        cand.extend(logits.iter().enumerate().map(|(i, &l)| (l * inv_t, i as u32)));
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
         let by_logit = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
@@ -253,8 +287,14 @@ mod tests {
     fn same_seed_same_tokens_different_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
-            let mut s = sampler(SamplingParams { temperature: 1.0, seed, ..Default::default() });
-            (0..64).map(|_| s.sample(&mut logits.clone(), &TokenHistory::default())).collect::<Vec<_>>()
+            let mut s = sampler(SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            });
+            (0..64)
+                .map(|_| s.sample(&mut logits.clone(), &TokenHistory::default()))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -264,9 +304,21 @@ mod tests {
     fn top_k_one_is_greedy_and_min_p_one_is_greedy() {
         let logits: Vec<f32> = vec![0.1, 2.0, 1.9, -3.0];
         for p in [
-            SamplingParams { temperature: 1.5, top_k: 1, ..Default::default() },
-            SamplingParams { temperature: 1.5, min_p: 1.0, ..Default::default() },
-            SamplingParams { temperature: 1.5, top_p: 0.01, ..Default::default() },
+            SamplingParams {
+                temperature: 1.5,
+                top_k: 1,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.5,
+                min_p: 1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.5,
+                top_p: 0.01,
+                ..Default::default()
+            },
         ] {
             let mut s = sampler(p);
             for _ in 0..20 {
@@ -278,7 +330,12 @@ mod tests {
     #[test]
     fn top_k_never_leaves_the_top_set() {
         let logits: Vec<f32> = vec![5.0, 4.9, 4.8, 0.0, 0.0, 0.0];
-        let mut s = sampler(SamplingParams { temperature: 2.0, top_k: 3, seed: 3, ..Default::default() });
+        let mut s = sampler(SamplingParams {
+            temperature: 2.0,
+            top_k: 3,
+            seed: 3,
+            ..Default::default()
+        });
         for _ in 0..200 {
             assert!(s.sample(&mut logits.clone(), &TokenHistory::default()) < 3);
         }
@@ -304,9 +361,23 @@ mod tests {
 
     #[test]
     fn invalid_parameters_are_named() {
-        let e = Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).err();
+        let e = Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .err();
         assert!(matches!(e, Some(Error::Sampling { param: "top_p", .. })));
-        let e = Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).err();
-        assert!(matches!(e, Some(Error::Sampling { param: "temperature", .. })));
+        let e = Sampler::new(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        })
+        .err();
+        assert!(matches!(
+            e,
+            Some(Error::Sampling {
+                param: "temperature",
+                ..
+            })
+        ));
     }
 }

@@ -112,6 +112,9 @@ impl TextStream {
         let text = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(text.get(prefix.len()..).filter(|d| !d.is_empty()).map(str::to_string))
+        Ok(text
+            .get(prefix.len()..)
+            .filter(|d| !d.is_empty())
+            .map(str::to_string))
     }
 }

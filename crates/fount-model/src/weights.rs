@@ -18,11 +18,19 @@ pub struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// Wraps a candle `VarBuilder`; `dir` names the model in error messages.
     pub fn new(vb: VarBuilder<'a>, dir: &Path) -> Self {
-        Weights { vb, dir: dir.to_path_buf() }
+        Weights {
+            vb,
+            dir: dir.to_path_buf(),
+        }
     }
 
     /// Memory-maps the given safetensors files; tensors are converted to `dtype` as they are read.
-    pub fn from_safetensors(files: &[PathBuf], dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_safetensors(
+        files: &[PathBuf],
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         for f in files {
             if !f.exists() {
                 return Err(Error::MissingFile {
@@ -40,7 +48,10 @@ impl<'a> Weights<'a> {
 
     /// The view at `prefix` below this one.
     pub fn pp(&self, prefix: impl ToString) -> Self {
-        Weights { vb: self.vb.pp(prefix), dir: self.dir.clone() }
+        Weights {
+            vb: self.vb.pp(prefix),
+            dir: self.dir.clone(),
+        }
     }
 
     /// The device tensors are loaded to.
@@ -66,7 +77,10 @@ impl<'a> Weights<'a> {
             format!("{}.{name}", self.vb.prefix())
         };
         if !self.vb.contains_tensor(name) {
-            return Err(Error::MissingTensor { name: full, dir: self.dir.clone() });
+            return Err(Error::MissingTensor {
+                name: full,
+                dir: self.dir.clone(),
+            });
         }
         let t = self.vb.get_unchecked(name)?;
         if t.dims() != shape {

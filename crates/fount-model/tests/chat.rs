@@ -29,10 +29,15 @@ fn templates_render_byte_identically_to_transformers() {
             (Some(expected), Ok(actual)) => assert_eq!(actual, expected, "{case}"),
             (None, Err(e)) => {
                 let expected = case["error"].as_str().unwrap_or_default();
-                assert!(e.to_string().contains(expected), "{dir}: error {e} should contain {expected:?}");
+                assert!(
+                    e.to_string().contains(expected),
+                    "{dir}: error {e} should contain {expected:?}"
+                );
             }
             (Some(_), Err(e)) => panic!("{dir} failed where transformers rendered: {e}\n{case}"),
-            (None, Ok(actual)) => panic!("{dir} rendered {actual:?} where transformers raised\n{case}"),
+            (None, Ok(actual)) => {
+                panic!("{dir} rendered {actual:?} where transformers raised\n{case}")
+            }
         }
         checked += 1;
     }
@@ -43,11 +48,16 @@ fn templates_render_byte_identically_to_transformers() {
 fn a_template_that_does_not_compile_is_a_clear_error() {
     let err = ChatTemplate::new("{% for m in messages %}", Default::default()).err();
     let msg = err.map(|e| e.to_string()).unwrap_or_default();
-    assert!(msg.contains("chat template") && msg.contains("does not compile"), "{msg}");
+    assert!(
+        msg.contains("chat template") && msg.contains("does not compile"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_directory_without_a_template_has_none() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    assert!(ChatTemplate::from_dir(dir.path()).unwrap_or_else(|e| panic!("{e}")).is_none());
+    assert!(ChatTemplate::from_dir(dir.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .is_none());
 }

@@ -7,9 +7,11 @@ fn every_architecture_initialises_loads_chats_and_generates() {
     for arch in [Arch::Llama, Arch::Qwen2, Arch::Mistral, Arch::Mixtral] {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let shape = preset(arch, "tiny").unwrap_or_else(|e| panic!("{e}"));
-        init_model(arch, &shape, &InitOptions::default(), dir.path()).unwrap_or_else(|e| panic!("{arch:?}: {e}"));
+        init_model(arch, &shape, &InitOptions::default(), dir.path())
+            .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
         let files = ModelFiles::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        let model = Model::load(dir.path(), DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{arch:?}: {e}"));
+        let model = Model::load(dir.path(), DType::F32, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
         let tok = Tokenizer::from_file(&files.tokenizer_path()).unwrap_or_else(|e| panic!("{e}"));
         let template = ChatTemplate::from_dir(dir.path())
             .unwrap_or_else(|e| panic!("{e}"))
@@ -23,8 +25,12 @@ fn every_architecture_initialises_loads_chats_and_generates() {
         assert_eq!(tok.decode(&ids, false).unwrap_or_default(), text);
         let gen = files.generation_config().unwrap_or_else(|e| panic!("{e}"));
         assert!(!gen.eos_token_ids.is_empty());
-        let opts = GenerateOptions { max_tokens: 5, ..Default::default() };
-        let out = fount_model::generate(&model, &tok, &ids, &opts, |_| {}).unwrap_or_else(|e| panic!("{e}"));
+        let opts = GenerateOptions {
+            max_tokens: 5,
+            ..Default::default()
+        };
+        let out = fount_model::generate(&model, &tok, &ids, &opts, |_| {})
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.tokens.len() <= 5);
     }
 }
@@ -34,7 +40,11 @@ fn the_same_seed_writes_the_same_weights() {
     let a = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let b = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let shape = preset(Arch::Qwen2, "tiny").unwrap_or_else(|e| panic!("{e}"));
-    let opts = InitOptions { seed: 9, dtype: DType::BF16, std: 0.02 };
+    let opts = InitOptions {
+        seed: 9,
+        dtype: DType::BF16,
+        std: 0.02,
+    };
     init_model(Arch::Qwen2, &shape, &opts, a.path()).unwrap_or_else(|e| panic!("{e}"));
     init_model(Arch::Qwen2, &shape, &opts, b.path()).unwrap_or_else(|e| panic!("{e}"));
     let read = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap_or_default();
@@ -45,8 +55,14 @@ fn the_same_seed_writes_the_same_weights() {
 
 #[test]
 fn unknown_preset_lists_the_available_ones() {
-    let e = preset(Arch::Llama, "huge").err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(e.contains("huge") && e.contains("llama-3.2-1b") && e.contains("tiny"), "{e}");
+    let e = preset(Arch::Llama, "huge")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("huge") && e.contains("llama-3.2-1b") && e.contains("tiny"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -69,6 +85,9 @@ fn real_model_presets_resolve() {
         let hf: fount_model::HfConfig = serde_json::from_value(cfg).unwrap_or_default();
         let c = hf.resolve().unwrap_or_else(|e| panic!("{e}"));
         let m = c.num_parameters() / 1_000_000;
-        assert!((m as i64 - params_m).abs() < 15, "{name}: {m}M parameters, expected about {params_m}M");
+        assert!(
+            (m as i64 - params_m).abs() < 15,
+            "{name}: {m}M parameters, expected about {params_m}M"
+        );
     }
 }

@@ -2,13 +2,13 @@
 
 //! Integration tests of fount-model against references produced by HF transformers.
 
-/// Logits and greedy decoding match transformers on four architectures.
-mod parity;
 /// Chat templates render byte-identically to `apply_chat_template`.
 mod chat;
 /// Every user-reachable error names what is wrong.
 mod errors;
 /// `fount model init` writes directories that load and run.
 mod init;
+/// Logits and greedy decoding match transformers on four architectures.
+mod parity;
 
 mod util;

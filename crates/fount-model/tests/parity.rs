@@ -31,7 +31,11 @@ fn golden(name: &str) -> Golden {
                 .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
-    Golden { prompts, greedy: ids("greedy"), logits }
+    Golden {
+        prompts,
+        greedy: ids("greedy"),
+        logits,
+    }
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -39,12 +43,20 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_else(|e| panic!("{e}"))
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn cache(model: &Model) -> KvCache {
     let c = model.config();
-    KvCache::new(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, model.dtype(), model.device())
+    KvCache::new(
+        c.num_hidden_layers,
+        c.num_key_value_heads,
+        c.head_dim,
+        model.dtype(),
+        model.device(),
+    )
 }
 
 fn forward_all(model: &Model, tokens: &[u32]) -> Tensor {
@@ -61,13 +73,19 @@ fn logits_match_transformers_at_every_position() {
         let g = golden(name);
         for (i, prompt) in g.prompts.iter().enumerate() {
             let logits = forward_all(&model, prompt);
-            assert_close(&format!("{name} prompt {i} logits"), &flat(&logits), &g.logits[i], TOL);
+            assert_close(
+                &format!("{name} prompt {i} logits"),
+                &flat(&logits),
+                &g.logits[i],
+                TOL,
+            );
         }
     }
 }
 
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_file(&fixture("chat/qwen2_jinja/tokenizer.json")).unwrap_or_else(|e| panic!("{e}"))
+    Tokenizer::from_file(&fixture("chat/qwen2_jinja/tokenizer.json"))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -77,10 +95,16 @@ fn greedy_continuation_matches_transformers() {
         let model = load(name);
         let g = golden(name);
         for (i, prompt) in g.prompts.iter().enumerate() {
-            let opts = GenerateOptions { max_tokens: g.greedy[i].len(), ..Default::default() };
+            let opts = GenerateOptions {
+                max_tokens: g.greedy[i].len(),
+                ..Default::default()
+            };
             let out = fount_model::generate(&model, &tok, prompt, &opts, |_| {})
                 .unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(out.tokens, g.greedy[i], "{name} prompt {i}: greedy tokens differ; `{REGENERATE}`");
+            assert_eq!(
+                out.tokens, g.greedy[i],
+                "{name} prompt {i}: greedy tokens differ; `{REGENERATE}`"
+            );
         }
     }
 }
@@ -101,15 +125,29 @@ fn cached_decoding_equals_a_full_forward() {
             .forward(&Batch::single(&prompt[..split], 0), &mut kv, Logits::Last)
             .unwrap_or_else(|e| panic!("{e}"));
         let out = model
-            .forward(&Batch::single(&prompt[split..], split), &mut kv, Logits::Last)
+            .forward(
+                &Batch::single(&prompt[split..], split),
+                &mut kv,
+                Logits::Last,
+            )
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_close(&format!("{name} chunked prefill"), &flat(&out.logits), &reference[prompt.len() - 1], TOL);
+        assert_close(
+            &format!("{name} chunked prefill"),
+            &flat(&out.logits),
+            &reference[prompt.len() - 1],
+            TOL,
+        );
         for (step, &t) in cont.iter().enumerate() {
             let pos = prompt.len() + step;
             let out = model
                 .forward(&Batch::single(&[t], pos), &mut kv, Logits::Last)
                 .unwrap_or_else(|e| panic!("{e}"));
-            assert_close(&format!("{name} cached step {step}"), &flat(&out.logits), &reference[pos], TOL);
+            assert_close(
+                &format!("{name} cached step {step}"),
+                &flat(&out.logits),
+                &reference[pos],
+                TOL,
+            );
         }
         assert_eq!(kv.len(), full.len());
     }
@@ -126,13 +164,21 @@ fn a_packed_batch_equals_each_sequence_alone() {
             batch.push(p, 0);
         }
         let packed = rows(
-            &model.forward(&batch, &mut NoCache, Logits::All).unwrap_or_else(|e| panic!("{e}")).logits,
+            &model
+                .forward(&batch, &mut NoCache, Logits::All)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .logits,
         );
         let mut row = 0;
         for (i, p) in g.prompts.iter().enumerate() {
             let alone = rows(&forward_all(&model, p));
             for (j, expected) in alone.iter().enumerate() {
-                assert_close(&format!("{name} packed prompt {i} position {j}"), &packed[row], expected, TOL);
+                assert_close(
+                    &format!("{name} packed prompt {i} position {j}"),
+                    &packed[row],
+                    expected,
+                    TOL,
+                );
                 row += 1;
             }
         }
@@ -151,12 +197,20 @@ fn a_packed_batch_equals_each_sequence_alone() {
                 batch.push(&[g.greedy[i][step]], p.len() + step);
             }
             let out = rows(
-                &model.forward(&batch, &mut caches, Logits::Last).unwrap_or_else(|e| panic!("{e}")).logits,
+                &model
+                    .forward(&batch, &mut caches, Logits::Last)
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .logits,
             );
             for (i, p) in g.prompts.iter().enumerate() {
                 let full: Vec<u32> = p.iter().chain(&g.greedy[i][..=step]).copied().collect();
                 let alone = rows(&forward_all(&model, &full));
-                assert_close(&format!("{name} batched decode seq {i} step {step}"), &out[i], &alone[full.len() - 1], TOL);
+                assert_close(
+                    &format!("{name} batched decode seq {i} step {step}"),
+                    &out[i],
+                    &alone[full.len() - 1],
+                    TOL,
+                );
             }
         }
     }
@@ -166,7 +220,11 @@ fn a_packed_batch_equals_each_sequence_alone() {
 fn moe_returns_router_logits_per_layer() {
     let model = load("mixtral");
     let out = model
-        .forward(&Batch::single(&[1, 2, 3, 4, 5], 0), &mut NoCache, Logits::Last)
+        .forward(
+            &Batch::single(&[1, 2, 3, 4, 5], 0),
+            &mut NoCache,
+            Logits::Last,
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.router_logits.len(), 2);
     assert_eq!(out.router_logits[0].dims(), &[5, 4]);

@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 
+// Decoding allocates and frees the same large buffers every step; glibc returns them to the
+// kernel each time (page faults on every reuse), mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Large language models as a public utility.
 #[derive(Debug, Parser)]
 #[command(name = "fount", version, about, propagate_version = true)]

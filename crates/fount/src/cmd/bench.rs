@@ -62,21 +62,29 @@ struct Speed {
 }
 
 fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let dir = match &a.model {
         Some(d) => d.clone(),
         None => {
-            let arch = Arch::from_short(&a.arch).with_context(|| format!("unknown --arch {}", a.arch))?;
+            let arch =
+                Arch::from_short(&a.arch).with_context(|| format!("unknown --arch {}", a.arch))?;
             let d = PathBuf::from("target/fount-bench").join(format!("{}-{}", a.arch, a.preset));
             if !d.join("model.safetensors").exists() {
-                eprintln!("writing a random {} {} model to {} …", a.arch, a.preset, d.display());
+                eprintln!(
+                    "writing a random {} {} model to {} …",
+                    a.arch,
+                    a.preset,
+                    d.display()
+                );
                 init_model(arch, &preset(arch, &a.preset)?, &InitOptions::default(), &d)?;
             }
             d
         }
     };
     let dtype = super::parse_dtype(&a.dtype)?;
-    let model = Model::load(&dir, dtype, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
+    let model = Model::load(&dir, dtype, &Device::Cpu)
+        .with_context(|| format!("loading {}", dir.display()))?;
     let cfg = model.config().clone();
     eprintln!(
         "model: {} ({} parameters, {} layers, hidden {}), dtype {}, {threads} threads",
@@ -87,14 +95,23 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
         a.dtype
     );
     let ours = measure(&model, a.prompt_tokens, a.decode_tokens)?;
-    println!("| engine | prefill {} tok/s | decode tok/s (batch 1, {} tokens) |", a.prompt_tokens, a.decode_tokens);
+    println!(
+        "| engine | prefill {} tok/s | decode tok/s (batch 1, {} tokens) |",
+        a.prompt_tokens, a.decode_tokens
+    );
     println!("|---|---|---|");
-    println!("| fount (candle {}) | {:.1} | {:.2} |", a.dtype, ours.prefill_tok_s, ours.decode_tok_s);
+    println!(
+        "| fount (candle {}) | {:.1} | {:.2} |",
+        a.dtype, ours.prefill_tok_s, ours.decode_tok_s
+    );
     match a.reference.as_str() {
         "none" => {}
         "torch" => {
             let reference = reference_torch(&a.reference_script, &dir, &a, threads)?;
-            println!("| {} | {:.1} | {:.2} |", reference.0, reference.1.prefill_tok_s, reference.1.decode_tok_s);
+            println!(
+                "| {} | {:.1} | {:.2} |",
+                reference.0, reference.1.prefill_tok_s, reference.1.decode_tok_s
+            );
             println!(
                 "| **fount / reference** | **{:.2}×** | **{:.2}×** |",
                 ours.prefill_tok_s / reference.1.prefill_tok_s,
@@ -110,12 +127,25 @@ fn measure(model: &Model, prompt_tokens: usize, decode_tokens: usize) -> Result<
     let cfg = model.config();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let vocab = cfg.vocab_size.min(32_000) as u32;
-    let prompt: Vec<u32> = (0..prompt_tokens).map(|_| rng.random_range(0..vocab)).collect();
-    let new_cache =
-        || KvCache::new(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, model.dtype(), model.device());
+    let prompt: Vec<u32> = (0..prompt_tokens)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let new_cache = || {
+        KvCache::new(
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            model.dtype(),
+            model.device(),
+        )
+    };
     // Warm-up: thread pools, page faults of the mapped weights.
     let mut warm = new_cache();
-    model.forward(&Batch::single(&prompt[..8.min(prompt.len())], 0), &mut warm, Logits::Last)?;
+    model.forward(
+        &Batch::single(&prompt[..8.min(prompt.len())], 0),
+        &mut warm,
+        Logits::Last,
+    )?;
 
     let mut kv = new_cache();
     let t0 = Instant::now();
@@ -131,10 +161,18 @@ fn measure(model: &Model, prompt_tokens: usize, decode_tokens: usize) -> Result<
         next = argmax(&out.logits.squeeze(0)?.to_vec1::<f32>()?);
     }
     let decode = t0.elapsed().as_secs_f64();
-    Ok(Speed { prefill_tok_s: prompt_tokens as f64 / prefill, decode_tok_s: decode_tokens as f64 / decode })
+    Ok(Speed {
+        prefill_tok_s: prompt_tokens as f64 / prefill,
+        decode_tok_s: decode_tokens as f64 / decode,
+    })
 }
 
-fn reference_torch(script: &Path, dir: &Path, a: &GenerateBench, threads: usize) -> Result<(String, Speed)> {
+fn reference_torch(
+    script: &Path,
+    dir: &Path,
+    a: &GenerateBench,
+    threads: usize,
+) -> Result<(String, Speed)> {
     let dtype = match a.dtype.as_str() {
         "f16" => "float16",
         "bf16" => "bfloat16",
@@ -158,10 +196,17 @@ fn reference_torch(script: &Path, dir: &Path, a: &GenerateBench, threads: usize)
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("reference output {line:?}"))?;
-    let f = |k: &str| v[k].as_f64().with_context(|| format!("reference output lacks {k}"));
+    let v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("reference output {line:?}"))?;
+    let f = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("reference output lacks {k}"))
+    };
     Ok((
         v["engine"].as_str().unwrap_or("transformers").to_string(),
-        Speed { prefill_tok_s: f("prefill_tok_s")?, decode_tok_s: f("decode_tok_s")? },
+        Speed {
+            prefill_tok_s: f("prefill_tok_s")?,
+            decode_tok_s: f("decode_tok_s")?,
+        },
     ))
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
-use fount_model::{ChatTemplate, GenerateOptions, Message, Model, ModelFiles, SamplingParams, Tokenizer};
+use fount_model::{
+    ChatTemplate, GenerateOptions, Message, Model, ModelFiles, SamplingParams, Tokenizer,
+};
 
 /// Arguments of `fount generate`.
 #[derive(Debug, Args)]
@@ -102,7 +104,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut write_err = None;
     let out = fount_model::generate(&model, &tokenizer, &prompt, &opts, |piece| {
         if write_err.is_none() {
-            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+            if let Err(e) = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
                 write_err = Some(e);
             }
         }

@@ -40,7 +40,8 @@ pub struct InitArgs {
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
-    Arch::from_short(s).ok_or_else(|| format!("unknown architecture {s:?} (llama, qwen2, mistral, mixtral)"))
+    Arch::from_short(s)
+        .ok_or_else(|| format!("unknown architecture {s:?} (llama, qwen2, mistral, mixtral)"))
 }
 
 /// Runs a `fount model` subcommand.
@@ -54,14 +55,22 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     a.out.display()
                 );
             }
-            let opts = InitOptions { seed: a.seed, dtype: super::parse_dtype(&a.dtype)?, ..Default::default() };
+            let opts = InitOptions {
+                seed: a.seed,
+                dtype: super::parse_dtype(&a.dtype)?,
+                ..Default::default()
+            };
             init_model(a.arch, &shape, &opts, &a.out)
                 .with_context(|| format!("writing {} model to {}", a.preset, a.out.display()))?;
             eprintln!(
                 "wrote {} {} ({} parameters, {}) to {}",
                 a.arch.hf_names().1,
                 a.preset,
-                human_count(fount_model::ModelFiles::open(&a.out)?.config()?.num_parameters()),
+                human_count(
+                    fount_model::ModelFiles::open(&a.out)?
+                        .config()?
+                        .num_parameters()
+                ),
                 a.dtype,
                 a.out.display()
             );

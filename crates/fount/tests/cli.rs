@@ -1,0 +1,154 @@
+use crate::util::{fount_err, fount_ok, tiny_model};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn init_then_generate_streams_only_the_text() {
+    let dir = tmp();
+    let m = dir.path().join("m");
+    let m = m.display().to_string();
+    tiny_model("qwen2", std::path::Path::new(&m));
+    let (out, err) = fount_ok(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(err.contains("prefill:") && err.contains("decode:"), "{err}");
+    assert!(!out.contains("prefill"), "speed must go to stderr: {out}");
+    // Greedy is deterministic.
+    let (again, _) = fount_ok(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+    ]);
+    assert_eq!(out, again);
+    // Same seed, same sample; the chat template path works.
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "Hi",
+        "--chat",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "5",
+    ];
+    assert_eq!(fount_ok(&args).0, fount_ok(&args).0);
+}
+
+#[test]
+fn stop_strings_cut_the_output() {
+    let dir = tmp();
+    let m = dir.path().join("m").display().to_string();
+    tiny_model("llama", std::path::Path::new(&m));
+    let (full, _) = fount_ok(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "The",
+        "--max-tokens",
+        "40",
+    ]);
+    let full = full.trim_end_matches('\n').to_string();
+    // Pick a stop string from the middle of what greedy decoding produces.
+    let chars: Vec<char> = full.chars().collect();
+    if chars.len() < 6 {
+        return; // nothing to cut in this model's output
+    }
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let (cut, err) = fount_ok(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "The",
+        "--max-tokens",
+        "40",
+        "--stop",
+        &stop,
+    ]);
+    let cut = cut.trim_end_matches('\n');
+    assert!(full.starts_with(cut), "{cut:?} is not a prefix of {full:?}");
+    assert!(!cut.contains(&stop), "{cut:?} contains the stop {stop:?}");
+    assert!(err.contains("finish: Stop"), "{err}");
+}
+
+#[test]
+fn errors_are_clear() {
+    let dir = tmp();
+    let missing = dir.path().join("nope").display().to_string();
+    let err = fount_err(&["generate", "--model", &missing, "--prompt", "x"]);
+    assert!(err.contains("error:") && err.contains("nope"), "{err}");
+
+    let m = dir.path().join("m").display().to_string();
+    // Qwen2's tokenizer adds no BOS, so "" encodes to no tokens at all.
+    tiny_model("qwen2", std::path::Path::new(&m));
+    let err = fount_err(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "",
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(err.contains("prompt is empty"), "{err}");
+
+    let err = fount_err(&["model", "init", "--arch", "gpt2", "--out", &m]);
+    assert!(err.contains("gpt2"), "{err}");
+    let err = fount_err(&[
+        "model",
+        "init",
+        "--arch",
+        "llama",
+        "--preset",
+        "huge",
+        "--out",
+        &format!("{m}2"),
+    ]);
+    assert!(err.contains("huge") && err.contains("tiny"), "{err}");
+    let err = fount_err(&["model", "init", "--arch", "llama", "--out", &m]);
+    assert!(err.contains("already holds a model"), "{err}");
+    let err = fount_err(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "x",
+        "--temperature",
+        "5",
+    ]);
+    assert!(err.contains("temperature"), "{err}");
+}
+
+#[test]
+fn chat_needs_a_template() {
+    let dir = tmp();
+    let m = dir.path().join("m");
+    tiny_model("qwen2", &m);
+    std::fs::remove_file(m.join("tokenizer_config.json")).unwrap_or_else(|e| panic!("{e}"));
+    let err = fount_err(&[
+        "generate",
+        "--model",
+        &m.display().to_string(),
+        "--prompt",
+        "x",
+        "--chat",
+    ]);
+    assert!(err.contains("chat template"), "{err}");
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the `fount` binary, run as a user runs it.
+#![allow(missing_docs)]
+
+/// `fount model init` and `fount generate` from the command line.
+mod cli;
+
+mod util;
