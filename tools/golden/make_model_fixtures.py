@@ -140,6 +140,17 @@ def models_fixtures(out):
         seed=1,
     )
     build(
+        "llama_linear",
+        LlamaConfig(
+            **COMMON,
+            rope_theta=10000.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            tie_word_embeddings=False,
+        ),
+        out,
+        seed=5,
+    )
+    build(
         "qwen2",
         Qwen2Config(**COMMON, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False),
         out,

@@ -3,7 +3,7 @@ use fount_model::{Batch, GenerateOptions, KvCache, Logits, Model, NoCache, Token
 
 use crate::util::{assert_close, fixture, load, REGENERATE};
 
-const MODELS: [&str; 4] = ["llama", "qwen2", "mistral", "mixtral"];
+const MODELS: [&str; 5] = ["llama", "llama_linear", "qwen2", "mistral", "mixtral"];
 const TOL: f32 = 1e-4;
 
 struct Golden {
