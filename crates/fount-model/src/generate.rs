@@ -86,6 +86,7 @@ pub fn generate(
     let mut tokens = Vec::with_capacity(budget);
     let mut prefill = Duration::ZERO;
     let mut finish = FinishReason::Length;
+    let mut stopped_by_string = false;
     while tokens.len() < budget {
         let out = model.forward(&batch, &mut cache, Logits::Last)?;
         let mut logits = out.logits.squeeze(0)?.to_vec1::<f32>()?;
@@ -105,6 +106,7 @@ pub fn generate(
                 StopStep::Stop(t) => {
                     on_text(&t);
                     finish = FinishReason::Stop;
+                    stopped_by_string = true;
                     break;
                 }
             }
@@ -113,24 +115,22 @@ pub fn generate(
         batch.clear();
         batch.push(&[next], position);
     }
-    if finish == FinishReason::Length {
-        if let Some(text) = stream.finish(tokenizer)? {
-            match stops.push(&text) {
-                StopStep::Emit(t) => on_text(&t),
-                StopStep::Stop(t) => {
-                    on_text(&t);
-                    finish = FinishReason::Stop;
+    if !stopped_by_string {
+        // Flush what the text stream and the stop matcher still hold (an incomplete
+        // character, a possible stop-string prefix); it may yet complete a stop string.
+        let held = stream.finish(tokenizer)?.unwrap_or_default();
+        match stops.push(&held) {
+            StopStep::Emit(t) => {
+                on_text(&t);
+                let rest = stops.finish();
+                if !rest.is_empty() {
+                    on_text(&rest);
                 }
             }
-        }
-        if finish == FinishReason::Length {
-            on_text(&stops.finish());
-        }
-    } else {
-        // Stopped by an EOS id: flush what the stop matcher held back.
-        let rest = stops.finish();
-        if !rest.is_empty() {
-            on_text(&rest);
+            StopStep::Stop(t) => {
+                on_text(&t);
+                finish = FinishReason::Stop;
+            }
         }
     }
     Ok(Generation {

@@ -174,15 +174,22 @@ impl Attention {
         })
     }
 
+    /// The layer's sliding window, if it has one.
+    pub fn window(&self) -> Option<usize> {
+        self.window
+    }
+
     /// # Shapes
     /// - `x`: `(tokens, hidden)`, the packed tokens of every sequence in `batch`
+    /// - `masks`: per sequence, the additive mask `(new tokens, past + new tokens)` from
+    ///   [`Model::forward`](crate::Model::forward), or `None` when nothing is masked
     /// - `cos`, `sin`: `(tokens, head_dim / 2)`
     /// - returns `(tokens, hidden)`
     pub fn forward(
         &self,
         x: &Tensor,
         batch: &Batch,
-        past: &[usize],
+        masks: &[Option<Tensor>],
         cos: &Tensor,
         sin: &Tensor,
         kv: &mut dyn KvView,
@@ -225,15 +232,11 @@ impl Attention {
             // matmul per key/value head serves the whole group without copying keys.
             let q = q.reshape((kvh, groups * len, d))?;
             let scores = (q.matmul(&keys.t()?)? * scale)?; // (kvh, groups·len, total)
-            let scores = match attention_mask(len, past[seq], total, self.window) {
-                Some(mask) => {
-                    let mask = Tensor::from_vec(mask, (len, total), x.device())?
-                        .to_dtype(scores.dtype())?;
-                    scores
-                        .reshape((kvh, groups, len, total))?
-                        .broadcast_add(&mask)?
-                        .reshape((kvh, groups * len, total))?
-                }
+            let scores = match masks.get(seq).and_then(Option::as_ref) {
+                Some(mask) => scores
+                    .reshape((kvh, groups, len, total))?
+                    .broadcast_add(mask)?
+                    .reshape((kvh, groups * len, total))?,
                 None => scores,
             };
             let probs = softmax_last_dim(&scores)?;
@@ -251,7 +254,7 @@ impl Attention {
 /// The additive mask of `len` new tokens at cache offset `past` over `total` keys: causal, and
 /// limited to the last `window` positions when the layer has a sliding window. `None` when
 /// nothing is masked (a single decoded token with no window in reach).
-fn attention_mask(
+pub(crate) fn attention_mask(
     len: usize,
     past: usize,
     total: usize,

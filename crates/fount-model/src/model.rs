@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
 use crate::kv::KvView;
-use crate::layers::{Attention, Linear, Mlp, RmsNorm};
+use crate::layers::{attention_mask, Attention, Linear, Mlp, RmsNorm};
 use crate::moe::SparseMoe;
 use crate::rope::Rope;
 use crate::weights::Weights;
@@ -158,12 +158,23 @@ impl Model {
         let past: Vec<usize> = (0..batch.seq_lens.len()).map(|s| kv.past_len(s)).collect();
         let tokens = Tensor::from_slice(&batch.tokens, n, &self.device)?;
         let (cos, sin) = self.rope.tables(&batch.positions, &self.device)?;
+        // Masks depend only on the sequences' lengths, so they are built once per forward: one
+        // set for full attention, one for sliding-window layers if the model has them.
+        let full = self.masks(batch, &past, None)?;
+        let windowed = match self.config.sliding_window {
+            Some(w) => Some(self.masks(batch, &past, Some(w))?),
+            None => None,
+        };
         let mut x = self.embed_tokens.index_select(&tokens, 0)?; // (N, hidden)
         let mut router_logits = Vec::new();
         for layer in &self.layers {
             let residual = &x;
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, batch, &past, &cos, &sin, kv)?;
+            let masks = match (layer.self_attn.window(), &windowed) {
+                (Some(_), Some(w)) => w,
+                _ => &full,
+            };
+            let h = layer.self_attn.forward(&h, batch, masks, &cos, &sin, kv)?;
             let x1 = (residual + h)?;
             let h = layer.post_attention_layernorm.forward(&x1)?;
             let h = match &layer.mlp {
@@ -195,5 +206,26 @@ impl Model {
             logits,
             router_logits,
         })
+    }
+
+    /// The additive attention mask of each sequence, `(new, past + new)`, in the model's dtype.
+    fn masks(
+        &self,
+        batch: &Batch,
+        past: &[usize],
+        window: Option<usize>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut masks = Vec::with_capacity(batch.seq_lens.len());
+        for (&len, &past) in batch.seq_lens.iter().zip(past) {
+            let total = past + len;
+            let mask = match attention_mask(len, past, total, window) {
+                Some(m) => {
+                    Some(Tensor::from_vec(m, (len, total), &self.device)?.to_dtype(self.dtype)?)
+                }
+                None => None,
+            };
+            masks.push(mask);
+        }
+        Ok(masks)
     }
 }

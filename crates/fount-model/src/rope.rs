@@ -4,7 +4,7 @@
 //!
 //! Positions are given per token, so sequences at different offsets share one packed batch.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::config::{Config, RopeScaling};
 use crate::error::Result;
@@ -113,6 +113,3 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
     Ok(Tensor::cat(&[r1, r2], 2)?)
 }
-
-/// The dtype RoPE tables are built in.
-pub const TABLE_DTYPE: DType = DType::F32;

@@ -233,3 +233,26 @@ fn moe_returns_router_logits_per_layer() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(dense.router_logits.is_empty());
 }
+
+#[test]
+fn a_stop_id_ends_generation_before_it() {
+    let tok = tokenizer();
+    let model = load("qwen2");
+    let g = golden("qwen2");
+    let greedy = &g.greedy[0];
+    let stop = greedy[greedy.len() / 2];
+    let first = greedy.iter().position(|&t| t == stop).unwrap_or_default();
+    let opts = GenerateOptions {
+        max_tokens: greedy.len(),
+        stop_ids: vec![stop],
+        ..Default::default()
+    };
+    let mut text = String::new();
+    let out = fount_model::generate(&model, &tok, &g.prompts[0], &opts, |t| text.push_str(t))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.tokens, greedy[..first]);
+    assert_eq!(out.finish, fount_model::FinishReason::Stop);
+    // Everything before the stop id is delivered, held-back bytes included.
+    let expected = tok.decode(&greedy[..first], true).unwrap_or_default();
+    assert_eq!(text, expected);
+}

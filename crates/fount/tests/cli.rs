@@ -10,7 +10,7 @@ fn init_then_generate_streams_only_the_text() {
     let m = dir.path().join("m");
     let m = m.display().to_string();
     tiny_model("qwen2", std::path::Path::new(&m));
-    let (out, err) = fount_ok(&[
+    let hello = [
         "generate",
         "--model",
         &m,
@@ -18,19 +18,12 @@ fn init_then_generate_streams_only_the_text() {
         "Hello",
         "--max-tokens",
         "12",
-    ]);
+    ];
+    let (out, err) = fount_ok(&hello);
     assert!(err.contains("prefill:") && err.contains("decode:"), "{err}");
     assert!(!out.contains("prefill"), "speed must go to stderr: {out}");
     // Greedy is deterministic.
-    let (again, _) = fount_ok(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "12",
-    ]);
+    let (again, _) = fount_ok(&hello);
     assert_eq!(out, again);
     // Same seed, same sample; the chat template path works.
     let args = [
