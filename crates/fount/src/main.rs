@@ -30,6 +30,9 @@ enum Command {
     /// Create and inspect model directories.
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
+    /// Curate raw text into filtered, deduplicated token shards.
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
     /// Generate text from a model, streaming it to stdout.
     Generate(cmd::generate::GenerateArgs),
     /// Measure speed against reference implementations.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Model(c) => cmd::model::run(c),
+        Command::Data(c) => cmd::data::run(c),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),
     };

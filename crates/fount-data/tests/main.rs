@@ -1,0 +1,3 @@
+//! fount-data tests: one binary, one module per concern.
+
+mod agreement;
