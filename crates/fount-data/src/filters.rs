@@ -95,6 +95,9 @@ pub struct GopherQuality {
     pub max_ellipsis_lines_ratio: f64,
     /// Minimum fraction of words containing a letter.
     pub min_alpha_words_ratio: f64,
+    /// CJK: minimum fraction of words containing a letter (jieba splits every `，` and `。` off
+    /// as a word, and CJK text has more of them per word than English).
+    pub cjk_min_alpha_words_ratio: f64,
     /// Minimum number of distinct stop words present.
     pub min_stop_words: usize,
     /// Stop words for space-separated languages.
@@ -116,6 +119,7 @@ impl Default for GopherQuality {
             max_bullet_lines_ratio: 0.9,
             max_ellipsis_lines_ratio: 0.3,
             min_alpha_words_ratio: 0.8,
+            cjk_min_alpha_words_ratio: 0.7,
             min_stop_words: 2,
             stop_words: ["the", "be", "to", "of", "and", "that", "have", "with"]
                 .map(String::from)
@@ -193,7 +197,11 @@ impl GopherQuality {
             return Verdict::Drop("gopher_too_many_end_ellipsis");
         }
         let alpha = words.iter().filter(|w| w.chars().any(py_is_alpha)).count();
-        if (alpha as f64 / nw) < self.min_alpha_words_ratio {
+        let min_alpha = match lang {
+            Lang::Latin => self.min_alpha_words_ratio,
+            Lang::Cjk => self.cjk_min_alpha_words_ratio,
+        };
+        if (alpha as f64 / nw) < min_alpha {
             return Verdict::Drop("gopher_below_alpha_threshold");
         }
         let stop = match lang {

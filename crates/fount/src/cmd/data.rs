@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use fount_data::synth::{synth_corpus, SynthOptions};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// `fount data …`
 #[derive(Debug, Subcommand)]
@@ -12,6 +13,57 @@ pub enum DataCommand {
     /// Write a deterministic synthetic corpus (English and Chinese web-like text with planted
     /// duplicates, boilerplate, junk and PII) and a small chat dataset with a held-out split.
     Synth(SynthArgs),
+    /// Curate inputs into `DIR/kept/`, `DIR/dropped/`, `DIR/tokenizer.json`, `DIR/shards/` and
+    /// `DIR/manifest.json`. Running it again on the same directory resumes: finished input files
+    /// are not redone.
+    Run(RunArgs),
+    /// Summarise a run directory, and show dropped documents.
+    Inspect(InspectArgs),
+}
+
+/// Arguments of `fount data run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Input files (.jsonl, .jsonl.gz, .jsonl.zst, .txt, .md, .parquet) and directories.
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// The run directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A pipeline file (TOML); the built-in FineWeb-style pipeline when absent.
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
+    /// Use this tokenizer.json instead of training one.
+    #[arg(long, conflicts_with = "vocab_size")]
+    pub tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the trained tokenizer.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// JSON field holding the text.
+    #[arg(long)]
+    pub text_field: Option<String>,
+    /// Skip unreadable records (recorded in dropped/ as `unreadable`) instead of stopping.
+    #[arg(long)]
+    pub skip_bad_records: bool,
+    /// Finish at most this many input files in this invocation; run again to continue.
+    #[arg(long)]
+    pub max_files: Option<usize>,
+    /// Print the built-in pipeline as TOML and exit.
+    #[arg(long, exclusive = true)]
+    pub print_default_pipeline: bool,
+}
+
+/// Arguments of `fount data inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// Show dropped documents with this reason (e.g. `gopher_short_doc`, `minhash_duplicate`).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// How many dropped documents to show.
+    #[arg(long, default_value_t = 3)]
+    pub show: usize,
 }
 
 /// Arguments of `fount data synth`.
@@ -59,5 +111,160 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             println!("chat task: {} and {}", s.chat_train.display(), s.chat_test.display());
             Ok(())
         }
+        DataCommand::Run(a) => run_pipeline(a),
+        DataCommand::Inspect(a) => inspect(a),
     }
+}
+
+fn run_pipeline(a: RunArgs) -> Result<()> {
+    use fount_data::pipeline::{run, Event, PipelineConfig, RunOptions, TokenizerSource};
+    if a.print_default_pipeline {
+        print!("{}", PipelineConfig::default().to_toml()?);
+        return Ok(());
+    }
+    let mut config = match &a.pipeline {
+        Some(p) => PipelineConfig::from_file(p)?,
+        None => PipelineConfig::default(),
+    };
+    if let Some(v) = a.vocab_size {
+        config.tokenizer.vocab_size = v;
+    }
+    if let Some(f) = &a.text_field {
+        config.reader.text_field = f.clone();
+    }
+    if a.skip_bad_records {
+        config.reader.on_error = fount_data::read::OnError::Skip;
+    }
+    let opts = RunOptions {
+        inputs: a.input.clone(),
+        out: a.out.clone(),
+        config,
+        tokenizer: a.tokenizer.clone().map_or(TokenizerSource::Train, TokenizerSource::File),
+        max_parts: a.max_files,
+    };
+    let bar = std::sync::Mutex::new(None::<ProgressBar>);
+    let start = std::time::Instant::now();
+    let progress = |e: Event| {
+        let Ok(mut slot) = bar.lock() else { return };
+        match e {
+            Event::Phase(name, total) => {
+                if let Some(b) = slot.take() {
+                    b.finish();
+                }
+                let b = match total {
+                    Some(t) if name == "filter" => ProgressBar::new(t).with_style(style(
+                        "{msg:>16} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {prefix} eta {eta}",
+                    )),
+                    Some(t) => ProgressBar::new(t).with_style(style("{msg:>16} [{bar:30}] {pos}/{len} docs {per_sec}")),
+                    None => ProgressBar::new_spinner().with_style(style("{msg:>16} {spinner} {elapsed}")),
+                };
+                b.set_message(name);
+                *slot = Some(b);
+            }
+            Event::Advance(docs, bytes) => {
+                if let Some(b) = slot.as_ref() {
+                    if bytes > 0 && b.message() == "filter" {
+                        b.inc(bytes);
+                        let n = b.prefix().parse::<u64>().unwrap_or(0) + docs;
+                        b.set_prefix(n.to_string());
+                    } else {
+                        b.inc(docs);
+                    }
+                }
+            }
+            Event::Skipped(p) => {
+                if let Some(b) = slot.as_ref() {
+                    b.println(format!("already done: {}", p.display()));
+                }
+            }
+        }
+    };
+    let result = run(&opts, &progress);
+    if let Ok(mut slot) = bar.lock() {
+        if let Some(b) = slot.take() {
+            b.finish();
+        }
+    }
+    let Some(m) = result.with_context(|| format!("curating into {}", a.out.display()))? else {
+        println!("stopped after {} input file(s); run the same command again to continue", a.max_files.unwrap_or(0));
+        return Ok(());
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let docs_in: u64 = m.inputs.iter().map(|i| i.records).sum();
+    let kept: u64 = m.kept_by_language.values().sum();
+    println!(
+        "{docs_in} documents in, {kept} kept ({:.1}%), {} train + {} validation tokens, {:.1}s",
+        100.0 * kept as f64 / docs_in.max(1) as f64,
+        m.tokens.train_tokens,
+        m.tokens.validation_tokens,
+        secs
+    );
+    println!("manifest: {}", a.out.join("manifest.json").display());
+    Ok(())
+}
+
+fn style(t: &str) -> ProgressStyle {
+    ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let m = fount_data::pipeline::load_manifest(&a.dir)?;
+    let docs_in: u64 = m.inputs.iter().map(|i| i.records).sum();
+    let bytes_in: u64 = m.inputs.iter().map(|i| i.bytes).sum();
+    println!("{} input file(s), {docs_in} records, {:.1} MB", m.inputs.len(), bytes_in as f64 / 1e6);
+    println!();
+    println!("{:<18} {:>9} {:>9} {:>11} {:>11}  drops", "stage", "docs in", "docs out", "MB in", "MB out");
+    for s in &m.stages {
+        let mut drops: Vec<_> = s.dropped.iter().collect();
+        drops.sort_by(|a, b| b.1.cmp(a.1));
+        let drops: Vec<String> = drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "{:<18} {:>9} {:>9} {:>11.2} {:>11.2}  {}",
+            s.name,
+            s.docs_in,
+            s.docs_out,
+            s.bytes_in as f64 / 1e6,
+            s.bytes_out as f64 / 1e6,
+            drops.join(", ")
+        );
+    }
+    println!();
+    let kept: Vec<String> = m.kept_by_language.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("kept by language: {}", kept.join(", "));
+    for (lang, reasons) in &m.drops_by_language {
+        let total: u64 = reasons.values().sum();
+        println!("dropped ({lang}): {total}");
+    }
+    let pii: Vec<String> = m.pii.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("PII redacted: {}", pii.join(", "));
+    println!(
+        "dedup: {} candidates, {} exact and {} near duplicates removed, {} clusters",
+        m.dedup.candidates, m.dedup.exact_duplicates, m.dedup.near_duplicates, m.dedup.clusters
+    );
+    println!(
+        "tokenizer: {} ({} entries, EOS {}); tokens: train {} in {} docs, validation {} in {} docs",
+        if m.tokenizer.trained { "trained" } else { &m.tokenizer.source },
+        m.tokenizer.vocab_size,
+        m.tokenizer.eos_id,
+        m.tokens.train_tokens,
+        m.tokens.train_docs,
+        m.tokens.validation_tokens,
+        m.tokens.validation_docs
+    );
+    if let Some(reason) = &a.reason {
+        println!();
+        let docs = fount_data::pipeline::dropped_docs(&a.dir, Some(reason), a.show)?;
+        if docs.is_empty() {
+            println!("no dropped documents with reason {reason:?}");
+        }
+        for d in docs {
+            let id = d.get("id").and_then(|v| v.as_str()).unwrap_or("?");
+            let stage = d.get("stage").and_then(|v| v.as_str()).unwrap_or("?");
+            let text = d.get("text").and_then(|v| v.as_str()).unwrap_or("");
+            let short: String = text.chars().take(400).collect();
+            println!("--- {id} ({stage}: {reason})");
+            println!("{short}{}", if text.chars().count() > 400 { " …" } else { "" });
+        }
+    }
+    Ok(())
 }
