@@ -65,7 +65,12 @@ impl SigRecord {
 }
 
 /// The records of one document: its 14 bands (when it has a signature) and its content hash.
-pub fn doc_records(part: u32, index: u32, sig: Option<&Signature>, content_hash: u128) -> Vec<SigRecord> {
+pub fn doc_records(
+    part: u32,
+    index: u32,
+    sig: Option<&Signature>,
+    content_hash: u128,
+) -> Vec<SigRecord> {
     let mut out = Vec::with_capacity(BANDS + 1);
     if let Some(sig) = sig {
         for band in 0..BANDS {
@@ -123,7 +128,9 @@ impl RunWriter {
             return Ok(());
         }
         self.buf.sort_unstable();
-        let path = self.dir.join(format!("{}-{:04}.run", self.prefix, self.runs.len()));
+        let path = self
+            .dir
+            .join(format!("{}-{:04}.run", self.prefix, self.runs.len()));
         let mut w = BufWriter::with_capacity(1 << 20, fs_err::File::create(&path)?);
         for r in &self.buf {
             r.write(&mut w)?;
@@ -229,7 +236,13 @@ struct RunCursor {
 
 /// Merges sorted run files and clusters the documents. `part_offsets[p]` is the global number of
 /// part `p`'s first document; `total` the number of documents.
-pub fn cluster_runs(runs: &[PathBuf], part_offsets: &[u64], total: usize, exact: bool, near: bool) -> Result<Clusters> {
+pub fn cluster_runs(
+    runs: &[PathBuf],
+    part_offsets: &[u64],
+    total: usize,
+    exact: bool,
+    near: bool,
+) -> Result<Clusters> {
     let mut clusters = Clusters {
         exact: UnionFind::new(total),
         near: UnionFind::new(total),
@@ -243,7 +256,9 @@ pub fn cluster_runs(runs: &[PathBuf], part_offsets: &[u64], total: usize, exact:
         }
         cursors.push(RunCursor { reader });
     }
-    let gid = |r: &SigRecord| part_offsets.get(r.part as usize).copied().unwrap_or(0) + u64::from(r.index);
+    let gid = |r: &SigRecord| {
+        part_offsets.get(r.part as usize).copied().unwrap_or(0) + u64::from(r.index)
+    };
     let mut last: Option<SigRecord> = None;
     while let Some(Reverse((rec, i))) = heap.pop() {
         if let Some(prev) = last {

@@ -39,7 +39,8 @@ impl Document {
             m.insert("lang".into(), Value::String(lang.clone()));
             m.insert(
                 "lang_score".into(),
-                serde_json::Number::from_f64(f64::from(self.lang_score)).map_or(Value::Null, Value::Number),
+                serde_json::Number::from_f64(f64::from(self.lang_score))
+                    .map_or(Value::Null, Value::Number),
             );
         }
         if let Some((stage, reason)) = drop {
@@ -52,13 +53,20 @@ impl Document {
     /// Reads a record written by [`Document::to_record`] back.
     pub fn from_record(v: Value) -> Option<Document> {
         let Value::Object(mut m) = v else { return None };
-        let Some(Value::String(id)) = m.remove("id") else { return None };
-        let Some(Value::String(text)) = m.remove("text") else { return None };
+        let Some(Value::String(id)) = m.remove("id") else {
+            return None;
+        };
+        let Some(Value::String(text)) = m.remove("text") else {
+            return None;
+        };
         let lang = match m.remove("lang") {
             Some(Value::String(l)) => Some(l),
             _ => None,
         };
-        let lang_score = m.remove("lang_score").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32;
+        let lang_score = m
+            .remove("lang_score")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0) as f32;
         m.remove("stage");
         m.remove("reason");
         Some(Document {

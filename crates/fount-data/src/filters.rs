@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::tables::{PUNCTUATION_SET, TERMINAL_PUNCTUATION};
-use crate::words::{count_sentences_in, py_is_alpha, py_is_space, py_splitlines, py_strip, words_for, Lang};
+use crate::words::{
+    count_sentences_in, py_is_alpha, py_is_space, py_splitlines, py_strip, words_for, Lang,
+};
 
 /// A filter's decision on one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,8 +127,8 @@ impl Default for GopherQuality {
                 .map(String::from)
                 .to_vec(),
             cjk_stop_words: [
-                "的", "了", "是", "在", "和", "有", "也", "就", "都", "不", "这", "我们", "の", "に",
-                "は", "を", "が", "と", "で", "た",
+                "的", "了", "是", "在", "和", "有", "也", "就", "都", "不", "这", "我们", "の",
+                "に", "は", "を", "が", "と", "で", "た",
             ]
             .map(String::from)
             .to_vec(),
@@ -171,7 +173,8 @@ impl GopherQuality {
         if count_sub(text, "#") as f64 / nw > self.max_symbol_word_ratio {
             return Verdict::Drop("gopher_too_many_hashes");
         }
-        if (count_sub(text, "...") + count_sub(text, "…")) as f64 / nw > self.max_symbol_word_ratio {
+        if (count_sub(text, "...") + count_sub(text, "…")) as f64 / nw > self.max_symbol_word_ratio
+        {
             return Verdict::Drop("gopher_too_many_ellipsis");
         }
         let lines = py_splitlines(text);
@@ -208,7 +211,11 @@ impl GopherQuality {
             Lang::Latin => &self.stop_words,
             Lang::Cjk => &self.cjk_stop_words,
         };
-        let present: HashSet<&str> = words.iter().copied().filter(|w| stop.iter().any(|s| s == w)).collect();
+        let present: HashSet<&str> = words
+            .iter()
+            .copied()
+            .filter(|w| stop.iter().any(|s| s == w))
+            .collect();
         if present.len() < self.min_stop_words {
             return Verdict::Drop("gopher_enough_stop_words");
         }
@@ -242,7 +249,14 @@ impl Default for GopherRepetition {
             dup_line_char_frac: 0.2,
             dup_para_char_frac: 0.2,
             top_n_grams: vec![(2, 0.20), (3, 0.18), (4, 0.16)],
-            dup_n_grams: vec![(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
+            dup_n_grams: vec![
+                (5, 0.15),
+                (6, 0.14),
+                (7, 0.13),
+                (8, 0.12),
+                (9, 0.11),
+                (10, 0.10),
+            ],
         }
     }
 }
@@ -502,7 +516,10 @@ impl C4 {
             }
             let n_words = match lang {
                 Lang::Latin => words.len(),
-                Lang::Cjk => words.iter().filter(|w| w.chars().any(|c| !is_datatrove_punct(c))).count(),
+                Lang::Cjk => words
+                    .iter()
+                    .filter(|w| w.chars().any(|c| !is_datatrove_punct(c)))
+                    .count(),
             };
             if n_words < self.min_words_per_line {
                 continue;
@@ -572,7 +589,10 @@ impl Default for FineWeb {
 impl FineWeb {
     /// Applies the rules to `text`.
     pub fn check(&self, text: &str, lang: Lang) -> Verdict {
-        let lines: Vec<&str> = text.split('\n').filter(|l| !py_strip(l).is_empty()).collect();
+        let lines: Vec<&str> = text
+            .split('\n')
+            .filter(|l| !py_strip(l).is_empty())
+            .collect();
         if lines.is_empty() {
             return Verdict::Drop("empty");
         }
@@ -599,7 +619,9 @@ impl FineWeb {
         }
         let mut words = Vec::new();
         words_for(text, lang, &mut words);
-        if !words.is_empty() && count_sub(text, "\n") as f64 / words.len() as f64 > self.new_line_ratio {
+        if !words.is_empty()
+            && count_sub(text, "\n") as f64 / words.len() as f64 > self.new_line_ratio
+        {
             return Verdict::Drop("list_ratio");
         }
         Verdict::Keep

@@ -32,7 +32,8 @@ const MERSENNE: u64 = (1 << 61) - 1;
 pub type Signature = [u64; HASHES];
 
 fn is_decimal_digit(c: char) -> bool {
-    c.is_ascii_digit() || (!c.is_ascii() && get_general_category(c) == GeneralCategory::DecimalNumber)
+    c.is_ascii_digit()
+        || (!c.is_ascii() && get_general_category(c) == GeneralCategory::DecimalNumber)
 }
 
 /// datatrove's `simplify_text` with its default `TextNormConfig`.
@@ -60,7 +61,8 @@ pub fn simplify(text: &str) -> String {
             while i < chars.len() && is_decimal_digit(chars[i]) {
                 i += 1;
             }
-            if i + 1 < chars.len() && ".,،٫⎖⎗⎘".contains(chars[i]) && is_decimal_digit(chars[i + 1]) {
+            if i + 1 < chars.len() && ".,،٫⎖⎗⎘".contains(chars[i]) && is_decimal_digit(chars[i + 1])
+            {
                 i += 1;
                 while i < chars.len() && is_decimal_digit(chars[i]) {
                     i += 1;
@@ -69,7 +71,11 @@ pub fn simplify(text: &str) -> String {
             push(&mut out, '0', &mut pending_space);
             continue;
         }
-        let c = if PUNCTUATION.binary_search(&c).is_ok() { ' ' } else { c };
+        let c = if PUNCTUATION.binary_search(&c).is_ok() {
+            ' '
+        } else {
+            c
+        };
         push(&mut out, c, &mut pending_space);
         i += 1;
     }

@@ -11,7 +11,10 @@ use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 fn is_removed(c: char) -> bool {
     (c.is_control() && c != '\n' && c != '\t')
-        || matches!(c, '\u{200b}' | '\u{200c}' | '\u{200d}' | '\u{2060}' | '\u{feff}' | '\u{ad}')
+        || matches!(
+            c,
+            '\u{200b}' | '\u{200c}' | '\u{200d}' | '\u{2060}' | '\u{feff}' | '\u{ad}'
+        )
 }
 
 fn is_odd_space(c: char) -> bool {
@@ -31,7 +34,10 @@ pub fn clean(text: &str) -> Cow<'_, str> {
         || nfc.starts_with(char::is_whitespace)
         || nfc.ends_with(char::is_whitespace)
         || (!nfc.is_ascii() && nfc.chars().any(|c| is_removed(c) || is_odd_space(c)))
-        || (nfc.is_ascii() && nfc.bytes().any(|b| b.is_ascii_control() && b != b'\n' && b != b'\t'));
+        || (nfc.is_ascii()
+            && nfc
+                .bytes()
+                .any(|b| b.is_ascii_control() && b != b'\n' && b != b'\t'));
     if !needs_work {
         return nfc;
     }

@@ -55,7 +55,12 @@ impl PiiKind {
     }
 
     /// All kinds, in manifest order.
-    pub const ALL: [PiiKind; 4] = [PiiKind::Email, PiiKind::IpAddress, PiiKind::Phone, PiiKind::CnId];
+    pub const ALL: [PiiKind; 4] = [
+        PiiKind::Email,
+        PiiKind::IpAddress,
+        PiiKind::Phone,
+        PiiKind::CnId,
+    ];
 }
 
 /// Which kinds to redact.
@@ -133,7 +138,9 @@ pub fn is_valid_cn_id(s: &str) -> bool {
         return false;
     }
     let (body, check) = s.split_at(17);
-    let Some(expected) = cn_id_check_char(body) else { return false };
+    let Some(expected) = cn_id_check_char(body) else {
+        return false;
+    };
     let year: u32 = body[6..10].parse().unwrap_or(0);
     let month: u32 = body[10..12].parse().unwrap_or(0);
     let day: u32 = body[12..14].parse().unwrap_or(0);
@@ -144,13 +151,23 @@ pub fn is_valid_cn_id(s: &str) -> bool {
 }
 
 fn is_public_ipv4(o: [u8; 4]) -> bool {
-    !matches!(o,
-        [0, ..] | [10, ..] | [127, ..] | [169, 254, ..] | [192, 168, ..] | [255, 255, 255, 255]
-        | [192, 0, 2, _] | [198, 51, 100, _] | [203, 0, 113, _] | [192, 0, 0, _])
-        && !(o[0] == 172 && (16..32).contains(&o[1]))
-        && !(o[0] == 100 && (64..128).contains(&o[1]))
-        && !(o[0] == 198 && (18..20).contains(&o[1]))
-        && o[0] < 224
+    let reserved = matches!(
+        o,
+        [0, ..]
+            | [10, ..]
+            | [127, ..]
+            | [169, 254, ..]
+            | [192, 168, ..]
+            | [192, 0, 2, _]
+            | [198, 51, 100, _]
+            | [203, 0, 113, _]
+            | [192, 0, 0, _]
+    );
+    let private_172 = o[0] == 172 && (16..32).contains(&o[1]);
+    let shared_100 = o[0] == 100 && (64..128).contains(&o[1]);
+    let benchmark_198 = o[0] == 198 && (18..20).contains(&o[1]);
+    let multicast_or_reserved = o[0] >= 224;
+    !(reserved || private_172 || shared_100 || benchmark_198 || multicast_or_reserved)
 }
 
 fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
@@ -203,13 +220,19 @@ pub fn find_pii(text: &str, cfg: &PiiConfig) -> Vec<(usize, usize, PiiKind)> {
         for m in p.ipv4.find_iter(text) {
             let before = prev_char(text, m.start());
             let after = &text[m.end()..];
-            let dotted_more = after.starts_with('.') && after[1..].starts_with(|c: char| c.is_ascii_digit());
+            let dotted_more =
+                after.starts_with('.') && after[1..].starts_with(|c: char| c.is_ascii_digit());
             let lead = text[..m.start()].trim_end().to_ascii_lowercase();
             let versiony = before.is_some_and(|c| c == 'v' || c == 'V')
                 || lead.ends_with("version")
                 || lead.ends_with("ver.")
                 || lead.ends_with("release");
-            if digit_at(before) || before == Some('.') || dotted_more || digit_at(next_char(text, m.end())) || versiony {
+            if digit_at(before)
+                || before == Some('.')
+                || dotted_more
+                || digit_at(next_char(text, m.end()))
+                || versiony
+            {
                 continue;
             }
             if parse_ipv4(m.as_str()).is_some_and(is_public_ipv4) {
@@ -218,7 +241,9 @@ pub fn find_pii(text: &str, cfg: &PiiConfig) -> Vec<(usize, usize, PiiKind)> {
         }
         for m in p.ipv6.find_iter(text) {
             let s = m.as_str();
-            if s.matches(':').count() < 2 || next_char(text, m.end()).is_some_and(|c| c.is_ascii_hexdigit()) {
+            if s.matches(':').count() < 2
+                || next_char(text, m.end()).is_some_and(|c| c.is_ascii_hexdigit())
+            {
                 continue;
             }
             if s.parse::<Ipv6Addr>().is_ok_and(|a| is_public_ipv6(&a)) {

@@ -38,7 +38,9 @@ use crate::manifest::{
 };
 use crate::minhash::MinHasher;
 use crate::pii::PiiKind;
-use crate::read::{expand_inputs, hex, parse_json_line, sha256_file, InputReader, Record, ReaderConfig};
+use crate::read::{
+    expand_inputs, hex, parse_json_line, sha256_file, InputReader, ReaderConfig, Record,
+};
 use crate::shard::ShardWriter;
 use crate::stages::{default_stages, run_chain, Stage};
 use crate::tokenize::{self, TokenizerConfig};
@@ -186,7 +188,9 @@ fn part_dir(out: &Path, i: usize) -> PathBuf {
     out.join("work").join("parts").join(format!("{i:05}"))
 }
 
-fn zst_writer(path: &Path) -> Result<zstd::stream::AutoFinishEncoder<'static, BufWriter<fs_err::File>>> {
+fn zst_writer(
+    path: &Path,
+) -> Result<zstd::stream::AutoFinishEncoder<'static, BufWriter<fs_err::File>>> {
     let w = BufWriter::with_capacity(1 << 20, fs_err::File::create(path)?);
     Ok(zstd::stream::Encoder::new(w, 3)?.auto_finish())
 }
@@ -213,7 +217,12 @@ pub fn read_zst_jsonl(path: &Path) -> Result<impl Iterator<Item = Result<Value>>
 }
 
 enum Processed {
-    Doc(Box<crate::stages::Outcome>, Option<Box<crate::minhash::Signature>>, u128, u64),
+    Doc(
+        Box<crate::stages::Outcome>,
+        Option<Box<crate::minhash::Signature>>,
+        u128,
+        u64,
+    ),
     Unreadable(String, String, u64),
     Fatal(Error),
 }
@@ -231,11 +240,20 @@ fn process_record(
             Ok(d) => d,
             Err(e) if stop_on_error => return Processed::Fatal(e),
             Err(e) => {
-                let stem = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-                return Processed::Unreadable(format!("{stem}:{line}"), e.to_string(), bytes.len() as u64);
+                let stem = path
+                    .file_name()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                return Processed::Unreadable(
+                    format!("{stem}:{line}"),
+                    e.to_string(),
+                    bytes.len() as u64,
+                );
             }
         },
-        Record::Unreadable(e) => return Processed::Unreadable(path.display().to_string(), e.to_string(), 0),
+        Record::Unreadable(e) => {
+            return Processed::Unreadable(path.display().to_string(), e.to_string(), 0)
+        }
     };
     let in_bytes = doc.text.len() as u64;
     let outcome = run_chain(doc, &cfg.stages);
@@ -276,7 +294,10 @@ fn filter_part(
         fs_err::remove_dir_all(&dir)?;
     }
     fs_err::create_dir_all(&dir)?;
-    let dropped_path = opts.out.join("dropped").join(format!("filter-{i:05}.jsonl.zst"));
+    let dropped_path = opts
+        .out
+        .join("dropped")
+        .join(format!("filter-{i:05}.jsonl.zst"));
     let mut filtered = zst_writer(&dir.join("filtered.jsonl.zst"))?;
     let mut dropped = zst_writer(&dropped_path.with_extension("zst.partial"))?;
     let mut runs = RunWriter::new(&dir, "sigs", cfg.dedup.run_records);
@@ -350,8 +371,16 @@ fn filter_part(
                     }
                     let lang = outcome.doc.lang.clone().unwrap_or_else(|| "unknown".into());
                     if let Some((at, reason)) = outcome.dropped {
-                        *stats.drops_by_language.entry(lang).or_default().entry(reason.into()).or_default() += 1;
-                        write_json_line(&mut dropped, &outcome.doc.to_record(Some((cfg.stages[at].name(), reason))))?;
+                        *stats
+                            .drops_by_language
+                            .entry(lang)
+                            .or_default()
+                            .entry(reason.into())
+                            .or_default() += 1;
+                        write_json_line(
+                            &mut dropped,
+                            &outcome.doc.to_record(Some((cfg.stages[at].name(), reason))),
+                        )?;
                     } else {
                         let index = stats.passed as u32;
                         stats.passed += 1;
@@ -384,7 +413,10 @@ fn filter_part(
     fs_err::write(dir.join("stats.json"), serde_json::to_vec(&stats)?)?;
     // the marker goes last: a part without it is redone
     let tmp = dir.join("done.json.partial");
-    fs_err::write(&tmp, serde_json::to_vec(&serde_json::json!({ "config_hash": cfg_hash }))?)?;
+    fs_err::write(
+        &tmp,
+        serde_json::to_vec(&serde_json::json!({ "config_hash": cfg_hash }))?,
+    )?;
     fs_err::rename(&tmp, dir.join("done.json"))?;
     Ok(stats)
 }
@@ -422,7 +454,9 @@ fn output_entry(out: &Path, path: &Path) -> Result<OutputEntry> {
 pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Option<Manifest>> {
     let cfg = &opts.config;
     if cfg.stages.is_empty() && !cfg.dedup.exact && !cfg.dedup.minhash {
-        return Err(Error::Pipeline("the pipeline has no stages and no dedup".into()));
+        return Err(Error::Pipeline(
+            "the pipeline has no stages and no dedup".into(),
+        ));
     }
     let inputs = expand_inputs(&opts.inputs)?;
     for sub in ["dropped", "kept", "shards", "work/parts"] {
@@ -433,7 +467,11 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
     let cfg_hash = config_hash(cfg)?;
 
     // Phase 1: filter, one input file at a time.
-    let total_bytes: u64 = inputs.iter().filter_map(|p| fs_err::metadata(p).ok()).map(|m| m.len()).sum();
+    let total_bytes: u64 = inputs
+        .iter()
+        .filter_map(|p| fs_err::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     progress(Event::Phase("filter", Some(total_bytes)));
     let mut parts = Vec::with_capacity(inputs.len());
     let mut done_now = 0;
@@ -459,7 +497,9 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
         total += p.passed;
     }
     if total > u64::from(u32::MAX) {
-        return Err(Error::Pipeline(format!("{total} documents passed the filters; dedup handles up to 2^32 per run")));
+        return Err(Error::Pipeline(format!(
+            "{total} documents passed the filters; dedup handles up to 2^32 per run"
+        )));
     }
     progress(Event::Phase("dedup", Some(total)));
     let runs: Vec<PathBuf> = parts
@@ -467,7 +507,13 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
         .enumerate()
         .flat_map(|(i, p)| p.runs.iter().map(move |r| part_dir(&opts.out, i).join(r)))
         .collect();
-    let mut clusters = cluster_runs(&runs, &offsets, total as usize, cfg.dedup.exact, cfg.dedup.minhash)?;
+    let mut clusters = cluster_runs(
+        &runs,
+        &offsets,
+        total as usize,
+        cfg.dedup.exact,
+        cfg.dedup.minhash,
+    )?;
 
     // Phase 3: kept documents.
     progress(Event::Phase("write kept", Some(total)));
@@ -489,15 +535,27 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
     let mut cluster_roots = std::collections::HashSet::new();
     for (i, _) in parts.iter().enumerate() {
         let kept_path = opts.out.join("kept").join(format!("part-{i:05}.jsonl.zst"));
-        let dropped_path = opts.out.join("dropped").join(format!("dedup-{i:05}.jsonl.zst"));
+        let dropped_path = opts
+            .out
+            .join("dropped")
+            .join(format!("dedup-{i:05}.jsonl.zst"));
         let mut kept = zst_writer(&kept_path)?;
         let mut dropped = zst_writer(&dropped_path)?;
         let mut n = 0u64;
-        for (index, rec) in read_zst_jsonl(&part_dir(&opts.out, i).join("filtered.jsonl.zst"))?.enumerate() {
+        for (index, rec) in
+            read_zst_jsonl(&part_dir(&opts.out, i).join("filtered.jsonl.zst"))?.enumerate()
+        {
             let rec = rec?;
             let gid = (offsets[i] + index as u64) as u32;
-            let bytes = rec.get("text").and_then(Value::as_str).map_or(0, |t| t.len() as u64);
-            let lang = rec.get("lang").and_then(Value::as_str).unwrap_or("unknown").to_string();
+            let bytes = rec
+                .get("text")
+                .and_then(Value::as_str)
+                .map_or(0, |t| t.len() as u64);
+            let lang = rec
+                .get("lang")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string();
             let kind = clusters.kind(gid);
             let mut alive = true;
             for (stage, active, removed) in [
@@ -510,7 +568,11 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
                 stage.docs_in += 1;
                 stage.bytes_in += bytes;
                 if removed {
-                    let reason = if kind == DupKind::Exact { "exact_duplicate" } else { "minhash_duplicate" };
+                    let reason = if kind == DupKind::Exact {
+                        "exact_duplicate"
+                    } else {
+                        "minhash_duplicate"
+                    };
                     *stage.dropped.entry(reason.into()).or_default() += 1;
                     alive = false;
                 } else {
@@ -533,7 +595,11 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
                         cluster_roots.insert(clusters.near.find(gid));
                         ("minhash_duplicate", "minhash_dedup")
                     };
-                    *drops_by_language.entry(lang).or_default().entry(reason.into()).or_default() += 1;
+                    *drops_by_language
+                        .entry(lang)
+                        .or_default()
+                        .entry(reason.into())
+                        .or_default() += 1;
                     let mut rec = rec;
                     if let Value::Object(m) = &mut rec {
                         m.insert("stage".into(), stage.into());
@@ -569,7 +635,8 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
             progress(Event::Phase("train tokenizer", None));
             let texts = kept_texts(&kept_files);
             let tok = tokenize::train(texts, &cfg.tokenizer)?;
-            tok.save(&tok_path, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            tok.save(&tok_path, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
             let entry = TokenizerEntry {
                 trained: true,
                 source: "tokenizer.json".into(),
@@ -593,19 +660,29 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
     let vocab = tok.get_vocab_size(true) as u32;
     let max_tokens = cfg.shards.max_tokens_per_shard;
     let mut train = ShardWriter::new(&shard_dir, "train", vocab, tok_entry.eos_id, max_tokens)?;
-    let mut val = ShardWriter::new(&shard_dir, "validation", vocab, tok_entry.eos_id, max_tokens)?;
+    let mut val = ShardWriter::new(
+        &shard_dir,
+        "validation",
+        vocab,
+        tok_entry.eos_id,
+        max_tokens,
+    )?;
     let val_cut = (cfg.shards.validation_fraction.clamp(0.0, 1.0) * 1_000_000.0) as u64;
     for path in &kept_files {
         let mut it = read_zst_jsonl(path)?;
         loop {
-            let chunk: Vec<Value> = it.by_ref().take(cfg.chunk_docs.max(1)).collect::<Result<_>>()?;
+            let chunk: Vec<Value> = it
+                .by_ref()
+                .take(cfg.chunk_docs.max(1))
+                .collect::<Result<_>>()?;
             if chunk.is_empty() {
                 break;
             }
             let encoded: Vec<(bool, Vec<u32>)> = chunk
                 .par_iter()
                 .map(|rec| {
-                    let doc = Document::from_record(rec.clone()).unwrap_or_else(|| Document::new("", ""));
+                    let doc =
+                        Document::from_record(rec.clone()).unwrap_or_else(|| Document::new("", ""));
                     let is_val = xxh3_64(doc.id.as_bytes()) % 1_000_000 < val_cut;
                     tokenize::encode(&tok, &doc.text).map(|ids| (is_val, ids))
                 })
@@ -648,7 +725,11 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
         }
         for (lang, reasons) in &p.drops_by_language {
             for (r, n) in reasons {
-                *drops_by_language.entry(lang.clone()).or_default().entry(r.clone()).or_default() += n;
+                *drops_by_language
+                    .entry(lang.clone())
+                    .or_default()
+                    .entry(r.clone())
+                    .or_default() += n;
             }
         }
     }
@@ -659,12 +740,22 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
         stages.push(near_stage);
     }
     let mut outputs = Vec::new();
-    for f in kept_files.iter().chain(&shard_files).chain(std::iter::once(&tok_path)) {
+    for f in kept_files
+        .iter()
+        .chain(&shard_files)
+        .chain(std::iter::once(&tok_path))
+    {
         outputs.push(output_entry(&opts.out, f)?);
     }
     for i in 0..parts.len() {
-        for name in [format!("filter-{i:05}.jsonl.zst"), format!("dedup-{i:05}.jsonl.zst")] {
-            outputs.push(output_entry(&opts.out, &opts.out.join("dropped").join(name))?);
+        for name in [
+            format!("filter-{i:05}.jsonl.zst"),
+            format!("dedup-{i:05}.jsonl.zst"),
+        ] {
+            outputs.push(output_entry(
+                &opts.out,
+                &opts.out.join("dropped").join(name),
+            )?);
         }
     }
     let manifest = Manifest {
@@ -673,7 +764,10 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
         stages,
         drops_by_language,
         kept_by_language,
-        pii: PiiKind::ALL.iter().map(|k| (k.name().to_string(), pii[*k as usize])).collect(),
+        pii: PiiKind::ALL
+            .iter()
+            .map(|k| (k.name().to_string(), pii[*k as usize]))
+            .collect(),
         dedup,
         tokenizer: tok_entry,
         tokens,

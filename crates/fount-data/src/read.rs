@@ -104,7 +104,9 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             if found.is_empty() {
                 return Err(Error::BadInput {
                     path: input.clone(),
-                    reason: "directory holds no .jsonl, .jsonl.gz, .jsonl.zst, .txt or .parquet files".into(),
+                    reason:
+                        "directory holds no .jsonl, .jsonl.gz, .jsonl.zst, .txt or .parquet files"
+                            .into(),
                 });
             }
             out.extend(found);
@@ -113,7 +115,9 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         } else {
             return Err(Error::BadInput {
                 path: input.clone(),
-                reason: "unknown format (expected .jsonl[.gz|.zst], .txt[.gz|.zst], .md or .parquet)".into(),
+                reason:
+                    "unknown format (expected .jsonl[.gz|.zst], .txt[.gz|.zst], .md or .parquet)"
+                        .into(),
             });
         }
     }
@@ -201,7 +205,12 @@ fn stem(path: &Path) -> String {
 }
 
 /// Parses one JSON line into a document.
-pub fn parse_json_line(path: &Path, line_no: u64, bytes: &[u8], cfg: &ReaderConfig) -> Result<Document> {
+pub fn parse_json_line(
+    path: &Path,
+    line_no: u64,
+    bytes: &[u8],
+    cfg: &ReaderConfig,
+) -> Result<Document> {
     let text = std::str::from_utf8(bytes).map_err(|e| Error::InvalidUtf8 {
         path: path.to_path_buf(),
         line: line_no,
@@ -243,7 +252,10 @@ pub fn parse_json_line(path: &Path, line_no: u64, bytes: &[u8], cfg: &ReaderConf
     })
 }
 
-fn open_decompressed(path: &Path, comp: Compression) -> Result<(Box<dyn BufRead + Send>, std::sync::Arc<std::sync::Mutex<FileDigest>>)> {
+fn open_decompressed(
+    path: &Path,
+    comp: Compression,
+) -> Result<(Box<dyn BufRead + Send>, SharedDigest)> {
     let file = fs_err::File::open(path)?;
     let digest = std::sync::Arc::new(std::sync::Mutex::new(FileDigest::default()));
     let hashing = DigestOnDrop {
@@ -253,7 +265,10 @@ fn open_decompressed(path: &Path, comp: Compression) -> Result<(Box<dyn BufRead 
     let raw = BufReader::with_capacity(1 << 20, hashing);
     let r: Box<dyn BufRead + Send> = match comp {
         Compression::None => Box::new(raw),
-        Compression::Gzip => Box::new(BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(raw))),
+        Compression::Gzip => Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::bufread::MultiGzDecoder::new(raw),
+        )),
         Compression::Zstd => Box::new(BufReader::with_capacity(
             1 << 20,
             zstd::stream::read::Decoder::with_buffer(raw).map_err(Error::Io)?,
@@ -262,10 +277,13 @@ fn open_decompressed(path: &Path, comp: Compression) -> Result<(Box<dyn BufRead 
     Ok((r, digest))
 }
 
+/// The digest a reader publishes when it reaches the end of its file.
+type SharedDigest = std::sync::Arc<std::sync::Mutex<FileDigest>>;
+
 /// Publishes the digest of everything read when the reader reaches its end.
 struct DigestOnDrop<R> {
     inner: HashingReader<R>,
-    out: std::sync::Arc<std::sync::Mutex<FileDigest>>,
+    out: SharedDigest,
 }
 
 impl<R: Read> Read for DigestOnDrop<R> {
@@ -286,7 +304,7 @@ pub struct InputReader {
     path: PathBuf,
     kind: ReaderKind,
     cfg: ReaderConfig,
-    digest: Option<std::sync::Arc<std::sync::Mutex<FileDigest>>>,
+    digest: Option<SharedDigest>,
     line: u64,
 }
 
@@ -397,7 +415,10 @@ impl Iterator for InputReader {
     }
 }
 
-fn parquet_rows(path: &Path, cfg: &ReaderConfig) -> Result<Box<dyn Iterator<Item = Result<Document>> + Send>> {
+fn parquet_rows(
+    path: &Path,
+    cfg: &ReaderConfig,
+) -> Result<Box<dyn Iterator<Item = Result<Document>> + Send>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     let perr = |e: parquet::errors::ParquetError| Error::Parquet {

@@ -45,7 +45,13 @@ struct Open {
 
 impl ShardWriter {
     /// A writer for token ids below `vocab_size` (u16 tokens when they fit, else u32).
-    pub fn new(dir: &Path, split: &str, vocab_size: u32, eos: u32, max_tokens: u64) -> Result<ShardWriter> {
+    pub fn new(
+        dir: &Path,
+        split: &str,
+        vocab_size: u32,
+        eos: u32,
+        max_tokens: u64,
+    ) -> Result<ShardWriter> {
         fs_err::create_dir_all(dir)?;
         Ok(ShardWriter {
             dir: dir.to_path_buf(),
@@ -63,11 +69,17 @@ impl ShardWriter {
 
     /// Appends one document (EOS is added).
     pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
-        if self.current.as_ref().is_some_and(|o| o.offsets.last().copied().unwrap_or(0) >= self.max_tokens) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|o| o.offsets.last().copied().unwrap_or(0) >= self.max_tokens)
+        {
             self.close()?;
         }
         if self.current.is_none() {
-            let path = self.dir.join(format!("{}-{:05}.bin", self.split, self.written.len()));
+            let path = self
+                .dir
+                .join(format!("{}-{:05}.bin", self.split, self.written.len()));
             let tmp = path.with_extension("bin.partial");
             let mut w = BufWriter::with_capacity(1 << 20, fs_err::File::create(&tmp)?);
             w.write_all(&[0u8; HEADER])?;
@@ -79,10 +91,14 @@ impl ShardWriter {
             });
         }
         let (width, eos, vocab) = (self.width, self.eos, self.vocab_size);
-        let Some(o) = self.current.as_mut() else { return Ok(()) };
+        let Some(o) = self.current.as_mut() else {
+            return Ok(());
+        };
         for &t in tokens.iter().chain(std::iter::once(&eos)) {
             if t >= vocab {
-                return Err(Error::Tokenizer(format!("token id {t} is not below the vocabulary size {vocab}")));
+                return Err(Error::Tokenizer(format!(
+                    "token id {t} is not below the vocabulary size {vocab}"
+                )));
             }
             if width == 2 {
                 o.w.write_all(&(t as u16).to_le_bytes())?;
@@ -99,7 +115,9 @@ impl ShardWriter {
     }
 
     fn close(&mut self) -> Result<()> {
-        let Some(mut o) = self.current.take() else { return Ok(()) };
+        let Some(mut o) = self.current.take() else {
+            return Ok(());
+        };
         let n_tokens = o.offsets.last().copied().unwrap_or(0);
         let n_docs = o.offsets.len() as u64 - 1;
         let token_bytes = n_tokens * u64::from(self.width);
@@ -186,7 +204,9 @@ impl Shard {
         }
         let version = u32_at(&map, 8);
         if version != VERSION {
-            return Err(bad(format!("version {version}, this reader knows {VERSION}")));
+            return Err(bad(format!(
+                "version {version}, this reader knows {VERSION}"
+            )));
         }
         let width = u32_at(&map, 12) as usize;
         if width != 2 && width != 4 {
@@ -198,7 +218,10 @@ impl Shard {
         let index_at = token_end.div_ceil(8) * 8;
         let expected = index_at + (n_docs + 1) * 8;
         if map.len() != expected {
-            return Err(bad(format!("{} bytes, the header implies {expected}", map.len())));
+            return Err(bad(format!(
+                "{} bytes, the header implies {expected}",
+                map.len()
+            )));
         }
         let shard = Shard {
             path: path.to_path_buf(),
@@ -235,9 +258,17 @@ impl Shard {
         let range = range.start.min(self.n_tokens)..range.end.min(self.n_tokens);
         let bytes = &self.map[HEADER + range.start * self.width..HEADER + range.end * self.width];
         if self.width == 2 {
-            out.extend(bytes.chunks_exact(2).map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]))));
+            out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]))),
+            );
         } else {
-            out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            out.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
         }
     }
 
@@ -282,7 +313,12 @@ impl ShardSet {
                 reason: format!("no {split}-*.bin shards"),
             });
         }
-        Self::from_shards(paths.iter().map(|p| Shard::open(p)).collect::<Result<_>>()?)
+        Self::from_shards(
+            paths
+                .iter()
+                .map(|p| Shard::open(p))
+                .collect::<Result<_>>()?,
+        )
     }
 
     /// A set over already opened shards.
@@ -293,7 +329,11 @@ impl ShardSet {
             starts.push(total);
             total += s.num_tokens();
         }
-        Ok(ShardSet { shards, starts, total })
+        Ok(ShardSet {
+            shards,
+            starts,
+            total,
+        })
     }
 
     /// Total tokens.
@@ -396,7 +436,9 @@ impl<'a> Sampler<'a> {
     fn shuffle(&mut self) {
         let windows = self.set.num_tokens().saturating_sub(1) / self.state.seq_len;
         self.order = (0..windows as u32).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.state.seed ^ self.state.epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.state.seed ^ self.state.epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
         self.order.shuffle(&mut rng);
     }
 

@@ -70,7 +70,10 @@ fn iso639_1(lang: whatlang::Lang) -> &'static str {
 
 /// Detects the language of `text`: `(code, score)`, or `None` when there is nothing to go on.
 pub fn detect_language(text: &str, sample_chars: usize) -> Option<(&'static str, f64)> {
-    let end = text.char_indices().nth(sample_chars).map_or(text.len(), |(i, _)| i);
+    let end = text
+        .char_indices()
+        .nth(sample_chars)
+        .map_or(text.len(), |(i, _)| i);
     let info = whatlang::detect(&text[..end])?;
     Some((iso639_1(info.lang()), info.confidence()))
 }

@@ -61,46 +61,150 @@ pub struct SynthSummary {
 }
 
 const SUBJECTS: &[&str] = &[
-    "the city council", "our team", "the new library", "a local farmer", "the research group",
-    "the committee", "my neighbour", "the company", "the school board", "a small bakery",
-    "the museum", "the river authority", "the hospital", "a young engineer", "the orchestra",
-    "the football club", "the old bridge", "the village", "the startup", "the government",
-    "the volunteers", "the author", "the students", "the garden centre", "the railway",
+    "the city council",
+    "our team",
+    "the new library",
+    "a local farmer",
+    "the research group",
+    "the committee",
+    "my neighbour",
+    "the company",
+    "the school board",
+    "a small bakery",
+    "the museum",
+    "the river authority",
+    "the hospital",
+    "a young engineer",
+    "the orchestra",
+    "the football club",
+    "the old bridge",
+    "the village",
+    "the startup",
+    "the government",
+    "the volunteers",
+    "the author",
+    "the students",
+    "the garden centre",
+    "the railway",
 ];
 const VERBS: &[&str] = &[
-    "announced", "built", "improved", "discussed", "opened", "planned", "reviewed", "finished",
-    "described", "repaired", "celebrated", "tested", "measured", "questioned", "supported",
-    "explained", "changed", "visited", "published", "designed", "expanded", "replaced",
+    "announced",
+    "built",
+    "improved",
+    "discussed",
+    "opened",
+    "planned",
+    "reviewed",
+    "finished",
+    "described",
+    "repaired",
+    "celebrated",
+    "tested",
+    "measured",
+    "questioned",
+    "supported",
+    "explained",
+    "changed",
+    "visited",
+    "published",
+    "designed",
+    "expanded",
+    "replaced",
 ];
 const OBJECTS: &[&str] = &[
-    "a new cycling path", "the annual budget", "the water supply", "a community garden",
-    "the winter schedule", "an old factory", "the public transport plan", "a summer festival",
-    "the reading programme", "the local market", "a wind farm", "the harbour wall",
-    "the energy report", "a new playground", "the history of the town", "the flood defences",
-    "a mobile clinic", "the opening hours", "a recycling scheme", "the concert series",
+    "a new cycling path",
+    "the annual budget",
+    "the water supply",
+    "a community garden",
+    "the winter schedule",
+    "an old factory",
+    "the public transport plan",
+    "a summer festival",
+    "the reading programme",
+    "the local market",
+    "a wind farm",
+    "the harbour wall",
+    "the energy report",
+    "a new playground",
+    "the history of the town",
+    "the flood defences",
+    "a mobile clinic",
+    "the opening hours",
+    "a recycling scheme",
+    "the concert series",
 ];
 const ADVERBIALS: &[&str] = &[
-    "last week", "after a long debate", "with help from residents", "despite the rain",
-    "for the first time", "earlier this year", "in the spring", "on Tuesday morning",
-    "without much fuss", "ahead of the holidays", "at the end of the month", "in record time",
-    "under a tight budget", "with great care", "to everyone's surprise", "once again",
+    "last week",
+    "after a long debate",
+    "with help from residents",
+    "despite the rain",
+    "for the first time",
+    "earlier this year",
+    "in the spring",
+    "on Tuesday morning",
+    "without much fuss",
+    "ahead of the holidays",
+    "at the end of the month",
+    "in record time",
+    "under a tight budget",
+    "with great care",
+    "to everyone's surprise",
+    "once again",
 ];
 const ADJECTIVES: &[&str] = &[
-    "important", "difficult", "careful", "popular", "expensive", "modest", "ambitious", "useful",
-    "quiet", "remarkable", "practical", "surprising", "welcome", "overdue", "generous",
+    "important",
+    "difficult",
+    "careful",
+    "popular",
+    "expensive",
+    "modest",
+    "ambitious",
+    "useful",
+    "quiet",
+    "remarkable",
+    "practical",
+    "surprising",
+    "welcome",
+    "overdue",
+    "generous",
 ];
 const CONNECTORS: &[&str] = &[
-    "However,", "Meanwhile,", "In addition,", "As a result,", "For many people,",
-    "According to the report,", "At the same time,", "In the end,", "Still,", "Fortunately,",
+    "However,",
+    "Meanwhile,",
+    "In addition,",
+    "As a result,",
+    "For many people,",
+    "According to the report,",
+    "At the same time,",
+    "In the end,",
+    "Still,",
+    "Fortunately,",
 ];
 const TOPICS: &[&str] = &[
-    "Local news", "Community update", "Weekend report", "Notes from the council",
-    "A look back", "Planning ahead", "What changed this year", "Questions and answers",
+    "Local news",
+    "Community update",
+    "Weekend report",
+    "Notes from the council",
+    "A look back",
+    "Planning ahead",
+    "What changed this year",
+    "Questions and answers",
 ];
 const NAV: &[&str] = &[
-    "Home | About | Contact", "Skip to content", "Menu", "Search", "Log in", "Sign up",
-    "Share this:", "Facebook", "Twitter", "Related posts", "Read more", "Back to top",
-    "Copyright 2024 All rights reserved", "Subscribe to our newsletter",
+    "Home | About | Contact",
+    "Skip to content",
+    "Menu",
+    "Search",
+    "Log in",
+    "Sign up",
+    "Share this:",
+    "Facebook",
+    "Twitter",
+    "Related posts",
+    "Read more",
+    "Back to top",
+    "Copyright 2024 All rights reserved",
+    "Subscribe to our newsletter",
 ];
 const POLICY: &[&str] = &[
     "This website uses cookies to improve your experience on every page we serve.",
@@ -113,38 +217,147 @@ const SPAM: &[&str] = &[
 ];
 
 const ZH_SUBJECTS: &[&str] = &[
-    "市政府", "我们的团队", "这家公司", "当地的农民", "研究小组", "学校", "图书馆", "医院",
-    "年轻的工程师", "志愿者们", "博物馆", "委员会", "村里的老人", "这座城市", "作者", "铁路局",
-    "足球俱乐部", "面包店", "交响乐团", "环保组织", "大学生们", "出版社", "社区中心", "记者",
+    "市政府",
+    "我们的团队",
+    "这家公司",
+    "当地的农民",
+    "研究小组",
+    "学校",
+    "图书馆",
+    "医院",
+    "年轻的工程师",
+    "志愿者们",
+    "博物馆",
+    "委员会",
+    "村里的老人",
+    "这座城市",
+    "作者",
+    "铁路局",
+    "足球俱乐部",
+    "面包店",
+    "交响乐团",
+    "环保组织",
+    "大学生们",
+    "出版社",
+    "社区中心",
+    "记者",
 ];
 const ZH_VERBS: &[&str] = &[
-    "宣布了", "完成了", "讨论了", "改进了", "建设了", "发布了", "支持了", "介绍了", "参观了",
-    "设计了", "测试了", "修复了", "扩大了", "调整了", "庆祝了", "检查了", "批准了", "推迟了",
-    "研究了", "报道了", "组织了", "更新了",
+    "宣布了",
+    "完成了",
+    "讨论了",
+    "改进了",
+    "建设了",
+    "发布了",
+    "支持了",
+    "介绍了",
+    "参观了",
+    "设计了",
+    "测试了",
+    "修复了",
+    "扩大了",
+    "调整了",
+    "庆祝了",
+    "检查了",
+    "批准了",
+    "推迟了",
+    "研究了",
+    "报道了",
+    "组织了",
+    "更新了",
 ];
 const ZH_ADJ: &[&str] = &[
-    "新的", "重要的", "大型的", "小型的", "昂贵的", "实用的", "有名的", "古老的", "现代的",
-    "环保的", "公共的", "免费的", "",
+    "新的",
+    "重要的",
+    "大型的",
+    "小型的",
+    "昂贵的",
+    "实用的",
+    "有名的",
+    "古老的",
+    "现代的",
+    "环保的",
+    "公共的",
+    "免费的",
+    "",
 ];
 const ZH_OBJECTS: &[&str] = &[
-    "自行车道", "年度预算", "供水系统", "社区花园", "冬季时间表", "公共交通计划", "音乐节",
-    "阅读计划", "本地市场", "风力发电场", "能源报告", "游乐场", "防洪工程", "回收计划",
-    "音乐会", "桥梁", "停车场", "体育馆", "展览", "网站", "培训课程", "农产品市场",
+    "自行车道",
+    "年度预算",
+    "供水系统",
+    "社区花园",
+    "冬季时间表",
+    "公共交通计划",
+    "音乐节",
+    "阅读计划",
+    "本地市场",
+    "风力发电场",
+    "能源报告",
+    "游乐场",
+    "防洪工程",
+    "回收计划",
+    "音乐会",
+    "桥梁",
+    "停车场",
+    "体育馆",
+    "展览",
+    "网站",
+    "培训课程",
+    "农产品市场",
 ];
 const ZH_ADVERBIALS: &[&str] = &[
-    "上周", "经过长时间的讨论", "在居民的帮助下", "尽管下着雨", "第一次", "今年早些时候",
-    "在春天", "星期二上午", "在节日之前", "在月底", "在有限的预算下", "去年秋天", "最近",
-    "昨天下午", "在市中心", "在河边", "在郊区",
+    "上周",
+    "经过长时间的讨论",
+    "在居民的帮助下",
+    "尽管下着雨",
+    "第一次",
+    "今年早些时候",
+    "在春天",
+    "星期二上午",
+    "在节日之前",
+    "在月底",
+    "在有限的预算下",
+    "去年秋天",
+    "最近",
+    "昨天下午",
+    "在市中心",
+    "在河边",
+    "在郊区",
 ];
-const ZH_ADVERBS: &[&str] = &["终于", "已经", "正式", "顺利地", "再次", "悄悄地", "迅速", ""];
+const ZH_ADVERBS: &[&str] = &[
+    "终于",
+    "已经",
+    "正式",
+    "顺利地",
+    "再次",
+    "悄悄地",
+    "迅速",
+    "",
+];
 const ZH_SPEAKERS: &[&str] = &[
-    "居民们认为", "专家表示", "记者了解到", "负责人说", "有人担心", "大多数人觉得", "报告指出",
-    "老师们希望", "游客们发现",
+    "居民们认为",
+    "专家表示",
+    "记者了解到",
+    "负责人说",
+    "有人担心",
+    "大多数人觉得",
+    "报告指出",
+    "老师们希望",
+    "游客们发现",
 ];
 const ZH_CLAUSES: &[&str] = &[
-    "这是一件好事", "这对当地的发展很重要", "问题已经讨论了很久", "有关部门也给予了支持",
-    "明年能够继续", "结果比预想的要好", "费用还是太高", "时间安排得不太合理", "效果非常明显",
-    "还需要更多的志愿者", "天气会影响进度", "孩子们特别喜欢",
+    "这是一件好事",
+    "这对当地的发展很重要",
+    "问题已经讨论了很久",
+    "有关部门也给予了支持",
+    "明年能够继续",
+    "结果比预想的要好",
+    "费用还是太高",
+    "时间安排得不太合理",
+    "效果非常明显",
+    "还需要更多的志愿者",
+    "天气会影响进度",
+    "孩子们特别喜欢",
 ];
 
 struct Gen {
@@ -214,7 +427,11 @@ impl Gen {
     }
 
     fn article(&mut self) -> String {
-        let mut parts = vec![format!("{}: {}", self.pick(TOPICS), Self::capitalise(self.pick(OBJECTS)))];
+        let mut parts = vec![format!(
+            "{}: {}",
+            self.pick(TOPICS),
+            Self::capitalise(self.pick(OBJECTS))
+        )];
         let paras = self.rng.random_range(2..7);
         for _ in 0..paras {
             let n = self.rng.random_range(2..6);
@@ -255,9 +472,21 @@ impl Gen {
     }
 
     fn email(&mut self) -> String {
-        let users = ["anna.lee", "j.smith", "info", "support", "wang.wei", "contact", "m_rossi"];
-        let hosts = ["example.org", "mail.example.com", "corp.test", "qq.example.cn"];
-        format!("{}{}@{}", self.pick(&users), self.rng.random_range(1..99), self.pick(&hosts))
+        let users = [
+            "anna.lee", "j.smith", "info", "support", "wang.wei", "contact", "m_rossi",
+        ];
+        let hosts = [
+            "example.org",
+            "mail.example.com",
+            "corp.test",
+            "qq.example.cn",
+        ];
+        format!(
+            "{}{}@{}",
+            self.pick(&users),
+            self.rng.random_range(1..99),
+            self.pick(&hosts)
+        )
     }
 
     fn public_ipv4(&mut self) -> String {
@@ -294,7 +523,11 @@ impl Gen {
 
     fn cn_mobile(&mut self) -> String {
         let prefix = ["13", "15", "17", "18", "19"];
-        format!("{}{:09}", self.pick(&prefix), self.rng.random_range(0..1_000_000_000u64))
+        format!(
+            "{}{:09}",
+            self.pick(&prefix),
+            self.rng.random_range(0..1_000_000_000u64)
+        )
     }
 
     fn cn_id(&mut self, valid: bool) -> String {
@@ -483,7 +716,11 @@ pub fn synth_corpus(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
                     let mut words = Vec::new();
                     for _ in 0..g.rng.random_range(60..200) {
                         let w = g.pick(SPAM);
-                        words.push(if g.chance(0.3) { format!("#{w}") } else { w.to_string() });
+                        words.push(if g.chance(0.3) {
+                            format!("#{w}")
+                        } else {
+                            w.to_string()
+                        });
                     }
                     ("spam", words.join(" "))
                 }
@@ -540,7 +777,8 @@ pub fn synth_corpus(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
         };
         if dup_of.is_null() && (kind == "article" || kind == "zh_article") && pool.len() < 200 {
             pool.push((id.clone(), text.clone()));
-        } else if dup_of.is_null() && (kind == "article" || kind == "zh_article") && g.chance(0.05) {
+        } else if dup_of.is_null() && (kind == "article" || kind == "zh_article") && g.chance(0.05)
+        {
             let j = g.rng.random_range(0..pool.len());
             pool[j] = (id.clone(), text.clone());
         }

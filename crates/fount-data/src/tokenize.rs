@@ -25,7 +25,11 @@ impl Default for TokenizerConfig {
     fn default() -> Self {
         TokenizerConfig {
             vocab_size: 8192,
-            special_tokens: vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()],
+            special_tokens: vec![
+                "<|endoftext|>".into(),
+                "<|im_start|>".into(),
+                "<|im_end|>".into(),
+            ],
             min_frequency: 2,
         }
     }
@@ -72,14 +76,23 @@ where
 /// Loads a `tokenizer.json`.
 pub fn load(path: &std::path::Path) -> Result<Tokenizer> {
     if !path.exists() {
-        return Err(Error::Tokenizer(format!("{}: no such file", path.display())));
+        return Err(Error::Tokenizer(format!(
+            "{}: no such file",
+            path.display()
+        )));
     }
     Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
 /// The EOS id: the first of `candidates` the tokenizer knows.
 pub fn eos_id(tok: &Tokenizer, candidates: &[String]) -> Result<u32> {
-    const FALLBACKS: [&str; 5] = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>"];
+    const FALLBACKS: [&str; 5] = [
+        "<|endoftext|>",
+        "</s>",
+        "<|end_of_text|>",
+        "<|im_end|>",
+        "<eos>",
+    ];
     candidates
         .iter()
         .map(String::as_str)
@@ -90,5 +103,9 @@ pub fn eos_id(tok: &Tokenizer, candidates: &[String]) -> Result<u32> {
 
 /// Token ids of `text` (no special tokens added).
 pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(tok.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+    Ok(tok
+        .encode_fast(text, false)
+        .map_err(tok_err)?
+        .get_ids()
+        .to_vec())
 }

@@ -80,7 +80,15 @@ pub fn py_splitlines(text: &str) -> Vec<&str> {
     while let Some((i, c)) = it.next() {
         let is_break = matches!(
             c,
-            '\n' | '\r' | '\x0b' | '\x0c' | '\x1c' | '\x1d' | '\x1e' | '\u{85}' | '\u{2028}' | '\u{2029}'
+            '\n' | '\r'
+                | '\x0b'
+                | '\x0c'
+                | '\x1c'
+                | '\x1d'
+                | '\x1e'
+                | '\u{85}'
+                | '\u{2028}'
+                | '\u{2029}'
         );
         if is_break {
             out.push(&text[start..i]);
@@ -101,7 +109,8 @@ pub fn py_splitlines(text: &str) -> Vec<&str> {
 /// Opening characters spaCy splits off the front of a token.
 const PREFIX_CHARS: &str = "§%=—–…,:;!?¿؟¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪'\"”“`‘´’‚„»«「」『』（）〔〕【】《》〈〉⟦⟧$£€¥฿₽₴₠₡₢₣₤₥₦₧₨₩₪₫₭₮₯₰₱₲₳₵₶₷₸₹₺₼₾";
 /// Closing characters spaCy splits off the end of a token.
-const SUFFIX_CHARS: &str = "…,:;!?¿؟¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪'\"”“`‘´’‚„»«「」『』（）〔〕【】《》〈〉⟦⟧—–";
+const SUFFIX_CHARS: &str =
+    "…,:;!?¿؟¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪'\"”“`‘´’‚„»«「」『』（）〔〕【】《》〈〉⟦⟧—–";
 /// Units split off after a number (`5km` → `5` `km`), longest first.
 const UNITS: &[&str] = &[
     "km²", "km³", "km/h", "mbar", "kmh", "mph", "hPa", "m/s", "m²", "m³", "dm²", "dm³", "cm²",
@@ -122,9 +131,9 @@ const ABBREVIATIONS: &[&str] = &[
     "Calif.", "Colo.", "Conn.", "Fla.", "Ga.", "Ill.", "Ind.", "Kan.", "Ky.", "La.", "Md.",
     "Mich.", "Minn.", "Miss.", "Mo.", "Neb.", "Nev.", "Okla.", "Ore.", "Pa.", "Tenn.", "Va.",
     "Wash.", "Wis.", "'s", "'S", "’s", "n't", "'m", "'re", "'ve", "'ll", "'d", ":)", ":(", ":-)",
-    "<3", "o.O", "^_^", "Adm.", "Bros.", "Capt.", "Col.", "Messrs.", "Sgt.", "Lt.", "a.",
-    "b.", "c.", "d.", "e.", "f.", "g.", "h.", "i.", "j.", "k.", "l.", "m.", "n.", "o.", "p.",
-    "q.", "r.", "s.", "t.", "u.", "v.", "w.", "x.", "y.", "z.",
+    "<3", "o.O", "^_^", "Adm.", "Bros.", "Capt.", "Col.", "Messrs.", "Sgt.", "Lt.", "a.", "b.",
+    "c.", "d.", "e.", "f.", "g.", "h.", "i.", "j.", "k.", "l.", "m.", "n.", "o.", "p.", "q.", "r.",
+    "s.", "t.", "u.", "v.", "w.", "x.", "y.", "z.",
 ];
 
 fn is_lower(c: char) -> bool {
@@ -147,7 +156,10 @@ fn special(s: &str) -> Option<Vec<&str>> {
     for apos in ["'", "’"] {
         // `don't` → `do` `n't`; `can't` → `ca` `n't`
         let nt = format!("n{apos}t");
-        if let Some(base) = s.strip_suffix(nt.as_str()).or_else(|| s.strip_suffix(nt.to_uppercase().as_str())) {
+        if let Some(base) = s
+            .strip_suffix(nt.as_str())
+            .or_else(|| s.strip_suffix(nt.to_uppercase().as_str()))
+        {
             if !base.is_empty() && base.chars().all(is_alpha) {
                 return Some(vec![base, &s[base.len()..]]);
             }
@@ -213,7 +225,12 @@ fn find_suffix(s: &str) -> usize {
         best = best.max(last.len_utf8());
     }
     // after a number: `+`, currency and units
-    let digit_before = |n: usize| s[..s.len() - n].chars().next_back().is_some_and(|c| c.is_ascii_digit());
+    let digit_before = |n: usize| {
+        s[..s.len() - n]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_digit())
+    };
     if last == '+' && digit_before(1) {
         best = best.max(1);
     }
@@ -233,7 +250,11 @@ fn find_suffix(s: &str) -> usize {
                 || "%²-+".contains(b)
                 || SUFFIX_CHARS.contains(b)
                 || QUOTES.contains(b);
-            let two_upper = is_upper(b) && s[..s.len() - 1 - b.len_utf8()].chars().next_back().is_some_and(is_upper);
+            let two_upper = is_upper(b)
+                && s[..s.len() - 1 - b.len_utf8()]
+                    .chars()
+                    .next_back()
+                    .is_some_and(is_upper);
             let temperature = "FfCcKk".contains(b) && s[..s.len() - 2].ends_with('°');
             if punct_before || two_upper || temperature {
                 best = best.max(1);
@@ -255,13 +276,19 @@ fn is_url(s: &str) -> bool {
     let host = host.split(['/', '?', '#']).next().unwrap_or(host);
     let host = host.split(':').next().unwrap_or(host);
     let mut labels = host.split('.');
-    let Some(first) = labels.next() else { return false };
+    let Some(first) = labels.next() else {
+        return false;
+    };
     if first.is_empty() {
         return false;
     }
     let rest: Vec<&str> = labels.collect();
     let Some(tld) = rest.last() else { return false };
-    let ok_label = |l: &str| !l.is_empty() && l.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '_');
+    let ok_label = |l: &str| {
+        !l.is_empty()
+            && l.chars()
+                .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
+    };
     ok_label(first)
         && rest.iter().all(|l| ok_label(l))
         && tld.chars().count() >= 2
@@ -284,13 +311,15 @@ fn split_infixes<'a>(s: &'a str, out: &mut Vec<&'a str>) {
             len = 1;
         } else if let Some(p) = prev {
             let a_or_digit = is_alpha(p) || p.is_ascii_digit();
-            if p.is_ascii_digit() && "+-*^".contains(c) && next.is_some_and(|n| n.is_ascii_digit() || n == '-') {
-                len = 1;
-            } else if c == '.' && (is_lower(p) || QUOTES.contains(p)) && next.is_some_and(|n| is_upper(n) || QUOTES.contains(n)) {
-                len = 1;
-            } else if c == ',' && is_alpha(p) && next.is_some_and(is_alpha) {
-                len = 1;
-            } else if a_or_digit && ":<>=/".contains(c) && next.is_some_and(is_alpha) {
+            let arithmetic = p.is_ascii_digit()
+                && "+-*^".contains(c)
+                && next.is_some_and(|n| n.is_ascii_digit() || n == '-');
+            let sentence_join = c == '.'
+                && (is_lower(p) || QUOTES.contains(p))
+                && next.is_some_and(|n| is_upper(n) || QUOTES.contains(n));
+            let comma = c == ',' && is_alpha(p) && next.is_some_and(is_alpha);
+            let symbol = a_or_digit && ":<>=/".contains(c) && next.is_some_and(is_alpha);
+            if arithmetic || sentence_join || comma || symbol {
                 len = 1;
             } else if a_or_digit {
                 for h in HYPHENS {
@@ -387,7 +416,8 @@ pub fn english_words<'a>(text: &'a str, out: &mut Vec<&'a str>) {
 }
 
 /// Sentence-ending characters of spaCy's `sentencizer`.
-const SENT_END: &str = "!.?։؟۔܀܁܂߹।॥၊။።፧፨᙮᜵᜶᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗！．？｡。";
+const SENT_END: &str =
+    "!.?։؟۔܀܁܂߹।॥၊။።፧፨᙮᜵᜶᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗！．？｡。";
 
 /// The number of sentences spaCy's `sentencizer` finds in `text` (0 for empty text).
 pub fn count_sentences(text: &str) -> usize {

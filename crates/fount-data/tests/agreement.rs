@@ -31,7 +31,10 @@ fn cases() -> Vec<Case> {
     for f in &summary.corpus_files {
         for line in std::fs::read_to_string(f).unwrap().lines() {
             let v: Value = serde_json::from_str(line).unwrap();
-            texts.insert(v["id"].as_str().unwrap().to_string(), v["text"].as_str().unwrap().to_string());
+            texts.insert(
+                v["id"].as_str().unwrap().to_string(),
+                v["text"].as_str().unwrap().to_string(),
+            );
         }
     }
     let fixture = include_str!("fixtures/datatrove_decisions.jsonl");
@@ -40,10 +43,15 @@ fn cases() -> Vec<Case> {
         .map(|line| {
             let v: Value = serde_json::from_str(line).unwrap();
             let id = v["id"].as_str().unwrap().to_string();
-            let text = texts.remove(&id).expect("fixture id not in the regenerated corpus");
+            let text = texts
+                .remove(&id)
+                .expect("fixture id not in the regenerated corpus");
             let want = v["text_xxh64"].as_str().unwrap();
             let got = format!("{:016x}", xxhash_rust::xxh64::xxh64(text.as_bytes(), 0));
-            assert_eq!(got, want, "{id}: synth output changed; regenerate the fixture (see the script)");
+            assert_eq!(
+                got, want,
+                "{id}: synth output changed; regenerate the fixture (see the script)"
+            );
             Case {
                 id,
                 text,
@@ -54,13 +62,11 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
+/// FineWeb's chain as the script runs it: the first rule that drops the document.
 fn decide(text: &str) -> String {
     let mut text = text.to_string();
-    let checks: [(&str, Verdict); 1] = [("gopher_repetition", GopherRepetition::default().check(&text, Lang::Latin))];
-    for (stage, v) in checks {
-        if let Verdict::Drop(r) = v {
-            return format!("{stage}:{r}");
-        }
+    if let Verdict::Drop(r) = GopherRepetition::default().check(&text, Lang::Latin) {
+        return format!("gopher_repetition:{r}");
     }
     if let Verdict::Drop(r) = GopherQuality::default().check(&text, Lang::Latin) {
         return format!("gopher_quality:{r}");
@@ -86,7 +92,12 @@ fn filter_decisions_agree_with_datatrove() {
         }
     }
     let agreement = 1.0 - differ.len() as f64 / cases.len() as f64;
-    eprintln!("agreement {:.4} ({} of {} differ)", agreement, differ.len(), cases.len());
+    eprintln!(
+        "agreement {:.4} ({} of {} differ)",
+        agreement,
+        differ.len(),
+        cases.len()
+    );
     for d in &differ {
         eprintln!("  {d}");
     }
@@ -97,7 +108,10 @@ fn filter_decisions_agree_with_datatrove() {
 fn minhash_clusters_agree_with_datatrove() {
     let cases = cases();
     let hasher = MinHasher;
-    let sigs: Vec<_> = cases.iter().map(|c| hasher.signature(&c.text, Lang::Latin).map(|b| *b)).collect();
+    let sigs: Vec<_> = cases
+        .iter()
+        .map(|c| hasher.signature(&c.text, Lang::Latin).map(|b| *b))
+        .collect();
     let mut uf = cluster_in_memory(&sigs);
     let ours: Vec<u32> = (0..cases.len() as u32).map(|i| uf.find(i)).collect();
     // pairwise precision and recall over all pairs in the same cluster
@@ -128,7 +142,14 @@ fn minhash_clusters_agree_with_datatrove() {
     let precision = tp / our_pairs.len().max(1) as f64;
     let recall = tp / ref_pairs.len().max(1) as f64;
     let f1 = 2.0 * precision * recall / (precision + recall).max(1e-12);
-    eprintln!("pairs: datatrove {}, fount {}, F1 {f1:.4}", ref_pairs.len(), our_pairs.len());
-    assert!(ref_pairs.len() > 100, "the fixture should hold many duplicate pairs");
+    eprintln!(
+        "pairs: datatrove {}, fount {}, F1 {f1:.4}",
+        ref_pairs.len(),
+        our_pairs.len()
+    );
+    assert!(
+        ref_pairs.len() > 100,
+        "the fixture should hold many duplicate pairs"
+    );
     assert!(f1 >= 0.99, "pairwise F1 {f1:.4} below 0.99");
 }

@@ -100,7 +100,8 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 chinese_fraction: a.chinese_fraction,
                 chat_examples: a.chat_examples,
             };
-            let s = synth_corpus(&a.out, &opts).with_context(|| format!("writing {}", a.out.display()))?;
+            let s = synth_corpus(&a.out, &opts)
+                .with_context(|| format!("writing {}", a.out.display()))?;
             println!(
                 "wrote {} documents ({:.1} MB of text) in {} files under {}",
                 a.docs,
@@ -108,7 +109,11 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 s.corpus_files.len(),
                 a.out.join("corpus").display()
             );
-            println!("chat task: {} and {}", s.chat_train.display(), s.chat_test.display());
+            println!(
+                "chat task: {} and {}",
+                s.chat_train.display(),
+                s.chat_test.display()
+            );
             Ok(())
         }
         DataCommand::Run(a) => run_pipeline(a),
@@ -139,7 +144,10 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
         inputs: a.input.clone(),
         out: a.out.clone(),
         config,
-        tokenizer: a.tokenizer.clone().map_or(TokenizerSource::Train, TokenizerSource::File),
+        tokenizer: a
+            .tokenizer
+            .clone()
+            .map_or(TokenizerSource::Train, TokenizerSource::File),
         max_parts: a.max_files,
     };
     let bar = std::sync::Mutex::new(None::<ProgressBar>);
@@ -186,7 +194,10 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
         }
     }
     let Some(m) = result.with_context(|| format!("curating into {}", a.out.display()))? else {
-        println!("stopped after {} input file(s); run the same command again to continue", a.max_files.unwrap_or(0));
+        println!(
+            "stopped after {} input file(s); run the same command again to continue",
+            a.max_files.unwrap_or(0)
+        );
         return Ok(());
     };
     let secs = start.elapsed().as_secs_f64();
@@ -211,9 +222,16 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let m = fount_data::pipeline::load_manifest(&a.dir)?;
     let docs_in: u64 = m.inputs.iter().map(|i| i.records).sum();
     let bytes_in: u64 = m.inputs.iter().map(|i| i.bytes).sum();
-    println!("{} input file(s), {docs_in} records, {:.1} MB", m.inputs.len(), bytes_in as f64 / 1e6);
+    println!(
+        "{} input file(s), {docs_in} records, {:.1} MB",
+        m.inputs.len(),
+        bytes_in as f64 / 1e6
+    );
     println!();
-    println!("{:<18} {:>9} {:>9} {:>11} {:>11}  drops", "stage", "docs in", "docs out", "MB in", "MB out");
+    println!(
+        "{:<18} {:>9} {:>9} {:>11} {:>11}  drops",
+        "stage", "docs in", "docs out", "MB in", "MB out"
+    );
     for s in &m.stages {
         let mut drops: Vec<_> = s.dropped.iter().collect();
         drops.sort_by(|a, b| b.1.cmp(a.1));
@@ -229,7 +247,11 @@ fn inspect(a: InspectArgs) -> Result<()> {
         );
     }
     println!();
-    let kept: Vec<String> = m.kept_by_language.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let kept: Vec<String> = m
+        .kept_by_language
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
     println!("kept by language: {}", kept.join(", "));
     for (lang, reasons) in &m.drops_by_language {
         let total: u64 = reasons.values().sum();
@@ -243,7 +265,11 @@ fn inspect(a: InspectArgs) -> Result<()> {
     );
     println!(
         "tokenizer: {} ({} entries, EOS {}); tokens: train {} in {} docs, validation {} in {} docs",
-        if m.tokenizer.trained { "trained" } else { &m.tokenizer.source },
+        if m.tokenizer.trained {
+            "trained"
+        } else {
+            &m.tokenizer.source
+        },
         m.tokenizer.vocab_size,
         m.tokenizer.eos_id,
         m.tokens.train_tokens,
@@ -263,7 +289,14 @@ fn inspect(a: InspectArgs) -> Result<()> {
             let text = d.get("text").and_then(|v| v.as_str()).unwrap_or("");
             let short: String = text.chars().take(400).collect();
             println!("--- {id} ({stage}: {reason})");
-            println!("{short}{}", if text.chars().count() > 400 { " …" } else { "" });
+            println!(
+                "{short}{}",
+                if text.chars().count() > 400 {
+                    " …"
+                } else {
+                    ""
+                }
+            );
         }
     }
     Ok(())
