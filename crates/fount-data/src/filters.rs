@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::tables::{PUNCTUATION_SET, TERMINAL_PUNCTUATION};
 use crate::words::{
@@ -141,10 +141,15 @@ impl GopherQuality {
     pub fn check(&self, text: &str, lang: Lang) -> Verdict {
         let mut words = Vec::new();
         words_for(text, lang, &mut words);
+        self.check_words(text, &words, lang)
+    }
+
+    /// Applies the rules to `text` split into `words` (as [`words_for`] splits it).
+    pub fn check_words(&self, text: &str, words: &[&str], lang: Lang) -> Verdict {
         let n_words = words.len();
         let mut n_non_symbol = 0usize;
         let mut non_symbol_chars = 0usize;
-        for w in &words {
+        for w in words {
             if w.chars().any(|c| !is_datatrove_punct(c)) {
                 n_non_symbol += 1;
                 non_symbol_chars += py_len(w);
@@ -322,20 +327,54 @@ fn split_lines_plus(text: &str) -> Vec<&str> {
     out
 }
 
-fn hash_words(words: &[&str], sep: bool) -> u64 {
-    let mut h = Xxh3::new();
-    for (i, w) in words.iter().enumerate() {
-        if sep && i > 0 {
-            h.update(b" ");
-        }
-        h.update(w.as_bytes());
+/// Hashes an n-gram from its words' hashes. Words never contain whitespace, so a sequence of
+/// word hashes identifies `" ".join(words)` exactly (up to 64-bit collisions). For the repeated
+/// n-gram rule datatrove joins without a separator, which also equates `["ab", "c"]` with
+/// `["a", "bc"]`; such coincidences are not reproduced (they need adjacent words that re-split
+/// into other words, and only ever make datatrove find more repetition).
+fn hash_ngram(word_hashes: &[u64]) -> u64 {
+    let mut h = 0x243f_6a88_85a3_08d3u64;
+    for &w in word_hashes {
+        h = (h.rotate_left(23) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
-    h.digest()
+    h ^ (h >> 29)
 }
+
+/// A hasher for keys that are already hashes.
+#[derive(Default, Clone, Copy)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PreHashedMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<PreHashed>>;
+type PreHashedSet = HashSet<u64, std::hash::BuildHasherDefault<PreHashed>>;
 
 impl GopherRepetition {
     /// Applies the rules to `text`.
     pub fn check(&self, text: &str, lang: Lang) -> Verdict {
+        match self.check_lines(text) {
+            Verdict::Keep => {}
+            drop => return drop,
+        }
+        let mut words = Vec::new();
+        words_for(text, lang, &mut words);
+        self.check_ngrams(text, &words)
+    }
+
+    /// The line and paragraph rules.
+    fn check_lines(&self, text: &str) -> Verdict {
         if text.is_empty() {
             return Verdict::Drop("empty");
         }
@@ -356,18 +395,32 @@ impl GopherRepetition {
         if chars as f64 / len > self.dup_line_char_frac {
             return Verdict::Drop("dup_line_char_frac");
         }
-        let mut words = Vec::new();
-        words_for(text, lang, &mut words);
+        Verdict::Keep
+    }
+
+    /// Applies the rules to `text` split into `words` (as [`words_for`] splits it).
+    pub fn check_words(&self, text: &str, words: &[&str]) -> Verdict {
+        match self.check_lines(text) {
+            Verdict::Keep => {}
+            drop => return drop,
+        }
+        self.check_ngrams(text, words)
+    }
+
+    fn check_ngrams(&self, text: &str, words: &[&str]) -> Verdict {
+        let len = py_len(text) as f64;
         let word_chars: Vec<usize> = words.iter().map(|w| py_len(w)).collect();
+        let word_hashes: Vec<u64> = words.iter().map(|w| xxh3_64(w.as_bytes())).collect();
         for &(n, frac) in &self.top_n_grams {
             if n == 0 || words.len() < n {
                 continue;
             }
             // Counter.most_common(1): the highest count, first inserted among equals.
-            let mut counts: HashMap<u64, (usize, usize)> = HashMap::with_capacity(words.len());
+            let mut counts: PreHashedMap<(usize, usize)> =
+                PreHashedMap::with_capacity_and_hasher(words.len(), Default::default());
             let mut best: Option<(usize, usize, usize)> = None; // (count, order, start)
             for i in 0..=words.len() - n {
-                let h = hash_words(&words[i..i + n], true);
+                let h = hash_ngram(&word_hashes[i..i + n]);
                 let next_order = counts.len();
                 let e = counts.entry(h).or_insert((0, next_order));
                 e.0 += 1;
@@ -391,10 +444,10 @@ impl GopherRepetition {
             if n == 0 {
                 continue;
             }
-            let mut seen: HashSet<u64> = HashSet::with_capacity(words.len());
+            let mut seen = PreHashedSet::with_capacity_and_hasher(words.len(), Default::default());
             let (mut repeated, mut idx) = (0usize, 0usize);
             while idx + n <= words.len() {
-                if !seen.insert(hash_words(&words[idx..idx + n], false)) {
+                if !seen.insert(hash_ngram(&word_hashes[idx..idx + n])) {
                     repeated += word_chars[idx..idx + n].iter().sum::<usize>();
                     idx += n;
                 } else {
@@ -459,6 +512,33 @@ const POLICY_SUBSTRINGS: [&str; 6] = [
     "use cookies",
 ];
 
+/// Case-insensitive substring search without allocating for ASCII lines.
+enum Lower<'a> {
+    Ascii(&'a str),
+    Owned(String),
+}
+
+impl<'a> Lower<'a> {
+    fn new(s: &'a str) -> Lower<'a> {
+        if s.is_ascii() {
+            Lower::Ascii(s)
+        } else {
+            Lower::Owned(s.to_lowercase())
+        }
+    }
+
+    /// Whether the lower-cased text contains `needle` (lower-case ASCII).
+    fn contains(&self, needle: &str) -> bool {
+        match self {
+            Lower::Owned(s) => s.contains(needle),
+            Lower::Ascii(s) => {
+                let (h, n) = (s.as_bytes(), needle.as_bytes());
+                h.len() >= n.len() && h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+            }
+        }
+    }
+}
+
 /// Removes `[123]`, `[]`, `[edit]` and `[citation needed]`.
 fn remove_citations(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
@@ -504,10 +584,10 @@ impl C4 {
             if words.iter().any(|w| py_len(w) > self.max_word_length) {
                 continue;
             }
-            let line = if self.remove_citations {
-                remove_citations(line)
+            let line: std::borrow::Cow<str> = if self.remove_citations && line.contains('[') {
+                std::borrow::Cow::Owned(remove_citations(line))
             } else {
-                line.to_string()
+                std::borrow::Cow::Borrowed(line)
             };
             if self.filter_no_terminal_punct
                 && (!line.ends_with(['.', '?', '!', '"', '\'']) || line.ends_with("..."))
@@ -524,7 +604,7 @@ impl C4 {
             if n_words < self.min_words_per_line {
                 continue;
             }
-            let lower = line.to_lowercase();
+            let lower = Lower::new(&line);
             if self.filter_lorem_ipsum && lower.contains("lorem ipsum") {
                 return Verdict::Drop("lorem_ipsum");
             }
@@ -537,10 +617,13 @@ impl C4 {
             if self.filter_policy && POLICY_SUBSTRINGS.iter().any(|p| lower.contains(p)) {
                 continue;
             }
-            let mut toks = Vec::new();
-            words_for(&line, lang, &mut toks);
-            sentences += count_sentences_in(&toks);
-            kept.push(line);
+            // only whether the minimum is reached matters: stop counting there
+            if sentences < self.min_num_sentences {
+                let mut toks = Vec::new();
+                words_for(&line, lang, &mut toks);
+                sentences += count_sentences_in(&toks);
+            }
+            kept.push(line.into_owned());
         }
         if sentences < self.min_num_sentences {
             return Verdict::Drop("too_few_sentences");
@@ -589,6 +672,16 @@ impl Default for FineWeb {
 impl FineWeb {
     /// Applies the rules to `text`.
     pub fn check(&self, text: &str, lang: Lang) -> Verdict {
+        match self.check_lines(text, lang) {
+            Verdict::Keep => {}
+            drop => return drop,
+        }
+        let mut words = Vec::new();
+        words_for(text, lang, &mut words);
+        self.check_newlines(text, &words)
+    }
+
+    fn check_lines(&self, text: &str, lang: Lang) -> Verdict {
         let lines: Vec<&str> = text
             .split('\n')
             .filter(|l| !py_strip(l).is_empty())
@@ -617,8 +710,18 @@ impl FineWeb {
         if no_nl > 0 && dup_chars as f64 / no_nl as f64 > self.char_duplicates_ratio {
             return Verdict::Drop("char_dup_ratio");
         }
-        let mut words = Vec::new();
-        words_for(text, lang, &mut words);
+        Verdict::Keep
+    }
+
+    /// Applies the rules to `text` split into `words` (as [`words_for`] splits it).
+    pub fn check_words(&self, text: &str, words: &[&str], lang: Lang) -> Verdict {
+        match self.check_lines(text, lang) {
+            Verdict::Keep => self.check_newlines(text, words),
+            drop => drop,
+        }
+    }
+
+    fn check_newlines(&self, text: &str, words: &[&str]) -> Verdict {
         if !words.is_empty()
             && count_sub(text, "\n") as f64 / words.len() as f64 > self.new_line_ratio
         {

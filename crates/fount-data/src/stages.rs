@@ -10,7 +10,7 @@ use crate::doc::Document;
 use crate::filters::{GopherQuality, GopherRepetition, Verdict, C4};
 use crate::normalize;
 use crate::pii::{self, PiiConfig};
-use crate::words::Lang;
+use crate::words::{words_for, Lang};
 
 /// Language identification (whatlang: trigram profiles for 69 languages, with Han and kana
 /// scripts deciding Chinese and Japanese). The score is whatlang's confidence in `[0, 1]`.
@@ -30,7 +30,7 @@ impl Default for LanguageConfig {
         LanguageConfig {
             languages: vec!["en".into(), "zh".into()],
             threshold: 0.65,
-            sample_chars: 4000,
+            sample_chars: 1000,
         }
     }
 }
@@ -141,13 +141,52 @@ pub struct Outcome {
     pub pii: [u64; 4],
 }
 
+/// The words of the current text as byte ranges, kept while the text does not change.
+struct WordCache {
+    ranges: Option<Vec<(usize, usize)>>,
+    text_len: usize,
+}
+
+impl WordCache {
+    fn get<'t>(&mut self, text: &'t str, lang: Lang) -> Vec<&'t str> {
+        if self.text_len != text.len() {
+            self.ranges = None;
+        }
+        if let Some(r) = &self.ranges {
+            return r.iter().map(|&(a, b)| &text[a..b]).collect();
+        }
+        let mut words = Vec::new();
+        words_for(text, lang, &mut words);
+        let base = text.as_ptr() as usize;
+        self.ranges = Some(
+            words
+                .iter()
+                .map(|w| {
+                    let a = w.as_ptr() as usize - base;
+                    (a, a + w.len())
+                })
+                .collect(),
+        );
+        self.text_len = text.len();
+        words
+    }
+}
+
 /// Runs `doc` through `stages`.
 pub fn run_chain(mut doc: Document, stages: &[Stage]) -> Outcome {
     let mut trace = Vec::with_capacity(stages.len());
     let mut pii_counts = [0u64; 4];
+    let mut cache = WordCache {
+        ranges: None,
+        text_len: usize::MAX,
+    };
     for (i, stage) in stages.iter().enumerate() {
         let before = doc.text.len() as u64;
         let lang = Lang::from_code(doc.lang.as_deref());
+        if matches!(stage, Stage::Normalize | Stage::Language(_) | Stage::Pii(_)) {
+            // these may change the text, or the language that decides the splitter
+            cache.ranges = None;
+        }
         let verdict = match stage {
             Stage::Normalize => {
                 if let std::borrow::Cow::Owned(t) = normalize::clean(&doc.text) {
@@ -173,10 +212,16 @@ pub fn run_chain(mut doc: Document, stages: &[Stage]) -> Outcome {
                 }
                 None => Verdict::Drop("language_unknown"),
             },
-            Stage::GopherRepetition(f) => f.check(&doc.text, lang),
-            Stage::GopherQuality(f) => f.check(&doc.text, lang),
-            Stage::C4(f) => f.check(&mut doc.text, lang),
-            Stage::FineWeb(f) => f.check(&doc.text, lang),
+            Stage::GopherRepetition(f) => f.check_words(&doc.text, &cache.get(&doc.text, lang)),
+            Stage::GopherQuality(f) => f.check_words(&doc.text, &cache.get(&doc.text, lang), lang),
+            Stage::C4(f) => {
+                let v = f.check(&mut doc.text, lang);
+                if doc.text.len() as u64 != before {
+                    cache.ranges = None;
+                }
+                v
+            }
+            Stage::FineWeb(f) => f.check_words(&doc.text, &cache.get(&doc.text, lang), lang),
             Stage::Pii(cfg) => {
                 if let Some(t) = pii::redact(&doc.text, cfg, &mut pii_counts) {
                     doc.text = t;

@@ -148,28 +148,29 @@ fn is_alpha(c: char) -> bool {
     c.is_alphabetic()
 }
 
+fn abbreviations() -> &'static std::collections::HashSet<&'static str> {
+    static SET: OnceLock<std::collections::HashSet<&'static str>> = OnceLock::new();
+    SET.get_or_init(|| ABBREVIATIONS.iter().copied().collect())
+}
+
+/// Contraction endings split off an alphabetic base (`n't` first: `don't` → `do` `n't`).
+const CONTRACTIONS: [&str; 14] = [
+    "n't", "N'T", "n’t", "N’T", "'m", "'re", "'ve", "'ll", "'d", "’m", "’re", "’ve", "’ll", "’d",
+];
+
 /// Splits a special case into its pieces, if `s` is one.
 fn special(s: &str) -> Option<Vec<&str>> {
-    if ABBREVIATIONS.contains(&s) {
+    // every special case holds one of these characters
+    if !s.contains(['.', '\'', '’', ':', '<', '^']) {
+        return None;
+    }
+    if abbreviations().contains(s) {
         return Some(vec![s]);
     }
-    for apos in ["'", "’"] {
-        // `don't` → `do` `n't`; `can't` → `ca` `n't`
-        let nt = format!("n{apos}t");
-        if let Some(base) = s
-            .strip_suffix(nt.as_str())
-            .or_else(|| s.strip_suffix(nt.to_uppercase().as_str()))
-        {
+    for tail in CONTRACTIONS {
+        if let Some(base) = s.strip_suffix(tail) {
             if !base.is_empty() && base.chars().all(is_alpha) {
                 return Some(vec![base, &s[base.len()..]]);
-            }
-        }
-        for tail in ["m", "re", "ve", "ll", "d"] {
-            let suffix = format!("{apos}{tail}");
-            if let Some(base) = s.strip_suffix(suffix.as_str()) {
-                if !base.is_empty() && base.chars().all(is_alpha) {
-                    return Some(vec![base, &s[base.len()..]]);
-                }
             }
         }
     }
@@ -350,6 +351,11 @@ fn split_infixes<'a>(s: &'a str, out: &mut Vec<&'a str>) {
 
 /// Tokenizes one whitespace-free chunk the way spaCy's tokenizer does.
 fn tokenize_chunk<'a>(chunk: &'a str, out: &mut Vec<&'a str>) {
+    // Fast path: letters and digits only (most words) have no affixes, infixes or specials.
+    if chunk.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        out.push(chunk);
+        return;
+    }
     let mut s = chunk;
     let mut prefixes: Vec<&'a str> = Vec::new();
     let mut suffixes: Vec<&'a str> = Vec::new();

@@ -17,6 +17,8 @@ use rand::{Rng, SeedableRng};
 pub enum BenchCommand {
     /// Prefill and batch-1 decode speed of one model.
     Generate(GenerateBench),
+    /// The data pipeline (filters, MinHash, whole run) beside datatrove.
+    Data(super::bench_data::DataBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -53,6 +55,7 @@ pub struct GenerateBench {
 pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
     match cmd {
         BenchCommand::Generate(a) => bench_generate(a, threads),
+        BenchCommand::Data(a) => super::bench_data::bench_data(a, threads),
     }
 }
 

@@ -152,10 +152,14 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
     };
     let bar = std::sync::Mutex::new(None::<ProgressBar>);
     let start = std::time::Instant::now();
+    let phases = std::sync::Mutex::new(Vec::<(&'static str, std::time::Instant)>::new());
     let progress = |e: Event| {
         let Ok(mut slot) = bar.lock() else { return };
         match e {
             Event::Phase(name, total) => {
+                if let Ok(mut p) = phases.lock() {
+                    p.push((name, std::time::Instant::now()));
+                }
                 if let Some(b) = slot.take() {
                     b.finish();
                 }
@@ -210,8 +214,31 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
         m.tokens.validation_tokens,
         secs
     );
+    if let Ok(p) = phases.lock() {
+        let end = std::time::Instant::now();
+        let times: Vec<String> = p
+            .iter()
+            .enumerate()
+            .map(|(i, (name, t))| {
+                let next = p.get(i + 1).map_or(end, |x| x.1);
+                format!("{name} {:.1}s", (next - *t).as_secs_f64())
+            })
+            .collect();
+        println!("time: {}", times.join(", "));
+    }
     println!("manifest: {}", a.out.join("manifest.json").display());
+    if let Some(mb) = peak_memory_mb() {
+        println!("peak memory: {mb:.0} MB");
+    }
     Ok(())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`).
+fn peak_memory_mb() -> Option<f64> {
+    let status = fs_err::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn style(t: &str) -> ProgressStyle {

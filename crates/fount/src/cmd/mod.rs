@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_data;
 pub mod data;
 pub mod generate;
 pub mod model;
