@@ -4,4 +4,7 @@
 /// `fount model init` and `fount generate` from the command line.
 mod cli;
 
+/// `fount data` from the command line.
+mod data_cli;
+
 mod util;

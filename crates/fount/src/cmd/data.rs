@@ -19,6 +19,8 @@ pub enum DataCommand {
     Run(RunArgs),
     /// Summarise a run directory, and show dropped documents.
     Inspect(InspectArgs),
+    /// Print the built-in pipeline as TOML (a starting point for `--pipeline`).
+    Pipeline,
 }
 
 /// Arguments of `fount data run`.
@@ -48,9 +50,6 @@ pub struct RunArgs {
     /// Finish at most this many input files in this invocation; run again to continue.
     #[arg(long)]
     pub max_files: Option<usize>,
-    /// Print the built-in pipeline as TOML and exit.
-    #[arg(long, exclusive = true)]
-    pub print_default_pipeline: bool,
 }
 
 /// Arguments of `fount data inspect`.
@@ -118,15 +117,18 @@ pub fn run(cmd: DataCommand) -> Result<()> {
         }
         DataCommand::Run(a) => run_pipeline(a),
         DataCommand::Inspect(a) => inspect(a),
+        DataCommand::Pipeline => {
+            print!(
+                "{}",
+                fount_data::pipeline::PipelineConfig::default().to_toml()?
+            );
+            Ok(())
+        }
     }
 }
 
 fn run_pipeline(a: RunArgs) -> Result<()> {
     use fount_data::pipeline::{run, Event, PipelineConfig, RunOptions, TokenizerSource};
-    if a.print_default_pipeline {
-        print!("{}", PipelineConfig::default().to_toml()?);
-        return Ok(());
-    }
     let mut config = match &a.pipeline {
         Some(p) => PipelineConfig::from_file(p)?,
         None => PipelineConfig::default(),
