@@ -91,8 +91,9 @@ fn time_docs(files: &[PathBuf], f: impl Fn(&str) + Sync) -> Result<Figure> {
     Ok(fig)
 }
 
-/// Runs `fount data run` as a child process; returns its wall time and peak memory (MB).
-fn run_pipeline(inputs: &[PathBuf], out: &Path, threads: usize) -> Result<(f64, f64)> {
+/// Runs `fount data run` as a child process; returns its wall time, peak memory (MB) and the
+/// time it spent in each phase.
+fn run_pipeline(inputs: &[PathBuf], out: &Path, threads: usize) -> Result<(f64, f64, String)> {
     if out.exists() {
         fs_err::remove_dir_all(out)?;
     }
@@ -118,7 +119,12 @@ fn run_pipeline(inputs: &[PathBuf], out: &Path, threads: usize) -> Result<(f64, 
         .find_map(|l| l.strip_prefix("peak memory: "))
         .and_then(|l| l.trim_end_matches(" MB").parse::<f64>().ok())
         .unwrap_or(f64::NAN);
-    Ok((secs, peak))
+    let phases = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("time: "))
+        .unwrap_or_default()
+        .to_string();
+    Ok((secs, peak, phases))
 }
 
 /// Runs the benchmark.
@@ -158,8 +164,8 @@ pub fn bench_data(a: DataBench, threads: Option<usize>) -> Result<()> {
         std::hint::black_box(hasher.signature(t, Lang::Latin));
     })?;
     eprintln!("whole pipeline on one file, then on all {} …", files.len());
-    let (_, peak_small) = run_pipeline(&files[..1], &a.work.join("run-one-file"), cores)?;
-    let (secs, peak_full) = run_pipeline(&files, &a.work.join("run"), cores)?;
+    let (_, peak_small, _) = run_pipeline(&files[..1], &a.work.join("run-one-file"), cores)?;
+    let (secs, peak_full, phases) = run_pipeline(&files, &a.work.join("run"), cores)?;
     let pipeline = Figure {
         docs: filters.docs,
         bytes: filters.bytes,
@@ -226,6 +232,7 @@ pub fn bench_data(a: DataBench, threads: Option<usize>) -> Result<()> {
             None => println!("{name:<22} {d:>12.0} {m:>10.2}"),
         }
     }
+    println!("whole pipeline phases (wall): {phases}");
     println!(
         "peak memory of `fount data run`: {peak_small:.0} MB on one file ({:.0} MB), {peak_full:.0} MB on all ({:.0} MB)",
         fs_err::metadata(&files[0])?.len() as f64 / 1e6,

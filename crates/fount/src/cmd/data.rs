@@ -155,6 +155,7 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
     let bar = std::sync::Mutex::new(None::<ProgressBar>);
     let start = std::time::Instant::now();
     let phases = std::sync::Mutex::new(Vec::<(&'static str, std::time::Instant)>::new());
+    let filtered_docs = std::sync::atomic::AtomicU64::new(0);
     let progress = |e: Event| {
         let Ok(mut slot) = bar.lock() else { return };
         match e {
@@ -179,8 +180,10 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
                 if let Some(b) = slot.as_ref() {
                     if bytes > 0 && b.message() == "filter" {
                         b.inc(bytes);
-                        let n = b.prefix().parse::<u64>().unwrap_or(0) + docs;
-                        b.set_prefix(n.to_string());
+                        let n = filtered_docs.fetch_add(docs, std::sync::atomic::Ordering::Relaxed)
+                            + docs;
+                        let rate = n as f64 / b.elapsed().as_secs_f64().max(1e-3);
+                        b.set_prefix(format!("{n} docs {rate:.0} docs/s"));
                     } else {
                         b.inc(docs);
                     }
