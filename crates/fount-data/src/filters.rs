@@ -287,37 +287,19 @@ fn dup_reason(n: usize) -> &'static str {
     }
 }
 
-/// Splits on runs of two or more `\n` (`re.split(r"\n{2,}", ...)`).
-fn split_paragraphs(text: &str) -> Vec<&str> {
+/// Splits at every run of at least `min_run` newlines, dropping the run: `min_run = 2` is
+/// `re.split(r"\n{2,}", text)` (paragraphs), `1` is `re.split("\n+", text)` (lines).
+fn split_newline_runs(text: &str, min_run: usize) -> Vec<&str> {
     let mut out = Vec::new();
     let b = text.as_bytes();
     let (mut start, mut i) = (0, 0);
     while i < b.len() {
         if b[i] == b'\n' {
             let run = b[i..].iter().take_while(|&&x| x == b'\n').count();
-            if run >= 2 {
+            if run >= min_run {
                 out.push(&text[start..i]);
                 start = i + run;
             }
-            i += run;
-        } else {
-            i += 1;
-        }
-    }
-    out.push(&text[start..]);
-    out
-}
-
-/// Splits on runs of `\n` (`re.split("\n+", ...)`).
-fn split_lines_plus(text: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let b = text.as_bytes();
-    let (mut start, mut i) = (0, 0);
-    while i < b.len() {
-        if b[i] == b'\n' {
-            let run = b[i..].iter().take_while(|&&x| x == b'\n').count();
-            out.push(&text[start..i]);
-            start = i + run;
             i += run;
         } else {
             i += 1;
@@ -379,7 +361,7 @@ impl GopherRepetition {
             return Verdict::Drop("empty");
         }
         let len = py_len(text) as f64;
-        let paragraphs = split_paragraphs(py_strip(text));
+        let paragraphs = split_newline_runs(py_strip(text), 2);
         let (dup, chars) = find_duplicates(&paragraphs);
         if dup as f64 / paragraphs.len() as f64 > self.dup_para_frac {
             return Verdict::Drop("dup_para_frac");
@@ -387,7 +369,7 @@ impl GopherRepetition {
         if chars as f64 / len > self.dup_para_char_frac {
             return Verdict::Drop("dup_para_char_frac");
         }
-        let lines = split_lines_plus(text);
+        let lines = split_newline_runs(text, 1);
         let (dup, chars) = find_duplicates(&lines);
         if dup as f64 / lines.len() as f64 > self.dup_line_frac {
             return Verdict::Drop("dup_line_frac");
