@@ -515,8 +515,21 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
         cfg.dedup.minhash,
     )?;
 
-    // Phase 3: kept documents.
+    // Phase 3: kept documents. Outputs of an earlier run over other inputs go first, so that
+    // `kept/` and `dropped/` hold exactly this run's files.
     progress(Event::Phase("write kept", Some(total)));
+    remove_stale(&opts.out.join("kept"), |name| {
+        name.strip_prefix("part-")
+            .and_then(|r| r.strip_suffix(".jsonl.zst"))
+            .is_some_and(|n| part_number(n) >= parts.len())
+    })?;
+    remove_stale(&opts.out.join("dropped"), |name| {
+        let n = name
+            .strip_prefix("filter-")
+            .or_else(|| name.strip_prefix("dedup-"))
+            .and_then(|r| r.strip_suffix(".jsonl.zst"));
+        n.is_some_and(|n| part_number(n) >= parts.len()) || name.ends_with(".partial")
+    })?;
     let mut exact_stage = StageStats {
         name: "exact_dedup".into(),
         ..Default::default()
@@ -778,6 +791,25 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
     fs_err::write(&tmp, serde_json::to_vec_pretty(&manifest)?)?;
     fs_err::rename(&tmp, opts.out.join("manifest.json"))?;
     Ok(Some(manifest))
+}
+
+fn part_number(digits: &str) -> usize {
+    digits.parse().unwrap_or(usize::MAX)
+}
+
+/// Removes the files of `dir` whose names `stale` accepts.
+fn remove_stale(dir: &Path, stale: impl Fn(&str) -> bool) -> Result<()> {
+    for entry in fs_err::read_dir(dir)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(&stale)
+        {
+            fs_err::remove_file(path)?;
+        }
+    }
+    Ok(())
 }
 
 /// The texts of the kept files, streamed (unreadable lines are skipped: the pipeline wrote them).

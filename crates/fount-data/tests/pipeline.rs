@@ -218,6 +218,16 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     assert_eq!(skipped.into_inner(), 2, "finished files are not redone");
     assert_eq!(a.stages, b.stages);
     assert_eq!(a.outputs, b.outputs, "same bytes out");
+
+    // the same directory reused for fewer inputs holds only the new run's files
+    let one = input.join("part-00000.jsonl");
+    let mut o = options(&one, &parts);
+    o.config.tokenizer.vocab_size = 600;
+    let c = run(&o, &|_| {}).unwrap().unwrap();
+    let kept_files = std::fs::read_dir(parts.join("kept")).unwrap().count();
+    assert_eq!(kept_files, 1);
+    assert_eq!(std::fs::read_dir(parts.join("dropped")).unwrap().count(), 2);
+    assert_eq!(c.inputs.len(), 1);
 }
 
 #[test]
