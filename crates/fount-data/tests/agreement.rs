@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 
 use fount_data::dedup::cluster_in_memory;
+use fount_data::doc::Document;
 use fount_data::filters::{FineWeb, GopherQuality, GopherRepetition, Verdict, C4};
 use fount_data::minhash::MinHasher;
+use fount_data::stages::{run_chain, Stage};
 use fount_data::synth::{synth_corpus, SynthOptions};
 use fount_data::words::Lang;
 use serde_json::Value;
@@ -62,8 +64,24 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
-/// FineWeb's chain as the script runs it: the first rule that drops the document.
+/// FineWeb's chain as the script runs it, through the pipeline's own chain (words split once
+/// and shared): the first rule that drops the document.
 fn decide(text: &str) -> String {
+    let stages = [
+        Stage::GopherRepetition(GopherRepetition::default()),
+        Stage::GopherQuality(GopherQuality::default()),
+        Stage::C4(C4::default()),
+        Stage::FineWeb(FineWeb::default()),
+    ];
+    let out = run_chain(Document::new("", text), &stages);
+    match out.dropped {
+        Some((i, reason)) => format!("{}:{reason}", stages[i].name()),
+        None => "keep".into(),
+    }
+}
+
+/// The same decision from each rule's standalone `check`.
+fn decide_standalone(text: &str) -> String {
     let mut text = text.to_string();
     if let Verdict::Drop(r) = GopherRepetition::default().check(&text, Lang::Latin) {
         return format!("gopher_repetition:{r}");
@@ -87,6 +105,12 @@ fn filter_decisions_agree_with_datatrove() {
     let mut differ = Vec::new();
     for c in &cases {
         let got = decide(&c.text);
+        assert_eq!(
+            got,
+            decide_standalone(&c.text),
+            "{}: chain and standalone rules disagree",
+            c.id
+        );
         if got != c.decision {
             differ.push(format!("{}: fount {got}, datatrove {}", c.id, c.decision));
         }
