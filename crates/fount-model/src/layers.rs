@@ -10,6 +10,7 @@ use crate::batch::Batch;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kv::KvView;
+use crate::lora::{LoraBatch, Proj};
 use crate::matvec::SmallMatmul;
 use crate::rope;
 use crate::weights::Weights;
@@ -50,7 +51,14 @@ impl Linear {
     /// # Shapes
     /// - `x`: `(tokens, in)` → `(tokens, out)`
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let small = x.dim(0)? <= SMALL_ROWS
+        self.forward_mode(x, false)
+    }
+
+    /// [`Linear::forward`]; with `invariant`, every row is computed by the same per-row kernel
+    /// whatever the number of rows, so a row's result does not depend on what else is in the
+    /// batch (bit for bit). Without it, more than a few rows go to candle's matmul.
+    pub fn forward_mode(&self, x: &Tensor, invariant: bool) -> Result<Tensor> {
+        let small = (invariant || x.dim(0)? <= SMALL_ROWS)
             && x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
@@ -138,6 +146,33 @@ impl Mlp {
         let up = self.up_proj.forward(x)?;
         self.down_proj.forward(&(gate * up)?)
     }
+
+    /// [`Mlp::forward`] of layer `layer` with the adapters of `ctx`.
+    pub fn forward_ctx(&self, x: &Tensor, layer: usize, ctx: &LayerCtx) -> Result<Tensor> {
+        let gate = ctx.project(&self.gate_proj, x, layer, Proj::Gate)?.silu()?;
+        let up = ctx.project(&self.up_proj, x, layer, Proj::Up)?;
+        ctx.project(&self.down_proj, &(gate * up)?, layer, Proj::Down)
+    }
+}
+
+/// How a forward computes its projections: the LoRA adapters of each row range, and whether rows
+/// must not depend on the rest of the batch (see [`Linear::forward_mode`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerCtx<'a> {
+    /// Adapters per row range.
+    pub lora: &'a LoraBatch,
+    /// Batch-invariant kernels.
+    pub invariant: bool,
+}
+
+impl LayerCtx<'_> {
+    fn project(&self, linear: &Linear, x: &Tensor, layer: usize, proj: Proj) -> Result<Tensor> {
+        let y = linear.forward_mode(x, self.invariant)?;
+        if self.lora.is_empty() {
+            return Ok(y);
+        }
+        self.lora.apply(x, y, layer, proj, self.invariant)
+    }
 }
 
 /// Grouped-query self-attention (Ainslie et al., 2023) with RoPE, over the packed tokens of a
@@ -194,25 +229,43 @@ impl Attention {
         sin: &Tensor,
         kv: &mut dyn KvView,
     ) -> Result<Tensor> {
+        let none = LoraBatch::none();
+        let ctx = LayerCtx {
+            lora: &none,
+            invariant: false,
+        };
+        self.forward_ctx(x, batch, masks, cos, sin, kv, &ctx)
+    }
+
+    /// [`Attention::forward`] with the adapters and kernels of `ctx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_ctx(
+        &self,
+        x: &Tensor,
+        batch: &Batch,
+        masks: &[Option<Tensor>],
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &mut dyn KvView,
+        ctx: &LayerCtx,
+    ) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let groups = h / kvh;
+        let layer = self.layer;
         // Heads first: (heads, tokens, head_dim), so each sequence is a slice of dimension 1.
-        let q = self
-            .q_proj
-            .forward(x)?
+        let q = ctx
+            .project(&self.q_proj, x, layer, Proj::Q)?
             .reshape((n, h, d))?
             .transpose(0, 1)?
             .contiguous()?;
-        let k = self
-            .k_proj
-            .forward(x)?
+        let k = ctx
+            .project(&self.k_proj, x, layer, Proj::K)?
             .reshape((n, kvh, d))?
             .transpose(0, 1)?
             .contiguous()?;
-        let v = self
-            .v_proj
-            .forward(x)?
+        let v = ctx
+            .project(&self.v_proj, x, layer, Proj::V)?
             .reshape((n, kvh, d))?
             .transpose(0, 1)?;
         let q = rope::apply(&q, cos, sin)?;
@@ -231,7 +284,13 @@ impl Attention {
             // Query heads sharing a key/value head are stacked along the rows, so one batched
             // matmul per key/value head serves the whole group without copying keys.
             let q = q.reshape((kvh, groups * len, d))?;
-            let scores = (q.matmul(&keys.t()?)? * scale)?; // (kvh, groups·len, total)
+            let scores = if ctx.invariant {
+                (per_head(&q, &keys, |q, k| {
+                    Linear::from_weights(k, None).forward_mode(&q, true)
+                })? * scale)?
+            } else {
+                (q.matmul(&keys.t()?)? * scale)? // (kvh, groups·len, total)
+            };
             let scores = match masks.get(seq).and_then(Option::as_ref) {
                 Some(mask) => scores
                     .reshape((kvh, groups, len, total))?
@@ -240,15 +299,36 @@ impl Attention {
                 None => scores,
             };
             let probs = softmax_last_dim(&scores)?;
-            let out = probs.matmul(&values.contiguous()?)?; // (kvh, groups·len, d)
+            let out = if ctx.invariant {
+                let vt = values.transpose(1, 2)?.contiguous()?; // (kvh, d, total)
+                per_head(&probs.contiguous()?, &vt, |p, v| {
+                    Linear::from_weights(v, None).forward_mode(&p, true)
+                })?
+            } else {
+                probs.matmul(&values.contiguous()?)? // (kvh, groups·len, d)
+            };
             let out = out
                 .reshape((h, len, d))?
                 .transpose(0, 1)?
                 .reshape((len, h * d))?;
             outs.push(out);
         }
-        self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+        ctx.project(&self.o_proj, &Tensor::cat(&outs, 0)?, layer, Proj::O)
     }
+}
+
+/// Applies `f(a[i], b[i])` to each head `i` of `(heads, …)` tensors and stacks the results.
+fn per_head(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(Tensor, Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let heads = a.dim(0)?;
+    let mut outs = Vec::with_capacity(heads);
+    for i in 0..heads {
+        outs.push(f(a.get(i)?.contiguous()?, b.get(i)?.contiguous()?)?);
+    }
+    Ok(Tensor::stack(&outs, 0)?)
 }
 
 /// The additive mask of `len` new tokens at cache offset `past` over `total` keys: causal, and

@@ -13,7 +13,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
 use crate::kv::KvView;
-use crate::layers::{attention_mask, Attention, Linear, Mlp, RmsNorm};
+use crate::layers::{attention_mask, Attention, LayerCtx, Linear, Mlp, RmsNorm};
+use crate::lora::LoraBatch;
 use crate::moe::SparseMoe;
 use crate::rope::Rope;
 use crate::weights::Weights;
@@ -144,7 +145,29 @@ impl Model {
     /// - `batch.tokens`: `[N]`, `batch.positions`: `[N]`
     /// - logits: `(sequences, vocab)` or `(N, vocab)`, see [`Logits`]
     pub fn forward(&self, batch: &Batch, kv: &mut dyn KvView, logits: Logits) -> Result<Output> {
+        self.forward_lora(batch, kv, logits, &LoraBatch::none(), false)
+    }
+
+    /// [`Model::forward`] with LoRA adapters on row ranges of the batch. With `invariant`, every
+    /// token's result is independent of the rest of the batch, bit for bit (the engine's
+    /// guarantee that a request's output does not depend on who it shares a step with); it costs
+    /// prefill speed, since large row counts no longer go to the blocked matmul.
+    pub fn forward_lora(
+        &self,
+        batch: &Batch,
+        kv: &mut dyn KvView,
+        logits: Logits,
+        lora: &LoraBatch,
+        invariant: bool,
+    ) -> Result<Output> {
         batch.validate(self.config.vocab_size)?;
+        if let Some((range, _)) = lora.segments().iter().find(|(r, _)| r.end > batch.len()) {
+            return Err(Error::Batch(format!(
+                "adapter rows {range:?} outside the batch of {} tokens",
+                batch.len()
+            )));
+        }
+        let ctx = LayerCtx { lora, invariant };
         let max = self.config.max_position_embeddings;
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= max {
@@ -167,18 +190,20 @@ impl Model {
         };
         let mut x = self.embed_tokens.index_select(&tokens, 0)?; // (N, hidden)
         let mut router_logits = Vec::new();
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.input_layernorm.forward(&x)?;
             let masks = match (layer.self_attn.window(), &windowed) {
                 (Some(_), Some(w)) => w,
                 _ => &full,
             };
-            let h = layer.self_attn.forward(&h, batch, masks, &cos, &sin, kv)?;
+            let h = layer
+                .self_attn
+                .forward_ctx(&h, batch, masks, &cos, &sin, kv, &ctx)?;
             let x1 = (residual + h)?;
             let h = layer.post_attention_layernorm.forward(&x1)?;
             let h = match &layer.mlp {
-                FeedForward::Dense(mlp) => mlp.forward(&h)?,
+                FeedForward::Dense(mlp) => mlp.forward_ctx(&h, index, &ctx)?,
                 FeedForward::Sparse(moe) => {
                     let (h, r) = moe.forward(&h)?;
                     router_logits.push(r);
@@ -201,7 +226,10 @@ impl Model {
             }
         };
         let x = self.norm.forward(&x)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = self
+            .lm_head
+            .forward_mode(&x, invariant)?
+            .to_dtype(DType::F32)?;
         Ok(Output {
             logits,
             router_logits,

@@ -1,4 +1,5 @@
-#![allow(missing_docs)]
+// Tests fail by panicking: unwrapping here is the assertion.
+#![allow(missing_docs, clippy::unwrap_used)]
 
 //! Integration tests of fount-model against references produced by HF transformers.
 
@@ -8,6 +9,8 @@ mod chat;
 mod errors;
 /// `fount model init` writes directories that load and run.
 mod init;
+/// LoRA adapters match PEFT; batches mix adapters; batch-invariant mode.
+mod lora;
 /// Logits and greedy decoding match transformers on four architectures.
 mod parity;
 
