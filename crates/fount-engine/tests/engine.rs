@@ -1,0 +1,326 @@
+//! Continuous batching, paging, preemption, prefix caching, adapters, cancellation and `n`.
+
+use fount_engine::{EngineConfig, EngineError, Request};
+
+use crate::util::{collect, engine, prompt, wait_idle, write_adapter, Choice};
+
+fn small_config() -> EngineConfig {
+    EngineConfig {
+        block_size: 16,
+        kv_bytes: 64 << 20,
+        max_step_tokens: 64,
+        ..Default::default()
+    }
+}
+
+fn alone(cfg: &EngineConfig, adapters: &[(String, std::path::PathBuf)], req: &Request) -> Choice {
+    let e = engine(cfg.clone());
+    for (name, dir) in adapters {
+        e.adapters().register(name, dir.clone());
+    }
+    let mut s = e.submit(req.clone()).unwrap();
+    collect(&mut s, 1).remove(0)
+}
+
+#[test]
+fn sixty_four_requests_over_eight_adapters_match_their_solo_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters: Vec<(String, std::path::PathBuf)> = (0..8)
+        .map(|i| {
+            let d = tmp.path().join(format!("a{i}"));
+            write_adapter(&d, 4, 100 + i);
+            (format!("a{i}"), d)
+        })
+        .collect();
+    let cfg = small_config();
+    let reqs: Vec<Request> = (0..64)
+        .map(|i| {
+            let mut r = Request::greedy(prompt(5 + (i * 7) % 50, i as u64), 6 + i % 7);
+            r.adapter = if i % 9 == 8 {
+                None
+            } else {
+                Some(format!("a{}", i % 9))
+            };
+            r
+        })
+        .collect();
+    // the solo runs share one engine, one request at a time
+    let solo_engine = engine(cfg.clone());
+    for (name, dir) in &adapters {
+        solo_engine.adapters().register(name, dir.clone());
+    }
+    let solo: Vec<Choice> = reqs
+        .iter()
+        .map(|r| collect(&mut solo_engine.submit(r.clone()).unwrap(), 1).remove(0))
+        .collect();
+    let e = engine(cfg);
+    for (name, dir) in &adapters {
+        e.adapters().register(name, dir.clone());
+    }
+    let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let together: Vec<Choice> = streams
+        .iter_mut()
+        .map(|s| collect(s, 1).remove(0))
+        .collect();
+    for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i} differs in a batch");
+        assert!(!a.tokens.is_empty());
+    }
+    // adapters change the output
+    assert_ne!(solo[0].tokens, solo[8].tokens);
+    let m = wait_idle(&e);
+    assert_eq!((m.running, m.blocks_used, m.waiting), (0, 0, 0), "{m:?}");
+    assert_eq!(m.adapters_resident, 8);
+}
+
+#[test]
+fn preemption_completes_everything_with_the_same_outputs() {
+    let reqs: Vec<Request> = (0..12)
+        .map(|i| Request::greedy(prompt(30 + i, 50 + i as u64), 20))
+        .collect();
+    let roomy = small_config();
+    let baseline = engine(roomy);
+    let want: Vec<Choice> = reqs
+        .iter()
+        .map(|r| collect(&mut baseline.submit(r.clone()).unwrap(), 1).remove(0))
+        .collect();
+    // room for about two sequences at a time
+    let bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4; // layers · (k, v) · block · kv heads · head dim · f32
+    let tight = EngineConfig {
+        kv_bytes: 9 * bytes_per_block * 2,
+        ..small_config()
+    };
+    let e = engine(tight);
+    let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let got: Vec<Choice> = streams
+        .iter_mut()
+        .map(|s| collect(s, 1).remove(0))
+        .collect();
+    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}");
+    }
+    let m = wait_idle(&e);
+    assert!(
+        m.preemptions > 0,
+        "the budget should force preemption: {m:?}"
+    );
+    assert_eq!(m.blocks_used, 0);
+}
+
+#[test]
+fn prefix_cache_is_shared_only_within_salt_and_adapter_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_adapter(&tmp.path().join("x1"), 4, 1);
+    write_adapter(&tmp.path().join("x2"), 4, 2);
+    let e = engine(small_config());
+    e.adapters().register("x", tmp.path().join("x1"));
+    e.adapters().register("y", tmp.path().join("x1"));
+    let base = prompt(100, 7);
+    let run = |p: Vec<u32>, adapter: Option<&str>, salt: &str| {
+        let mut r = Request::greedy(p, 4);
+        r.adapter = adapter.map(String::from);
+        r.cache_salt = salt.into();
+        collect(&mut e.submit(r).unwrap(), 1).remove(0)
+    };
+    let first = run(base.clone(), None, "tenant-a");
+    assert_eq!(first.usage.cached_tokens, 0);
+    let mut shared = base[..96].to_vec();
+    shared.extend(prompt(20, 8));
+    let second = run(shared.clone(), None, "tenant-a");
+    assert_eq!(
+        second.usage.cached_tokens, 96,
+        "six full blocks of the shared prefix"
+    );
+    assert_eq!(second.usage.prompt_tokens, 116);
+    assert_eq!(
+        run(shared.clone(), None, "tenant-b").usage.cached_tokens,
+        0,
+        "another salt"
+    );
+    assert_eq!(
+        run(shared.clone(), Some("x"), "tenant-a")
+            .usage
+            .cached_tokens,
+        0,
+        "another adapter"
+    );
+    // the previous run cached its whole prompt and what it generated: 7 full blocks
+    assert_eq!(
+        run(shared.clone(), Some("x"), "tenant-a")
+            .usage
+            .cached_tokens,
+        112,
+        "same adapter"
+    );
+    assert_eq!(
+        run(shared.clone(), Some("y"), "tenant-a")
+            .usage
+            .cached_tokens,
+        0,
+        "same weights, another adapter name"
+    );
+    e.adapters().register("x", tmp.path().join("x2"));
+    assert_eq!(
+        run(shared.clone(), Some("x"), "tenant-a")
+            .usage
+            .cached_tokens,
+        0,
+        "another adapter version"
+    );
+    // a cached prefix gives the same tokens as computing it
+    let fresh = engine(small_config());
+    let mut r = Request::greedy(shared, 4);
+    r.cache_salt = "tenant-a".into();
+    assert_eq!(
+        collect(&mut fresh.submit(r).unwrap(), 1)[0].tokens,
+        second.tokens
+    );
+    assert!(e.metrics().prefix_hit_rate > 0.0);
+}
+
+#[test]
+fn replacing_an_adapter_does_not_touch_running_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (v1, v2) = (tmp.path().join("v1"), tmp.path().join("v2"));
+    write_adapter(&v1, 4, 11);
+    write_adapter(&v2, 4, 12);
+    let mut req = Request::greedy(prompt(20, 3), 30);
+    req.adapter = Some("m".into());
+    let cfg = small_config();
+    let want_v1 = alone(&cfg, &[("m".into(), v1.clone())], &req);
+    let want_v2 = alone(&cfg, &[("m".into(), v2.clone())], &req);
+    assert_ne!(want_v1.tokens, want_v2.tokens);
+
+    let e = engine(cfg);
+    e.adapters().register("m", v1);
+    let mut running = e.submit(req.clone()).unwrap();
+    // wait for the first token, then replace the adapter
+    let first = running.next_blocking().unwrap();
+    assert!(matches!(first, fount_engine::Event::Token { .. }));
+    e.adapters().register("m", v2);
+    let mut later = e.submit(req).unwrap();
+    let mut rest = collect(&mut running, 1).remove(0);
+    if let fount_engine::Event::Token { token, .. } = first {
+        rest.tokens.insert(0, token);
+    }
+    assert_eq!(
+        rest.tokens, want_v1.tokens,
+        "the running stream stays on version 1"
+    );
+    assert_eq!(
+        collect(&mut later, 1)[0].tokens,
+        want_v2.tokens,
+        "new requests use version 2"
+    );
+}
+
+#[test]
+fn cancelling_frees_blocks_and_n_shares_the_prompt() {
+    let e = engine(small_config());
+    let mut s = e.submit(Request::greedy(prompt(40, 9), 500)).unwrap();
+    for _ in 0..3 {
+        s.next_blocking().unwrap();
+    }
+    assert!(e.metrics().blocks_used > 0);
+    drop(s);
+    let m = wait_idle(&e);
+    assert_eq!((m.running, m.blocks_used), (0, 0), "{m:?}");
+
+    let mut r = Request::greedy(prompt(40, 10), 8);
+    r.n = 3;
+    r.sampling.temperature = 1.0;
+    r.sampling.seed = 5;
+    r.logprobs = Some(3);
+    let mut s = e.submit(r).unwrap();
+    let choices = collect(&mut s, 3);
+    assert_eq!(choices[0].usage.cached_tokens, 0);
+    for c in &choices[1..] {
+        assert_eq!(
+            c.usage.cached_tokens, 32,
+            "choices after the first reuse the prompt's full blocks"
+        );
+    }
+    assert!(choices.iter().all(|c| c.tokens.len() == 8));
+    assert!(
+        choices[0].tokens != choices[1].tokens || choices[1].tokens != choices[2].tokens,
+        "seeds differ per choice"
+    );
+}
+
+#[test]
+fn logprobs_and_stop_strings() {
+    let e = engine(small_config());
+    let mut r = Request::greedy(prompt(12, 21), 10);
+    r.logprobs = Some(2);
+    let mut s = e.submit(r.clone()).unwrap();
+    let mut seen = 0;
+    while let Some(ev) = s.next_blocking() {
+        if let fount_engine::Event::Token {
+            token,
+            logprob: Some(lp),
+            ..
+        } = ev
+        {
+            // greedy: the chosen token is the most likely one
+            assert_eq!(lp.top.len(), 2);
+            assert_eq!(lp.top[0].0, token);
+            assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6 && lp.logprob <= 0.0);
+            assert!(lp.top[0].1 >= lp.top[1].1);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 10);
+    // stop at a string taken from the unconstrained output
+    let full = collect(
+        &mut e.submit(Request::greedy(prompt(12, 21), 10)).unwrap(),
+        1,
+    )
+    .remove(0);
+    let chars: Vec<char> = full.text.chars().collect();
+    if chars.len() > 6 {
+        let stop: String = chars[3..6].iter().collect();
+        let mut r = Request::greedy(prompt(12, 21), 10);
+        r.stop = vec![stop.clone()];
+        let cut = collect(&mut e.submit(r).unwrap(), 1).remove(0);
+        assert!(
+            full.text.starts_with(&cut.text) && !cut.text.contains(&stop),
+            "{:?} / {:?}",
+            cut.text,
+            full.text
+        );
+        assert_eq!(cut.reason, Some(fount_engine::FinishReason::Stop));
+    }
+}
+
+#[test]
+fn bad_requests_are_refused_clearly() {
+    let e = engine(small_config());
+    let err = |r: Request| e.submit(r).unwrap_err().to_string();
+    assert!(err(Request::greedy(vec![], 4)).contains("empty"));
+    assert!(err(Request::greedy(vec![1, 99_999], 4)).contains("vocabulary"));
+    assert!(err(Request::greedy(prompt(5000, 1), 4)).contains("context"));
+    let mut r = Request::greedy(prompt(5, 1), 4);
+    r.n = 0;
+    assert!(err(r).contains("n must be"));
+    let mut r = Request::greedy(prompt(5, 1), 4);
+    r.adapter = Some("nope".into());
+    assert!(matches!(
+        e.submit(r).unwrap_err(),
+        EngineError::UnknownAdapter(_)
+    ));
+    let mut r = Request::greedy(prompt(5, 1), 4);
+    r.sampling.temperature = -1.0;
+    assert!(err(r).contains("temperature"));
+    // an adapter whose files are broken fails that request only
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("adapter_config.json"), "{}").unwrap();
+    e.adapters().register("broken", tmp.path());
+    let mut r = Request::greedy(prompt(5, 1), 4);
+    r.adapter = Some("broken".into());
+    let mut s = e.submit(r).unwrap();
+    assert!(
+        matches!(s.next_blocking(), Some(fount_engine::Event::Error(m)) if m.contains("broken"))
+    );
+    let ok = collect(&mut e.submit(Request::greedy(prompt(5, 1), 3)).unwrap(), 1);
+    assert_eq!(ok[0].tokens.len(), 3);
+}

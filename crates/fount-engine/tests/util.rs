@@ -1,0 +1,146 @@
+//! A tiny model with a tokenizer, PEFT-format adapters for it, and helpers to run requests.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use fount_engine::{Engine, EngineConfig, Event, FinishReason, Stream, Usage};
+use fount_model::init::{init_model, preset, InitOptions};
+use fount_model::{Arch, Config, Model, Proj, Tokenizer};
+use rand::{Rng, SeedableRng};
+
+/// The tiny Llama (written once per test binary).
+pub fn model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("fount-engine-tests-{}", std::process::id()));
+        if !d.join("model.safetensors").exists() {
+            let opts = InitOptions {
+                std: 0.2,
+                ..Default::default()
+            };
+            init_model(
+                Arch::Llama,
+                &preset(Arch::Llama, "tiny").unwrap(),
+                &opts,
+                &d,
+            )
+            .unwrap();
+        }
+        d
+    })
+}
+
+pub fn engine(cfg: EngineConfig) -> Engine {
+    let dir = model_dir();
+    let model = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    Engine::start(model, tok, Vec::new(), cfg).unwrap()
+}
+
+pub fn config() -> Config {
+    Model::load(model_dir(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .config()
+        .clone()
+}
+
+/// Writes a random rank-`r` adapter on every projection, in PEFT's format.
+pub fn write_adapter(dir: &Path, r: usize, seed: u64) {
+    let cfg = config();
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for proj in Proj::ALL {
+            let (inp, out) = proj.dims(&cfg);
+            let parent = if matches!(proj, Proj::Q | Proj::K | Proj::V | Proj::O) {
+                "self_attn"
+            } else {
+                "mlp"
+            };
+            let base = format!(
+                "base_model.model.model.layers.{layer}.{parent}.{}",
+                proj.module()
+            );
+            let mut t = |rows: usize, cols: usize| {
+                let v: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-0.3f32..0.3))
+                    .collect();
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            };
+            tensors.insert(format!("{base}.lora_A.weight"), t(r, inp));
+            tensors.insert(format!("{base}.lora_B.weight"), t(out, r));
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false, "fan_in_fan_out": false,
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}
+
+/// What one choice produced.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Choice {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub reason: Option<FinishReason>,
+    pub usage: Usage,
+}
+
+/// Reads a stream to the end.
+pub fn collect(stream: &mut Stream, n: usize) -> Vec<Choice> {
+    let mut out = vec![Choice::default(); n];
+    let mut done = 0;
+    while done < n {
+        match stream.next_blocking() {
+            Some(Event::Token {
+                choice,
+                token,
+                text,
+                ..
+            }) => {
+                out[choice].tokens.push(token);
+                out[choice].text.push_str(&text);
+            }
+            Some(Event::Finished {
+                choice,
+                reason,
+                text,
+                usage,
+            }) => {
+                out[choice].text.push_str(&text);
+                out[choice].reason = Some(reason);
+                out[choice].usage = usage;
+                done += 1;
+            }
+            Some(Event::Error(e)) => panic!("engine error: {e}"),
+            None => panic!("stream ended with {done} of {n} choices finished"),
+        }
+    }
+    out
+}
+
+/// A prompt of `len` token ids from `seed`.
+pub fn prompt(len: usize, seed: u64) -> Vec<u32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(3..500)).collect()
+}
+
+/// Waits until the engine has no running sequence and no blocks in use.
+pub fn wait_idle(e: &Engine) -> fount_engine::MetricsSnapshot {
+    let start = std::time::Instant::now();
+    loop {
+        let m = e.metrics();
+        if (m.running == 0 && m.blocks_used == 0 && m.waiting == 0)
+            || start.elapsed().as_secs() > 30
+        {
+            return m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
