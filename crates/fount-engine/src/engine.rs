@@ -600,6 +600,25 @@ impl Scheduler {
             for b in blocks {
                 self.blocks.release(b);
             }
+            // a sequence that has outgrown the whole pool can never run again: it ends here
+            if tokens.len().div_ceil(bs) + 1 > self.blocks.total() && self.running.is_empty() {
+                if let Some(p) = self.waiting.remove(i) {
+                    if let Some(mut s) = p.resume {
+                        let (text, _) = flush(&mut s, &self.tokenizer);
+                        let _ = s.tx.send(Event::Finished {
+                            choice: s.choice,
+                            reason: FinishReason::Length,
+                            text,
+                            usage: Usage {
+                                prompt_tokens: s.prompt_len,
+                                completion_tokens: s.generated,
+                                cached_tokens: s.cached_tokens,
+                            },
+                        });
+                    }
+                }
+                return Admit::Admitted;
+            }
             return Admit::NotYet;
         }
         let Some(p) = self.waiting.remove(i) else {

@@ -108,6 +108,24 @@ fn preemption_completes_everything_with_the_same_outputs() {
 }
 
 #[test]
+fn a_sequence_that_outgrows_the_pool_ends_with_length() {
+    let bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4;
+    let e = engine(EngineConfig {
+        kv_bytes: 4 * bytes_per_block,
+        ..small_config()
+    });
+    let mut s = e.submit(Request::greedy(prompt(20, 4), 200)).unwrap();
+    let c = collect(&mut s, 1).remove(0);
+    assert_eq!(c.reason, Some(fount_engine::FinishReason::Length));
+    assert!(
+        c.tokens.len() >= 20 && c.tokens.len() < 64,
+        "{}",
+        c.tokens.len()
+    );
+    assert_eq!(wait_idle(&e).blocks_used, 0);
+}
+
+#[test]
 fn prefix_cache_is_shared_only_within_salt_and_adapter_version() {
     let tmp = tempfile::tempdir().unwrap();
     write_adapter(&tmp.path().join("x1"), 4, 1);

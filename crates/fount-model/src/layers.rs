@@ -171,7 +171,7 @@ impl LayerCtx<'_> {
         if self.lora.is_empty() {
             return Ok(y);
         }
-        self.lora.apply(x, y, layer, proj, self.invariant)
+        self.lora.apply(x, y, layer, proj)
     }
 }
 

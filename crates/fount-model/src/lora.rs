@@ -18,7 +18,6 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layers::Linear;
 
 /// The projections LoRA can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -115,11 +114,11 @@ enum TargetModules {
     Pattern(String),
 }
 
-/// The low-rank pair of one projection: `A` `(r, in)` and `B` `(out, r)`, as linear layers.
+/// The low-rank pair of one projection: `A` `(r, in)` and `Bᵀ` `(r, out)`, both contiguous.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
-    a: Linear,
-    b: Linear,
+    a: Tensor,
+    bt: Tensor,
 }
 
 /// A loaded LoRA adapter.
@@ -261,8 +260,8 @@ impl LoraAdapter {
                 pairs.insert(
                     (layer, proj),
                     LoraPair {
-                        a: Linear::from_weights(a, None),
-                        b: Linear::from_weights(b, None),
+                        a: a.contiguous()?,
+                        bt: b.t()?.contiguous()?,
                     },
                 );
             }
@@ -291,21 +290,18 @@ impl LoraAdapter {
         self.pairs.contains_key(&(layer, proj))
     }
 
-    fn delta(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        proj: Proj,
-        invariant: bool,
-    ) -> Result<Option<Tensor>> {
+    fn delta(&self, x: &Tensor, layer: usize, proj: Proj) -> Result<Option<Tensor>> {
         let Some(p) = self.pairs.get(&(layer, proj)) else {
             return Ok(None);
         };
-        let xa = p.a.forward_mode(x, invariant)?;
-        let xab = p.b.forward_mode(&xa, invariant)?;
+        let xa = x.matmul(&p.a.t()?)?;
+        let xab = xa.matmul(&p.bt)?;
         Ok(Some((xab * self.scale)?))
     }
 }
+
+/// One adapter segment as the CPU kernel reads it: rows, rank, scale, `A` and `Bᵀ`.
+type Segment<'a> = (Range<usize>, usize, f32, &'a [f32], &'a [f32]);
 
 /// Which rows of a packed batch use which adapter: contiguous, non-overlapping row ranges (the
 /// engine groups sequences by adapter so that each adapter is one range). Rows outside every
@@ -343,16 +339,19 @@ impl LoraBatch {
     }
 
     /// `y + Σ_segments s · (x Aᵀ) Bᵀ` over the rows of each segment, for `proj` of `layer`.
-    pub(crate) fn apply(
-        &self,
-        x: &Tensor,
-        y: Tensor,
-        layer: usize,
-        proj: Proj,
-        invariant: bool,
-    ) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor, y: Tensor, layer: usize, proj: Proj) -> Result<Tensor> {
         if self.segments.iter().all(|(_, a)| !a.targets(layer, proj)) {
             return Ok(y);
+        }
+        let fast = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && y.dtype() == DType::F32
+            && !x.track_op()
+            && !y.track_op();
+        if fast {
+            if let Some(out) = self.apply_cpu(x, &y, layer, proj)? {
+                return Ok(out);
+            }
         }
         let n = x.dim(0)?;
         let out = y.dim(1)?;
@@ -367,7 +366,7 @@ impl LoraBatch {
                 )?);
             }
             let xs = x.narrow(0, range.start, range.len())?;
-            match adapter.delta(&xs, layer, proj, invariant)? {
+            match adapter.delta(&xs, layer, proj)? {
                 Some(d) => pieces.push(d.to_dtype(y.dtype())?),
                 None => pieces.push(Tensor::zeros((range.len(), out), y.dtype(), y.device())?),
             }
@@ -377,5 +376,67 @@ impl LoraBatch {
             pieces.push(Tensor::zeros((n - at, out), y.dtype(), y.device())?);
         }
         Ok((y + Tensor::cat(&pieces, 0)?)?)
+    }
+
+    /// The CPU kernel: per row, `xa = s · A x` (each element a [`dot`] as the base kernel
+    /// computes it), then `y += Σ_k xa_k · Bᵀ_k`. Rows run in parallel and each row's result
+    /// is independent of the others (batch-invariant). `None` when a weight is not f32 on the
+    /// CPU (the tensor path then runs).
+    fn apply_cpu(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        layer: usize,
+        proj: Proj,
+    ) -> Result<Option<Tensor>> {
+        use candle_core::{CpuStorage, Storage};
+        use rayon::prelude::*;
+        let (n, inp) = x.dims2()?;
+        let out = y.dim(1)?;
+        // hold the weights' storage while the rows read them
+        let mut guards = Vec::new();
+        for (range, adapter) in &self.segments {
+            if let Some(p) = adapter.pairs.get(&(layer, proj)) {
+                let (ga, la) = p.a.storage_and_layout();
+                let (gb, lb) = p.bt.storage_and_layout();
+                guards.push((
+                    range.clone(),
+                    adapter.rank,
+                    adapter.scale as f32,
+                    ga,
+                    la.start_offset(),
+                    gb,
+                    lb.start_offset(),
+                ));
+            }
+        }
+        let mut segs: Vec<Segment> = Vec::with_capacity(guards.len());
+        for (range, r, scale, ga, oa, gb, ob) in &guards {
+            let (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(bt))) =
+                (&**ga, &**gb)
+            else {
+                return Ok(None);
+            };
+            segs.push((
+                range.clone(),
+                *r,
+                *scale,
+                &a[*oa..*oa + r * inp],
+                &bt[*ob..*ob + r * out],
+            ));
+        }
+        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut yv = y.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        yv.par_chunks_mut(out).enumerate().for_each(|(row, yrow)| {
+            let Some((_, r, scale, a, bt)) = segs.iter().find(|s| s.0.contains(&row)) else {
+                return;
+            };
+            let xrow = &xv[row * inp..(row + 1) * inp];
+            for k in 0..*r {
+                let c = scale * crate::matvec::dot(&a[k * inp..(k + 1) * inp], xrow);
+                crate::matvec::axpy(c, &bt[k * out..(k + 1) * out], yrow);
+            }
+        });
+        Ok(Some(Tensor::from_vec(yv, (n, out), x.device())?))
     }
 }

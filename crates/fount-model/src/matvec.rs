@@ -73,7 +73,21 @@ impl CustomOp2 for SmallMatmul {
                     {
                         prefetch(ahead);
                     }
-                    for (r, d) in dst.iter_mut().enumerate() {
+                    // four rows at a time share each load of the weight row; every output is
+                    // accumulated exactly as `dot` accumulates it, so a row's result does not
+                    // depend on how many rows there are
+                    let mut r = 0;
+                    while r + 4 <= rows {
+                        let xs = [
+                            &x[r * k..(r + 1) * k],
+                            &x[(r + 1) * k..(r + 2) * k],
+                            &x[(r + 2) * k..(r + 3) * k],
+                            &x[(r + 3) * k..(r + 4) * k],
+                        ];
+                        dst[r..r + 4].copy_from_slice(&dot4(wrow, xs));
+                        r += 4;
+                    }
+                    for (r, d) in dst.iter_mut().enumerate().skip(r) {
                         *d = dot(wrow, &x[r * k..(r + 1) * k]);
                     }
                 }
@@ -96,7 +110,7 @@ impl CustomOp2 for SmallMatmul {
 /// Dot product with independent accumulators, so the compiler keeps several vector FMAs in
 /// flight.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -126,6 +140,106 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
+/// `y += c · x`, element-wise with fused multiply-adds.
+#[inline]
+pub(crate) fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            #[allow(unsafe_code)]
+            return unsafe { axpy_avx512(c, x, y) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            #[allow(unsafe_code)]
+            return unsafe { axpy_avx2(c, x, y) };
+        }
+    }
+    axpy_portable(c, x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn axpy_avx512(c: f32, x: &[f32], y: &mut [f32]) {
+    axpy_portable(c, x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn axpy_avx2(c: f32, x: &[f32], y: &mut [f32]) {
+    axpy_portable(c, x, y)
+}
+
+#[inline(always)]
+fn axpy_portable(c: f32, x: &[f32], y: &mut [f32]) {
+    for (yo, xi) in y.iter_mut().zip(x) {
+        *yo = c.mul_add(*xi, *yo);
+    }
+}
+
+/// `[dot(w, x[0]), …, dot(w, x[3])]`, bit for bit, loading each chunk of `w` once.
+#[inline]
+fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            #[allow(unsafe_code)]
+            return unsafe { dot4_avx512(w, x) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            #[allow(unsafe_code)]
+            return unsafe { dot4_avx2(w, x) };
+        }
+    }
+    dot4_portable(w, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn dot4_avx512(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    dot4_portable(w, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot4_avx2(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    dot4_portable(w, x)
+}
+
+#[inline(always)]
+fn dot4_portable(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    const LANES: usize = 32;
+    let (mut a0, mut a1, mut a2, mut a3) =
+        ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+    let cw = w.chunks_exact(LANES);
+    let full = w.len() - cw.remainder().len();
+    let chunks = cw
+        .zip(x[0].chunks_exact(LANES))
+        .zip(x[1].chunks_exact(LANES))
+        .zip(x[2].chunks_exact(LANES))
+        .zip(x[3].chunks_exact(LANES));
+    for ((((wc, x0), x1), x2), x3) in chunks {
+        for i in 0..LANES {
+            a0[i] = wc[i].mul_add(x0[i], a0[i]);
+            a1[i] = wc[i].mul_add(x1[i], a1[i]);
+            a2[i] = wc[i].mul_add(x2[i], a2[i]);
+            a3[i] = wc[i].mul_add(x3[i], a3[i]);
+        }
+    }
+    let tail = |xr: &[f32]| -> f32 { w[full..].iter().zip(&xr[full..]).map(|(a, b)| a * b).sum() };
+    [
+        a0.iter().sum::<f32>() + tail(x[0]),
+        a1.iter().sum::<f32>() + tail(x[1]),
+        a2.iter().sum::<f32>() + tail(x[2]),
+        a3.iter().sum::<f32>() + tail(x[3]),
+    ]
+}
+
 #[inline(always)]
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 32;
@@ -151,6 +265,29 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+
+    #[test]
+    fn a_row_does_not_depend_on_the_other_rows() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (11, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
+        let w = Tensor::randn(0f32, 1.0, (70, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
+        let all = x
+            .apply_op2_no_bwd(&w, &SmallMatmul)
+            .and_then(|t| t.to_vec2::<f32>())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (r, want) in all.iter().enumerate() {
+            let one = x
+                .narrow(0, r, 1)
+                .and_then(|t| t.apply_op2_no_bwd(&w, &SmallMatmul))
+                .and_then(|t| t.to_vec2::<f32>())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let same = one[0]
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "row {r} differs when computed alone");
+        }
+    }
 
     #[test]
     fn equals_the_general_matmul() {

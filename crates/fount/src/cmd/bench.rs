@@ -19,6 +19,8 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// The data pipeline (filters, MinHash, whole run) beside datatrove.
     Data(super::bench_data::DataBench),
+    /// The inference engine: streams, adapters, cold adapter loads.
+    Engine(super::bench_engine::EngineBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -56,6 +58,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
     match cmd {
         BenchCommand::Generate(a) => bench_generate(a, threads),
         BenchCommand::Data(a) => super::bench_data::bench_data(a, threads),
+        BenchCommand::Engine(a) => super::bench_engine::bench_engine(a, threads),
     }
 }
 

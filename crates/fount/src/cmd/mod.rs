@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_data;
+pub mod bench_engine;
 pub mod data;
 pub mod generate;
 pub mod model;
