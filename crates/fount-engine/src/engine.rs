@@ -214,6 +214,42 @@ struct Seq {
     order: u64,
 }
 
+/// What an admission policy sees of a waiting request.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// The request id ([`Stream::id`]).
+    pub id: u64,
+    /// The choice (0..n).
+    pub choice: usize,
+    /// When it was submitted.
+    pub arrival: Instant,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// The prefix-cache salt (the server's tenant key).
+    pub cache_salt: String,
+    /// The adapter it asks for.
+    pub adapter: Option<String>,
+    /// Whether it was running and was preempted.
+    pub preempted: bool,
+}
+
+/// Decides in which order waiting requests are offered free KV blocks and batch slots.
+pub trait Admission: Send {
+    /// Indices into `queue` (arrival order, preempted sequences first), in the order to try.
+    /// Indices left out wait for a later step.
+    fn order(&mut self, queue: &[Queued]) -> Vec<usize>;
+}
+
+/// First come, first served (preempted sequences first).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fcfs;
+
+impl Admission for Fcfs {
+    fn order(&mut self, queue: &[Queued]) -> Vec<usize> {
+        (0..queue.len()).collect()
+    }
+}
+
 enum Command {
     Submit(Box<Pending>),
 }
@@ -242,13 +278,24 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts the scheduler thread over `model`. `stop_ids` end generation unless a request
-    /// names its own.
+    /// Starts the scheduler thread over `model` with first-come-first-served admission.
+    /// `stop_ids` end generation unless a request names its own.
     pub fn start(
         model: Model,
         tokenizer: Tokenizer,
         stop_ids: Vec<u32>,
         cfg: EngineConfig,
+    ) -> Result<Engine> {
+        Engine::start_with(model, tokenizer, stop_ids, cfg, Box::new(Fcfs))
+    }
+
+    /// [`Engine::start`] with another admission policy (a weighted fair queue per tenant, …).
+    pub fn start_with(
+        model: Model,
+        tokenizer: Tokenizer,
+        stop_ids: Vec<u32>,
+        cfg: EngineConfig,
+        admission: Box<dyn Admission>,
     ) -> Result<Engine> {
         let mc = model.config().clone();
         let per_block = KvPool::bytes_per_block(
@@ -296,6 +343,7 @@ impl Engine {
             metrics: metrics.clone(),
             waiting_count: waiting.clone(),
             order: 0,
+            admission,
         };
         std::thread::Builder::new()
             .name("fount-scheduler".into())
@@ -429,6 +477,7 @@ struct Scheduler {
     metrics: Arc<Mutex<Metrics>>,
     waiting_count: Arc<Mutex<usize>>,
     order: u64,
+    admission: Box<dyn Admission>,
 }
 
 enum Admit {
@@ -515,19 +564,45 @@ impl Scheduler {
     }
 
     fn admit(&mut self) {
-        let mut i = 0;
-        while i < self.waiting.len() && self.running.len() < self.cfg.max_running {
+        let queue: Vec<Queued> = self
+            .waiting
+            .iter()
+            .map(|p| Queued {
+                id: p.id,
+                choice: p.choice,
+                arrival: p.arrival,
+                prompt_tokens: p.req.prompt.len(),
+                cache_salt: p.req.cache_salt.clone(),
+                adapter: p.req.adapter.clone(),
+                preempted: p.resume.is_some(),
+            })
+            .collect();
+        let order: Vec<(u64, usize)> = self
+            .admission
+            .order(&queue)
+            .into_iter()
+            .filter_map(|i| queue.get(i).map(|q| (q.id, q.choice)))
+            .collect();
+        for (id, choice) in order {
+            if self.running.len() >= self.cfg.max_running {
+                break;
+            }
+            let Some(i) = self
+                .waiting
+                .iter()
+                .position(|p| p.id == id && p.choice == choice)
+            else {
+                continue;
+            };
             match self.try_admit(i) {
                 Admit::Admitted => {}
                 Admit::NotYet => {
-                    // an earlier request that cannot start for lack of blocks holds the line;
-                    // ones waiting for an adapter or a sibling's prompt do not
+                    // a request that cannot start for lack of blocks holds the line; ones
+                    // waiting for an adapter or a sibling's prompt do not
                     let p = &self.waiting[i];
-                    let blocked_on_memory = p.choice == 0 && self.adapter_ready(p).is_some();
-                    if blocked_on_memory {
+                    if p.choice == 0 && self.adapter_ready(p).is_some() {
                         break;
                     }
-                    i += 1;
                 }
                 Admit::Failed(msg) => {
                     if let Some(p) = self.waiting.remove(i) {

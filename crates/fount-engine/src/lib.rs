@@ -26,6 +26,9 @@ mod error;
 mod metrics;
 pub mod paged;
 
-pub use engine::{Engine, EngineConfig, Event, FinishReason, Request, Stream, TokenLogprob, Usage};
+pub use engine::{
+    Admission, Engine, EngineConfig, Event, Fcfs, FinishReason, Queued, Request, Stream,
+    TokenLogprob, Usage,
+};
 pub use error::{EngineError, Result};
 pub use metrics::{Metrics, MetricsSnapshot};

@@ -107,6 +107,63 @@ fn preemption_completes_everything_with_the_same_outputs() {
     assert_eq!(m.blocks_used, 0);
 }
 
+/// Admits the shortest prompt first.
+struct ShortestFirst(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+impl fount_engine::Admission for ShortestFirst {
+    fn order(&mut self, queue: &[fount_engine::Queued]) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..queue.len()).collect();
+        idx.sort_by_key(|&i| queue[i].prompt_tokens);
+        if let Ok(mut seen) = self.0.lock() {
+            seen.extend(idx.iter().map(|&i| queue[i].prompt_tokens));
+        }
+        idx
+    }
+}
+
+#[test]
+fn admission_order_is_pluggable() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let dir = crate::util::model_dir();
+    let model =
+        fount_model::Model::load(dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let tok = fount_model::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let cfg = EngineConfig {
+        max_running: 1,
+        ..small_config()
+    };
+    let e = fount_engine::Engine::start_with(
+        model,
+        tok,
+        Vec::new(),
+        cfg,
+        Box::new(ShortestFirst(seen.clone())),
+    )
+    .unwrap();
+    // one sequence at a time: a long first request runs while the other two wait
+    let first = e.submit(Request::greedy(prompt(30, 30), 300)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let later: Vec<_> = [20usize, 10]
+        .iter()
+        .map(|&n| e.submit(Request::greedy(prompt(n, n as u64), 2)).unwrap())
+        .collect();
+    let handles: Vec<_> = std::iter::once(first)
+        .chain(later)
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                collect(&mut s, 1);
+                std::time::Instant::now()
+            })
+        })
+        .collect();
+    let done: Vec<std::time::Instant> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        done[2] < done[1],
+        "the shorter prompt, submitted last, is admitted first"
+    );
+    assert!(!seen.lock().unwrap().is_empty());
+}
+
 #[test]
 fn a_sequence_that_outgrows_the_pool_ends_with_length() {
     let bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4;
