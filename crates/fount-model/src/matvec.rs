@@ -73,23 +73,10 @@ impl CustomOp2 for SmallMatmul {
                     {
                         prefetch(ahead);
                     }
-                    // four rows at a time share each load of the weight row; every output is
+                    // four input rows share each load of the weight row; every output is
                     // accumulated exactly as `dot` accumulates it, so a row's result does not
                     // depend on how many rows there are
-                    let mut r = 0;
-                    while r + 4 <= rows {
-                        let xs = [
-                            &x[r * k..(r + 1) * k],
-                            &x[(r + 1) * k..(r + 2) * k],
-                            &x[(r + 2) * k..(r + 3) * k],
-                            &x[(r + 3) * k..(r + 4) * k],
-                        ];
-                        dst[r..r + 4].copy_from_slice(&dot4(wrow, xs));
-                        r += 4;
-                    }
-                    for (r, d) in dst.iter_mut().enumerate().skip(r) {
-                        *d = dot(wrow, &x[r * k..(r + 1) * k]);
-                    }
+                    row_dots(wrow, x, k, rows, dst);
                 }
             });
         let y = if rows == 1 {
@@ -138,6 +125,24 @@ fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
+}
+
+/// `dst[r] = dot(wrow, x_r)` for every row of `x` (`rows × k`), four rows per pass.
+fn row_dots(wrow: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
+    let mut r = 0;
+    while r + 4 <= rows {
+        let xs = [
+            &x[r * k..(r + 1) * k],
+            &x[(r + 1) * k..(r + 2) * k],
+            &x[(r + 2) * k..(r + 3) * k],
+            &x[(r + 3) * k..(r + 4) * k],
+        ];
+        dst[r..r + 4].copy_from_slice(&dot4(wrow, xs));
+        r += 4;
+    }
+    for (r, d) in dst.iter_mut().enumerate().take(rows).skip(r) {
+        *d = dot(wrow, &x[r * k..(r + 1) * k]);
+    }
 }
 
 /// `y += c · x`, element-wise with fused multiply-adds.
