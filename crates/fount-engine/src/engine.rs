@@ -792,12 +792,18 @@ impl Scheduler {
             .sort_by_key(|s| (s.tokens.len() - s.computed > 1, s.order));
         let mut budget = self.cfg.max_step_tokens.max(1);
         let mut plan: Vec<(u64, usize)> = Vec::new(); // (order, tokens this step)
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let s = &self.running[i];
+                                                      // a snapshot of the order: preemption below reorders `running`
+        let orders: Vec<u64> = self.running.iter().map(|s| s.order).collect();
+        for order in orders {
+            if budget == 0 {
+                break;
+            }
+            // preempted earlier in this loop
+            let Some(s) = self.running.iter().find(|s| s.order == order) else {
+                continue;
+            };
             let chunk = (s.tokens.len() - s.computed).min(budget);
             let need = (s.computed + chunk).div_ceil(bs);
-            let order = s.order;
             let mut ok = true;
             while self
                 .running
@@ -813,6 +819,9 @@ impl Scheduler {
                     }
                     None => {
                         let victim = self.preempt_newest();
+                        if let Some(&(_, c)) = plan.iter().find(|(o, _)| Some(*o) == victim) {
+                            budget += c;
+                        }
                         plan.retain(|(o, _)| Some(*o) != victim);
                         if victim == Some(order) || victim.is_none() {
                             ok = false;
@@ -825,11 +834,6 @@ impl Scheduler {
                 plan.push((order, chunk));
                 budget -= chunk;
             }
-            i = self
-                .running
-                .iter()
-                .position(|s| s.order == order)
-                .map_or(i, |p| p + 1);
         }
         if plan.is_empty() {
             return Ok(());

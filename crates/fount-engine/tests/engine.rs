@@ -75,31 +75,44 @@ fn sixty_four_requests_over_eight_adapters_match_their_solo_runs() {
 
 #[test]
 fn preemption_completes_everything_with_the_same_outputs() {
-    let reqs: Vec<Request> = (0..12)
-        .map(|i| Request::greedy(prompt(30 + i, 50 + i as u64), 20))
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters: Vec<(String, std::path::PathBuf)> = (0..3)
+        .map(|i| {
+            let d = tmp.path().join(format!("p{i}"));
+            write_adapter(&d, 2, 300 + i);
+            (format!("p{i}"), d)
+        })
         .collect();
-    let roomy = small_config();
-    let baseline = engine(roomy);
-    let want: Vec<Choice> = reqs
-        .iter()
-        .map(|r| collect(&mut baseline.submit(r.clone()).unwrap(), 1).remove(0))
+    let reqs: Vec<Request> = (0..16)
+        .map(|i| {
+            let mut r = Request::greedy(prompt(20 + 3 * i, 50 + i as u64), 12 + i % 9);
+            r.adapter = (i % 2 == 1).then(|| format!("p{}", i % 3));
+            r
+        })
         .collect();
+    let run = |cfg: EngineConfig| {
+        let e = engine(cfg);
+        for (name, dir) in &adapters {
+            e.adapters().register(name, dir.clone());
+        }
+        let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        let out: Vec<Choice> = streams
+            .iter_mut()
+            .map(|s| collect(s, 1).remove(0))
+            .collect();
+        (out, wait_idle(&e))
+    };
+    let (want, _) = run(small_config());
     // room for about two sequences at a time
     let bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4; // layers · (k, v) · block · kv heads · head dim · f32
-    let tight = EngineConfig {
+    let (got, m) = run(EngineConfig {
         kv_bytes: 9 * bytes_per_block * 2,
         ..small_config()
-    };
-    let e = engine(tight);
-    let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-    let got: Vec<Choice> = streams
-        .iter_mut()
-        .map(|s| collect(s, 1).remove(0))
-        .collect();
+    });
     for (i, (a, b)) in want.iter().zip(&got).enumerate() {
         assert_eq!(a.tokens, b.tokens, "request {i}");
+        assert_eq!(a.reason, b.reason, "request {i}");
     }
-    let m = wait_idle(&e);
     assert!(
         m.preemptions > 0,
         "the budget should force preemption: {m:?}"
