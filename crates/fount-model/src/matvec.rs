@@ -66,17 +66,27 @@ impl CustomOp2 for SmallMatmul {
             .enumerate()
             .for_each(|(c, block)| {
                 let first = c * CHUNK;
-                for (j, dst) in block.chunks_mut(rows).enumerate() {
-                    let wrow = &w[(first + j) * k..(first + j + 1) * k];
+                let nw = block.len() / rows;
+                let tiled = rows >= 4 && has_avx512();
+                let mut j = 0;
+                while j < nw {
+                    let w0 = &w[(first + j) * k..(first + j + 1) * k];
                     if let Some(ahead) =
                         w.get((first + j + PREFETCH_ROWS) * k..(first + j + PREFETCH_ROWS + 1) * k)
                     {
                         prefetch(ahead);
                     }
-                    // four input rows share each load of the weight row; every output is
-                    // accumulated exactly as `dot` accumulates it, so a row's result does not
-                    // depend on how many rows there are
-                    row_dots(wrow, x, k, rows, dst);
+                    // every output is accumulated exactly as `dot` accumulates it, so a row's
+                    // result does not depend on how many rows there are or how they are tiled
+                    if tiled && j + 1 < nw {
+                        let w1 = &w[(first + j + 1) * k..(first + j + 2) * k];
+                        let (d0, d1) = block[j * rows..(j + 2) * rows].split_at_mut(rows);
+                        pair_dots(w0, w1, x, k, rows, d0, d1);
+                        j += 2;
+                    } else {
+                        row_dots(w0, x, k, rows, &mut block[j * rows..(j + 1) * rows]);
+                        j += 1;
+                    }
                 }
             });
         let y = if rows == 1 {
@@ -143,6 +153,117 @@ fn row_dots(wrow: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     for (r, d) in dst.iter_mut().enumerate().take(rows).skip(r) {
         *d = dot(wrow, &x[r * k..(r + 1) * k]);
     }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `d0[r] = dot(w0, x_r)` and `d1[r] = dot(w1, x_r)` for every row, two weight rows and four
+/// input rows per pass of the AVX-512 tile. Only called when AVX-512F is present.
+#[allow(clippy::too_many_arguments)]
+fn pair_dots(
+    w0: &[f32],
+    w1: &[f32],
+    x: &[f32],
+    k: usize,
+    rows: usize,
+    d0: &mut [f32],
+    d1: &mut [f32],
+) {
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    while r + 4 <= rows {
+        let xs = [
+            &x[r * k..(r + 1) * k],
+            &x[(r + 1) * k..(r + 2) * k],
+            &x[(r + 2) * k..(r + 3) * k],
+            &x[(r + 3) * k..(r + 4) * k],
+        ];
+        // SAFETY: callers check AVX-512F (`has_avx512`) before choosing this path.
+        #[allow(unsafe_code)]
+        let [a, b] = unsafe { tile_2x4_avx512(w0, w1, xs) };
+        d0[r..r + 4].copy_from_slice(&a);
+        d1[r..r + 4].copy_from_slice(&b);
+        r += 4;
+    }
+    for r in r..rows {
+        let xr = &x[r * k..(r + 1) * k];
+        d0[r] = dot(w0, xr);
+        d1[r] = dot(w1, xr);
+    }
+}
+
+/// The 2 × 4 tile: 16 accumulator registers, each pair `(w, x)` accumulated in the 32 lanes and
+/// chunk order of [`dot_portable`], then reduced the same way, so the results are bit-identical.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn tile_2x4_avx512(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::{
+        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    const LANES: usize = 32;
+    let k = w0.len();
+    assert!(
+        w1.len() == k && x.iter().all(|r| r.len() == k),
+        "tile operands differ in length"
+    );
+    let full = k / LANES * LANES;
+    let z = _mm512_setzero_ps();
+    let mut a: [[__m512; 2]; 4] = [[z; 2]; 4];
+    let mut b: [[__m512; 2]; 4] = [[z; 2]; 4];
+    let mut at = 0;
+    while at < full {
+        // SAFETY: `at + 32 <= full <= k`, the length of every operand (asserted above).
+        #[allow(unsafe_code)]
+        let (u0, u1, v0, v1) = unsafe {
+            (
+                _mm512_loadu_ps(w0.as_ptr().add(at)),
+                _mm512_loadu_ps(w0.as_ptr().add(at + 16)),
+                _mm512_loadu_ps(w1.as_ptr().add(at)),
+                _mm512_loadu_ps(w1.as_ptr().add(at + 16)),
+            )
+        };
+        for r in 0..4 {
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            let (x0, x1) = unsafe {
+                (
+                    _mm512_loadu_ps(x[r].as_ptr().add(at)),
+                    _mm512_loadu_ps(x[r].as_ptr().add(at + 16)),
+                )
+            };
+            a[r][0] = _mm512_fmadd_ps(u0, x0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(u1, x1, a[r][1]);
+            b[r][0] = _mm512_fmadd_ps(v0, x0, b[r][0]);
+            b[r][1] = _mm512_fmadd_ps(v1, x1, b[r][1]);
+        }
+        at += LANES;
+    }
+    let reduce = |acc: [__m512; 2], w: &[f32], xr: &[f32]| -> f32 {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: `lanes` holds 32 floats, two stores of 16.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[1]);
+        }
+        let tail: f32 = w[full..].iter().zip(&xr[full..]).map(|(p, q)| p * q).sum();
+        lanes.iter().sum::<f32>() + tail
+    };
+    let mut out = [[0f32; 4]; 2];
+    for r in 0..4 {
+        out[0][r] = reduce(a[r], w0, x[r]);
+        out[1][r] = reduce(b[r], w1, x[r]);
+    }
+    out
 }
 
 /// `y += c · x`, element-wise with fused multiply-adds.
@@ -274,6 +395,7 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_the_other_rows() {
         let dev = Device::Cpu;
+        // 100 = three chunks of 32 and a tail of 4; 11 rows = two tiles of 4 and 3 left over
         let x = Tensor::randn(0f32, 1.0, (11, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
         let w = Tensor::randn(0f32, 1.0, (70, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
         let all = x
