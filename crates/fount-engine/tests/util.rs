@@ -1,13 +1,12 @@
 //! A tiny model with a tokenizer, PEFT-format adapters for it, and helpers to run requests.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use fount_engine::{Engine, EngineConfig, Event, FinishReason, Stream, Usage};
 use fount_model::init::{init_model, preset, InitOptions};
-use fount_model::{Arch, Config, Model, Proj, Tokenizer};
+use fount_model::{Arch, Config, Model, Tokenizer};
 use rand::{Rng, SeedableRng};
 
 /// The tiny Llama (written once per test binary).
@@ -48,39 +47,7 @@ pub fn config() -> Config {
 
 /// Writes a random rank-`r` adapter on every projection, in PEFT's format.
 pub fn write_adapter(dir: &Path, r: usize, seed: u64) {
-    let cfg = config();
-    std::fs::create_dir_all(dir).unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut tensors = HashMap::new();
-    for layer in 0..cfg.num_hidden_layers {
-        for proj in Proj::ALL {
-            let (inp, out) = proj.dims(&cfg);
-            let parent = if matches!(proj, Proj::Q | Proj::K | Proj::V | Proj::O) {
-                "self_attn"
-            } else {
-                "mlp"
-            };
-            let base = format!(
-                "base_model.model.model.layers.{layer}.{parent}.{}",
-                proj.module()
-            );
-            let mut t = |rows: usize, cols: usize| {
-                let v: Vec<f32> = (0..rows * cols)
-                    .map(|_| rng.random_range(-0.3f32..0.3))
-                    .collect();
-                Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-            };
-            tensors.insert(format!("{base}.lora_A.weight"), t(r, inp));
-            tensors.insert(format!("{base}.lora_B.weight"), t(out, r));
-        }
-    }
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
-    let config = serde_json::json!({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false, "fan_in_fan_out": false,
-    });
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    fount_model::init::init_lora(&config(), r, 0.3, seed, dir).unwrap();
 }
 
 /// What one choice produced.

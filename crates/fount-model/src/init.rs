@@ -544,3 +544,50 @@ pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     fs_err::write(path, text + "\n")?;
     Ok(())
 }
+
+/// Writes a random rank-`rank` LoRA adapter for a model of `cfg` to `out`, in PEFT's format, on
+/// all seven projections, with `lora_alpha = 2 · rank` and weights uniform in `±scale` (seeded).
+/// For tests, benchmarks and demos of adapter serving.
+pub fn init_lora(
+    cfg: &crate::Config,
+    rank: usize,
+    scale: f32,
+    seed: u64,
+    out: &Path,
+) -> Result<()> {
+    use crate::lora::Proj;
+    fs_err::create_dir_all(out)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for proj in Proj::ALL {
+            let (inp, outp) = proj.dims(cfg);
+            let parent = if matches!(proj, Proj::Q | Proj::K | Proj::V | Proj::O) {
+                "self_attn"
+            } else {
+                "mlp"
+            };
+            let base = format!(
+                "base_model.model.model.layers.{layer}.{parent}.{}",
+                proj.module()
+            );
+            for (name, rows, cols) in [("lora_A", rank, inp), ("lora_B", outp, rank)] {
+                let v: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-scale..scale))
+                    .collect();
+                tensors.insert(
+                    format!("{base}.{name}.weight"),
+                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?,
+                );
+            }
+        }
+    }
+    candle_core::safetensors::save(&tensors, out.join("adapter_model.safetensors"))?;
+    let config = json!({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": Proj::ALL.iter().map(|p| p.module()).collect::<Vec<_>>(),
+        "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false, "fan_in_fan_out": false,
+    });
+    fs_err::write(out.join("adapter_config.json"), config.to_string())?;
+    Ok(())
+}

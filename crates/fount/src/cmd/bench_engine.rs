@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use clap::Args;
 use fount_engine::{Engine, EngineConfig, Event, Request};
-use fount_model::init::{init_model, preset, InitOptions};
-use fount_model::{Arch, Config, Model, Proj, Tokenizer};
+use fount_model::init::{init_lora, init_model, preset, InitOptions};
+use fount_model::{Arch, Config, Model, Tokenizer};
 use rand::{Rng, SeedableRng};
 
 /// Arguments of `fount bench engine`.
@@ -131,44 +131,11 @@ fn requests(
         .collect()
 }
 
-/// Writes a random rank-`r` PEFT adapter on every projection of `cfg`.
+/// Writes a random rank-`r` PEFT adapter on every projection of `cfg` (once).
 fn write_adapter(dir: &Path, cfg: &Config, r: usize, seed: u64) -> Result<()> {
-    if dir.join("adapter_model.safetensors").exists() {
-        return Ok(());
+    if !dir.join("adapter_model.safetensors").exists() {
+        init_lora(cfg, r, 0.02, seed, dir)?;
     }
-    fs_err::create_dir_all(dir)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut tensors = HashMap::new();
-    for layer in 0..cfg.num_hidden_layers {
-        for proj in Proj::ALL {
-            let (inp, out) = proj.dims(cfg);
-            let parent = if matches!(proj, Proj::Q | Proj::K | Proj::V | Proj::O) {
-                "self_attn"
-            } else {
-                "mlp"
-            };
-            let base = format!(
-                "base_model.model.model.layers.{layer}.{parent}.{}",
-                proj.module()
-            );
-            for (name, rows, cols) in [("lora_A", r, inp), ("lora_B", out, r)] {
-                let v: Vec<f32> = (0..rows * cols)
-                    .map(|_| rng.random_range(-0.02f32..0.02))
-                    .collect();
-                tensors.insert(
-                    format!("{base}.{name}.weight"),
-                    Tensor::from_vec(v, (rows, cols), &Device::Cpu)?,
-                );
-            }
-        }
-    }
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
-    let config = serde_json::json!({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "task_type": "CAUSAL_LM",
-    });
-    fs_err::write(dir.join("adapter_config.json"), config.to_string())?;
     Ok(())
 }
 
