@@ -699,6 +699,15 @@ impl Scheduler {
         let Some(p) = self.waiting.remove(i) else {
             return Admit::NotYet;
         };
+        if p.choice > 0
+            && !self
+                .waiting
+                .iter()
+                .any(|q| q.id == p.id && q.resume.is_none())
+        {
+            // the last sibling is in: nothing waits on this request's prompt any more
+            self.prefilled.remove(&p.id);
+        }
         let computed = blocks.len() * bs;
         self.order += 1;
         let seq = match p.resume {
@@ -907,7 +916,7 @@ impl Scheduler {
             if s.computed < s.tokens.len() {
                 continue; // mid-prefill
             }
-            if s.computed == s.prompt_len && s.choice == 0 {
+            if s.computed == s.prompt_len && s.choice == 0 && s.req.n > 1 {
                 self.prefilled.insert(s.id);
             }
             let mut row_logits = logits[row].clone();
