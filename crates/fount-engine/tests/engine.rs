@@ -71,6 +71,13 @@ fn sixty_four_requests_over_eight_adapters_match_their_solo_runs() {
     let m = wait_idle(&e);
     assert_eq!((m.running, m.blocks_used, m.waiting), (0, 0, 0), "{m:?}");
     assert_eq!(m.adapters_resident, 8);
+    assert!(m.adapter_bytes > 0);
+    let generated: usize = together.iter().map(|c| c.tokens.len()).sum();
+    assert_eq!(m.generated_tokens as usize, generated);
+    assert!(m.steps > 0 && m.tokens_per_second > 0.0);
+    assert!(m.ttft_p50 > std::time::Duration::ZERO && m.ttft_p99 >= m.ttft_p50);
+    assert!(m.itl_p50 > std::time::Duration::ZERO && m.itl_p99 >= m.itl_p50);
+    assert_eq!(m.blocks_free, e.kv_blocks());
 }
 
 #[test]
