@@ -238,6 +238,16 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes `text` to stdout; a reader that went away (`fount data inspect … | head`) is not an
+/// error.
+fn print_all(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 /// Peak resident memory of this process (Linux `VmHWM`).
 fn peak_memory_mb() -> Option<f64> {
     let status = fs_err::read_to_string("/proc/self/status").ok()?;
@@ -251,24 +261,29 @@ fn style(t: &str) -> ProgressStyle {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let m = fount_data::pipeline::load_manifest(&a.dir)?;
     let docs_in: u64 = m.inputs.iter().map(|i| i.records).sum();
     let bytes_in: u64 = m.inputs.iter().map(|i| i.bytes).sum();
-    println!(
+    writeln!(
+        out,
         "{} input file(s), {docs_in} records, {:.1} MB",
         m.inputs.len(),
         bytes_in as f64 / 1e6
-    );
-    println!();
-    println!(
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<18} {:>9} {:>9} {:>11} {:>11}  drops",
         "stage", "docs in", "docs out", "MB in", "MB out"
-    );
+    )?;
     for s in &m.stages {
         let mut drops: Vec<_> = s.dropped.iter().collect();
         drops.sort_by(|a, b| b.1.cmp(a.1));
         let drops: Vec<String> = drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!(
+        writeln!(
+            out,
             "{:<18} {:>9} {:>9} {:>11.2} {:>11.2}  {}",
             s.name,
             s.docs_in,
@@ -276,26 +291,28 @@ fn inspect(a: InspectArgs) -> Result<()> {
             s.bytes_in as f64 / 1e6,
             s.bytes_out as f64 / 1e6,
             drops.join(", ")
-        );
+        )?;
     }
-    println!();
+    writeln!(out)?;
     let kept: Vec<String> = m
         .kept_by_language
         .iter()
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
-    println!("kept by language: {}", kept.join(", "));
+    writeln!(out, "kept by language: {}", kept.join(", "))?;
     for (lang, reasons) in &m.drops_by_language {
         let total: u64 = reasons.values().sum();
-        println!("dropped ({lang}): {total}");
+        writeln!(out, "dropped ({lang}): {total}")?;
     }
     let pii: Vec<String> = m.pii.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("PII redacted: {}", pii.join(", "));
-    println!(
+    writeln!(out, "PII redacted: {}", pii.join(", "))?;
+    writeln!(
+        out,
         "dedup: {} candidates, {} exact and {} near duplicates removed, {} clusters",
         m.dedup.candidates, m.dedup.exact_duplicates, m.dedup.near_duplicates, m.dedup.clusters
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "tokenizer: {} ({} entries, EOS {}); tokens: train {} in {} docs, validation {} in {} docs",
         if m.tokenizer.trained {
             "trained"
@@ -308,28 +325,29 @@ fn inspect(a: InspectArgs) -> Result<()> {
         m.tokens.train_docs,
         m.tokens.validation_tokens,
         m.tokens.validation_docs
-    );
+    )?;
     if let Some(reason) = &a.reason {
-        println!();
+        writeln!(out)?;
         let docs = fount_data::pipeline::dropped_docs(&a.dir, Some(reason), a.show)?;
         if docs.is_empty() {
-            println!("no dropped documents with reason {reason:?}");
+            writeln!(out, "no dropped documents with reason {reason:?}")?;
         }
         for d in docs {
             let id = d.get("id").and_then(|v| v.as_str()).unwrap_or("?");
             let stage = d.get("stage").and_then(|v| v.as_str()).unwrap_or("?");
             let text = d.get("text").and_then(|v| v.as_str()).unwrap_or("");
             let short: String = text.chars().take(400).collect();
-            println!("--- {id} ({stage}: {reason})");
-            println!(
+            writeln!(out, "--- {id} ({stage}: {reason})")?;
+            writeln!(
+                out,
                 "{short}{}",
                 if text.chars().count() > 400 {
                     " …"
                 } else {
                     ""
                 }
-            );
+            )?;
         }
     }
-    Ok(())
+    print_all(&out)
 }
