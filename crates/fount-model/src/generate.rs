@@ -32,6 +32,8 @@ pub struct GenerateOptions {
     pub stop_strings: Vec<String>,
     /// How to choose tokens.
     pub sampling: SamplingParams,
+    /// A LoRA adapter applied to every token (PEFT format, [`crate::LoraAdapter::load`]).
+    pub adapter: Option<std::sync::Arc<crate::LoraAdapter>>,
 }
 
 /// What a generation produced, with its timings.
@@ -88,7 +90,14 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     let mut stopped_by_string = false;
     while tokens.len() < budget {
-        let out = model.forward(&batch, &mut cache, Logits::Last)?;
+        let out = match &opts.adapter {
+            None => model.forward(&batch, &mut cache, Logits::Last)?,
+            Some(a) => {
+                let mut lora = crate::LoraBatch::none();
+                lora.push(0..batch.len(), a.clone());
+                model.forward_lora(&batch, &mut cache, Logits::Last, &lora, false)?
+            }
+        };
         let mut logits = out.logits.squeeze(0)?.to_vec1::<f32>()?;
         let next = sampler.sample(&mut logits, &history);
         if tokens.is_empty() {

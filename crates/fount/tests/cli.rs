@@ -145,3 +145,38 @@ fn chat_needs_a_template() {
     ]);
     assert!(err.contains("chat template"), "{err}");
 }
+
+#[test]
+fn generate_with_an_adapter() {
+    let dir = tmp();
+    let m = dir.path().join("m");
+    tiny_model("llama", &m);
+    let cfg = fount_model::Model::load(&m, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .config()
+        .clone();
+    let adapter = dir.path().join("adapter");
+    fount_model::init::init_lora(&cfg, 4, 0.5, 7, &adapter).unwrap_or_else(|e| panic!("{e}"));
+    let ms = m.display().to_string();
+    let ad = adapter.display().to_string();
+    let base = [
+        "generate",
+        "--model",
+        &ms,
+        "--prompt",
+        "The",
+        "--max-tokens",
+        "16",
+    ];
+    let (plain, _) = fount_ok(&base);
+    let mut with = base.to_vec();
+    with.extend(["--adapter", &ad]);
+    let (adapted, _) = fount_ok(&with);
+    assert_ne!(plain, adapted, "the adapter changes the output");
+    assert_eq!(adapted, fount_ok(&with).0, "greedy is deterministic");
+    let missing = dir.path().join("nope").display().to_string();
+    let mut bad = base.to_vec();
+    bad.extend(["--adapter", &missing]);
+    let err = fount_err(&bad);
+    assert!(err.contains("adapter") && err.contains("nope"), "{err}");
+}

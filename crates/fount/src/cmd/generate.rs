@@ -16,6 +16,9 @@ pub struct GenerateArgs {
     /// Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply to the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -84,6 +87,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let prompt = tokenizer.encode(&text, !a.chat)?;
     let model = Model::load(&a.model, super::parse_dtype(&a.dtype)?, &Device::Cpu)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    let adapter = match &a.adapter {
+        None => None,
+        Some(dir) => Some(std::sync::Arc::new(
+            fount_model::LoraAdapter::load(dir, model.config(), model.dtype(), model.device())
+                .with_context(|| format!("loading the adapter {}", dir.display()))?,
+        )),
+    };
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         stop_ids: files.generation_config()?.eos_token_ids,
@@ -99,6 +109,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             seed: a.seed,
             ..Default::default()
         },
+        adapter,
     };
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
