@@ -9,11 +9,12 @@ use fount_model::init::{init_model, preset, InitOptions};
 use fount_model::{Arch, Config, Model, Tokenizer};
 use rand::{Rng, SeedableRng};
 
-/// The tiny Llama (written once per test binary).
+/// The tiny Llama (written once per test run).
 pub fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("fount-engine-tests-{}", std::process::id()));
+        // under target/, where cargo keeps integration-test scratch space
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fount-engine-tiny-{}", std::process::id()));
         if !d.join("model.safetensors").exists() {
             let opts = InitOptions {
                 std: 0.2,
