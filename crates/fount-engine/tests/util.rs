@@ -14,7 +14,8 @@ pub fn model_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         // under target/, where cargo keeps integration-test scratch space
-        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fount-engine-tiny-{}", std::process::id()));
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("fount-engine-tiny-{}", std::process::id()));
         if !d.join("model.safetensors").exists() {
             let opts = InitOptions {
                 std: 0.2,

@@ -14,6 +14,11 @@ pub(crate) struct SmallMatmul;
 
 const CHUNK: usize = 64;
 
+/// From this many input rows on, groups of four input rows go on the outside of the loop
+/// ([`tiled_block`]): compute-bound shapes, where keeping the inputs in L1 pays; below it the
+/// weights stream from memory once, prefetched, two rows at a time.
+const TILE_ROWS: usize = 16;
+
 /// How many weight rows ahead of the one being multiplied are prefetched.
 const PREFETCH_ROWS: usize = 4;
 
@@ -67,7 +72,13 @@ impl CustomOp2 for SmallMatmul {
             .for_each(|(c, block)| {
                 let first = c * CHUNK;
                 let nw = block.len() / rows;
-                let tiled = rows >= 4 && has_avx512();
+                let avx512 = has_avx512();
+                if rows >= TILE_ROWS && avx512 {
+                    tiled_block(&w[first * k..(first + nw) * k], x, k, rows, block);
+                    return;
+                }
+                // every output is accumulated exactly as `dot` accumulates it, so a row's result
+                // does not depend on how many rows there are or which path computed it
                 let mut j = 0;
                 while j < nw {
                     let w0 = &w[(first + j) * k..(first + j + 1) * k];
@@ -76,9 +87,7 @@ impl CustomOp2 for SmallMatmul {
                     {
                         prefetch(ahead);
                     }
-                    // every output is accumulated exactly as `dot` accumulates it, so a row's
-                    // result does not depend on how many rows there are or how they are tiled
-                    if tiled && j + 1 < nw {
+                    if avx512 && rows >= 4 && j + 1 < nw {
                         let w1 = &w[(first + j + 1) * k..(first + j + 2) * k];
                         let (d0, d1) = block[j * rows..(j + 2) * rows].split_at_mut(rows);
                         pair_dots(w0, w1, x, k, rows, d0, d1);
@@ -163,6 +172,44 @@ fn has_avx512() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// `dst[j · rows + r] = dot(w_j, x_r)` for a chunk of weight rows `w` (`nw × k`) and every
+/// input row, with the AVX-512 2 × 4 tile: groups of four input rows on the outside, so each group
+/// stays in L1 while the chunk's weight rows (in L2 after the first group) stream past. Every
+/// output is accumulated exactly as `dot` accumulates it, so a row's result does not depend on
+/// how many rows there are or how they are tiled. Only called when AVX-512F is present.
+fn tiled_block(w: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
+    let nw = w.len() / k;
+    let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    while r + 4 <= rows {
+        let xs = [
+            &x[r * k..(r + 1) * k],
+            &x[(r + 1) * k..(r + 2) * k],
+            &x[(r + 2) * k..(r + 3) * k],
+            &x[(r + 3) * k..(r + 4) * k],
+        ];
+        let mut j = 0;
+        while j + 1 < nw {
+            // SAFETY: callers check AVX-512F (`has_avx512`) before choosing this path.
+            #[allow(unsafe_code)]
+            let [a, b] = unsafe { tile_2x4_avx512(wrow(j), wrow(j + 1), xs) };
+            dst[j * rows + r..j * rows + r + 4].copy_from_slice(&a);
+            dst[(j + 1) * rows + r..(j + 1) * rows + r + 4].copy_from_slice(&b);
+            j += 2;
+        }
+        if j < nw {
+            dst[j * rows + r..j * rows + r + 4].copy_from_slice(&dot4(wrow(j), xs));
+        }
+        r += 4;
+    }
+    for j in 0..nw {
+        for rr in r..rows {
+            dst[j * rows + rr] = dot(wrow(j), &x[rr * k..(rr + 1) * k]);
+        }
     }
 }
 
@@ -395,24 +442,28 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_the_other_rows() {
         let dev = Device::Cpu;
-        // 100 = three chunks of 32 and a tail of 4; 11 rows = two tiles of 4 and 3 left over
-        let x = Tensor::randn(0f32, 1.0, (11, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
-        let w = Tensor::randn(0f32, 1.0, (70, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
-        let all = x
-            .apply_op2_no_bwd(&w, &SmallMatmul)
-            .and_then(|t| t.to_vec2::<f32>())
-            .unwrap_or_else(|e| panic!("{e}"));
-        for (r, want) in all.iter().enumerate() {
-            let one = x
-                .narrow(0, r, 1)
-                .and_then(|t| t.apply_op2_no_bwd(&w, &SmallMatmul))
+        // 100 = three chunks of 32 and a tail of 4; 11 rows take the two-weight-row path, 21 the
+        // tiled one (five groups of four and one row left over); 70 weight rows = a chunk of 64
+        // and one of 6
+        for rows in [11, 21] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
+            let w = Tensor::randn(0f32, 1.0, (70, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
+            let all = x
+                .apply_op2_no_bwd(&w, &SmallMatmul)
                 .and_then(|t| t.to_vec2::<f32>())
                 .unwrap_or_else(|e| panic!("{e}"));
-            let same = one[0]
-                .iter()
-                .zip(want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "row {r} differs when computed alone");
+            for (r, want) in all.iter().enumerate() {
+                let one = x
+                    .narrow(0, r, 1)
+                    .and_then(|t| t.apply_op2_no_bwd(&w, &SmallMatmul))
+                    .and_then(|t| t.to_vec2::<f32>())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let same = one[0]
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "row {r} of {rows} differs when computed alone");
+            }
         }
     }
 
