@@ -49,32 +49,4 @@ impl Document {
         }
         Value::Object(m)
     }
-
-    /// Reads a record written by [`Document::to_record`] back.
-    pub fn from_record(v: Value) -> Option<Document> {
-        let Value::Object(mut m) = v else { return None };
-        let Some(Value::String(id)) = m.remove("id") else {
-            return None;
-        };
-        let Some(Value::String(text)) = m.remove("text") else {
-            return None;
-        };
-        let lang = match m.remove("lang") {
-            Some(Value::String(l)) => Some(l),
-            _ => None,
-        };
-        let lang_score = m
-            .remove("lang_score")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(0.0) as f32;
-        m.remove("stage");
-        m.remove("reason");
-        Some(Document {
-            id,
-            text,
-            meta: m,
-            lang,
-            lang_score,
-        })
-    }
 }

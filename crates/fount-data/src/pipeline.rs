@@ -31,7 +31,6 @@ use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 use crate::dedup::{cluster_runs, doc_records, DupKind, RunWriter};
-use crate::doc::Document;
 use crate::error::{Error, Result};
 use crate::manifest::{
     DedupStats, InputEntry, Manifest, OutputEntry, StageStats, TokenStats, TokenizerEntry, FORMAT,
@@ -694,10 +693,9 @@ pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Optio
             let encoded: Vec<(bool, Vec<u32>)> = chunk
                 .par_iter()
                 .map(|rec| {
-                    let doc =
-                        Document::from_record(rec.clone()).unwrap_or_else(|| Document::new("", ""));
-                    let is_val = xxh3_64(doc.id.as_bytes()) % 1_000_000 < val_cut;
-                    tokenize::encode(&tok, &doc.text).map(|ids| (is_val, ids))
+                    let field = |k: &str| rec.get(k).and_then(Value::as_str).unwrap_or_default();
+                    let is_val = xxh3_64(field("id").as_bytes()) % 1_000_000 < val_cut;
+                    tokenize::encode(&tok, field("text")).map(|ids| (is_val, ids))
                 })
                 .collect::<Result<_>>()?;
             for (is_val, ids) in &encoded {

@@ -158,19 +158,19 @@ const CONTRACTIONS: [&str; 14] = [
     "n't", "N'T", "n’t", "N’T", "'m", "'re", "'ve", "'ll", "'d", "’m", "’re", "’ve", "’ll", "’d",
 ];
 
-/// Splits a special case into its pieces, if `s` is one.
-fn special(s: &str) -> Option<Vec<&str>> {
+/// Splits a special case into its pieces (one or two; the second is empty for one), if `s` is one.
+fn special(s: &str) -> Option<[&str; 2]> {
     // every special case holds one of these characters
     if !s.contains(['.', '\'', '’', ':', '<', '^']) {
         return None;
     }
     if abbreviations().contains(s) {
-        return Some(vec![s]);
+        return Some([s, ""]);
     }
     for tail in CONTRACTIONS {
         if let Some(base) = s.strip_suffix(tail) {
             if !base.is_empty() && base.chars().all(is_alpha) {
-                return Some(vec![base, &s[base.len()..]]);
+                return Some([base, &s[base.len()..]]);
             }
         }
     }
@@ -401,7 +401,7 @@ fn tokenize_chunk<'a>(chunk: &'a str, out: &mut Vec<&'a str>) {
     out.extend(prefixes);
     if !s.is_empty() {
         if let Some(parts) = special(s) {
-            out.extend(parts);
+            out.extend(parts.into_iter().filter(|p| !p.is_empty()));
         } else if is_url(s) {
             out.push(s);
         } else {

@@ -45,7 +45,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct AdapterStore {
     inner: Arc<Mutex<Inner>>,
-    loader: Mutex<Sender<(String, u64, PathBuf)>>,
+    loader: Sender<(String, u64, PathBuf)>,
     cap_bytes: usize,
 }
 
@@ -83,7 +83,7 @@ impl AdapterStore {
             .ok();
         AdapterStore {
             inner,
-            loader: Mutex::new(tx),
+            loader: tx,
             cap_bytes,
         }
     }
@@ -130,10 +130,8 @@ impl AdapterStore {
         };
         s.loading.insert(key.clone());
         drop(s);
-        if let Ok(tx) = self.loader.lock() {
-            if tx.send((key.0, key.1, dir)).is_err() {
-                return AdapterState::Failed("the adapter loader has stopped".into());
-            }
+        if self.loader.send((key.0, key.1, dir)).is_err() {
+            return AdapterState::Failed("the adapter loader has stopped".into());
         }
         AdapterState::Loading
     }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 use fount_model::sampling::log_softmax;
 use fount_model::{
-    Batch, Logits, LoraAdapter, LoraBatch, Model, Sampler, SamplingParams, StopMatcher, StopStep,
-    TextStream, TokenHistory, Tokenizer,
+    Batch, Logits, LoraAdapter, LoraBatch, Model, Sampler, SamplingParams, TextOutput,
+    TokenHistory, Tokenizer,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -202,9 +202,10 @@ struct Seq {
     hashes: Vec<BlockHash>,
     sampler: Sampler,
     history: TokenHistory,
-    stream: TextStream,
-    stops: StopMatcher,
+    text: TextOutput,
     adapter: Option<Arc<LoraAdapter>>,
+    /// The pinned adapter `(name, version)`, and the key it gives prefix-cache blocks.
+    adapter_id: Option<(String, u64)>,
     adapter_key: String,
     tx: UnboundedSender<Event>,
     cached_tokens: usize,
@@ -257,10 +258,10 @@ enum Command {
 /// The inference engine. Cheap to share behind an `Arc`; dropping it stops the scheduler once
 /// running requests are done.
 pub struct Engine {
-    tx: Mutex<Sender<Command>>,
+    tx: Sender<Command>,
     adapters: Arc<AdapterStore>,
     metrics: Arc<Mutex<Metrics>>,
-    next_id: Mutex<u64>,
+    next_id: std::sync::atomic::AtomicU64,
     max_context: usize,
     vocab_size: usize,
     waiting: Arc<Mutex<usize>>,
@@ -350,10 +351,10 @@ impl Engine {
             .spawn(move || sched.run(rx))
             .map_err(|e| EngineError::Config(format!("cannot start the scheduler thread: {e}")))?;
         Ok(Engine {
-            tx: Mutex::new(tx),
+            tx,
             adapters,
             metrics,
-            next_id: Mutex::new(0),
+            next_id: std::sync::atomic::AtomicU64::new(0),
             max_context: mc.max_position_embeddings,
             vocab_size: mc.vocab_size,
             waiting,
@@ -427,14 +428,13 @@ impl Engine {
             }
             *w += req.n;
         }
-        let id = {
-            let mut n = self.next_id.lock().map_err(|_| EngineError::Stopped)?;
-            *n += 1;
-            *n
-        };
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let (etx, erx) = unbounded_channel();
         let req = Arc::new(req);
-        let tx = self.tx.lock().map_err(|_| EngineError::Stopped)?;
+        let tx = &self.tx;
         for choice in 0..req.n {
             let p = Pending {
                 id,
@@ -547,12 +547,14 @@ impl Scheduler {
 
     fn drop_cancelled(&mut self) {
         self.waiting.retain(|p| !p.tx.is_closed());
-        let (keep, gone): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(|s| !s.tx.is_closed());
-        self.running = keep;
-        for s in gone {
-            self.free(s);
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].tx.is_closed() {
+                let s = self.running.swap_remove(i);
+                self.free(s);
+            } else {
+                i += 1;
+            }
         }
         self.set_waiting();
     }
@@ -600,7 +602,7 @@ impl Scheduler {
                     // a request that cannot start for lack of blocks holds the line; ones
                     // waiting for an adapter or a sibling's prompt do not
                     let p = &self.waiting[i];
-                    if p.choice == 0 && self.adapter_ready(p).is_some() {
+                    if p.choice == 0 && self.adapter_ready(p) {
                         break;
                     }
                 }
@@ -614,13 +616,10 @@ impl Scheduler {
         self.set_waiting();
     }
 
-    fn adapter_ready(&self, p: &Pending) -> Option<Option<Arc<LoraAdapter>>> {
+    fn adapter_ready(&self, p: &Pending) -> bool {
         match &p.adapter {
-            None => Some(None),
-            Some((name, v)) => match self.adapters.get(name, *v) {
-                AdapterState::Ready(a) => Some(Some(a)),
-                _ => None,
-            },
+            None => true,
+            Some((name, v)) => matches!(self.adapters.get(name, *v), AdapterState::Ready(_)),
         }
     }
 
@@ -736,10 +735,10 @@ impl Scheduler {
                     hashes,
                     sampler,
                     history: TokenHistory::new(&tokens),
-                    stream: TextStream::new(),
-                    stops: StopMatcher::new(&p.req.stop),
+                    text: TextOutput::new(&p.req.stop),
                     adapter,
                     adapter_key,
+                    adapter_id: p.adapter.clone(),
                     tx: p.tx,
                     cached_tokens: computed,
                     generated: 0,
@@ -773,17 +772,11 @@ impl Scheduler {
         s.hashes.clear();
         s.computed = 0;
         let order = s.order;
-        let adapter = s.req.adapter.clone().zip(
-            s.adapter_key
-                .rsplit('@')
-                .next()
-                .and_then(|v| v.parse().ok()),
-        );
         self.waiting.push_front(Pending {
             id: s.id,
             req: s.req.clone(),
             choice: s.choice,
-            adapter,
+            adapter: s.adapter_id.clone(),
             tx: s.tx.clone(),
             arrival: s.arrival,
             resume: Some(Box::new(s)),
@@ -894,7 +887,7 @@ impl Scheduler {
                 self.cfg.batch_invariant,
             )?
         };
-        let logits = out.logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut logits = out.logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let step_time = started.elapsed();
         let mut finished = Vec::new();
         let mut generated = 0;
@@ -919,7 +912,7 @@ impl Scheduler {
             if s.computed == s.prompt_len && s.choice == 0 && s.req.n > 1 {
                 self.prefilled.insert(s.id);
             }
-            let mut row_logits = logits[row].clone();
+            let mut row_logits = std::mem::take(&mut logits[row]);
             let done = sample_one(
                 s,
                 &mut row_logits,
@@ -1006,13 +999,12 @@ fn sample_one(
         logprob: all.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY),
         top,
     });
-    let piece = s.stream.push(tok, next).ok().flatten().unwrap_or_default();
-    let (text, stopped) = if piece.is_empty() {
-        (String::new(), false)
-    } else {
-        match s.stops.push(&piece) {
-            StopStep::Emit(t) => (t, false),
-            StopStep::Stop(t) => (t, true),
+    let (text, stopped) = match s.text.push(tok, next) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ =
+                s.tx.send(Event::Error(format!("decoding token {next}: {e}")));
+            return true;
         }
     };
     let _ = s.tx.send(Event::Token {
@@ -1044,14 +1036,14 @@ fn sample_one(
     false
 }
 
-/// The text held back by the text stream and the stop matcher; whether it completed a stop.
+/// The text still held back at the end; whether it completed a stop string.
 fn flush(s: &mut Seq, tok: &Tokenizer) -> (String, bool) {
-    let held = s.stream.finish(tok).ok().flatten().unwrap_or_default();
-    match s.stops.push(&held) {
-        StopStep::Emit(mut t) => {
-            t.push_str(&s.stops.finish());
-            (t, false)
+    match s.text.finish(tok) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ =
+                s.tx.send(Event::Error(format!("decoding the last tokens: {e}")));
+            (String::new(), false)
         }
-        StopStep::Stop(t) => (t, true),
     }
 }

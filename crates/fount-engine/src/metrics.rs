@@ -2,7 +2,7 @@
 //! throughput, time to first token and inter-token latency.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SAMPLES: usize = 4096;
 
@@ -23,7 +23,6 @@ pub struct Metrics {
     step_tokens: u64,
     generated: u64,
     busy: Duration,
-    started: Instant,
     ttft: VecDeque<Duration>,
     itl: VecDeque<Duration>,
 }
@@ -102,7 +101,6 @@ impl Metrics {
             step_tokens: 0,
             generated: 0,
             busy: Duration::ZERO,
-            started: Instant::now(),
             ttft: VecDeque::new(),
             itl: VecDeque::new(),
         }
@@ -145,7 +143,6 @@ impl Metrics {
 
     /// A snapshot, with the adapter figures from the store.
     pub fn snapshot(&self, adapters: usize, adapter_bytes: usize) -> MetricsSnapshot {
-        let _ = self.started;
         MetricsSnapshot {
             waiting: self.waiting,
             running: self.running,

@@ -96,14 +96,16 @@ impl KvView for PagedView<'_> {
         let past = self.past[seq];
         let new = k.dim(1)?;
         let total = past + new;
-        let kn = k.to_dtype(DType::F32)?.to_vec3::<f32>()?;
-        let vn = v.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+        // (kv_heads, new, head_dim), flattened
+        let kn = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let vn = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         for h in 0..kvh {
             for t in 0..new {
                 let pos = past + t;
                 let at = pool.at(table[pos / bs], h, pos % bs);
-                pool.k[layer][at..at + d].copy_from_slice(&kn[h][t]);
-                pool.v[layer][at..at + d].copy_from_slice(&vn[h][t]);
+                let src = (h * new + t) * d;
+                pool.k[layer][at..at + d].copy_from_slice(&kn[src..src + d]);
+                pool.v[layer][at..at + d].copy_from_slice(&vn[src..src + d]);
             }
         }
         let mut keys = Vec::with_capacity(kvh * total * d);

@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams, TokenHistory};
-use crate::stop::{StopMatcher, StopStep};
-use crate::tokenizer::{TextStream, Tokenizer};
+use crate::stop::TextOutput;
+use crate::tokenizer::Tokenizer;
 
 /// What ends a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +79,7 @@ pub fn generate(
     );
     let mut sampler = Sampler::new(opts.sampling.clone())?;
     let mut history = TokenHistory::new(prompt);
-    let mut stream = TextStream::new();
-    let mut stops = StopMatcher::new(&opts.stop_strings);
+    let mut text = TextOutput::new(&opts.stop_strings);
     let budget = opts.max_tokens.min(max_ctx - prompt.len());
 
     let start = Instant::now();
@@ -109,16 +108,14 @@ pub fn generate(
         }
         tokens.push(next);
         history.push(next);
-        if let Some(text) = stream.push(tokenizer, next)? {
-            match stops.push(&text) {
-                StopStep::Emit(t) => on_text(&t),
-                StopStep::Stop(t) => {
-                    on_text(&t);
-                    finish = FinishReason::Stop;
-                    stopped_by_string = true;
-                    break;
-                }
-            }
+        let (piece, stopped) = text.push(tokenizer, next)?;
+        if !piece.is_empty() {
+            on_text(&piece);
+        }
+        if stopped {
+            finish = FinishReason::Stop;
+            stopped_by_string = true;
+            break;
         }
         let position = prompt.len() + tokens.len() - 1;
         batch.clear();
@@ -127,19 +124,12 @@ pub fn generate(
     if !stopped_by_string {
         // Flush what the text stream and the stop matcher still hold (an incomplete
         // character, a possible stop-string prefix); it may yet complete a stop string.
-        let held = stream.finish(tokenizer)?.unwrap_or_default();
-        match stops.push(&held) {
-            StopStep::Emit(t) => {
-                on_text(&t);
-                let rest = stops.finish();
-                if !rest.is_empty() {
-                    on_text(&rest);
-                }
-            }
-            StopStep::Stop(t) => {
-                on_text(&t);
-                finish = FinishReason::Stop;
-            }
+        let (rest, stopped) = text.finish(tokenizer)?;
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        if stopped {
+            finish = FinishReason::Stop;
         }
     }
     Ok(Generation {

@@ -57,6 +57,6 @@ pub use lora::{LoraAdapter, LoraBatch, Proj};
 pub use model::{Model, Output};
 pub use moe::SparseMoe;
 pub use sampling::{Sampler, SamplingParams, TokenHistory};
-pub use stop::{StopMatcher, StopStep};
+pub use stop::{StopMatcher, StopStep, TextOutput};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use weights::Weights;

@@ -113,37 +113,56 @@ impl CustomOp2 for SmallMatmul {
     }
 }
 
-/// Dot product with independent accumulators, so the compiler keeps several vector FMAs in
-/// flight.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            #[allow(unsafe_code)]
-            return unsafe { dot_avx512(a, b) };
+/// Defines `$name`, which runs `$portable` compiled for AVX-512 or AVX2+FMA when the CPU has
+/// them (detected at run time), else as portable code. The loop is the same in all three, so the
+/// results are too.
+macro_rules! simd_dispatch {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $portable:ident) => {
+        $(#[$doc])*
+        #[inline]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    #[allow(unsafe_code)]
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    #[allow(unsafe_code)]
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            #[allow(unsafe_code)]
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
+simd_dispatch! {
+    /// Dot product with independent accumulators, so the compiler keeps several vector FMAs in
+    /// flight.
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_portable
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
+simd_dispatch! {
+    /// `y += c · x`, element-wise with fused multiply-adds.
+    pub(crate) fn axpy(c: f32, x: &[f32], y: &mut [f32]) => axpy_portable
+}
+
+simd_dispatch! {
+    /// `[dot(w, x[0]), …, dot(w, x[3])]`, bit for bit, loading each chunk of `w` once.
+    fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] => dot4_portable
 }
 
 /// `dst[r] = dot(wrow, x_r)` for every row of `x` (`rows × k`), four rows per pass.
@@ -313,75 +332,11 @@ fn tile_2x4_avx512(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
     out
 }
 
-/// `y += c · x`, element-wise with fused multiply-adds.
-#[inline]
-pub(crate) fn axpy(c: f32, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            #[allow(unsafe_code)]
-            return unsafe { axpy_avx512(c, x, y) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            #[allow(unsafe_code)]
-            return unsafe { axpy_avx2(c, x, y) };
-        }
-    }
-    axpy_portable(c, x, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn axpy_avx512(c: f32, x: &[f32], y: &mut [f32]) {
-    axpy_portable(c, x, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn axpy_avx2(c: f32, x: &[f32], y: &mut [f32]) {
-    axpy_portable(c, x, y)
-}
-
 #[inline(always)]
 fn axpy_portable(c: f32, x: &[f32], y: &mut [f32]) {
     for (yo, xi) in y.iter_mut().zip(x) {
         *yo = c.mul_add(*xi, *yo);
     }
-}
-
-/// `[dot(w, x[0]), …, dot(w, x[3])]`, bit for bit, loading each chunk of `w` once.
-#[inline]
-fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            #[allow(unsafe_code)]
-            return unsafe { dot4_avx512(w, x) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            #[allow(unsafe_code)]
-            return unsafe { dot4_avx2(w, x) };
-        }
-    }
-    dot4_portable(w, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn dot4_avx512(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    dot4_portable(w, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot4_avx2(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    dot4_portable(w, x)
 }
 
 #[inline(always)]

@@ -1,6 +1,9 @@
 //! Stop strings over streamed text: text that might be the start of a stop string is held back
 //! until it is decided, so a client never sees part of a stop string.
 
+use crate::error::Result;
+use crate::tokenizer::{TextStream, Tokenizer};
+
 /// Watches streamed text for any of a set of stop strings.
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
@@ -88,5 +91,51 @@ mod tests {
         assert_eq!(m.push("caf"), StopStep::Emit("caf".into()));
         assert_eq!(m.push("é"), StopStep::Emit("".into()));
         assert_eq!(m.finish(), "é");
+    }
+}
+
+/// Generated token ids to final text: incremental decoding ([`TextStream`]) followed by a
+/// [`StopMatcher`], so what it returns is never part of a stop string or an incomplete character.
+#[derive(Debug, Clone, Default)]
+pub struct TextOutput {
+    stream: TextStream,
+    stops: StopMatcher,
+}
+
+impl TextOutput {
+    /// Output that ends at any of `stops`.
+    pub fn new(stops: &[String]) -> Self {
+        TextOutput {
+            stream: TextStream::new(),
+            stops: StopMatcher::new(stops),
+        }
+    }
+
+    /// Adds a token: the text now final, and whether a stop string ended the output.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<(String, bool)> {
+        match self.stream.push(tokenizer, id)? {
+            None => Ok((String::new(), false)),
+            Some(piece) => Ok(step(self.stops.push(&piece))),
+        }
+    }
+
+    /// At the end of generation: everything still held back, and whether it completed a stop
+    /// string (then only the text before it is returned).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<(String, bool)> {
+        let held = self.stream.finish(tokenizer)?.unwrap_or_default();
+        Ok(match self.stops.push(&held) {
+            StopStep::Emit(mut t) => {
+                t.push_str(&self.stops.finish());
+                (t, false)
+            }
+            StopStep::Stop(t) => (t, true),
+        })
+    }
+}
+
+fn step(s: StopStep) -> (String, bool) {
+    match s {
+        StopStep::Emit(t) => (t, false),
+        StopStep::Stop(t) => (t, true),
     }
 }

@@ -152,6 +152,12 @@ pub fn bench_data(a: DataBench, threads: Option<usize>) -> Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     files.sort();
+    if files.is_empty() {
+        bail!(
+            "{} holds no corpus files; remove it to regenerate",
+            corpus.join("corpus").display()
+        );
+    }
 
     eprintln!("filter chain …");
     let stages = filter_stages();
