@@ -165,16 +165,21 @@ simd_dispatch! {
     fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] => dot4_portable
 }
 
+/// Rows `r..r + 4` of `x` (`rows × k`).
+fn four_rows(x: &[f32], r: usize, k: usize) -> [&[f32]; 4] {
+    [
+        &x[r * k..(r + 1) * k],
+        &x[(r + 1) * k..(r + 2) * k],
+        &x[(r + 2) * k..(r + 3) * k],
+        &x[(r + 3) * k..(r + 4) * k],
+    ]
+}
+
 /// `dst[r] = dot(wrow, x_r)` for every row of `x` (`rows × k`), four rows per pass.
 fn row_dots(wrow: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     let mut r = 0;
     while r + 4 <= rows {
-        let xs = [
-            &x[r * k..(r + 1) * k],
-            &x[(r + 1) * k..(r + 2) * k],
-            &x[(r + 2) * k..(r + 3) * k],
-            &x[(r + 3) * k..(r + 4) * k],
-        ];
+        let xs = four_rows(x, r, k);
         dst[r..r + 4].copy_from_slice(&dot4(wrow, xs));
         r += 4;
     }
@@ -205,12 +210,7 @@ fn tiled_block(w: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     let mut r = 0;
     #[cfg(target_arch = "x86_64")]
     while r + 4 <= rows {
-        let xs = [
-            &x[r * k..(r + 1) * k],
-            &x[(r + 1) * k..(r + 2) * k],
-            &x[(r + 2) * k..(r + 3) * k],
-            &x[(r + 3) * k..(r + 4) * k],
-        ];
+        let xs = four_rows(x, r, k);
         let mut j = 0;
         while j + 1 < nw {
             // SAFETY: callers check AVX-512F (`has_avx512`) before choosing this path.
@@ -247,12 +247,7 @@ fn pair_dots(
     let mut r = 0;
     #[cfg(target_arch = "x86_64")]
     while r + 4 <= rows {
-        let xs = [
-            &x[r * k..(r + 1) * k],
-            &x[(r + 1) * k..(r + 2) * k],
-            &x[(r + 2) * k..(r + 3) * k],
-            &x[(r + 3) * k..(r + 4) * k],
-        ];
+        let xs = four_rows(x, r, k);
         // SAFETY: callers check AVX-512F (`has_avx512`) before choosing this path.
         #[allow(unsafe_code)]
         let [a, b] = unsafe { tile_2x4_avx512(w0, w1, xs) };
