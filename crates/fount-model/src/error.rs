@@ -46,6 +46,26 @@ pub enum Error {
         reason: String,
     },
 
+    /// A safetensors file is malformed (truncated, bad header, offsets out of range).
+    #[error("{path}: not a valid safetensors file: {source}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser found.
+        source: safetensors::SafeTensorError,
+    },
+
+    /// A tensor holds a data type fount cannot read there.
+    #[error("tensor {name:?} in {path} has data type {dtype}, expected F32, F16, BF16 or F64")]
+    TensorDtype {
+        /// The checkpoint name of the tensor.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// The data type in the file.
+        dtype: String,
+    },
+
     /// A tensor the architecture needs is not in the weight files.
     #[error("tensor {name:?} is missing from the weights in {dir}")]
     MissingTensor {

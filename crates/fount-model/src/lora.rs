@@ -114,21 +114,31 @@ enum TargetModules {
     Pattern(String),
 }
 
-/// The low-rank pair of one projection: `A` `(r, in)` and `Bᵀ` `(r, out)`, both contiguous.
-#[derive(Debug, Clone)]
-pub struct LoraPair {
-    a: Tensor,
-    bt: Tensor,
+/// Where the low-rank pair of one projection lies in the adapter's buffer: `A` `(r, in)` and
+/// `Bᵀ` `(r, out)`, both contiguous f32.
+#[derive(Debug, Clone, Copy)]
+struct PairAt {
+    a: usize,
+    bt: usize,
+    inp: usize,
+    out: usize,
 }
 
 /// A loaded LoRA adapter.
+///
+/// For an f32 model on the CPU the weights stay in one buffer: an f32 file is read straight
+/// into it and used in place (each `B` transposed where it lies), so loading costs little more
+/// than reading the file. Other devices and data types get tensors made from that buffer.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     /// The adapter's rank.
     pub rank: usize,
     /// The scale `s` applied to `(x Aᵀ) Bᵀ`.
     pub scale: f64,
-    pairs: HashMap<(usize, Proj), LoraPair>,
+    host: Vec<f32>,
+    pairs: HashMap<(usize, Proj), PairAt>,
+    /// `(A, Bᵀ)` in the model's data type on its device, when that is not f32 on the CPU.
+    tensors: HashMap<(usize, Proj), (Tensor, Tensor)>,
     bytes: usize,
     dir: PathBuf,
 }
@@ -137,6 +147,54 @@ fn cfg_err(field: &'static str, reason: impl Into<String>) -> Error {
     Error::Config {
         field,
         reason: reason.into(),
+    }
+}
+
+/// Where a tensor's bytes lie in a safetensors file, and their type.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    from: usize,
+    to: usize,
+    dtype: safetensors::Dtype,
+}
+
+/// Reads `path` into an f32 buffer (the bytes in order; the last element zero-padded).
+fn read_f32_buffer(path: &Path) -> Result<(Vec<f32>, usize)> {
+    use std::io::Read;
+    let mut file = fs_err::File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).map_err(|_| Error::Safetensors {
+        path: path.to_path_buf(),
+        source: safetensors::SafeTensorError::HeaderTooLarge,
+    })?;
+    let mut buf = vec![0f32; len.div_ceil(4)];
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buf);
+    file.read_exact(&mut bytes[..len])?;
+    Ok((buf, len))
+}
+
+/// The elements of a tensor's bytes as f32.
+fn to_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    use safetensors::Dtype as D;
+    let conv = |size: usize, f: &dyn Fn(&[u8]) -> f32| bytes.chunks_exact(size).map(f).collect();
+    Some(match dtype {
+        D::F32 => conv(4, &|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        D::F16 => conv(2, &|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        D::BF16 => conv(2, &|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        D::F64 => conv(8, &|b| {
+            f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+        }),
+        _ => return None,
+    })
+}
+
+/// Transposes the `rows × cols` matrix at `m` in place, through `scratch`.
+fn transpose_in_place(m: &mut [f32], rows: usize, cols: usize, scratch: &mut Vec<f32>) {
+    scratch.clear();
+    scratch.extend_from_slice(m);
+    for (r, row) in scratch.chunks_exact(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            m[c * rows + r] = *v;
+        }
     }
 }
 
@@ -228,9 +286,19 @@ impl LoraAdapter {
                 what: "a PEFT adapter's weights",
             });
         }
-        let tensors = candle_core::safetensors::load(&weights_path, device)?;
-        let mut pairs = HashMap::new();
-        let mut bytes = 0;
+        let (mut host, len) = read_f32_buffer(&weights_path)?;
+        let bad = |source| Error::Safetensors {
+            path: weights_path.clone(),
+            source,
+        };
+        let (header, meta) = {
+            let bytes: &[u8] = bytemuck::cast_slice(&host);
+            safetensors::SafeTensors::read_metadata(&bytes[..len]).map_err(bad)?
+        };
+        let data_start = 8 + header;
+        // find every tensor and check its shape and data type
+        let mut found = Vec::with_capacity(cfg.num_hidden_layers * targets.len());
+        let mut in_place = data_start % 4 == 0;
         for layer in 0..cfg.num_hidden_layers {
             for &proj in &targets {
                 let base = format!(
@@ -239,43 +307,98 @@ impl LoraAdapter {
                     proj.module()
                 );
                 let (inp, out) = proj.dims(cfg);
-                let get = |suffix: &str, shape: [usize; 2]| -> Result<Tensor> {
+                let mut get = |suffix: &str, shape: [usize; 2]| -> Result<Span> {
                     let name = format!("{base}.{suffix}.weight");
-                    let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+                    let info = meta.info(&name).ok_or_else(|| Error::MissingTensor {
                         name: name.clone(),
                         dir: dir.to_path_buf(),
                     })?;
-                    if t.dims() != shape {
+                    if info.shape != shape {
                         return Err(Error::TensorShape {
                             name,
-                            actual: t.dims().to_vec(),
+                            actual: info.shape.clone(),
                             expected: shape.to_vec(),
                         });
                     }
-                    Ok(t.to_dtype(dtype)?)
+                    let (from, to) = info.data_offsets;
+                    use safetensors::Dtype as D;
+                    if !matches!(info.dtype, D::F32 | D::F16 | D::BF16 | D::F64) {
+                        return Err(Error::TensorDtype {
+                            name,
+                            path: weights_path.clone(),
+                            dtype: info.dtype.to_string(),
+                        });
+                    }
+                    in_place &= info.dtype == safetensors::Dtype::F32 && from % 4 == 0;
+                    Ok(Span {
+                        from: data_start + from,
+                        to: data_start + to,
+                        dtype: info.dtype,
+                    })
                 };
                 let a = get("lora_A", [pc.r, inp])?;
                 let b = get("lora_B", [out, pc.r])?;
-                bytes += (a.elem_count() + b.elem_count()) * dtype.size_in_bytes();
+                found.push(((layer, proj), inp, out, a, b));
+            }
+        }
+        let mut pairs = HashMap::with_capacity(found.len());
+        if in_place {
+            let mut scratch = Vec::new();
+            for &(key, inp, out, a, b) in &found {
+                transpose_in_place(&mut host[b.from / 4..b.to / 4], out, pc.r, &mut scratch);
+                let (a, bt) = (a.from / 4, b.from / 4);
+                pairs.insert(key, PairAt { a, bt, inp, out });
+            }
+        } else {
+            // another data type, or misaligned: convert into a fresh buffer
+            let bytes: &[u8] = bytemuck::cast_slice(&host);
+            let (mut packed, mut scratch) = (Vec::new(), Vec::new());
+            for &(key, inp, out, a, b) in &found {
+                let a_at = packed.len();
+                packed.extend(to_f32(a.dtype, &bytes[a.from..a.to]).unwrap_or_default());
+                let bt_at = packed.len();
+                let mut bt = to_f32(b.dtype, &bytes[b.from..b.to]).unwrap_or_default();
+                transpose_in_place(&mut bt, out, pc.r, &mut scratch);
+                packed.extend(bt);
                 pairs.insert(
-                    (layer, proj),
-                    LoraPair {
-                        a: a.contiguous()?,
-                        bt: b.t()?.contiguous()?,
+                    key,
+                    PairAt {
+                        a: a_at,
+                        bt: bt_at,
+                        inp,
+                        out,
                     },
                 );
             }
+            host = packed;
+        }
+        let mut tensors = HashMap::new();
+        let mut bytes = host.len() * 4;
+        if !(device.is_cpu() && dtype == DType::F32) {
+            bytes = 0;
+            for (&key, p) in &pairs {
+                let a = Tensor::from_slice(&host[p.a..p.a + pc.r * p.inp], (pc.r, p.inp), device)?
+                    .to_dtype(dtype)?;
+                let bt =
+                    Tensor::from_slice(&host[p.bt..p.bt + pc.r * p.out], (pc.r, p.out), device)?
+                        .to_dtype(dtype)?;
+                bytes += (a.elem_count() + bt.elem_count()) * dtype.size_in_bytes();
+                tensors.insert(key, (a, bt));
+            }
+            host = Vec::new();
         }
         Ok(LoraAdapter {
             rank: pc.r,
             scale,
+            host,
             pairs,
+            tensors,
             bytes,
             dir: dir.to_path_buf(),
         })
     }
 
-    /// Memory held by the adapter's tensors.
+    /// Memory held by the adapter's weights.
     pub fn size_bytes(&self) -> usize {
         self.bytes
     }
@@ -290,12 +413,29 @@ impl LoraAdapter {
         self.pairs.contains_key(&(layer, proj))
     }
 
+    /// `A` and `Bᵀ` of a projection as f32 slices, when the weights are held on the host.
+    fn host_pair(&self, layer: usize, proj: Proj) -> Option<(&[f32], &[f32], PairAt)> {
+        let p = *self.pairs.get(&(layer, proj))?;
+        let r = self.rank;
+        let a = self.host.get(p.a..p.a + r * p.inp)?;
+        let bt = self.host.get(p.bt..p.bt + r * p.out)?;
+        Some((a, bt, p))
+    }
+
     fn delta(&self, x: &Tensor, layer: usize, proj: Proj) -> Result<Option<Tensor>> {
-        let Some(p) = self.pairs.get(&(layer, proj)) else {
+        let (a, bt) = if let Some((a, bt)) = self.tensors.get(&(layer, proj)) {
+            (a.clone(), bt.clone())
+        } else if let Some((a, bt, p)) = self.host_pair(layer, proj) {
+            let r = self.rank;
+            (
+                Tensor::from_slice(a, (r, p.inp), x.device())?.to_dtype(x.dtype())?,
+                Tensor::from_slice(bt, (r, p.out), x.device())?.to_dtype(x.dtype())?,
+            )
+        } else {
             return Ok(None);
         };
-        let xa = x.matmul(&p.a.t()?)?;
-        let xab = xa.matmul(&p.bt)?;
+        let xa = x.matmul(&a.t()?)?;
+        let xab = xa.matmul(&bt)?;
         Ok(Some((xab * self.scale)?))
     }
 }
@@ -380,8 +520,8 @@ impl LoraBatch {
 
     /// The CPU kernel: per row, `xa = s · A x` (each element a [`dot`] as the base kernel
     /// computes it), then `y += Σ_k xa_k · Bᵀ_k`. Rows run in parallel and each row's result
-    /// is independent of the others (batch-invariant). `None` when a weight is not f32 on the
-    /// CPU (the tensor path then runs).
+    /// is independent of the others (batch-invariant). `None` when an adapter's weights are not
+    /// held as f32 on the host (the tensor path then runs).
     fn apply_cpu(
         &self,
         x: &Tensor,
@@ -389,41 +529,18 @@ impl LoraBatch {
         layer: usize,
         proj: Proj,
     ) -> Result<Option<Tensor>> {
-        use candle_core::{CpuStorage, Storage};
         use rayon::prelude::*;
         let (n, inp) = x.dims2()?;
         let out = y.dim(1)?;
-        // hold the weights' storage while the rows read them
-        let mut guards = Vec::new();
+        let mut segs: Vec<Segment> = Vec::with_capacity(self.segments.len());
         for (range, adapter) in &self.segments {
-            if let Some(p) = adapter.pairs.get(&(layer, proj)) {
-                let (ga, la) = p.a.storage_and_layout();
-                let (gb, lb) = p.bt.storage_and_layout();
-                guards.push((
-                    range.clone(),
-                    adapter.rank,
-                    adapter.scale as f32,
-                    ga,
-                    la.start_offset(),
-                    gb,
-                    lb.start_offset(),
-                ));
+            if !adapter.targets(layer, proj) {
+                continue;
             }
-        }
-        let mut segs: Vec<Segment> = Vec::with_capacity(guards.len());
-        for (range, r, scale, ga, oa, gb, ob) in &guards {
-            let (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(bt))) =
-                (&**ga, &**gb)
-            else {
+            let Some((a, bt, _)) = adapter.host_pair(layer, proj) else {
                 return Ok(None);
             };
-            segs.push((
-                range.clone(),
-                *r,
-                *scale,
-                &a[*oa..*oa + r * inp],
-                &bt[*ob..*ob + r * out],
-            ));
+            segs.push((range.clone(), adapter.rank, adapter.scale as f32, a, bt));
         }
         let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let mut yv = y.contiguous()?.flatten_all()?.to_vec1::<f32>()?;

@@ -69,10 +69,62 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes a token stands for: exact for byte-level BPE (GPT-2's byte-to-character map
+    /// inverted) and for SentencePiece byte-fallback tokens (`<0x0A>`, `▁` as a space), the
+    /// token decoded alone otherwise. A token may hold part of a UTF-8 character.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        use tokenizers::DecoderWrapper;
+        let Some(token) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let added = self
+            .inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special);
+        if added {
+            return token.into_bytes();
+        }
+        if matches!(self.inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
+            if let Some(bytes) = token.chars().map(byte_of_char).collect::<Option<Vec<u8>>>() {
+                return bytes;
+            }
+        }
+        if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return vec![b];
+            }
+        }
+        match self.inner.get_decoder() {
+            Some(DecoderWrapper::ByteLevel(_)) | None => token.replace('▁', " ").into_bytes(),
+            Some(_) => self
+                .inner
+                .decode(&[id], false)
+                .unwrap_or(token)
+                .into_bytes(),
+        }
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// The byte a character of a byte-level BPE token stands for (GPT-2's `bytes_to_unicode`,
+/// inverted): printable Latin-1 bytes map to themselves, the other 68 to U+0100 upwards in byte
+/// order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let index = code.checked_sub(256)?;
+    (0u32..256)
+        .filter(|b| !printable(*b))
+        .nth(index as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 /// Turns a stream of token ids into a stream of text pieces, emitting text only once it is

@@ -233,3 +233,140 @@ fn adapter_errors_are_clear() {
         .to_string();
     assert!(e.contains("outside the batch"), "{e}");
 }
+
+/// Writes `lora_a` with its tensors converted by `convert` into `dir`.
+fn rewrite(dir: &std::path::Path, convert: &dyn Fn(&Tensor) -> Tensor) {
+    let src = fixture("lora_a");
+    let tensors =
+        candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{e}"));
+    let converted: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), convert(t)))
+        .collect();
+    candle_core::safetensors::save(&converted, dir.join("adapter_model.safetensors"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn logits_with(model: &Model, a: Arc<LoraAdapter>) -> Vec<f32> {
+    let p = &prompts()[0];
+    let mut lora = LoraBatch::none();
+    lora.push(0..p.len(), a);
+    let out = model
+        .forward_lora(
+            &Batch::single(p, 0),
+            &mut NoCache,
+            Logits::All,
+            &lora,
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    flat(
+        &out.logits
+            .to_dtype(DType::F32)
+            .unwrap_or_else(|e| panic!("{e}")),
+    )
+}
+
+#[test]
+fn adapters_stored_in_half_precision_load_exactly() {
+    let model = load("llama");
+    let cfg = model.config();
+    let (half, rounded) = (
+        tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+        tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+    );
+    let to = |t: &Tensor, d: DType| t.to_dtype(d).unwrap_or_else(|e| panic!("{e}"));
+    // bf16 keeps 8 bits of mantissa, f16 11
+    for (dtype, tol) in [(DType::BF16, 0.15), (DType::F16, 0.02)] {
+        // the same values stored as 16-bit and as f32: identical logits, bit for bit
+        rewrite(half.path(), &|t| to(t, dtype));
+        rewrite(rounded.path(), &|t| to(&to(t, dtype), DType::F32));
+        let load_dir = |d: &std::path::Path| {
+            Arc::new(
+                LoraAdapter::load(d, cfg, DType::F32, &Device::Cpu)
+                    .unwrap_or_else(|e| panic!("{dtype:?}: {e}")),
+            )
+        };
+        let (h, r) = (load_dir(half.path()), load_dir(rounded.path()));
+        let (lh, lr) = (logits_with(&model, h), logits_with(&model, r));
+        assert!(
+            lh.iter().zip(&lr).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{dtype:?}: logits differ from the f32 file with the same values"
+        );
+        // and they stay close to the f32 adapter's
+        assert_close(&format!("{dtype:?}"), &lh, &golden("lora_a", 0), tol);
+    }
+}
+
+#[test]
+fn adapters_on_a_half_precision_model_take_the_tensor_path() {
+    let model =
+        Model::load(&fixture("llama"), DType::F16, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    let a = Arc::new(
+        LoraAdapter::load(&fixture("lora_a"), model.config(), DType::F16, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let base = model
+        .forward(&Batch::single(&prompts()[0], 0), &mut NoCache, Logits::All)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let with = logits_with(&model, a);
+    let golden = golden("lora_a", 0);
+    // f16 compute: close to PEFT's f32 logits, and clearly not the bare model's
+    assert_close("f16 model", &with, &golden, 5e-2);
+    let base = flat(
+        &base
+            .logits
+            .to_dtype(DType::F32)
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let moved = base
+        .iter()
+        .zip(&golden)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 0.5, "the adapter changes the logits by {moved}");
+}
+
+#[test]
+fn malformed_adapter_weights_are_refused() {
+    let model = load("llama");
+    let cfg = model.config();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let src = fixture("lora_a");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.path().join("adapter_config.json"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let weights = dir.path().join("adapter_model.safetensors");
+    let err = || {
+        LoraAdapter::load(dir.path(), cfg, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err();
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("not found"),
+        "{e}"
+    );
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap_or_default();
+    for cut in [0, 5, 100, bytes.len() - 1] {
+        std::fs::write(&weights, &bytes[..cut]).unwrap_or_else(|e| panic!("{e}"));
+        let e = err();
+        assert!(
+            e.contains("not a valid safetensors file"),
+            "cut at {cut}: {e}"
+        );
+    }
+    rewrite(dir.path(), &|t| {
+        t.to_dtype(DType::U32).unwrap_or_else(|e| panic!("{e}"))
+    });
+    let e = err();
+    assert!(e.contains("data type") && e.contains("U32"), "{e}");
+}
