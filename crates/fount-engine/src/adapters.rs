@@ -102,6 +102,37 @@ impl AdapterStore {
         v
     }
 
+    /// Removes `name`: new requests can no longer use it; streams already running on it finish
+    /// on their pinned version, and its loaded weights are dropped from the cache. Returns
+    /// whether it was registered.
+    pub fn remove(&self, name: &str) -> bool {
+        let Ok(mut s) = self.inner.lock() else {
+            return false;
+        };
+        let found = s.registry.remove(name).is_some();
+        let gone: Vec<(String, u64)> = s.loaded.keys().filter(|k| k.0 == name).cloned().collect();
+        for k in gone {
+            if let Some((a, _)) = s.loaded.remove(&k) {
+                s.bytes -= a.size_bytes();
+            }
+        }
+        found
+    }
+
+    /// The registered adapters: name, current version and directory, sorted by name.
+    pub fn list(&self) -> Vec<(String, u64, PathBuf)> {
+        let Ok(s) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, u64, PathBuf)> = s
+            .registry
+            .iter()
+            .map(|(n, (v, d))| (n.clone(), *v, d.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The current version of `name`.
     pub fn current(&self, name: &str) -> Option<u64> {
         self.inner.lock().ok()?.registry.get(name).map(|(v, _)| *v)

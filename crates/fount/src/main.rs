@@ -35,6 +35,8 @@ enum Command {
     Data(cmd::data::DataCommand),
     /// Generate text from a model, streaming it to stdout.
     Generate(cmd::generate::GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API over a model and its adapters.
+    Serve(cmd::serve::ServeArgs),
     /// Measure speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Model(c) => cmd::model::run(c),
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),
     };
     match result {

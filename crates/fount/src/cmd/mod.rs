@@ -6,6 +6,7 @@ pub mod bench_engine;
 pub mod data;
 pub mod generate;
 pub mod model;
+pub mod serve;
 
 use anyhow::{bail, Result};
 use candle_core::DType;

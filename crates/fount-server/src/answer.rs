@@ -1,0 +1,463 @@
+//! Running validated requests on the engine and shaping what comes back: one JSON answer, or
+//! server-sent events chunked exactly as OpenAI chunks them.
+//!
+//! A client that disconnects drops the response body, which drops the engine streams, which
+//! cancels the requests and frees their KV blocks.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use fount_engine::{Event, Stream as EngineStream, TokenLogprob};
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+
+use crate::error::{ApiError, ApiResult};
+use crate::protocol::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
+    ChatTokenLogprob, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs, Delta,
+    FinishReason, Role, TopLogprob, Usage,
+};
+use crate::state::{now, AppState};
+use crate::validate::Valid;
+
+/// Identifies the server build in `system_fingerprint`.
+pub const FINGERPRINT: &str = concat!("fount-", env!("CARGO_PKG_VERSION"));
+
+/// The engine events of every prompt of a request, as `(prompt index, event)`.
+type Merged = SelectAll<BoxStream<'static, (usize, Event)>>;
+
+/// Submits every prompt; if one is refused, the ones already submitted are cancelled.
+fn submit(state: &AppState, valid: &Valid) -> ApiResult<Merged> {
+    let mut streams = Vec::with_capacity(valid.requests.len());
+    for r in &valid.requests {
+        streams.push(state.engine.submit(r.clone())?);
+    }
+    let boxed = streams.into_iter().enumerate().map(|(i, s)| {
+        stream::unfold(s, |mut s: EngineStream| async move {
+            let e = s.next().await?;
+            Some((e, s))
+        })
+        .map(move |e| (i, e))
+        .boxed()
+    });
+    Ok(stream::select_all(boxed))
+}
+
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+fn finish(r: fount_engine::FinishReason) -> FinishReason {
+    match r {
+        fount_engine::FinishReason::Stop => FinishReason::Stop,
+        fount_engine::FinishReason::Length => FinishReason::Length,
+    }
+}
+
+fn token_text(state: &AppState, id: u32) -> (String, Vec<u8>) {
+    let bytes = state.tokenizer.token_bytes(id);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+fn chat_logprob(state: &AppState, token: u32, lp: &TokenLogprob) -> ChatTokenLogprob {
+    let (text, bytes) = token_text(state, token);
+    ChatTokenLogprob {
+        token: text,
+        logprob: lp.logprob,
+        bytes,
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|&(id, logprob)| {
+                let (token, bytes) = token_text(state, id);
+                TopLogprob {
+                    token,
+                    logprob,
+                    bytes,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// What one choice has produced so far.
+#[derive(Debug, Default)]
+struct Acc {
+    text: String,
+    logprobs: Vec<ChatTokenLogprob>,
+    completion_logprobs: CompletionLogprobs,
+    finish: Option<FinishReason>,
+}
+
+/// Token counts over all prompts and choices.
+#[derive(Debug, Default)]
+struct Counts {
+    usage: Usage,
+}
+
+impl Counts {
+    fn add(&mut self, choice: usize, u: &fount_engine::Usage) {
+        if choice == 0 {
+            self.usage.prompt_tokens += u.prompt_tokens;
+            self.usage.prompt_tokens_details.cached_tokens += u.cached_tokens;
+        }
+        self.usage.completion_tokens += u.completion_tokens;
+        self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens;
+    }
+}
+
+fn add_completion_logprob(state: &AppState, acc: &mut Acc, token: u32, lp: &TokenLogprob) {
+    let (text, _) = token_text(state, token);
+    let l = &mut acc.completion_logprobs;
+    l.text_offset.push(acc.text.len());
+    l.tokens.push(text);
+    l.token_logprobs.push(lp.logprob);
+    l.top_logprobs.push(
+        lp.top
+            .iter()
+            .map(|&(id, logprob)| (token_text(state, id).0, logprob))
+            .collect(),
+    );
+}
+
+/// Reads every event of a non-streamed request.
+async fn collect(
+    state: &AppState,
+    mut merged: Merged,
+    n: usize,
+    prompts: usize,
+) -> ApiResult<(Vec<Acc>, Usage)> {
+    let mut accs: Vec<Acc> = (0..n * prompts).map(|_| Acc::default()).collect();
+    let mut counts = Counts::default();
+    while let Some((p, e)) = merged.next().await {
+        match e {
+            Event::Token {
+                choice,
+                token,
+                text,
+                logprob,
+            } => {
+                let acc = &mut accs[p * n + choice];
+                if let Some(lp) = &logprob {
+                    acc.logprobs.push(chat_logprob(state, token, lp));
+                    add_completion_logprob(state, acc, token, lp);
+                }
+                acc.text.push_str(&text);
+            }
+            Event::Finished {
+                choice,
+                reason,
+                text,
+                usage,
+            } => {
+                let acc = &mut accs[p * n + choice];
+                acc.text.push_str(&text);
+                acc.finish = Some(finish(reason));
+                counts.add(choice, &usage);
+            }
+            Event::Error(e) => return Err(ApiError::Internal(e)),
+        }
+    }
+    Ok((accs, counts.usage))
+}
+
+/// Answers a validated chat request.
+pub async fn chat(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
+    let merged = submit(&state, &valid)?;
+    let n = valid.requests.first().map_or(1, |r| r.n);
+    let logprobs = valid.requests.first().is_some_and(|r| r.logprobs.is_some());
+    let id = random_id("chatcmpl");
+    if valid.stream {
+        return Ok(chat_stream(state, valid, merged, id, n, logprobs));
+    }
+    let (accs, usage) = collect(&state, merged, n, 1).await?;
+    let choices = accs
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: Role::Assistant,
+                content: a.text,
+            },
+            logprobs: logprobs.then_some(ChatLogprobs {
+                content: a.logprobs,
+            }),
+            finish_reason: a.finish.unwrap_or(FinishReason::Stop),
+        })
+        .collect();
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion",
+        created: now(),
+        model: valid.model,
+        choices,
+        usage,
+        system_fingerprint: FINGERPRINT.into(),
+    })
+    .into_response())
+}
+
+/// Answers a validated completions request.
+pub async fn completion(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
+    let merged = submit(&state, &valid)?;
+    let n = valid.requests.first().map_or(1, |r| r.n);
+    let logprobs = valid.requests.first().is_some_and(|r| r.logprobs.is_some());
+    let id = random_id("cmpl");
+    if valid.stream {
+        return Ok(completion_stream(state, valid, merged, id, n, logprobs));
+    }
+    let prompts = valid.requests.len();
+    let (accs, usage) = collect(&state, merged, n, prompts).await?;
+    let choices = accs
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| CompletionChoice {
+            index,
+            text: a.text,
+            logprobs: logprobs.then_some(a.completion_logprobs),
+            finish_reason: Some(a.finish.unwrap_or(FinishReason::Stop)),
+        })
+        .collect();
+    Ok(Json(Completion {
+        id,
+        object: "text_completion",
+        created: now(),
+        model: valid.model,
+        choices,
+        usage: Some(Some(usage)),
+        system_fingerprint: FINGERPRINT.into(),
+    })
+    .into_response())
+}
+
+fn sse(payloads: impl futures_util::Stream<Item = String> + Send + 'static) -> Response {
+    Sse::new(payloads.map(|d| Ok::<_, Infallible>(SseEvent::default().data(d)))).into_response()
+}
+
+fn json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+fn error_payload(message: String) -> String {
+    json(&ApiError::Internal(message).body())
+}
+
+/// Where a streamed response stands.
+struct StreamState {
+    state: Arc<AppState>,
+    merged: Merged,
+    /// Offsets into each choice's text, for completion logprobs.
+    texts: Vec<usize>,
+    counts: Counts,
+    done: bool,
+}
+
+impl StreamState {
+    fn new(state: Arc<AppState>, merged: Merged, choices: usize) -> StreamState {
+        StreamState {
+            state,
+            merged,
+            texts: vec![0; choices],
+            counts: Counts::default(),
+            done: false,
+        }
+    }
+}
+
+fn chat_stream(
+    state: Arc<AppState>,
+    valid: Valid,
+    merged: Merged,
+    id: String,
+    n: usize,
+    logprobs: bool,
+) -> Response {
+    let created = now();
+    let usage_field = valid.include_usage.then_some(None);
+    let chunk = {
+        let (id, model) = (id.clone(), valid.model.clone());
+        move |choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>| ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk",
+            created,
+            model: model.clone(),
+            system_fingerprint: FINGERPRINT.into(),
+            choices,
+            usage,
+        }
+    };
+    let delta = |index: usize, role: Option<Role>, content: Option<String>| ChunkChoice {
+        index,
+        delta: Delta { role, content },
+        logprobs: None,
+        finish_reason: None,
+    };
+    // the role first, for every choice
+    let first: Vec<String> = (0..n)
+        .map(|i| {
+            json(&chunk(
+                vec![delta(i, Some(Role::Assistant), Some(String::new()))],
+                usage_field.clone(),
+            ))
+        })
+        .collect();
+    let include_usage = valid.include_usage;
+    let body = stream::unfold(StreamState::new(state, merged, n), move |mut s| {
+        let chunk = chunk.clone();
+        let usage_field = usage_field.clone();
+        async move {
+            if s.done {
+                return None;
+            }
+            let Some((_, e)) = s.merged.next().await else {
+                s.done = true;
+                let mut out = Vec::new();
+                if include_usage {
+                    out.push(json(&chunk(Vec::new(), Some(Some(s.counts.usage.clone())))));
+                }
+                out.push("[DONE]".to_string());
+                return Some((out, s));
+            };
+            let out = match e {
+                Event::Token {
+                    choice,
+                    token,
+                    text,
+                    logprob,
+                } => {
+                    if text.is_empty() && !logprobs {
+                        Vec::new()
+                    } else {
+                        let mut c = delta(choice, None, Some(text));
+                        if let (true, Some(lp)) = (logprobs, &logprob) {
+                            c.logprobs = Some(ChatLogprobs {
+                                content: vec![chat_logprob(&s.state, token, lp)],
+                            });
+                        }
+                        vec![json(&chunk(vec![c], usage_field.clone()))]
+                    }
+                }
+                Event::Finished {
+                    choice,
+                    reason,
+                    text,
+                    usage,
+                } => {
+                    s.counts.add(choice, &usage);
+                    let mut out = Vec::new();
+                    if !text.is_empty() {
+                        out.push(json(&chunk(
+                            vec![delta(choice, None, Some(text))],
+                            usage_field.clone(),
+                        )));
+                    }
+                    let mut last = delta(choice, None, None);
+                    last.finish_reason = Some(finish(reason));
+                    out.push(json(&chunk(vec![last], usage_field.clone())));
+                    out
+                }
+                Event::Error(e) => {
+                    s.done = true;
+                    vec![error_payload(e), "[DONE]".into()]
+                }
+            };
+            Some((out, s))
+        }
+    });
+    sse(stream::iter(first).chain(body.flat_map(stream::iter)))
+}
+
+fn completion_stream(
+    state: Arc<AppState>,
+    valid: Valid,
+    merged: Merged,
+    id: String,
+    n: usize,
+    logprobs: bool,
+) -> Response {
+    let created = now();
+    let usage_field = valid.include_usage.then_some(None);
+    let model = valid.model.clone();
+    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>| Completion {
+        id: id.clone(),
+        object: "text_completion",
+        created,
+        model: model.clone(),
+        choices,
+        usage,
+        system_fingerprint: FINGERPRINT.into(),
+    };
+    let include_usage = valid.include_usage;
+    let choices = n * valid.requests.len();
+    let body = stream::unfold(StreamState::new(state, merged, choices), move |mut s| {
+        let chunk = chunk.clone();
+        let usage_field = usage_field.clone();
+        async move {
+            if s.done {
+                return None;
+            }
+            let Some((p, e)) = s.merged.next().await else {
+                s.done = true;
+                let mut out = Vec::new();
+                if include_usage {
+                    out.push(json(&chunk(Vec::new(), Some(Some(s.counts.usage.clone())))));
+                }
+                out.push("[DONE]".to_string());
+                return Some((out, s));
+            };
+            let out = match e {
+                Event::Token {
+                    choice,
+                    token,
+                    text,
+                    logprob,
+                } => {
+                    let index = p * n + choice;
+                    if text.is_empty() && !logprobs {
+                        Vec::new()
+                    } else {
+                        let mut lps = None;
+                        if let (true, Some(lp)) = (logprobs, &logprob) {
+                            let mut acc = Acc::default();
+                            add_completion_logprob(&s.state, &mut acc, token, lp);
+                            acc.completion_logprobs.text_offset = vec![s.texts[index]];
+                            lps = Some(acc.completion_logprobs);
+                        }
+                        s.texts[index] += text.len();
+                        let c = CompletionChoice {
+                            index,
+                            text,
+                            logprobs: lps,
+                            finish_reason: None,
+                        };
+                        vec![json(&chunk(vec![c], usage_field.clone()))]
+                    }
+                }
+                Event::Finished {
+                    choice,
+                    reason,
+                    text,
+                    usage,
+                } => {
+                    s.counts.add(choice, &usage);
+                    let c = CompletionChoice {
+                        index: p * n + choice,
+                        text,
+                        logprobs: None,
+                        finish_reason: Some(finish(reason)),
+                    };
+                    vec![json(&chunk(vec![c], usage_field.clone()))]
+                }
+                Event::Error(e) => {
+                    s.done = true;
+                    vec![error_payload(e), "[DONE]".into()]
+                }
+            };
+            Some((out, s))
+        }
+    });
+    sse(body.flat_map(stream::iter))
+}

@@ -1,0 +1,117 @@
+//! `fount-server`: the OpenAI-compatible HTTP API over the inference engine.
+//!
+//! A request flows through four steps:
+//!
+//! 1. [`extract::JsonBody`] parses the body; malformed JSON or a wrong type is a 400 naming the
+//!    field, as OpenAI's API answers.
+//! 2. [`validate`] turns it into engine requests: ranges checked, the model or adapter resolved,
+//!    the chat template applied, the prompt tokenised and fitted to the context.
+//! 3. [`answer`] submits them to the [`fount_engine::Engine`] and shapes the events into one
+//!    JSON answer or server-sent events chunked as OpenAI chunks them.
+//! 4. [`error::ApiError`] is the one place an error becomes an OpenAI error object and a status.
+//!
+//! Around them: `/v1/models`, the adapter admin routes, `/health`, Prometheus `/metrics`, and the
+//! OpenAPI document at `/openapi.json` (generated from the handlers' annotations).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use fount_server::{serve, AppState, ServerConfig};
+//! let state = AppState::load(
+//!     std::path::Path::new("models/tiny"),
+//!     None,
+//!     fount_engine::EngineConfig::default(),
+//!     ServerConfig::default(),
+//! )?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//! serve(listener, state, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod answer;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod protocol;
+pub mod routes;
+pub mod state;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use utoipa::OpenApi;
+
+pub use error::{ApiError, ApiResult};
+pub use state::{AppState, ServerConfig, SetupError};
+
+/// The OpenAPI document of the routes served.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "fount",
+        description = "OpenAI-compatible API of the fount inference server.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        routes::chat_completions,
+        routes::completions,
+        routes::list_models,
+        routes::get_model,
+        routes::register_adapter,
+        routes::delete_adapter,
+        routes::health,
+        routes::metrics,
+        routes::openapi,
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty-printed JSON (what `docs/openapi.json` holds).
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    doc.to_pretty_json().unwrap_or_default() + "\n"
+}
+
+/// The router over `state`.
+pub fn app(state: Arc<AppState>) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::list_models))
+        .route("/v1/models/{*id}", get(routes::get_model))
+        .route("/v1/adapters", post(routes::register_adapter))
+        .route("/v1/adapters/{id}", delete(routes::delete_adapter))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::track,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` completes; then stops accepting connections,
+/// answers 503 to new requests, lets running requests finish, and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let draining = state.clone();
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.drain();
+            tracing::info!("draining: no new connections; running requests finish");
+        })
+        .await
+}

@@ -1,0 +1,171 @@
+//! What every handler shares: the engine, the model's tokenizer and chat template, limits,
+//! metrics, and whether the server is draining.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::Device;
+use fount_engine::{Engine, EngineConfig};
+use fount_model::{ChatTemplate, Config, Model, ModelFiles, Tokenizer};
+
+use crate::metrics::ServerMetrics;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The name clients pass as `model` for the base model.
+    pub model_name: String,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            model_name: "fount".into(),
+            max_body_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The model directory could not be loaded.
+    #[error(transparent)]
+    Model(#[from] fount_model::Error),
+    /// The engine could not start.
+    #[error(transparent)]
+    Engine(#[from] fount_engine::EngineError),
+    /// An adapters directory could not be read.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// An adapter in the adapters directory is unusable.
+    #[error("adapter {name:?} in {dir}: {source}")]
+    Adapter {
+        /// Its folder name.
+        name: String,
+        /// The adapters directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: fount_model::Error,
+    },
+}
+
+/// The state behind every route.
+#[derive(Debug)]
+pub struct AppState {
+    pub(crate) engine: Engine,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) template: Option<ChatTemplate>,
+    pub(crate) config: Config,
+    pub(crate) dtype: candle_core::DType,
+    pub(crate) cfg: ServerConfig,
+    pub(crate) started: u64,
+    pub(crate) metrics: ServerMetrics,
+    /// When each adapter name was last registered (Unix seconds).
+    pub(crate) adapter_times: Mutex<HashMap<String, u64>>,
+    draining: AtomicBool,
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl AppState {
+    /// Loads the model in `dir` (f32 on the CPU), starts the engine over it, and registers
+    /// every PEFT adapter found in a subdirectory of `adapters` under its folder name.
+    pub fn load(
+        dir: &Path,
+        adapters: Option<&Path>,
+        engine_cfg: EngineConfig,
+        cfg: ServerConfig,
+    ) -> Result<Arc<AppState>, SetupError> {
+        let files = ModelFiles::open(dir)?;
+        let tokenizer = Tokenizer::from_file(&files.tokenizer_path())?;
+        let template = ChatTemplate::from_dir(dir)?;
+        let eos = files.generation_config()?.eos_token_ids;
+        let model = Model::load(dir, candle_core::DType::F32, &Device::Cpu)?;
+        let config = model.config().clone();
+        let dtype = model.dtype();
+        let engine = Engine::start(model, tokenizer.clone(), eos, engine_cfg)?;
+        let state = AppState::new(engine, tokenizer, template, config, dtype, cfg);
+        if let Some(root) = adapters {
+            let mut entries: Vec<_> = fs_err::read_dir(root)?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().join("adapter_config.json").exists())
+                .collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // refuse unusable adapters at start-up rather than on a tenant's first request
+                fount_model::LoraAdapter::load(&e.path(), &state.config, dtype, &Device::Cpu)
+                    .map_err(|source| SetupError::Adapter {
+                        name: name.clone(),
+                        dir: root.to_path_buf(),
+                        source,
+                    })?;
+                state.register_adapter(&name, e.path());
+            }
+        }
+        Ok(state)
+    }
+
+    /// State over a running engine.
+    pub fn new(
+        engine: Engine,
+        tokenizer: Tokenizer,
+        template: Option<ChatTemplate>,
+        config: Config,
+        dtype: candle_core::DType,
+        cfg: ServerConfig,
+    ) -> Arc<AppState> {
+        Arc::new(AppState {
+            engine,
+            tokenizer,
+            template,
+            config,
+            dtype,
+            cfg,
+            started: now(),
+            metrics: ServerMetrics::new(),
+            adapter_times: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Registers (or replaces) adapter `name` from `dir`.
+    pub fn register_adapter(&self, name: &str, dir: std::path::PathBuf) -> u64 {
+        let v = self.engine.adapters().register(name, dir);
+        if let Ok(mut t) = self.adapter_times.lock() {
+            t.insert(name.to_string(), now());
+        }
+        v
+    }
+
+    /// Stops taking requests: routes answer 503 from now on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`AppState::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The model's context length in tokens.
+    pub fn context(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+}

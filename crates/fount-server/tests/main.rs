@@ -1,0 +1,10 @@
+//! Integration tests of the HTTP layer, without sockets (`app().oneshot(…)`).
+#![allow(missing_docs, clippy::unwrap_used)]
+
+/// Requests and their validation: status codes, OpenAI error objects, the `param` at fault.
+mod errors;
+/// Answers and streams: JSON and server-sent events, snapshotted with ids and times masked.
+mod generation;
+/// Models, adapters, health, metrics and the OpenAPI document.
+mod operations;
+mod util;

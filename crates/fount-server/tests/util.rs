@@ -1,0 +1,160 @@
+//! A tiny model, server state over it, and a way to call the router without a socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use fount_engine::EngineConfig;
+use fount_model::init::{init_model, preset, InitOptions};
+use fount_model::Arch;
+use fount_server::{app, AppState, ServerConfig};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// The tiny Qwen2 model (written once per test run).
+pub fn model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("fount-server-tiny-{}", std::process::id()));
+        let opts = InitOptions {
+            std: 0.2,
+            ..Default::default()
+        };
+        init_model(
+            Arch::Qwen2,
+            &preset(Arch::Qwen2, "tiny").unwrap(),
+            &opts,
+            &d,
+        )
+        .unwrap();
+        d
+    })
+}
+
+/// A random rank-4 adapter for the tiny model, written under the test scratch directory.
+pub fn adapter_dir(name: &str, seed: u64) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fount-server-adapters-{}", std::process::id()))
+        .join(name);
+    let cfg = fount_model::HfConfig::from_file(&model_dir().join("config.json"))
+        .unwrap()
+        .resolve()
+        .unwrap();
+    fount_model::init::init_lora(&cfg, 4, 0.3, seed, &d).unwrap();
+    d
+}
+
+/// Server state over the tiny model with `engine` settings.
+pub fn state_with(engine: EngineConfig, cfg: ServerConfig) -> Arc<AppState> {
+    AppState::load(model_dir(), None, engine, cfg).unwrap()
+}
+
+/// Server state with the defaults (model name `tiny`).
+pub fn state() -> Arc<AppState> {
+    state_with(
+        EngineConfig {
+            kv_bytes: 64 << 20,
+            ..Default::default()
+        },
+        ServerConfig {
+            model_name: "tiny".into(),
+            ..Default::default()
+        },
+    )
+}
+
+/// A response: status, headers, body text.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The OpenAI error object's `(type, param, code)`.
+    pub fn error(&self) -> (String, Option<String>, Option<String>) {
+        let j = self.json();
+        let e = &j["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+        (
+            e["type"].as_str().unwrap_or_default().to_string(),
+            e["param"].as_str().map(str::to_string),
+            e["code"].as_str().map(str::to_string),
+        )
+    }
+
+    /// The `data:` payloads of a server-sent event stream.
+    pub fn events(&self) -> Vec<String> {
+        self.body
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Sends one request through the router.
+pub async fn call(state: &Arc<AppState>, method: Method, path: &str, body: &str) -> Reply {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let res = app(state.clone()).oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+/// `POST path` with a JSON body.
+pub async fn post(state: &Arc<AppState>, path: &str, body: serde_json::Value) -> Reply {
+    call(state, Method::POST, path, &body.to_string()).await
+}
+
+/// Masks what changes from run to run (ids, times) in a JSON text.
+pub fn mask(text: &str) -> String {
+    let mut v: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) => return text.to_string(),
+    };
+    if let Some(o) = v.as_object_mut() {
+        for (k, val) in o.iter_mut() {
+            match k.as_str() {
+                "id" if val.as_str().is_some_and(|s| s.contains("cmpl")) => {
+                    *val = "[id]".into();
+                }
+                "created" => *val = "[time]".into(),
+                _ => {}
+            }
+        }
+    }
+    serde_json::to_string_pretty(&v).unwrap()
+}
+
+/// Waits (up to 5 s) until the engine holds no KV blocks for running sequences, and asserts it.
+pub async fn until_idle(state: &Arc<AppState>) {
+    for _ in 0..500 {
+        let m = state.engine().metrics();
+        if m.blocks_used == 0 && m.running == 0 && m.waiting == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the engine still holds blocks: {:?}",
+        state.engine().metrics()
+    );
+}

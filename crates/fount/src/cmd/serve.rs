@@ -1,0 +1,164 @@
+//! `fount serve`: the OpenAI-compatible HTTP server over one base model and its adapters.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use fount_engine::EngineConfig;
+use fount_server::{AppState, ServerConfig};
+
+/// Arguments of `fount serve`; every flag can also come from the environment.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Hugging Face model directory to serve.
+    #[arg(long, env = "FOUNT_MODEL")]
+    pub model: PathBuf,
+    /// The name clients pass as `model` (default: the directory's name).
+    #[arg(long, env = "FOUNT_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// A directory with one PEFT adapter per subdirectory, each served under its folder name.
+    #[arg(long, env = "FOUNT_ADAPTERS")]
+    pub adapters: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "FOUNT_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, env = "FOUNT_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Memory for the KV cache (e.g. 512MiB, 2GiB).
+    #[arg(long, env = "FOUNT_KV_MEMORY", default_value = "1GiB")]
+    pub kv_memory: String,
+    /// Requests waiting for the engine before new ones get 429.
+    #[arg(long, env = "FOUNT_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Sequences decoding at once.
+    #[arg(long, env = "FOUNT_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+    /// Memory for loaded adapters (least recently used first out).
+    #[arg(long, env = "FOUNT_ADAPTER_MEMORY", default_value = "1GiB")]
+    pub adapter_memory: String,
+    /// Largest request body.
+    #[arg(long, env = "FOUNT_MAX_BODY", default_value = "4MiB")]
+    pub max_body: String,
+}
+
+/// Parses `512MiB`, `2GiB`, `1G`, `100k` or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a size such as 512MiB or 2GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("unknown size unit {other:?} in {s:?} (B, KiB, MiB, GiB, k, M, G)"),
+    };
+    Ok((n * mult) as usize)
+}
+
+/// Runs `fount serve` until SIGTERM or Ctrl-C, then drains and returns.
+pub fn run(a: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FOUNT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let model_name = match &a.model_name {
+        Some(n) => n.clone(),
+        None => a
+            .model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "fount".into()),
+    };
+    let engine_cfg = EngineConfig {
+        kv_bytes: parse_size(&a.kv_memory).context("--kv-memory")?,
+        max_waiting: a.max_queue,
+        max_running: a.max_running,
+        adapter_cache_bytes: parse_size(&a.adapter_memory).context("--adapter-memory")?,
+        ..EngineConfig::default()
+    };
+    let cfg = ServerConfig {
+        model_name: model_name.clone(),
+        max_body_bytes: parse_size(&a.max_body).context("--max-body")?,
+    };
+    let state = AppState::load(&a.model, a.adapters.as_deref(), engine_cfg, cfg)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fount-http")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let bound = listener.local_addr()?;
+        let adapters = state.engine().adapters().list().len();
+        tracing::info!(
+            model = %model_name,
+            adapters,
+            kv_blocks = state.engine().kv_blocks(),
+            "listening on http://{bound}"
+        );
+        fount_server::serve(listener, state, shutdown_signal())
+            .await
+            .context("serving")?;
+        tracing::info!("drained; exiting");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); Ctrl-C still stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512MiB").ok(), Some(512 << 20));
+        assert_eq!(parse_size("2GiB").ok(), Some(2 << 30));
+        assert_eq!(parse_size("1.5G").ok(), Some(1_500_000_000));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+    }
+}
