@@ -403,6 +403,13 @@ impl Engine {
                 req.n
             )));
         }
+        if req.n > self.max_waiting {
+            // it could never be queued: not a matter of retrying later
+            return Err(EngineError::Invalid(format!(
+                "n = {} exceeds the {} requests the queue holds",
+                req.n, self.max_waiting
+            )));
+        }
         if req.max_tokens == 0 {
             return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
         }

@@ -19,7 +19,7 @@ use crate::protocol::{
     ChatTokenLogprob, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs, Delta,
     FinishReason, Role, TopLogprob, Usage,
 };
-use crate::state::{now, AppState};
+use crate::state::{now, AppState, InFlight};
 use crate::validate::Valid;
 
 /// Identifies the server build in `system_fingerprint`.
@@ -165,12 +165,13 @@ async fn collect(
 
 /// Answers a validated chat request.
 pub async fn chat(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
+    let guard = state.in_flight();
     let merged = submit(&state, &valid)?;
     let n = valid.requests.first().map_or(1, |r| r.n);
     let logprobs = valid.requests.first().is_some_and(|r| r.logprobs.is_some());
     let id = random_id("chatcmpl");
     if valid.stream {
-        return Ok(chat_stream(state, valid, merged, id, n, logprobs));
+        return Ok(chat_stream(state, valid, merged, id, n, logprobs, guard));
     }
     let (accs, usage) = collect(&state, merged, n, 1).await?;
     let choices = accs
@@ -200,17 +201,42 @@ pub async fn chat(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
     .into_response())
 }
 
+/// Of each prompt's `generated` choices, the `keep` with the highest total log-probability (ties
+/// in generation order), prompt by prompt.
+fn best_of(accs: Vec<Acc>, generated: usize, keep: usize) -> Vec<Acc> {
+    let mut out = Vec::with_capacity(accs.len() / generated.max(1) * keep);
+    let mut it = accs.into_iter().peekable();
+    while it.peek().is_some() {
+        let mut group: Vec<Acc> = it.by_ref().take(generated).collect();
+        let score = |a: &Acc| -> f32 { a.completion_logprobs.token_logprobs.iter().sum() };
+        group.sort_by(|a, b| score(b).total_cmp(&score(a)));
+        out.extend(group.into_iter().take(keep));
+    }
+    out
+}
+
 /// Answers a validated completions request.
 pub async fn completion(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
+    let guard = state.in_flight();
     let merged = submit(&state, &valid)?;
     let n = valid.requests.first().map_or(1, |r| r.n);
     let logprobs = valid.requests.first().is_some_and(|r| r.logprobs.is_some());
     let id = random_id("cmpl");
     if valid.stream {
-        return Ok(completion_stream(state, valid, merged, id, n, logprobs));
+        return Ok(completion_stream(
+            state, valid, merged, id, n, logprobs, guard,
+        ));
     }
     let prompts = valid.requests.len();
-    let (accs, usage) = collect(&state, merged, n, prompts).await?;
+    let (mut accs, usage) = collect(&state, merged, n, prompts).await?;
+    let (keep, logprobs) = match valid.keep {
+        Some((keep, asked)) => {
+            accs = best_of(accs, n, keep);
+            (keep, asked)
+        }
+        None => (n, logprobs),
+    };
+    debug_assert_eq!(accs.len(), keep * prompts);
     let choices = accs
         .into_iter()
         .enumerate()
@@ -253,11 +279,14 @@ struct StreamState {
     texts: Vec<usize>,
     counts: Counts,
     done: bool,
+    /// Held until the stream ends or the client goes away.
+    _in_flight: InFlight,
 }
 
 impl StreamState {
-    fn new(state: Arc<AppState>, merged: Merged, choices: usize) -> StreamState {
+    fn new(state: Arc<AppState>, merged: Merged, choices: usize, guard: InFlight) -> StreamState {
         StreamState {
+            _in_flight: guard,
             state,
             merged,
             texts: vec![0; choices],
@@ -274,6 +303,7 @@ fn chat_stream(
     id: String,
     n: usize,
     logprobs: bool,
+    guard: InFlight,
 ) -> Response {
     let created = now();
     let usage_field = valid.include_usage.then_some(None);
@@ -305,7 +335,7 @@ fn chat_stream(
         })
         .collect();
     let include_usage = valid.include_usage;
-    let body = stream::unfold(StreamState::new(state, merged, n), move |mut s| {
+    let body = stream::unfold(StreamState::new(state, merged, n, guard), move |mut s| {
         let chunk = chunk.clone();
         let usage_field = usage_field.clone();
         async move {
@@ -377,6 +407,7 @@ fn completion_stream(
     id: String,
     n: usize,
     logprobs: bool,
+    guard: InFlight,
 ) -> Response {
     let created = now();
     let usage_field = valid.include_usage.then_some(None);
@@ -392,72 +423,75 @@ fn completion_stream(
     };
     let include_usage = valid.include_usage;
     let choices = n * valid.requests.len();
-    let body = stream::unfold(StreamState::new(state, merged, choices), move |mut s| {
-        let chunk = chunk.clone();
-        let usage_field = usage_field.clone();
-        async move {
-            if s.done {
-                return None;
-            }
-            let Some((p, e)) = s.merged.next().await else {
-                s.done = true;
-                let mut out = Vec::new();
-                if include_usage {
-                    out.push(json(&chunk(Vec::new(), Some(Some(s.counts.usage.clone())))));
+    let body = stream::unfold(
+        StreamState::new(state, merged, choices, guard),
+        move |mut s| {
+            let chunk = chunk.clone();
+            let usage_field = usage_field.clone();
+            async move {
+                if s.done {
+                    return None;
                 }
-                out.push("[DONE]".to_string());
-                return Some((out, s));
-            };
-            let out = match e {
-                Event::Token {
-                    choice,
-                    token,
-                    text,
-                    logprob,
-                } => {
-                    let index = p * n + choice;
-                    if text.is_empty() && !logprobs {
-                        Vec::new()
-                    } else {
-                        let mut lps = None;
-                        if let (true, Some(lp)) = (logprobs, &logprob) {
-                            let mut acc = Acc::default();
-                            add_completion_logprob(&s.state, &mut acc, token, lp);
-                            acc.completion_logprobs.text_offset = vec![s.texts[index]];
-                            lps = Some(acc.completion_logprobs);
+                let Some((p, e)) = s.merged.next().await else {
+                    s.done = true;
+                    let mut out = Vec::new();
+                    if include_usage {
+                        out.push(json(&chunk(Vec::new(), Some(Some(s.counts.usage.clone())))));
+                    }
+                    out.push("[DONE]".to_string());
+                    return Some((out, s));
+                };
+                let out = match e {
+                    Event::Token {
+                        choice,
+                        token,
+                        text,
+                        logprob,
+                    } => {
+                        let index = p * n + choice;
+                        if text.is_empty() && !logprobs {
+                            Vec::new()
+                        } else {
+                            let mut lps = None;
+                            if let (true, Some(lp)) = (logprobs, &logprob) {
+                                let mut acc = Acc::default();
+                                add_completion_logprob(&s.state, &mut acc, token, lp);
+                                acc.completion_logprobs.text_offset = vec![s.texts[index]];
+                                lps = Some(acc.completion_logprobs);
+                            }
+                            s.texts[index] += text.len();
+                            let c = CompletionChoice {
+                                index,
+                                text,
+                                logprobs: lps,
+                                finish_reason: None,
+                            };
+                            vec![json(&chunk(vec![c], usage_field.clone()))]
                         }
-                        s.texts[index] += text.len();
+                    }
+                    Event::Finished {
+                        choice,
+                        reason,
+                        text,
+                        usage,
+                    } => {
+                        s.counts.add(choice, &usage);
                         let c = CompletionChoice {
-                            index,
+                            index: p * n + choice,
                             text,
-                            logprobs: lps,
-                            finish_reason: None,
+                            logprobs: None,
+                            finish_reason: Some(finish(reason)),
                         };
                         vec![json(&chunk(vec![c], usage_field.clone()))]
                     }
-                }
-                Event::Finished {
-                    choice,
-                    reason,
-                    text,
-                    usage,
-                } => {
-                    s.counts.add(choice, &usage);
-                    let c = CompletionChoice {
-                        index: p * n + choice,
-                        text,
-                        logprobs: None,
-                        finish_reason: Some(finish(reason)),
-                    };
-                    vec![json(&chunk(vec![c], usage_field.clone()))]
-                }
-                Event::Error(e) => {
-                    s.done = true;
-                    vec![error_payload(e), "[DONE]".into()]
-                }
-            };
-            Some((out, s))
-        }
-    });
+                    Event::Error(e) => {
+                        s.done = true;
+                        vec![error_payload(e), "[DONE]".into()]
+                    }
+                };
+                Some((out, s))
+            }
+        },
+    );
     sse(body.flat_map(stream::iter))
 }

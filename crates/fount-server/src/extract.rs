@@ -61,9 +61,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         } else {
             format!("invalid value for {path}: {inner}")
         };
+        let syntax = message.starts_with("the request body is not valid JSON");
         ApiError::Invalid {
             message,
-            param: (path != ".").then_some(path),
+            param: (path != "." && !syntax).then_some(path),
             code: None,
         }
     })?;

@@ -99,8 +99,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` completes; then stops accepting connections,
-/// answers 503 to new requests, lets running requests finish, and returns.
+/// Serves `state` on `listener` until `shutdown` completes; then drains: new requests get 503
+/// (a clear, retryable answer for a load balancer) while the running ones, streams included,
+/// finish; once none is left the listener closes and this returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -111,7 +112,13 @@ pub async fn serve(
         .with_graceful_shutdown(async move {
             shutdown.await;
             draining.drain();
-            tracing::info!("draining: no new connections; running requests finish");
+            tracing::info!(
+                running = draining.requests_in_flight(),
+                "draining: new requests get 503; running requests finish"
+            );
+            while draining.requests_in_flight() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
         })
         .await
 }

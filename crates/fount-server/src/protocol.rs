@@ -69,14 +69,30 @@ pub struct ChatCompletionRequest {
     /// An end-user identifier (recorded, not interpreted).
     #[serde(default)]
     pub user: Option<String>,
-    /// Tool definitions: not supported yet; a request with tools is refused.
+    /// Tool definitions: not supported yet; a request with tools is refused (an empty list is
+    /// the same as none).
     #[serde(default)]
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub tools: Option<serde_json::Value>,
-    /// Only `{"type": "text"}` is supported.
+    #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// The output format: only plain text.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub response_format: Option<serde_json::Value>,
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `response_format`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ResponseFormat {
+    /// Only `text` is supported.
+    #[serde(rename = "type")]
+    pub kind: ResponseFormatType,
+}
+
+/// The output formats fount produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormatType {
+    /// Plain text.
+    Text,
 }
 
 /// One message of a conversation.
@@ -194,8 +210,10 @@ pub struct CompletionRequest {
     /// Echo the prompt before the completion: only `false` is supported.
     #[serde(default)]
     pub echo: Option<bool>,
-    /// Must equal `n` when given (fount returns every choice it generates).
+    /// Generate this many choices per prompt and return the `n` with the highest total
+    /// log-probability (at least `n`, at most 16; not with `stream`).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 16)]
     pub best_of: Option<u32>,
     /// Text after the completion: not supported.
     #[serde(default)]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,6 +20,8 @@ pub struct ServerConfig {
     pub model_name: String,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Context length to serve, when shorter than the model's (prompt plus generated tokens).
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -27,6 +29,7 @@ impl Default for ServerConfig {
         ServerConfig {
             model_name: "fount".into(),
             max_body_bytes: 4 << 20,
+            max_model_len: None,
         }
     }
 }
@@ -69,6 +72,17 @@ pub struct AppState {
     /// When each adapter name was last registered (Unix seconds).
     pub(crate) adapter_times: Mutex<HashMap<String, u64>>,
     draining: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+/// A running generation request; see [`AppState::requests_in_flight`].
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<AppState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -137,6 +151,7 @@ impl AppState {
             metrics: ServerMetrics::new(),
             adapter_times: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -164,8 +179,20 @@ impl AppState {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// The model's context length in tokens.
+    /// The context length served, in tokens: the model's, or `max_model_len` when shorter.
     pub fn context(&self) -> usize {
-        self.config.max_position_embeddings
+        let model = self.config.max_position_embeddings;
+        self.cfg.max_model_len.map_or(model, |m| m.min(model))
+    }
+
+    /// Marks a generation request as running until the guard is dropped (for draining).
+    pub(crate) fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Generation requests running now (streams included).
+    pub fn requests_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 }

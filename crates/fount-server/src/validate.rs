@@ -29,6 +29,9 @@ pub struct Valid {
     pub model: String,
     /// One per prompt, each with `n` choices.
     pub requests: Vec<Request>,
+    /// `best_of`: keep the best `n` choices of each prompt, and whether the client asked for
+    /// log-probabilities (else they were asked only to rank the choices).
+    pub keep: Option<(usize, bool)>,
     /// Stream server-sent events.
     pub stream: bool,
     /// Add a usage chunk to the stream.
@@ -226,19 +229,11 @@ pub fn chat(state: &AppState, body: &ChatCompletionRequest) -> ApiResult<Valid> 
             "messages must hold at least one message",
         ));
     }
-    if body.tools.as_ref().is_some_and(|t| !t.is_null()) {
+    if body.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid(
             "tools",
             "tool calling is not supported yet",
         ));
-    }
-    if let Some(f) = &body.response_format {
-        if f.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::invalid(
-                "response_format",
-                "only {\"type\": \"text\"} is supported",
-            ));
-        }
     }
     let logprobs = match (body.logprobs.unwrap_or(false), body.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -318,6 +313,7 @@ pub fn chat(state: &AppState, body: &ChatCompletionRequest) -> ApiResult<Valid> 
     Ok(Valid {
         model: body.model.clone(),
         requests: vec![req],
+        keep: None,
         stream: body.stream.unwrap_or(false),
         include_usage: include_usage(body.stream, body.stream_options.as_ref())?,
     })
@@ -345,13 +341,19 @@ pub fn completion(state: &AppState, body: &CompletionRequest) -> ApiResult<Valid
     if body.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
-    if let Some(b) = body.best_of {
-        if b != body.n.unwrap_or(1) {
-            return Err(ApiError::invalid(
-                "best_of",
-                "best_of must equal n (every generated choice is returned)",
-            ));
-        }
+    let n = body.n.unwrap_or(1);
+    let best_of = body.best_of.unwrap_or(n);
+    if best_of < n || best_of > MAX_N {
+        return Err(ApiError::invalid(
+            "best_of",
+            format!("best_of must be between n ({n}) and {MAX_N}, not {best_of}"),
+        ));
+    }
+    if best_of > n && body.stream.unwrap_or(false) {
+        return Err(ApiError::invalid(
+            "best_of",
+            "best_of above n cannot be streamed (the best are known only at the end)",
+        ));
     }
     let logprobs = match body.logprobs {
         None => None,
@@ -374,7 +376,12 @@ pub fn completion(state: &AppState, body: &CompletionRequest) -> ApiResult<Valid
         frequency_penalty: body.frequency_penalty,
         logit_bias: body.logit_bias.as_ref(),
     };
-    let req = template(state, &common, logprobs)?;
+    let mut req = template(state, &common, logprobs)?;
+    if best_of > n {
+        // the choices are ranked by their tokens' log-probabilities
+        req.n = best_of as usize;
+        req.logprobs = Some(logprobs.unwrap_or(0));
+    }
     let encode = |t: &str| {
         state
             .tokenizer
@@ -415,6 +422,7 @@ pub fn completion(state: &AppState, body: &CompletionRequest) -> ApiResult<Valid
     Ok(Valid {
         model: body.model.clone(),
         requests,
+        keep: (best_of > n).then_some((n as usize, logprobs.is_some())),
         stream: body.stream.unwrap_or(false),
         include_usage: include_usage(body.stream, body.stream_options.as_ref())?,
     })

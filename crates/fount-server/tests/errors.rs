@@ -135,7 +135,7 @@ async fn out_of_range_values_are_refused() {
         (json!({"tools": [{"type": "function"}]}), "tools"),
         (
             json!({"response_format": {"type": "json_object"}}),
-            "response_format",
+            "response_format.type",
         ),
         (json!({"messages": []}), "messages"),
         (
@@ -156,7 +156,10 @@ async fn out_of_range_values_are_refused() {
         (json!({"logprobs": 6}), "logprobs"),
         (json!({"echo": true}), "echo"),
         (json!({"suffix": "x"}), "suffix"),
-        (json!({"best_of": 3}), "best_of"),
+        (json!({"best_of": 0}), "best_of"),
+        (json!({"best_of": 17}), "best_of"),
+        (json!({"n": 2, "best_of": 1}), "best_of"),
+        (json!({"best_of": 2, "stream": true}), "best_of"),
         (json!({"prompt": []}), "prompt"),
         (json!({"prompt": [99999]}), "prompt"),
     ] {
@@ -251,6 +254,7 @@ async fn oversized_bodies_get_413() {
         ServerConfig {
             model_name: "tiny".into(),
             max_body_bytes: 1024,
+            max_model_len: None,
         },
     );
     let big = "x".repeat(4096);

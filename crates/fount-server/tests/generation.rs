@@ -224,3 +224,59 @@ async fn a_repeated_prompt_reports_cached_tokens() {
         .unwrap();
     assert!(cached >= 16, "{second}");
 }
+
+#[tokio::test]
+async fn best_of_returns_the_most_likely_choices() {
+    let s = state();
+    let ask = |extra: serde_json::Value| {
+        let mut b = json!({"model": "tiny", "prompt": "Once upon", "max_tokens": 6, "temperature": 1.0, "seed": 11});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // the three candidates best_of = 3 draws from, with their log-probabilities
+    let all = post(&s, "/v1/completions", ask(json!({"n": 3, "logprobs": 0})))
+        .await
+        .json();
+    let score = |c: &serde_json::Value| -> f64 {
+        c["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum()
+    };
+    let mut ranked: Vec<&serde_json::Value> = all["choices"].as_array().unwrap().iter().collect();
+    ranked.sort_by(|a, b| score(b).total_cmp(&score(a)));
+    let best = post(&s, "/v1/completions", ask(json!({"best_of": 3})))
+        .await
+        .json();
+    let choices = best["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 1);
+    assert_eq!(choices[0]["text"], ranked[0]["text"], "{best} vs {all}");
+    assert!(
+        choices[0]["logprobs"].is_null(),
+        "log-probabilities only when asked"
+    );
+    // every candidate's tokens are billed
+    assert_eq!(
+        best["usage"]["completion_tokens"],
+        all["usage"]["completion_tokens"]
+    );
+    let two = post(
+        &s,
+        "/v1/completions",
+        ask(json!({"best_of": 3, "n": 2, "logprobs": 1})),
+    )
+    .await
+    .json();
+    let texts: Vec<&serde_json::Value> = two["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["text"])
+        .collect();
+    assert_eq!(texts, [&ranked[0]["text"], &ranked[1]["text"]]);
+    assert_eq!(two["choices"][1]["index"], 1);
+}

@@ -7,4 +7,7 @@ mod cli;
 /// `fount data` from the command line.
 mod data_cli;
 
+/// `fount serve` with real clients: the `openai` package, overload, schema fuzzing, SIGTERM.
+mod serve;
+
 mod util;

@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Memory for loaded adapters (least recently used first out).
     #[arg(long, env = "FOUNT_ADAPTER_MEMORY", default_value = "1GiB")]
     pub adapter_memory: String,
+    /// Serve a context shorter than the model's (prompt plus generated tokens).
+    #[arg(long, env = "FOUNT_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
     /// Largest request body.
     #[arg(long, env = "FOUNT_MAX_BODY", default_value = "4MiB")]
     pub max_body: String,
@@ -94,6 +97,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let cfg = ServerConfig {
         model_name: model_name.clone(),
         max_body_bytes: parse_size(&a.max_body).context("--max-body")?,
+        max_model_len: a.max_model_len,
     };
     let state = AppState::load(&a.model, a.adapters.as_deref(), engine_cfg, cfg)
         .with_context(|| format!("loading {}", a.model.display()))?;

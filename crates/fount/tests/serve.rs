@@ -1,0 +1,256 @@
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::util::tiny_model;
+
+/// A running `fount serve`, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `fount serve` on a free port and waits until it listens.
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
+            .args(["serve", "--model"])
+            .arg(model)
+            .args([
+                "--model-name",
+                "tiny",
+                "--port",
+                "0",
+                "--kv-memory",
+                "64MiB",
+            ])
+            .args(extra)
+            .env("FOUNT_THREADS", "1")
+            .env("FOUNT_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting fount serve: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://127.0.0.1:").nth(1) {
+                    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    let _ = tx.send(port.parse::<u16>().unwrap_or(0));
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "fount serve did not start:\n{}",
+                    log.lock().map(|l| l.clone()).unwrap_or_default()
+                )
+            });
+        Server { child, port, log }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Resident memory of the server process, in bytes.
+    fn rss(&self) -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+fn python_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name)
+}
+
+/// Runs a Python program; fails with its output (and a hint when a package is missing).
+fn python(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running python3 (scripts/test installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "python3 {args:?} failed (scripts/test installs the openai and schemathesis packages):\n{text}"
+    );
+    text
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+    d
+}
+
+fn model_with_adapter(name: &str) -> (PathBuf, PathBuf) {
+    let root = scratch(name);
+    let model = root.join("tiny");
+    tiny_model("qwen2", &model);
+    let adapters = root.join("adapters");
+    let cfg = fount_model::HfConfig::from_file(&model.join("config.json"))
+        .and_then(|c| c.resolve())
+        .unwrap_or_else(|e| panic!("{e}"));
+    fount_model::init::init_lora(&cfg, 4, 0.3, 7, &adapters.join("support"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (model, adapters)
+}
+
+#[test]
+fn the_openai_sdk_works_against_fount_serve_and_sigterm_drains() {
+    let (model, adapters) = model_with_adapter("sdk");
+    let mut server = Server::start(&model, &["--adapters", &adapters.display().to_string()]);
+    let out = python(&[
+        &python_script("openai_client.py").display().to_string(),
+        "--base-url",
+        &format!("{}/v1", server.url()),
+        "--model",
+        "tiny",
+        "--adapter",
+        "support",
+        "--pid",
+        &server.child.id().to_string(),
+    ]);
+    assert!(out.contains("all checks passed"), "{out}");
+    // the script sent SIGTERM: the server drains and exits 0
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap_or(None) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no exit after SIGTERM:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "exit status {status:?}:\n{}",
+        server.log()
+    );
+    let log = server.log();
+    assert!(
+        log.contains("SIGTERM received") && log.contains("drained; exiting"),
+        "{log}"
+    );
+}
+
+#[test]
+fn ten_times_the_queue_gets_429s_and_the_server_stays_up() {
+    let (model, _) = model_with_adapter("overload");
+    let server = Server::start(&model, &["--max-queue", "4", "--max-running", "2"]);
+    let url = format!("{}/v1", server.url());
+    let script = python_script("overload.py").display().to_string();
+    let run = || {
+        python(&[
+            &script,
+            "--base-url",
+            &url,
+            "--model",
+            "tiny",
+            "--requests",
+            "40",
+        ])
+    };
+    let before = server.rss();
+    let first = run();
+    let after_one = server.rss();
+    let second = run();
+    let after_two = server.rss();
+    eprintln!("{first}{second}rss {before} → {after_one} → {after_two}");
+    // bounded: a second round of the same load does not grow the server
+    assert!(
+        after_two <= after_one + (32 << 20),
+        "memory grew from {after_one} to {after_two} bytes between two rounds"
+    );
+    let health = python(&[
+        "-c",
+        &format!(
+            "import urllib.request as u; print(u.urlopen('{}/health').read().decode())",
+            server.url()
+        ),
+    ]);
+    assert!(health.contains("\"ok\""), "{health}");
+}
+
+#[test]
+fn schema_fuzzing_finds_no_server_error_and_no_undocumented_response() {
+    let (model, _) = model_with_adapter("fuzz");
+    let server = Server::start(&model, &["--max-model-len", "96"]);
+    let report = scratch("fuzz-report");
+    let out = Command::new("st")
+        .args(["run", &format!("{}/openapi.json", server.url())])
+        // most generated requests name the served model (tests/python/schemathesis_hooks.py)
+        .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
+        .env("PYTHONPATH", python_script(""))
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection",
+            "--max-examples",
+            "40",
+            "--seed",
+            "1",
+            "--workers",
+            "2",
+            "--request-timeout",
+            "60",
+            "--suppress-health-check",
+            "too_slow",
+            "--no-color",
+            "--report-dir",
+        ])
+        .arg(&report)
+        .output()
+        .unwrap_or_else(|e| panic!("running schemathesis (`st`; scripts/test installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{text}\nserver log:\n{}",
+        server.log()
+    );
+}
