@@ -369,6 +369,11 @@ impl Engine {
         &self.adapters
     }
 
+    /// The model's vocabulary size (token ids must be below it).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
     /// KV blocks in the pool.
     pub fn kv_blocks(&self) -> usize {
         self.blocks_total

@@ -54,7 +54,7 @@ pub enum SetupError {
         /// The adapters directory.
         dir: std::path::PathBuf,
         /// Why.
-        source: fount_model::Error,
+        source: Box<fount_model::Error>,
     },
 }
 
@@ -123,7 +123,7 @@ impl AppState {
                     .map_err(|source| SetupError::Adapter {
                         name: name.clone(),
                         dir: root.to_path_buf(),
-                        source,
+                        source: Box::new(source),
                     })?;
                 state.register_adapter(&name, e.path());
             }

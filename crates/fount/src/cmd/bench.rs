@@ -21,6 +21,8 @@ pub enum BenchCommand {
     Data(super::bench_data::DataBench),
     /// The inference engine: streams, adapters, cold adapter loads.
     Engine(super::bench_engine::EngineBench),
+    /// `fount serve` against the engine called in-process (HTTP overhead).
+    Serve(super::bench_serve::ServeBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -59,6 +61,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Generate(a) => bench_generate(a, threads),
         BenchCommand::Data(a) => super::bench_data::bench_data(a, threads),
         BenchCommand::Engine(a) => super::bench_engine::bench_engine(a, threads),
+        BenchCommand::Serve(a) => super::bench_serve::bench_serve(a, threads),
     }
 }
 

@@ -45,7 +45,7 @@ struct Run {
     itl: Vec<Duration>,
 }
 
-fn pct(xs: &mut [Duration], p: f64) -> Duration {
+pub(crate) fn pct(xs: &mut [Duration], p: f64) -> Duration {
     if xs.is_empty() {
         return Duration::ZERO;
     }
@@ -53,7 +53,7 @@ fn pct(xs: &mut [Duration], p: f64) -> Duration {
     xs[((xs.len() - 1) as f64 * p).round() as usize]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -152,29 +152,33 @@ fn start(dir: &Path) -> Result<Engine> {
     Ok(Engine::start(model, tok, Vec::new(), cfg)?)
 }
 
+/// The model to measure: `model`, or a random Qwen2.5-0.5B-shaped one written once to
+/// `target/fount-bench/`.
+pub fn bench_model(model: Option<&Path>) -> Result<PathBuf> {
+    if let Some(d) = model {
+        return Ok(d.to_path_buf());
+    }
+    let d = PathBuf::from("target/fount-bench/qwen2-qwen2.5-0.5b");
+    if !d.join("model.safetensors").exists() {
+        eprintln!(
+            "writing a random qwen2.5-0.5b-shaped model to {} …",
+            d.display()
+        );
+        init_model(
+            Arch::Qwen2,
+            &preset(Arch::Qwen2, "qwen2.5-0.5b")?,
+            &InitOptions::default(),
+            &d,
+        )?;
+    }
+    Ok(d)
+}
+
 /// Runs the benchmark.
 pub fn bench_engine(a: EngineBench, threads: Option<usize>) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let dir = match &a.model {
-        Some(d) => d.clone(),
-        None => {
-            let d = PathBuf::from("target/fount-bench/qwen2-qwen2.5-0.5b");
-            if !d.join("model.safetensors").exists() {
-                eprintln!(
-                    "writing a random qwen2.5-0.5b-shaped model to {} …",
-                    d.display()
-                );
-                init_model(
-                    Arch::Qwen2,
-                    &preset(Arch::Qwen2, "qwen2.5-0.5b")?,
-                    &InitOptions::default(),
-                    &d,
-                )?;
-            }
-            d
-        }
-    };
+    let dir = bench_model(a.model.as_deref())?;
     let engine = start(&dir)?;
     let cfg = Model::load(&dir, DType::F32, &Device::Cpu)?
         .config()
