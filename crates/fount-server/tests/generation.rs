@@ -280,3 +280,45 @@ async fn best_of_returns_the_most_likely_choices() {
     assert_eq!(texts, [&ranked[0]["text"], &ranked[1]["text"]]);
     assert_eq!(two["choices"][1]["index"], 1);
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request() {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let s = state();
+    // uncancelled, each request would generate exactly 1500 tokens
+    let long = json!({"model": "tiny", "prompt": "Once", "max_tokens": 1500, "temperature": 1.0,
+        "stream": true, "logit_bias": crate::util::no_eos()});
+    let req = axum::http::Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(long.to_string()))
+        .unwrap();
+    let res = fount_server::app(s.clone()).oneshot(req).await.unwrap();
+    let mut body = res.into_body();
+    // read a few events, then hang up
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert!(s.engine().metrics().running >= 1, "the stream is running");
+    drop(body);
+    until_idle(&s).await;
+    let generated = s.engine().metrics().generated_tokens;
+    assert!(
+        generated < 1500,
+        "the stream stopped early: {generated} tokens"
+    );
+    // a non-streamed request whose client goes away
+    let mut blocking = long.clone();
+    blocking["stream"] = json!(false);
+    let s2 = s.clone();
+    let task = tokio::spawn(async move { post(&s2, "/v1/completions", blocking).await });
+    while s.engine().metrics().running == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    task.abort();
+    until_idle(&s).await;
+    let more = s.engine().metrics().generated_tokens - generated;
+    assert!(more < 1500, "the request stopped early: {more} tokens");
+}

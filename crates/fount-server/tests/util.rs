@@ -158,3 +158,20 @@ pub async fn until_idle(state: &Arc<AppState>) {
         state.engine().metrics()
     );
 }
+
+/// `logit_bias` that keeps the tiny model from ending a sequence (every end-of-sequence id at
+/// −100), so a request runs to its `max_tokens`.
+pub fn no_eos() -> serde_json::Value {
+    let text = std::fs::read_to_string(model_dir().join("generation_config.json")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u64> = match &cfg["eos_token_id"] {
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+        v => v.as_u64().into_iter().collect(),
+    };
+    assert!(!ids.is_empty(), "no eos_token_id in {cfg}");
+    serde_json::Value::Object(
+        ids.iter()
+            .map(|id| (id.to_string(), (-100.0).into()))
+            .collect(),
+    )
+}
