@@ -23,6 +23,15 @@ fn every_architecture_initialises_loads_chats_and_generates() {
         let ids = tok.encode(&text, false).unwrap_or_else(|e| panic!("{e}"));
         // The text round-trips through the trained byte-level tokenizer.
         assert_eq!(tok.decode(&ids, false).unwrap_or_default(), text);
+        // Each token's bytes, concatenated, are the text's (characters split across tokens).
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), text, "{arch:?}");
+        assert!(
+            ids.iter()
+                .any(|&id| std::str::from_utf8(&tok.token_bytes(id)).is_err())
+                || text.is_ascii(),
+            "{arch:?}: some token should hold part of a character of 世界"
+        );
         let gen = files.generation_config().unwrap_or_else(|e| panic!("{e}"));
         assert!(!gen.eos_token_ids.is_empty());
         let opts = GenerateOptions {

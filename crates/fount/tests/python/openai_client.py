@@ -149,6 +149,11 @@ raises("too long is context_length_exceeded", openai.BadRequestError,
 raises("a wrong type is BadRequestError", openai.BadRequestError,
        lambda: client.chat.completions.create(model=M, messages=[{"role": "robot", "content": "x"}]))
 
+e = raises("a body over the limit is 413 (APIStatusError)", openai.APIStatusError,
+           lambda: client.chat.completions.create(model=M, messages=[{"role": "user", "content": "x" * (5 << 20)}]),
+           "request_too_large")
+check("413 is its status", e.status_code == 413, e.status_code)
+
 # SIGTERM while a stream runs: the stream finishes, new requests get 503
 events = []
 
