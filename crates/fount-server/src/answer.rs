@@ -271,28 +271,170 @@ fn error_payload(message: String) -> String {
     json(&ApiError::Internal(message).body())
 }
 
+/// Turns one response's engine events into server-sent event payloads.
+trait Shape: Send + 'static {
+    /// A generated token of choice `index` (`None`: nothing to send).
+    fn token(
+        &mut self,
+        state: &AppState,
+        index: usize,
+        token: u32,
+        text: String,
+        logprob: Option<&TokenLogprob>,
+    ) -> Option<String>;
+    /// The end of choice `index`, with the text held back until now.
+    fn finished(&mut self, index: usize, reason: FinishReason, text: String) -> Vec<String>;
+    /// The last chunk, with the usage of the whole response.
+    fn usage(&self, usage: Usage) -> String;
+}
+
 /// Where a streamed response stands.
-struct StreamState {
+struct StreamState<S> {
     state: Arc<AppState>,
     merged: Merged,
-    /// Offsets into each choice's text, for completion logprobs.
-    texts: Vec<usize>,
+    shape: S,
+    /// Choices per prompt.
+    n: usize,
+    include_usage: bool,
     counts: Counts,
     done: bool,
     /// Held until the stream ends or the client goes away.
     _in_flight: InFlight,
 }
 
-impl StreamState {
-    fn new(state: Arc<AppState>, merged: Merged, choices: usize, guard: InFlight) -> StreamState {
-        StreamState {
-            _in_flight: guard,
-            state,
-            merged,
-            texts: vec![0; choices],
-            counts: Counts::default(),
-            done: false,
+/// The payloads of a streamed response: `first`, then one or more per engine event, then the
+/// usage chunk (when asked for) and `[DONE]`.
+fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
+    let body = stream::unfold(s, |mut s| async move {
+        if s.done {
+            return None;
         }
+        let Some((p, e)) = s.merged.next().await else {
+            s.done = true;
+            let mut out = Vec::new();
+            if s.include_usage {
+                out.push(s.shape.usage(s.counts.usage.clone()));
+            }
+            out.push("[DONE]".to_string());
+            return Some((out, s));
+        };
+        let out = match e {
+            Event::Token {
+                choice,
+                token,
+                text,
+                logprob,
+            } => {
+                let index = p * s.n + choice;
+                let chunk = s
+                    .shape
+                    .token(&s.state, index, token, text, logprob.as_ref());
+                chunk.into_iter().collect()
+            }
+            Event::Finished {
+                choice,
+                reason,
+                text,
+                usage,
+            } => {
+                s.counts.add(choice, &usage);
+                s.shape.finished(p * s.n + choice, finish(reason), text)
+            }
+            Event::Error(e) => {
+                s.done = true;
+                vec![error_payload(e), "[DONE]".into()]
+            }
+        };
+        Some((out, s))
+    });
+    sse(stream::iter(first).chain(body.flat_map(stream::iter)))
+}
+
+/// What every chunk of a response repeats.
+#[derive(Clone)]
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    /// `Some(None)` (`"usage": null` on every chunk) when the client asked for usage.
+    usage: Option<Option<Usage>>,
+}
+
+impl Head {
+    fn new(id: String, valid: &Valid) -> Head {
+        Head {
+            id,
+            created: now(),
+            model: valid.model.clone(),
+            usage: valid.include_usage.then_some(None),
+        }
+    }
+}
+
+/// Chat chunks.
+struct ChatShape {
+    head: Head,
+    logprobs: bool,
+}
+
+impl ChatShape {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> String {
+        json(&ChatCompletionChunk {
+            id: self.head.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.head.created,
+            model: self.head.model.clone(),
+            system_fingerprint: FINGERPRINT.into(),
+            choices,
+            usage,
+        })
+    }
+
+    fn delta(index: usize, role: Option<Role>, content: Option<String>) -> ChunkChoice {
+        ChunkChoice {
+            index,
+            delta: Delta { role, content },
+            logprobs: None,
+            finish_reason: None,
+        }
+    }
+}
+
+impl Shape for ChatShape {
+    fn token(
+        &mut self,
+        state: &AppState,
+        index: usize,
+        token: u32,
+        text: String,
+        logprob: Option<&TokenLogprob>,
+    ) -> Option<String> {
+        if text.is_empty() && !self.logprobs {
+            return None;
+        }
+        let mut c = ChatShape::delta(index, None, Some(text));
+        if let (true, Some(lp)) = (self.logprobs, logprob) {
+            c.logprobs = Some(ChatLogprobs {
+                content: vec![chat_logprob(state, token, lp)],
+            });
+        }
+        Some(self.chunk(vec![c], self.head.usage.clone()))
+    }
+
+    fn finished(&mut self, index: usize, reason: FinishReason, text: String) -> Vec<String> {
+        let mut out = Vec::new();
+        if !text.is_empty() {
+            let c = ChatShape::delta(index, None, Some(text));
+            out.push(self.chunk(vec![c], self.head.usage.clone()));
+        }
+        let mut last = ChatShape::delta(index, None, None);
+        last.finish_reason = Some(reason);
+        out.push(self.chunk(vec![last], self.head.usage.clone()));
+        out
+    }
+
+    fn usage(&self, usage: Usage) -> String {
+        self.chunk(Vec::new(), Some(Some(usage)))
     }
 }
 
@@ -305,99 +447,96 @@ fn chat_stream(
     logprobs: bool,
     guard: InFlight,
 ) -> Response {
-    let created = now();
-    let usage_field = valid.include_usage.then_some(None);
-    let chunk = {
-        let (id, model) = (id.clone(), valid.model.clone());
-        move |choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>| ChatCompletionChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk",
-            created,
-            model: model.clone(),
-            system_fingerprint: FINGERPRINT.into(),
-            choices,
-            usage,
-        }
-    };
-    let delta = |index: usize, role: Option<Role>, content: Option<String>| ChunkChoice {
-        index,
-        delta: Delta { role, content },
-        logprobs: None,
-        finish_reason: None,
+    let shape = ChatShape {
+        head: Head::new(id, &valid),
+        logprobs,
     };
     // the role first, for every choice
-    let first: Vec<String> = (0..n)
+    let first = (0..n)
         .map(|i| {
-            json(&chunk(
-                vec![delta(i, Some(Role::Assistant), Some(String::new()))],
-                usage_field.clone(),
-            ))
+            let role = ChatShape::delta(i, Some(Role::Assistant), Some(String::new()));
+            shape.chunk(vec![role], shape.head.usage.clone())
         })
         .collect();
-    let include_usage = valid.include_usage;
-    let body = stream::unfold(StreamState::new(state, merged, n, guard), move |mut s| {
-        let chunk = chunk.clone();
-        let usage_field = usage_field.clone();
-        async move {
-            if s.done {
-                return None;
-            }
-            let Some((_, e)) = s.merged.next().await else {
-                s.done = true;
-                let mut out = Vec::new();
-                if include_usage {
-                    out.push(json(&chunk(Vec::new(), Some(Some(s.counts.usage.clone())))));
-                }
-                out.push("[DONE]".to_string());
-                return Some((out, s));
-            };
-            let out = match e {
-                Event::Token {
-                    choice,
-                    token,
-                    text,
-                    logprob,
-                } => {
-                    if text.is_empty() && !logprobs {
-                        Vec::new()
-                    } else {
-                        let mut c = delta(choice, None, Some(text));
-                        if let (true, Some(lp)) = (logprobs, &logprob) {
-                            c.logprobs = Some(ChatLogprobs {
-                                content: vec![chat_logprob(&s.state, token, lp)],
-                            });
-                        }
-                        vec![json(&chunk(vec![c], usage_field.clone()))]
-                    }
-                }
-                Event::Finished {
-                    choice,
-                    reason,
-                    text,
-                    usage,
-                } => {
-                    s.counts.add(choice, &usage);
-                    let mut out = Vec::new();
-                    if !text.is_empty() {
-                        out.push(json(&chunk(
-                            vec![delta(choice, None, Some(text))],
-                            usage_field.clone(),
-                        )));
-                    }
-                    let mut last = delta(choice, None, None);
-                    last.finish_reason = Some(finish(reason));
-                    out.push(json(&chunk(vec![last], usage_field.clone())));
-                    out
-                }
-                Event::Error(e) => {
-                    s.done = true;
-                    vec![error_payload(e), "[DONE]".into()]
-                }
-            };
-            Some((out, s))
+    drive(
+        first,
+        StreamState {
+            state,
+            merged,
+            shape,
+            n,
+            include_usage: valid.include_usage,
+            counts: Counts::default(),
+            done: false,
+            _in_flight: guard,
+        },
+    )
+}
+
+/// Completion chunks.
+struct CompletionShape {
+    head: Head,
+    logprobs: bool,
+    /// Bytes streamed so far per choice, for `text_offset`.
+    offsets: Vec<usize>,
+}
+
+impl CompletionShape {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> String {
+        json(&Completion {
+            id: self.head.id.clone(),
+            object: "text_completion",
+            created: self.head.created,
+            model: self.head.model.clone(),
+            choices,
+            usage,
+            system_fingerprint: FINGERPRINT.into(),
+        })
+    }
+}
+
+impl Shape for CompletionShape {
+    fn token(
+        &mut self,
+        state: &AppState,
+        index: usize,
+        token: u32,
+        text: String,
+        logprob: Option<&TokenLogprob>,
+    ) -> Option<String> {
+        if text.is_empty() && !self.logprobs {
+            return None;
         }
-    });
-    sse(stream::iter(first).chain(body.flat_map(stream::iter)))
+        let mut lps = None;
+        if let (true, Some(lp)) = (self.logprobs, logprob) {
+            let mut acc = Acc::default();
+            add_completion_logprob(state, &mut acc, token, lp);
+            acc.completion_logprobs.text_offset = vec![self.offsets[index]];
+            lps = Some(acc.completion_logprobs);
+        }
+        self.offsets[index] += text.len();
+        let c = CompletionChoice {
+            index,
+            text,
+            logprobs: lps,
+            finish_reason: None,
+        };
+        Some(self.chunk(vec![c], self.head.usage.clone()))
+    }
+
+    fn finished(&mut self, index: usize, reason: FinishReason, text: String) -> Vec<String> {
+        let c = CompletionChoice {
+            index,
+            text,
+            logprobs: None,
+            finish_reason: Some(reason),
+        };
+        vec![self.chunk(vec![c], self.head.usage.clone())]
+    }
+
+    fn usage(&self, usage: Usage) -> String {
+        self.chunk(Vec::new(), Some(Some(usage)))
+    }
 }
 
 fn completion_stream(
@@ -409,89 +548,22 @@ fn completion_stream(
     logprobs: bool,
     guard: InFlight,
 ) -> Response {
-    let created = now();
-    let usage_field = valid.include_usage.then_some(None);
-    let model = valid.model.clone();
-    let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>| Completion {
-        id: id.clone(),
-        object: "text_completion",
-        created,
-        model: model.clone(),
-        choices,
-        usage,
-        system_fingerprint: FINGERPRINT.into(),
+    let shape = CompletionShape {
+        head: Head::new(id, &valid),
+        logprobs,
+        offsets: vec![0; n * valid.requests.len()],
     };
-    let include_usage = valid.include_usage;
-    let choices = n * valid.requests.len();
-    let body = stream::unfold(
-        StreamState::new(state, merged, choices, guard),
-        move |mut s| {
-            let chunk = chunk.clone();
-            let usage_field = usage_field.clone();
-            async move {
-                if s.done {
-                    return None;
-                }
-                let Some((p, e)) = s.merged.next().await else {
-                    s.done = true;
-                    let mut out = Vec::new();
-                    if include_usage {
-                        out.push(json(&chunk(Vec::new(), Some(Some(s.counts.usage.clone())))));
-                    }
-                    out.push("[DONE]".to_string());
-                    return Some((out, s));
-                };
-                let out = match e {
-                    Event::Token {
-                        choice,
-                        token,
-                        text,
-                        logprob,
-                    } => {
-                        let index = p * n + choice;
-                        if text.is_empty() && !logprobs {
-                            Vec::new()
-                        } else {
-                            let mut lps = None;
-                            if let (true, Some(lp)) = (logprobs, &logprob) {
-                                let mut acc = Acc::default();
-                                add_completion_logprob(&s.state, &mut acc, token, lp);
-                                acc.completion_logprobs.text_offset = vec![s.texts[index]];
-                                lps = Some(acc.completion_logprobs);
-                            }
-                            s.texts[index] += text.len();
-                            let c = CompletionChoice {
-                                index,
-                                text,
-                                logprobs: lps,
-                                finish_reason: None,
-                            };
-                            vec![json(&chunk(vec![c], usage_field.clone()))]
-                        }
-                    }
-                    Event::Finished {
-                        choice,
-                        reason,
-                        text,
-                        usage,
-                    } => {
-                        s.counts.add(choice, &usage);
-                        let c = CompletionChoice {
-                            index: p * n + choice,
-                            text,
-                            logprobs: None,
-                            finish_reason: Some(finish(reason)),
-                        };
-                        vec![json(&chunk(vec![c], usage_field.clone()))]
-                    }
-                    Event::Error(e) => {
-                        s.done = true;
-                        vec![error_payload(e), "[DONE]".into()]
-                    }
-                };
-                Some((out, s))
-            }
+    drive(
+        Vec::new(),
+        StreamState {
+            state,
+            merged,
+            shape,
+            n,
+            include_usage: valid.include_usage,
+            counts: Counts::default(),
+            done: false,
+            _in_flight: guard,
         },
-    );
-    sse(body.flat_map(stream::iter))
+    )
 }

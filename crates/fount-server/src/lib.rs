@@ -65,7 +65,8 @@ pub use state::{AppState, ServerConfig, SetupError};
         routes::health,
         routes::metrics,
         routes::openapi,
-    )
+    ),
+    components(schemas(protocol::ChatCompletionChunk))
 )]
 pub struct ApiDoc;
 

@@ -95,6 +95,48 @@ pub enum ResponseFormatType {
     Text,
 }
 
+/// The parameters chat and completions share, as validation reads them.
+#[derive(Debug, Clone, Default)]
+pub struct CommonParams {
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Choices per prompt.
+    pub n: Option<u32>,
+    /// Stop strings.
+    pub stop: Option<Stop>,
+    /// Sampler seed.
+    pub seed: Option<i64>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// Token id → logit bias.
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+}
+
+macro_rules! common_params {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// The parameters shared with the other generation route.
+            pub fn common(&self) -> CommonParams {
+                CommonParams {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    n: self.n,
+                    stop: self.stop.clone(),
+                    seed: self.seed,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    logit_bias: self.logit_bias.clone(),
+                }
+            }
+        }
+    )*};
+}
+common_params!(ChatCompletionRequest, CompletionRequest);
+
 /// One message of a conversation.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessage {
@@ -363,6 +405,22 @@ pub struct ChatCompletionChunk {
     /// Present when `stream_options.include_usage`: `null`, then the counts in the last chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+}
+
+/// One server-sent event of a streamed chat answer, as an event-stream parser reads it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChatChunkEvent {
+    /// A `ChatCompletionChunk` as JSON; the last event's data is `[DONE]`.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
+/// One server-sent event of a streamed completion, as an event-stream parser reads it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CompletionChunkEvent {
+    /// A `Completion` chunk as JSON; the last event's data is `[DONE]`.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
 }
 
 /// One choice's part of a chunk.

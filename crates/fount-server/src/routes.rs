@@ -31,7 +31,7 @@ use crate::validate;
         (status = 200, description = "The answer; with `stream`, server-sent events whose `data` is a `ChatCompletionChunk` (then `[DONE]`)",
             content(
                 (crate::protocol::ChatCompletion = "application/json"),
-                (crate::protocol::ChatCompletionChunk = "text/event-stream"),
+                (crate::protocol::ChatChunkEvent = "text/event-stream"),
             )),
         (status = 400, description = "Invalid request, or `context_length_exceeded`", body = crate::protocol::ErrorResponse),
         (status = 404, description = "Unknown model", body = crate::protocol::ErrorResponse),
@@ -59,7 +59,7 @@ pub async fn chat_completions(
         (status = 200, description = "The answer; with `stream`, server-sent events whose `data` is a `Completion` chunk (then `[DONE]`)",
             content(
                 (crate::protocol::Completion = "application/json"),
-                (crate::protocol::Completion = "text/event-stream"),
+                (crate::protocol::CompletionChunkEvent = "text/event-stream"),
             )),
         (status = 400, description = "Invalid request, or `context_length_exceeded`", body = crate::protocol::ErrorResponse),
         (status = 404, description = "Unknown model", body = crate::protocol::ErrorResponse),

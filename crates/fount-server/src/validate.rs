@@ -2,14 +2,13 @@
 //! checked, the model or adapter resolved, the chat template applied, the prompt tokenised and
 //! measured against the context.
 
-use std::collections::BTreeMap;
-
 use fount_engine::Request;
 use fount_model::{Message, SamplingParams};
 
 use crate::error::{ApiError, ApiResult};
 use crate::protocol::{
-    ChatCompletionRequest, ChatMessage, CompletionRequest, MessageContent, Prompt, Role, Stop,
+    ChatCompletionRequest, ChatMessage, CommonParams, CompletionRequest, MessageContent, Prompt,
+    Role, Stop,
 };
 use crate::state::AppState;
 
@@ -36,19 +35,6 @@ pub struct Valid {
     pub stream: bool,
     /// Add a usage chunk to the stream.
     pub include_usage: bool,
-}
-
-/// The shared sampling fields of both routes.
-struct Common<'a> {
-    model: &'a str,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    n: Option<u32>,
-    stop: Option<&'a Stop>,
-    seed: Option<i64>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    logit_bias: Option<&'a BTreeMap<String, f32>>,
 }
 
 fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> ApiResult<f32> {
@@ -80,8 +66,13 @@ pub fn resolve_model(state: &AppState, model: &str) -> ApiResult<Option<String>>
     })
 }
 
-fn template(state: &AppState, c: &Common, logprobs: Option<usize>) -> ApiResult<Request> {
-    let adapter = resolve_model(state, c.model)?;
+fn template(
+    state: &AppState,
+    model: &str,
+    c: &CommonParams,
+    logprobs: Option<usize>,
+) -> ApiResult<Request> {
+    let adapter = resolve_model(state, model)?;
     let temperature = range("temperature", c.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range("top_p", c.top_p, 0.0, 1.0, 1.0)?;
     if top_p == 0.0 {
@@ -96,7 +87,7 @@ fn template(state: &AppState, c: &Common, logprobs: Option<usize>) -> ApiResult<
             format!("n must be between 1 and {MAX_N}, not {n}"),
         ));
     }
-    let stop: Vec<String> = match c.stop {
+    let stop: Vec<String> = match &c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
@@ -121,7 +112,7 @@ fn template(state: &AppState, c: &Common, logprobs: Option<usize>) -> ApiResult<
     }
     let vocab = state.config.vocab_size;
     let mut logit_bias = Vec::new();
-    for (k, v) in c.logit_bias.into_iter().flatten() {
+    for (k, v) in c.logit_bias.iter().flatten() {
         let id: u32 = k
             .parse()
             .ok()
@@ -254,18 +245,7 @@ pub fn chat(state: &AppState, body: &ChatCompletionRequest) -> ApiResult<Valid> 
             Some(k as usize)
         }
     };
-    let common = Common {
-        model: &body.model,
-        temperature: body.temperature,
-        top_p: body.top_p,
-        n: body.n,
-        stop: body.stop.as_ref(),
-        seed: body.seed,
-        presence_penalty: body.presence_penalty,
-        frequency_penalty: body.frequency_penalty,
-        logit_bias: body.logit_bias.as_ref(),
-    };
-    let mut req = template(state, &common, logprobs)?;
+    let mut req = template(state, &body.model, &body.common(), logprobs)?;
     let Some(tpl) = &state.template else {
         return Err(ApiError::invalid(
             "model",
@@ -365,18 +345,7 @@ pub fn completion(state: &AppState, body: &CompletionRequest) -> ApiResult<Valid
             ))
         }
     };
-    let common = Common {
-        model: &body.model,
-        temperature: body.temperature,
-        top_p: body.top_p,
-        n: body.n,
-        stop: body.stop.as_ref(),
-        seed: body.seed,
-        presence_penalty: body.presence_penalty,
-        frequency_penalty: body.frequency_penalty,
-        logit_bias: body.logit_bias.as_ref(),
-    };
-    let mut req = template(state, &common, logprobs)?;
+    let mut req = template(state, &body.model, &body.common(), logprobs)?;
     if best_of > n {
         // the choices are ranked by their tokens' log-probabilities
         req.n = best_of as usize;
