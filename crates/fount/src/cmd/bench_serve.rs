@@ -35,8 +35,12 @@ pub struct ServeBench {
     #[arg(long, default_value_t = 64)]
     pub decode_tokens: usize,
     /// Rounds of (in-process, HTTP) pairs; figures are medians over rounds.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 7)]
     pub rounds: usize,
+    /// Pairs of one-token requests (in-process, then HTTP) timed for the TTFT difference, where
+    /// the run-to-run spread of a long prefill does not hide it.
+    #[arg(long, default_value_t = 40)]
+    pub ttft_pairs: usize,
     /// Also measure another OpenAI-compatible server at this base URL (…/v1).
     #[arg(long)]
     pub compare: Option<String>,
@@ -70,22 +74,18 @@ async fn in_process(state: &Arc<AppState>, prompts: Vec<Vec<u32>>, max: usize) -
     let start = Instant::now();
     let mut tasks = Vec::new();
     for p in prompts {
-        let mut s = state.engine().submit(Request::greedy(p, max))?;
+        let mut req = Request::greedy(p, max);
+        req.logprobs = Some(0);
+        let mut s = state.engine().submit(req)?;
         tasks.push(tokio::spawn(async move {
             let (mut first, mut tokens) = (None, 0usize);
             while let Some(e) = s.next().await {
                 match e {
-                    Event::Token { text, .. } => {
+                    Event::Token { .. } => {
                         tokens += 1;
-                        if first.is_none() && !text.is_empty() {
-                            first = Some(start.elapsed());
-                        }
+                        first.get_or_insert_with(|| start.elapsed());
                     }
-                    Event::Finished { text, .. } => {
-                        if first.is_none() && !text.is_empty() {
-                            first = Some(start.elapsed());
-                        }
-                    }
+                    Event::Finished { .. } => {}
                     Event::Error(m) => return Err(anyhow!(m)),
                 }
             }
@@ -118,31 +118,44 @@ async fn over_http(
     client: &HttpClient,
     base: &str,
     model: &str,
-    prompts: Vec<Vec<u32>>,
+    prompts: Vec<serde_json::Value>,
     max: usize,
+    logprobs: bool,
 ) -> Result<Figures> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for p in prompts {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": model, "prompt": p, "max_tokens": max, "temperature": 0,
             "stream": true, "stream_options": {"include_usage": true},
         });
+        if logprobs {
+            // a chunk for every token, also one whose text is held back (an incomplete
+            // character), so the first chunk is the first token
+            body["logprobs"] = 0.into();
+        }
         let req = hyper::Request::post(format!("{base}/completions"))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))?;
         let client = client.clone();
+        let url = format!("{base}/completions");
         tasks.push(tokio::spawn(async move {
-            let res = client.request(req).await?;
+            let res = client
+                .request(req)
+                .await
+                .with_context(|| format!("POST {url}"))?;
             if !res.status().is_success() {
                 let status = res.status();
                 let text = res.into_body().collect().await?.to_bytes();
                 bail!("HTTP {status}: {}", String::from_utf8_lossy(&text));
             }
             let mut body = res.into_body();
-            let (mut first, mut tokens, mut buf) = (None, 0usize, String::new());
+            let (mut first, mut buf) = (None, String::new());
+            // the usage chunk's count where the server sends one, else one token per chunk
+            let (mut usage, mut chunks) = (None, 0usize);
             while let Some(frame) = body.frame().await {
-                let Ok(data) = frame?.into_data() else {
+                let frame = frame.with_context(|| format!("reading the stream of {url}"))?;
+                let Ok(data) = frame.into_data() else {
                     continue;
                 };
                 buf.push_str(&String::from_utf8_lossy(&data));
@@ -155,19 +168,26 @@ async fn over_http(
                         continue;
                     }
                     let v: serde_json::Value = serde_json::from_str(payload)?;
-                    let text = v["choices"][0]["text"].as_str().unwrap_or_default();
-                    if first.is_none() && !text.is_empty() {
-                        first = Some(start.elapsed());
+                    if v["choices"][0]["text"].is_string() {
+                        chunks += 1;
+                        first.get_or_insert_with(|| start.elapsed());
                     }
                     if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-                        tokens = n as usize;
+                        usage = Some(n as usize);
                     }
                 }
             }
-            Ok((first.unwrap_or_else(|| start.elapsed()), tokens))
+            Ok((
+                first.unwrap_or_else(|| start.elapsed()),
+                usage.unwrap_or(chunks),
+            ))
         }));
     }
     finish(start, tasks).await
+}
+
+fn ids(prompts: Vec<Vec<u32>>) -> Vec<serde_json::Value> {
+    prompts.into_iter().map(|p| serde_json::json!(p)).collect()
 }
 
 fn median(mut xs: Vec<Figures>) -> Figures {
@@ -195,7 +215,13 @@ pub fn bench_serve(a: ServeBench, threads: Option<usize>) -> Result<()> {
     };
     let state = AppState::load(&dir, None, engine_cfg, cfg)
         .with_context(|| format!("loading {}", dir.display()))?;
-    let vocab = state.engine().vocab_size().min(30_000);
+    let tokenizer = fount_model::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    // ids the tokenizer can spell, so the text prompts of --compare carry them all
+    let vocab = state
+        .engine()
+        .vocab_size()
+        .min(tokenizer.vocab_size())
+        .min(30_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -219,7 +245,7 @@ pub fn bench_serve(a: ServeBench, threads: Option<usize>) -> Result<()> {
         println!("|---|---|---|---|");
         // warm the thread pools, the allocator and the connection pool
         in_process(&state, prompts(2, 8, vocab, 1), 4).await?;
-        over_http(&client, &base, "bench", prompts(2, 8, vocab, 2), 4).await?;
+        over_http(&client, &base, "bench", ids(prompts(2, 8, vocab, 2)), 4, true).await?;
         let mut seed = 100;
         for &n in &a.streams {
             let (mut local, mut http, mut other) = (Vec::new(), Vec::new(), Vec::new());
@@ -232,14 +258,22 @@ pub fn bench_serve(a: ServeBench, threads: Option<usize>) -> Result<()> {
                 let (p1, p2) = (next(), next());
                 if round % 2 == 0 {
                     local.push(in_process(&state, p1, a.decode_tokens).await?);
-                    http.push(over_http(&client, &base, "bench", p2, a.decode_tokens).await?);
+                    http.push(over_http(&client, &base, "bench", ids(p2), a.decode_tokens, true).await?);
                 } else {
-                    http.push(over_http(&client, &base, "bench", p1, a.decode_tokens).await?);
+                    http.push(over_http(&client, &base, "bench", ids(p1), a.decode_tokens, true).await?);
                     local.push(in_process(&state, p2, a.decode_tokens).await?);
                 }
                 if let Some(url) = &a.compare {
-                    let p = next();
-                    other.push(over_http(&client, url, &a.compare_model, p, a.decode_tokens).await?);
+                    // as text: not every server takes token ids
+                    let texts = next()
+                        .iter()
+                        .map(|p| tokenizer.decode(p, false).map(serde_json::Value::from))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    match over_http(&client, url, &a.compare_model, texts, a.decode_tokens, false).await
+                    {
+                        Ok(f) => other.push(f),
+                        Err(e) => println!("| {n} | {url} | failed: {e:#} | |"),
+                    }
                 }
             }
             let (l, h) = (median(local), median(http));
@@ -264,6 +298,31 @@ pub fn bench_serve(a: ServeBench, threads: Option<usize>) -> Result<()> {
                 h.tokens_per_s / l.tokens_per_s,
                 (h.tokens_per_s / l.tokens_per_s - 1.0) * 100.0,
                 ms(h.ttft_p50) - ms(l.ttft_p50)
+            );
+        }
+        // the cost HTTP adds to the first token, where prefill is one token and varies little
+        let (mut local, mut http, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..a.ttft_pairs {
+            seed += 1;
+            let p = prompts(2, 1, vocab, seed);
+            let l = in_process(&state, vec![p[0].clone()], 1).await?.ttft_p50;
+            let h = over_http(&client, &base, "bench", ids(vec![p[1].clone()]), 1, true)
+                .await?
+                .ttft_p50;
+            local.push(l);
+            http.push(h);
+            diff.push(h.as_secs_f64() - l.as_secs_f64());
+        }
+        diff.sort_by(f64::total_cmp);
+        if !diff.is_empty() {
+            println!(
+                "\nTTFT of a one-token prompt, {} pairs: in-process p50 {:.2} ms, HTTP p50 {:.2} ms; HTTP − in-process per pair: **p50 {:+.2} ms** (p10 {:+.2}, p90 {:+.2})",
+                a.ttft_pairs,
+                ms(pct(&mut local, 0.5)),
+                ms(pct(&mut http, 0.5)),
+                diff[diff.len() / 2] * 1e3,
+                diff[diff.len() / 10] * 1e3,
+                diff[diff.len() * 9 / 10] * 1e3,
             );
         }
         Ok(())
