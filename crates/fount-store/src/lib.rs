@@ -1,0 +1,24 @@
+//! `fount-store`: tenants, API keys, quotas and usage records, on an embedded SQLite file (WAL
+//! mode) or on PostgreSQL, through `sqlx` with versioned migrations.
+//!
+//! The same portable SQL runs on both; the server and `fount admin` open the store by data
+//! directory or database URL and share it.
+//!
+//! ```no_run
+//! # async fn run() -> fount_store::Result<()> {
+//! use fount_store::{Scope, Store};
+//! let store = Store::open("data", None).await?;
+//! let tenant = store.create_tenant("acme").await?;
+//! let (key, info) = store.create_key(&tenant.id, "ci", &[Scope::Inference], None).await?;
+//! println!("{} (shown once): {}", info.prefix, key.expose());
+//! assert!(store.authenticate(&key).await?.is_some());
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod keys;
+mod store;
+
+pub use error::{Error, Result};
+pub use keys::{ApiKey, Scope};
+pub use store::{now_ms, Backend, KeyInfo, Quota, Store, Tenant, UsageRecord, UsageSummary};
