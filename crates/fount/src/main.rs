@@ -37,6 +37,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API over a model and its adapters.
     Serve(cmd::serve::ServeArgs),
+    /// Tenants, API keys, quotas and usage.
+    Admin(cmd::admin::AdminArgs),
     /// Measure speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Admin(a) => cmd::admin::run(a),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),
     };
     match result {
