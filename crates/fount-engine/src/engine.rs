@@ -8,6 +8,7 @@
 //! sequences grouped by adapter, and (6) samples, streams and finishes.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,6 +60,64 @@ impl Default for EngineConfig {
     }
 }
 
+/// Token counts of one request, kept by the engine as it works: prompt and cached tokens when
+/// each prompt's first choice is admitted, one completion token per token generated (stop
+/// tokens excluded, as in [`Usage`]). A metering layer gives each request one and learns the
+/// final counts from [`RequestMeter::on_final`], which runs exactly once, when the engine and
+/// every other holder have let go of it — so no token can be counted after it ran.
+pub struct RequestMeter {
+    /// Prompt tokens.
+    pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: AtomicU64,
+    /// Tokens generated, over all choices.
+    pub completion_tokens: AtomicU64,
+    on_final: Mutex<Option<MeterCallback>>,
+}
+
+type MeterCallback = Box<dyn FnOnce(&RequestMeter) + Send>;
+
+impl RequestMeter {
+    /// A meter that calls `on_final` with the final counts.
+    pub fn on_final(f: impl FnOnce(&RequestMeter) + Send + 'static) -> Arc<RequestMeter> {
+        Arc::new(RequestMeter {
+            prompt_tokens: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+            on_final: Mutex::new(Some(Box::new(f))),
+        })
+    }
+
+    /// `(prompt, cached, completion)` as counted so far.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.prompt_tokens.load(Ordering::SeqCst),
+            self.cached_tokens.load(Ordering::SeqCst),
+            self.completion_tokens.load(Ordering::SeqCst),
+        )
+    }
+}
+
+impl std::fmt::Debug for RequestMeter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMeter")
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+impl Drop for RequestMeter {
+    fn drop(&mut self) {
+        let f = match self.on_final.get_mut() {
+            Ok(f) => f.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(f) = f {
+            f(self);
+        }
+    }
+}
+
 /// One generation request (already tokenized and validated by the caller's protocol layer).
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -81,6 +140,8 @@ pub struct Request {
     /// Prefix-cache salt: prefixes are shared only between requests with the same salt (the
     /// server derives it from the tenant).
     pub cache_salt: String,
+    /// Where the engine counts this request's tokens, for metering.
+    pub meter: Option<Arc<RequestMeter>>,
 }
 
 impl Request {
@@ -96,6 +157,7 @@ impl Request {
             logprobs: None,
             adapter: None,
             cache_salt: String::new(),
+            meter: None,
         }
     }
 }
@@ -721,6 +783,8 @@ impl Scheduler {
         }
         let computed = blocks.len() * bs;
         self.order += 1;
+        // a preempted sequence coming back was counted when first admitted
+        let fresh = p.resume.is_none();
         let seq = match p.resume {
             Some(mut s) => {
                 s.blocks = blocks;
@@ -763,6 +827,14 @@ impl Scheduler {
         };
         if let Ok(mut m) = self.metrics.lock() {
             m.prefix_tokens(seq.prompt_len, seq.cached_tokens);
+        }
+        if let (Some(meter), true, 0) = (&seq.req.meter, fresh, seq.choice) {
+            meter
+                .prompt_tokens
+                .fetch_add(seq.prompt_len as u64, Ordering::SeqCst);
+            meter
+                .cached_tokens
+                .fetch_add(seq.cached_tokens as u64, Ordering::SeqCst);
         }
         self.running.push(seq);
         Admit::Admitted
@@ -1007,6 +1079,9 @@ fn sample_one(
     s.tokens.push(next);
     s.history.push(next);
     s.generated += 1;
+    if let Some(meter) = &s.req.meter {
+        meter.completion_tokens.fetch_add(1, Ordering::SeqCst);
+    }
     let logprob = lp.map(|(all, top)| TokenLogprob {
         logprob: all.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY),
         top,

@@ -27,8 +27,8 @@ mod metrics;
 pub mod paged;
 
 pub use engine::{
-    Admission, Engine, EngineConfig, Event, Fcfs, FinishReason, Queued, Request, Stream,
-    TokenLogprob, Usage,
+    Admission, Engine, EngineConfig, Event, Fcfs, FinishReason, Queued, Request, RequestMeter,
+    Stream, TokenLogprob, Usage,
 };
 pub use error::{EngineError, Result};
 pub use metrics::{Metrics, MetricsSnapshot};

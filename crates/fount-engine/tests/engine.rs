@@ -419,3 +419,78 @@ fn bad_requests_are_refused_clearly() {
     let ok = collect(&mut e.submit(Request::greedy(prompt(5, 1), 3)).unwrap(), 1);
     assert_eq!(ok[0].tokens.len(), 3);
 }
+
+#[test]
+fn the_meter_counts_what_the_streams_report_once_the_engine_lets_go() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4;
+    // a small pool: preemption and recomputation must not count prompts twice
+    let e = engine(EngineConfig {
+        kv_bytes: 9 * bytes_per_block * 2,
+        ..small_config()
+    });
+    let finals = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let meter = |i: usize| {
+        let (finals, calls) = (finals.clone(), calls.clone());
+        fount_engine::RequestMeter::on_final(move |m| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            finals.lock().unwrap().push((i, m.counts()));
+        })
+    };
+    let mut expected = Vec::new();
+    let mut streams = Vec::new();
+    for i in 0..12 {
+        let mut r = Request::greedy(prompt(20 + 3 * i, 70 + i as u64), 10 + i % 7);
+        r.n = 1 + i % 3;
+        r.sampling.temperature = 1.0;
+        r.meter = Some(meter(i));
+        streams.push((i, r.n, e.submit(r).unwrap()));
+    }
+    for (i, n, mut s) in streams {
+        let choices = collect(&mut s, n);
+        let prompt_tokens = choices[0].usage.prompt_tokens as u64;
+        let cached = choices[0].usage.cached_tokens as u64;
+        let completion: u64 = choices
+            .iter()
+            .map(|c| c.usage.completion_tokens as u64)
+            .sum();
+        expected.push((i, (prompt_tokens, cached, completion)));
+    }
+    // a cancelled stream: counted up to where the engine stopped
+    let mut s = e
+        .submit({
+            let mut r = Request::greedy(prompt(30, 99), 400);
+            r.meter = Some(meter(99));
+            r
+        })
+        .unwrap();
+    let mut seen = 0;
+    while seen < 5 {
+        if let Some(fount_engine::Event::Token { .. }) = s.next_blocking() {
+            seen += 1;
+        }
+    }
+    drop(s);
+    let m = wait_idle(&e);
+    assert!(m.preemptions > 0, "the pool should force preemption: {m:?}");
+    let mut got = finals.lock().unwrap().clone();
+    got.sort();
+    let cancelled = got.pop().unwrap();
+    assert_eq!(
+        got, expected,
+        "final counts equal the usage each stream reported"
+    );
+    assert_eq!(cancelled.0, 99);
+    assert!(
+        (5..400).contains(&cancelled.1 .2),
+        "the cancelled request is counted to where it stopped: {cancelled:?}"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        13,
+        "each callback ran exactly once"
+    );
+}

@@ -150,6 +150,7 @@ fn template(
         logprobs,
         adapter,
         cache_salt: String::new(),
+        meter: None,
     })
 }
 

@@ -11,7 +11,12 @@ use fount_store::{Quota, Scope, Store};
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// Data directory (holds `fount.db` when no database URL is given).
-    #[arg(long, env = "FOUNT_DATA_DIR", default_value = "fount-data", global = true)]
+    #[arg(
+        long,
+        env = "FOUNT_DATA_DIR",
+        default_value = "fount-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// PostgreSQL URL (`postgres://user@host/db`) instead of the SQLite file.
     #[arg(long, env = "FOUNT_DATABASE_URL", global = true)]
