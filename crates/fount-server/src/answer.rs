@@ -10,8 +10,11 @@ use std::sync::Arc;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use fount_engine::{Event, Stream as EngineStream, TokenLogprob};
+use std::sync::atomic::Ordering;
+
+use fount_engine::{Event, RequestMeter, Stream as EngineStream, TokenLogprob};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use tokio::sync::oneshot;
 
 use crate::error::{ApiError, ApiResult};
 use crate::protocol::{
@@ -20,19 +23,50 @@ use crate::protocol::{
     FinishReason, Role, TopLogprob, Usage,
 };
 use crate::state::{now, AppState, InFlight};
+use crate::tenancy::Metered;
 use crate::validate::Valid;
 
 /// Identifies the server build in `system_fingerprint`.
 pub const FINGERPRINT: &str = concat!("fount-", env!("CARGO_PKG_VERSION"));
 
+/// A metered request's handles: the meter the engine counts in, the status it is recorded
+/// with, and the commit of its record.
+#[derive(Debug)]
+pub struct Metering {
+    /// Given to every engine request of this request.
+    pub meter: Arc<RequestMeter>,
+    /// The status and quota reservation.
+    pub metered: Arc<Metered>,
+    /// Told when the record is committed.
+    pub ack: oneshot::Receiver<()>,
+}
+
+impl Metering {
+    /// Records `status` and waits until the record is committed (the engine lets go of a
+    /// finished request within a step).
+    pub async fn finish(self, status: u16) {
+        self.metered.status.store(status, Ordering::SeqCst);
+        drop(self.meter);
+        let _ = self.ack.await;
+    }
+}
+
+/// Records an error's status (and waits for the record) before answering it.
+async fn fail<T>(metering: Option<Metering>, e: ApiError) -> ApiResult<T> {
+    if let Some(m) = metering {
+        m.finish(e.status().as_u16()).await;
+    }
+    Err(e)
+}
+
 /// The engine events of every prompt of a request, as `(prompt index, event)`.
 type Merged = SelectAll<BoxStream<'static, (usize, Event)>>;
 
 /// Submits every prompt; if one is refused, the ones already submitted are cancelled.
-fn submit(state: &AppState, valid: &Valid) -> ApiResult<Merged> {
-    let mut streams = Vec::with_capacity(valid.requests.len());
-    for r in &valid.requests {
-        streams.push(state.engine.submit(r.clone())?);
+fn submit(state: &AppState, requests: Vec<fount_engine::Request>) -> ApiResult<Merged> {
+    let mut streams = Vec::with_capacity(requests.len());
+    for r in requests {
+        streams.push(state.engine.submit(r)?);
     }
     let boxed = streams.into_iter().enumerate().map(|(i, s)| {
         stream::unfold(s, |mut s: EngineStream| async move {
@@ -45,7 +79,8 @@ fn submit(state: &AppState, valid: &Valid) -> ApiResult<Merged> {
     Ok(stream::select_all(boxed))
 }
 
-fn random_id(prefix: &str) -> String {
+/// A response id, `chatcmpl-…` or `cmpl-…`; also the usage record's key.
+pub fn random_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
@@ -163,17 +198,50 @@ async fn collect(
     Ok((accs, counts.usage))
 }
 
-/// Answers a validated chat request.
-pub async fn chat(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
-    let guard = state.in_flight();
-    let merged = submit(&state, &valid)?;
-    let n = valid.requests.first().map_or(1, |r| r.n);
-    let logprobs = valid.requests.first().is_some_and(|r| r.logprobs.is_some());
-    let id = random_id("chatcmpl");
-    if valid.stream {
-        return Ok(chat_stream(state, valid, merged, id, n, logprobs, guard));
+/// What a response's shape needs to know of its request.
+struct Setup {
+    head: Head,
+    /// Choices per prompt (as generated; `best_of` keeps fewer).
+    n: usize,
+    prompts: usize,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+fn setup(id: String, valid: &Valid) -> Setup {
+    Setup {
+        head: Head::new(id, valid),
+        n: valid.requests.first().map_or(1, |r| r.n),
+        prompts: valid.requests.len(),
+        logprobs: valid.requests.first().is_some_and(|r| r.logprobs.is_some()),
+        include_usage: valid.include_usage,
     }
-    let (accs, usage) = collect(&state, merged, n, 1).await?;
+}
+
+/// Answers a validated chat request.
+pub async fn chat(
+    state: Arc<AppState>,
+    valid: Valid,
+    id: String,
+    metering: Option<Metering>,
+) -> ApiResult<Response> {
+    let guard = state.in_flight();
+    let setup = setup(id, &valid);
+    let stream = valid.stream;
+    let merged = match submit(&state, valid.requests) {
+        Ok(m) => m,
+        Err(e) => return fail(metering, e).await,
+    };
+    if stream {
+        return Ok(chat_stream(state, setup, merged, guard, metering));
+    }
+    let (accs, usage) = match collect(&state, merged, setup.n, 1).await {
+        Ok(x) => x,
+        Err(e) => return fail(metering, e).await,
+    };
+    if let Some(m) = metering {
+        m.finish(200).await;
+    }
     let choices = accs
         .into_iter()
         .enumerate()
@@ -183,17 +251,17 @@ pub async fn chat(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
                 role: Role::Assistant,
                 content: a.text,
             },
-            logprobs: logprobs.then_some(ChatLogprobs {
+            logprobs: setup.logprobs.then_some(ChatLogprobs {
                 content: a.logprobs,
             }),
             finish_reason: a.finish.unwrap_or(FinishReason::Stop),
         })
         .collect();
     Ok(Json(ChatCompletion {
-        id,
+        id: setup.head.id,
         object: "chat.completion",
-        created: now(),
-        model: valid.model,
+        created: setup.head.created,
+        model: setup.head.model,
         choices,
         usage,
         system_fingerprint: FINGERPRINT.into(),
@@ -216,27 +284,38 @@ fn best_of(accs: Vec<Acc>, generated: usize, keep: usize) -> Vec<Acc> {
 }
 
 /// Answers a validated completions request.
-pub async fn completion(state: Arc<AppState>, valid: Valid) -> ApiResult<Response> {
+pub async fn completion(
+    state: Arc<AppState>,
+    valid: Valid,
+    id: String,
+    metering: Option<Metering>,
+) -> ApiResult<Response> {
     let guard = state.in_flight();
-    let merged = submit(&state, &valid)?;
-    let n = valid.requests.first().map_or(1, |r| r.n);
-    let logprobs = valid.requests.first().is_some_and(|r| r.logprobs.is_some());
-    let id = random_id("cmpl");
-    if valid.stream {
-        return Ok(completion_stream(
-            state, valid, merged, id, n, logprobs, guard,
-        ));
-    }
-    let prompts = valid.requests.len();
-    let (mut accs, usage) = collect(&state, merged, n, prompts).await?;
-    let (keep, logprobs) = match valid.keep {
-        Some((keep, asked)) => {
-            accs = best_of(accs, n, keep);
-            (keep, asked)
-        }
-        None => (n, logprobs),
+    let setup = setup(id, &valid);
+    let (stream, keep) = (valid.stream, valid.keep);
+    let merged = match submit(&state, valid.requests) {
+        Ok(m) => m,
+        Err(e) => return fail(metering, e).await,
     };
-    debug_assert_eq!(accs.len(), keep * prompts);
+    if stream {
+        return Ok(completion_stream(state, setup, merged, guard, metering));
+    }
+    let (n, prompts) = (setup.n, setup.prompts);
+    let (mut accs, usage) = match collect(&state, merged, n, prompts).await {
+        Ok(x) => x,
+        Err(e) => return fail(metering, e).await,
+    };
+    if let Some(m) = metering {
+        m.finish(200).await;
+    }
+    let (kept, logprobs) = match keep {
+        Some((kept, asked)) => {
+            accs = best_of(accs, n, kept);
+            (kept, asked)
+        }
+        None => (n, setup.logprobs),
+    };
+    debug_assert_eq!(accs.len(), kept * prompts);
     let choices = accs
         .into_iter()
         .enumerate()
@@ -248,10 +327,10 @@ pub async fn completion(state: Arc<AppState>, valid: Valid) -> ApiResult<Respons
         })
         .collect();
     Ok(Json(Completion {
-        id,
+        id: setup.head.id,
         object: "text_completion",
-        created: now(),
-        model: valid.model,
+        created: setup.head.created,
+        model: setup.head.model,
         choices,
         usage: Some(Some(usage)),
         system_fingerprint: FINGERPRINT.into(),
@@ -300,6 +379,18 @@ struct StreamState<S> {
     done: bool,
     /// Held until the stream ends or the client goes away.
     _in_flight: InFlight,
+    /// Taken when the stream ends; still here when the client went away.
+    metering: Option<Metering>,
+}
+
+impl<S> Drop for StreamState<S> {
+    fn drop(&mut self) {
+        if let Some(m) = self.metering.take() {
+            // the client went away: recorded as 499 with the tokens generated until the
+            // engine saw the stream dropped
+            m.metered.status.store(499, Ordering::SeqCst);
+        }
+    }
 }
 
 /// The payloads of a streamed response: `first`, then one or more per engine event, then the
@@ -311,6 +402,9 @@ fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
         }
         let Some((p, e)) = s.merged.next().await else {
             s.done = true;
+            if let Some(m) = s.metering.take() {
+                m.finish(200).await;
+            }
             let mut out = Vec::new();
             if s.include_usage {
                 out.push(s.shape.usage(s.counts.usage.clone()));
@@ -342,6 +436,9 @@ fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
             }
             Event::Error(e) => {
                 s.done = true;
+                if let Some(m) = s.metering.take() {
+                    m.finish(500).await;
+                }
                 vec![error_payload(e), "[DONE]".into()]
             }
         };
@@ -440,19 +537,17 @@ impl Shape for ChatShape {
 
 fn chat_stream(
     state: Arc<AppState>,
-    valid: Valid,
+    setup: Setup,
     merged: Merged,
-    id: String,
-    n: usize,
-    logprobs: bool,
     guard: InFlight,
+    metering: Option<Metering>,
 ) -> Response {
     let shape = ChatShape {
-        head: Head::new(id, &valid),
-        logprobs,
+        head: setup.head,
+        logprobs: setup.logprobs,
     };
     // the role first, for every choice
-    let first = (0..n)
+    let first = (0..setup.n)
         .map(|i| {
             let role = ChatShape::delta(i, Some(Role::Assistant), Some(String::new()));
             shape.chunk(vec![role], shape.head.usage.clone())
@@ -464,11 +559,12 @@ fn chat_stream(
             state,
             merged,
             shape,
-            n,
-            include_usage: valid.include_usage,
+            n: setup.n,
+            include_usage: setup.include_usage,
             counts: Counts::default(),
             done: false,
             _in_flight: guard,
+            metering,
         },
     )
 }
@@ -541,17 +637,15 @@ impl Shape for CompletionShape {
 
 fn completion_stream(
     state: Arc<AppState>,
-    valid: Valid,
+    setup: Setup,
     merged: Merged,
-    id: String,
-    n: usize,
-    logprobs: bool,
     guard: InFlight,
+    metering: Option<Metering>,
 ) -> Response {
     let shape = CompletionShape {
-        head: Head::new(id, &valid),
-        logprobs,
-        offsets: vec![0; n * valid.requests.len()],
+        head: setup.head,
+        logprobs: setup.logprobs,
+        offsets: vec![0; setup.n * setup.prompts],
     };
     drive(
         Vec::new(),
@@ -559,11 +653,12 @@ fn completion_stream(
             state,
             merged,
             shape,
-            n,
-            include_usage: valid.include_usage,
+            n: setup.n,
+            include_usage: setup.include_usage,
             counts: Counts::default(),
             done: false,
             _in_flight: guard,
+            metering,
         },
     )
 }

@@ -50,6 +50,23 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// No API key, or one that is unknown, revoked or expired (401 `invalid_api_key`).
+    #[error("incorrect or missing API key: send `Authorization: Bearer fk-…`")]
+    Unauthorized,
+    /// The key lacks the scope the route needs (403).
+    #[error("this API key lacks the {0} scope")]
+    Forbidden(&'static str),
+    /// A tenant's rate limit (429 `rate_limit_exceeded` with `Retry-After`).
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit.
+        message: String,
+        /// Seconds until it frees.
+        retry_after: u64,
+    },
+    /// A tenant's token budget is spent (429 `insufficient_quota`).
+    #[error("{0}")]
+    InsufficientQuota(String),
     /// The waiting queue is full (429 with `Retry-After`).
     #[error("the server is at capacity ({0} requests waiting); retry after {RETRY_AFTER_SECS} s")]
     Overloaded(usize),
@@ -81,7 +98,11 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded(_)
+            | ApiError::RateLimited { .. }
+            | ApiError::InsufficientQuota(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -116,6 +137,24 @@ impl ApiError {
                 Some("request_too_large".into()),
             ),
             ApiError::Overloaded(_) => ("rate_limit_error", None, Some("queue_full".into())),
+            ApiError::RateLimited { .. } => {
+                ("rate_limit_error", None, Some("rate_limit_exceeded".into()))
+            }
+            ApiError::InsufficientQuota(_) => (
+                "insufficient_quota",
+                None,
+                Some("insufficient_quota".into()),
+            ),
+            ApiError::Unauthorized => (
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key".into()),
+            ),
+            ApiError::Forbidden(_) => (
+                "invalid_request_error",
+                None,
+                Some("insufficient_scope".into()),
+            ),
             ApiError::Draining => (
                 "service_unavailable_error",
                 None,
@@ -140,10 +179,15 @@ impl IntoResponse for ApiError {
             tracing::error!(%cause, "request failed");
         }
         let mut response = (self.status(), Json(self.body())).into_response();
-        if matches!(self, ApiError::Overloaded(_)) {
+        let retry = match &self {
+            ApiError::Overloaded(_) => Some(RETRY_AFTER_SECS),
+            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
+        if let Some(secs) = retry {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod routes;
 pub mod state;
+pub mod tenancy;
 pub mod validate;
 
 use std::future::Future;
@@ -62,6 +63,7 @@ pub use state::{AppState, ServerConfig, SetupError};
         routes::get_model,
         routes::register_adapter,
         routes::delete_adapter,
+        routes::usage,
         routes::health,
         routes::metrics,
         routes::openapi,
@@ -87,11 +89,16 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(routes::get_model))
         .route("/v1/adapters", post(routes::register_adapter))
         .route("/v1/adapters/{id}", delete(routes::delete_adapter))
+        .route("/v1/usage", get(routes::usage))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             routes::track,

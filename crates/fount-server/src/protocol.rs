@@ -569,3 +569,29 @@ pub struct ErrorBody {
     /// A machine-readable code (`context_length_exceeded`, `model_not_found`, …).
     pub code: Option<String>,
 }
+
+/// `GET /v1/usage`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageReport {
+    /// Always `list`.
+    pub object: &'static str,
+    /// By UTC day, then model.
+    pub data: Vec<UsageRow>,
+}
+
+/// A tenant's usage of one model on one day.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageRow {
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    /// The model as requested.
+    pub model: String,
+    /// Requests.
+    pub requests: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Of those, from the prefix cache.
+    pub cached_tokens: i64,
+    /// Generated tokens.
+    pub completion_tokens: i64,
+}

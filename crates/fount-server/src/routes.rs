@@ -9,7 +9,7 @@ use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 
 use crate::answer;
 use crate::error::{ApiError, ApiResult};
@@ -19,7 +19,8 @@ use crate::protocol::{
     RegisterAdapter,
 };
 use crate::state::AppState;
-use crate::validate;
+use crate::tenancy::Caller;
+use crate::validate::{self, Valid};
 
 /// `POST /v1/chat/completions`
 #[utoipa::path(
@@ -43,10 +44,100 @@ use crate::validate;
 )]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody<ChatCompletionRequest>,
 ) -> ApiResult<Response> {
-    let valid = validate::chat(&state, &body)?;
-    answer::chat(state, valid).await
+    let caller = caller.map(|Extension(c)| c);
+    let id = answer::random_id("chatcmpl");
+    let metering = metering(&state, caller.as_ref(), &id, &body.model);
+    let valid = validate::chat(&state, &body, caller.as_ref());
+    let valid = match admit(&state, caller.as_ref(), &metering, valid).await {
+        Ok(v) => v,
+        Err(e) => return fail(metering, e).await,
+    };
+    answer::chat(state, valid, id, metering).await
+}
+
+/// A meter for a request of an authenticated caller, when tenancy is on.
+fn metering(
+    state: &AppState,
+    caller: Option<&Caller>,
+    id: &str,
+    model: &str,
+) -> Option<answer::Metering> {
+    let (tenancy, caller) = (state.tenancy()?, caller?);
+    let (meter, metered, ack) = tenancy.meter(caller, id, model, None);
+    Some(answer::Metering {
+        meter,
+        metered,
+        ack,
+    })
+}
+
+async fn fail<T>(metering: Option<answer::Metering>, e: ApiError) -> ApiResult<T> {
+    if let Some(m) = metering {
+        m.finish(e.status().as_u16()).await;
+    }
+    Err(e)
+}
+
+/// Applies the caller's quota to a validated request and ties it to the meter: allowed
+/// models, maximum context, rate limits and budgets (reserving the most it can use), the
+/// tenant's prefix-cache salt.
+async fn admit(
+    state: &AppState,
+    caller: Option<&Caller>,
+    metering: &Option<answer::Metering>,
+    valid: ApiResult<Valid>,
+) -> ApiResult<Valid> {
+    let mut valid = valid?;
+    let (Some(tenancy), Some(caller), Some(m)) = (state.tenancy(), caller, metering) else {
+        return Ok(valid);
+    };
+    let quota = tenancy.quota(&caller.tenant.id).await?;
+    if quota
+        .models
+        .as_ref()
+        .is_some_and(|allowed| !allowed.contains(&valid.model))
+    {
+        return Err(model_not_found(&valid.model));
+    }
+    let mut tokens = 0i64;
+    for r in &valid.requests {
+        let most = r.prompt.len() + r.max_tokens;
+        if let Some(limit) = quota.max_context {
+            if most as i64 > limit {
+                return Err(ApiError::ContextLength {
+                    message: format!(
+                        "this key's maximum context is {limit} tokens; the request needs {most}"
+                    ),
+                    param: "max_tokens",
+                });
+            }
+        }
+        tokens += (r.prompt.len() + r.n * r.max_tokens) as i64;
+    }
+    let reservation = tenancy.admit(caller, tokens).await?;
+    if let Ok(mut slot) = m.metered.reservation.lock() {
+        *slot = Some(reservation);
+    }
+    if let Ok(mut a) = m.metered.adapter.lock() {
+        *a = valid.requests.first().and_then(|r| r.adapter.clone());
+    }
+    for r in &mut valid.requests {
+        r.meter = Some(m.meter.clone());
+        // prefixes are shared within a tenant, never across
+        r.cache_salt = caller.tenant.id.clone();
+    }
+    Ok(valid)
+}
+
+fn model_not_found(model: &str) -> ApiError {
+    ApiError::NotFound {
+        message: format!("the model {model:?} does not exist"),
+        param: Some("model".into()),
+        code: "model_not_found",
+    }
 }
 
 /// `POST /v1/completions`
@@ -71,10 +162,18 @@ pub async fn chat_completions(
 )]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody<CompletionRequest>,
 ) -> ApiResult<Response> {
-    let valid = validate::completion(&state, &body)?;
-    answer::completion(state, valid).await
+    let caller = caller.map(|Extension(c)| c);
+    let id = answer::random_id("cmpl");
+    let metering = metering(&state, caller.as_ref(), &id, &body.model);
+    let valid = validate::completion(&state, &body, caller.as_ref());
+    let valid = match admit(&state, caller.as_ref(), &metering, valid).await {
+        Ok(v) => v,
+        Err(e) => return fail(metering, e).await,
+    };
+    answer::completion(state, valid, id, metering).await
 }
 
 fn base_card(state: &AppState) -> ModelCard {
@@ -88,7 +187,8 @@ fn base_card(state: &AppState) -> ModelCard {
     }
 }
 
-fn adapter_card(state: &AppState, name: &str) -> ModelCard {
+/// The card of adapter `name` (the engine's name) shown to its caller as `shown`.
+fn adapter_card(state: &AppState, name: &str, shown: &str) -> ModelCard {
     let created = state
         .adapter_times
         .lock()
@@ -96,7 +196,7 @@ fn adapter_card(state: &AppState, name: &str) -> ModelCard {
         .and_then(|t| t.get(name).copied())
         .unwrap_or(state.started);
     ModelCard {
-        id: name.to_string(),
+        id: shown.to_string(),
         object: "model",
         created,
         owned_by: "fount",
@@ -112,15 +212,38 @@ fn adapter_card(state: &AppState, name: &str) -> ModelCard {
     tag = "models",
     responses((status = 200, description = "The base model, then its adapters", body = ModelList))
 )]
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    let mut data = vec![base_card(&state)];
-    for (name, _, _) in state.engine.adapters().list() {
-        data.push(adapter_card(&state, &name));
+pub async fn list_models(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+) -> ApiResult<Json<ModelList>> {
+    let caller = caller.map(|Extension(c)| c);
+    let allowed = match (state.tenancy(), &caller) {
+        (Some(t), Some(c)) => t.quota(&c.tenant.id).await?.models,
+        _ => None,
+    };
+    let visible = |name: &str| allowed.as_ref().is_none_or(|a| a.iter().any(|m| m == name));
+    let mut data = Vec::new();
+    if visible(&state.cfg.model_name) {
+        data.push(base_card(&state));
     }
-    Json(ModelList {
+    let own = caller.as_ref().map(|c| format!("{}/", c.tenant.id));
+    for (name, _, _) in state.engine.adapters().list() {
+        let shown = match (name.split_once('/'), &own) {
+            // public
+            (None, _) => name.clone(),
+            // the caller's own
+            (Some(_), Some(own)) if name.starts_with(own.as_str()) => name[own.len()..].to_string(),
+            // another tenant's: not there
+            _ => continue,
+        };
+        if visible(&shown) {
+            data.push(adapter_card(&state, &name, &shown));
+        }
+    }
+    Ok(Json(ModelList {
         object: "list",
         data,
-    })
+    }))
 }
 
 /// `GET /v1/models/{id}`
@@ -136,11 +259,29 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> 
 )]
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelCard>> {
-    match validate::resolve_model(&state, &id)? {
+    let caller = caller.map(|Extension(c)| c);
+    if let (Some(t), Some(c)) = (state.tenancy(), &caller) {
+        if let Some(allowed) = t.quota(&c.tenant.id).await?.models {
+            if !allowed.contains(&id) {
+                return Err(model_not_found(&id));
+            }
+        }
+    }
+    match validate::resolve_model(&state, &id, caller.as_ref())? {
         None => Ok(Json(base_card(&state))),
-        Some(name) => Ok(Json(adapter_card(&state, &name))),
+        Some(name) => Ok(Json(adapter_card(&state, &name, &id))),
+    }
+}
+
+/// The engine's name of adapter `name` registered or removed by `caller`: private to the
+/// caller's tenant unless the key is an admin key (or tenancy is off).
+fn engine_name(caller: Option<&Caller>, name: &str) -> String {
+    match caller {
+        Some(c) if !c.is_admin() => validate::private_name(&c.tenant.id, name),
+        _ => name.to_string(),
     }
 }
 
@@ -167,8 +308,10 @@ fn valid_name(name: &str) -> bool {
 )]
 pub async fn register_adapter(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody<RegisterAdapter>,
 ) -> ApiResult<Json<ModelCard>> {
+    let caller = caller.map(|Extension(c)| c);
     if !valid_name(&body.name) || body.name == state.cfg.model_name {
         return Err(ApiError::invalid(
             "name",
@@ -190,8 +333,10 @@ pub async fn register_adapter(
         .map_err(|e| ApiError::Internal(e.to_string()))?
     };
     check.map_err(|e| ApiError::invalid("path", format!("no usable adapter at {dir:?}: {e}")))?;
-    state.register_adapter(&body.name, dir);
-    Ok(Json(adapter_card(&state, &body.name)))
+    // a tenant's adapters are its own; an admin key registers public ones
+    let name = engine_name(caller.as_ref(), &body.name);
+    state.register_adapter(&name, dir);
+    Ok(Json(adapter_card(&state, &name, &body.name)))
 }
 
 /// `DELETE /v1/adapters/{id}`: removes an adapter; running streams on it finish.
@@ -208,9 +353,12 @@ pub async fn register_adapter(
 )]
 pub async fn delete_adapter(
     State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Deleted>> {
-    if !state.engine.adapters().remove(&id) {
+    let caller = caller.map(|Extension(c)| c);
+    let name = engine_name(caller.as_ref(), &id);
+    if id.contains('/') || !state.engine.adapters().remove(&name) {
         return Err(ApiError::NotFound {
             message: format!("no adapter named {id:?}"),
             param: None,
@@ -218,7 +366,7 @@ pub async fn delete_adapter(
         });
     }
     if let Ok(mut t) = state.adapter_times.lock() {
-        t.remove(&id);
+        t.remove(&name);
     }
     Ok(Json(Deleted {
         id,
@@ -295,6 +443,79 @@ pub async fn not_found(req: Request) -> ApiError {
 /// A known path with another method.
 pub async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::MethodNotAllowed(req.method().to_string(), req.uri().path().to_string())
+}
+
+/// With tenancy on, every `/v1/` request needs a key with the `inference` scope (or `admin`);
+/// the caller goes into the request's extensions. Keys are never logged.
+pub async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(tenancy) = state.tenancy() else {
+        return next.run(req).await;
+    };
+    if !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match tenancy.authenticate(header).await {
+        Err(e) => e.into_response(),
+        Ok(caller) => {
+            use fount_store::Scope;
+            if !(caller.key.scopes.contains(&Scope::Inference) || caller.is_admin()) {
+                return ApiError::Forbidden("inference").into_response();
+            }
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+    }
+}
+
+/// `GET /v1/usage`: the caller's own usage by UTC day and model.
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    tag = "tenancy",
+    responses(
+        (status = 200, description = "Usage by day and model", body = crate::protocol::UsageReport),
+        (status = 401, description = "No valid API key", body = crate::protocol::ErrorResponse),
+        (status = 404, description = "Tenancy is off", body = crate::protocol::ErrorResponse),
+    )
+)]
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    caller: Option<Extension<Caller>>,
+) -> ApiResult<Json<crate::protocol::UsageReport>> {
+    let (Some(t), Some(Extension(c))) = (state.tenancy(), caller) else {
+        return Err(ApiError::NotFound {
+            message: "usage is recorded only with tenancy on (fount serve --data-dir)".into(),
+            param: None,
+            code: "not_found",
+        });
+    };
+    let rows = t
+        .store()
+        .usage_summary(Some(&c.tenant.id), 0, i64::MAX)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(crate::protocol::UsageReport {
+        object: "list",
+        data: rows
+            .into_iter()
+            .map(|r| crate::protocol::UsageRow {
+                day: r.day,
+                model: r.model,
+                requests: r.requests,
+                prompt_tokens: r.prompt_tokens,
+                cached_tokens: r.cached_tokens,
+                completion_tokens: r.completion_tokens,
+            })
+            .collect(),
+    }))
 }
 
 /// Refuses generation and admin requests while draining, and counts every exchange.

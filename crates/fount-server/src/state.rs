@@ -73,6 +73,7 @@ pub struct AppState {
     pub(crate) adapter_times: Mutex<HashMap<String, u64>>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
+    tenancy: std::sync::OnceLock<Arc<crate::tenancy::Tenancy>>,
 }
 
 /// A running generation request; see [`AppState::requests_in_flight`].
@@ -152,7 +153,18 @@ impl AppState {
             adapter_times: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            tenancy: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Turns on API keys, quotas and metering over `tenancy` (once; later calls are ignored).
+    pub fn enable_tenancy(&self, tenancy: Arc<crate::tenancy::Tenancy>) {
+        let _ = self.tenancy.set(tenancy);
+    }
+
+    /// The tenancy layer, when on.
+    pub fn tenancy(&self) -> Option<&Arc<crate::tenancy::Tenancy>> {
+        self.tenancy.get()
     }
 
     /// The engine.

@@ -11,6 +11,7 @@ use crate::protocol::{
     Role, Stop,
 };
 use crate::state::AppState;
+use crate::tenancy::Caller;
 
 /// Most stop strings, as OpenAI allows.
 pub const MAX_STOP: usize = 4;
@@ -48,12 +49,29 @@ fn range(param: &str, v: Option<f32>, lo: f32, hi: f32, default: f32) -> ApiResu
     }
 }
 
-/// Resolves `model` to the base model (`None`) or a registered adapter.
-pub fn resolve_model(state: &AppState, model: &str) -> ApiResult<Option<String>> {
+/// The engine's name of a tenant's private adapter.
+pub fn private_name(tenant_id: &str, name: &str) -> String {
+    format!("{tenant_id}/{name}")
+}
+
+/// Resolves `model` to the base model (`None`) or a registered adapter: the caller's own
+/// private adapter of that name first, then a public one. Another tenant's adapter is not
+/// found.
+pub fn resolve_model(
+    state: &AppState,
+    model: &str,
+    caller: Option<&Caller>,
+) -> ApiResult<Option<String>> {
     if model == state.cfg.model_name {
         return Ok(None);
     }
-    if state.engine.adapters().current(model).is_some() {
+    if let Some(c) = caller {
+        let own = private_name(&c.tenant.id, model);
+        if state.engine.adapters().current(&own).is_some() {
+            return Ok(Some(own));
+        }
+    }
+    if !model.contains('/') && state.engine.adapters().current(model).is_some() {
         return Ok(Some(model.to_string()));
     }
     Err(ApiError::NotFound {
@@ -69,10 +87,11 @@ pub fn resolve_model(state: &AppState, model: &str) -> ApiResult<Option<String>>
 fn template(
     state: &AppState,
     model: &str,
+    caller: Option<&Caller>,
     c: &CommonParams,
     logprobs: Option<usize>,
 ) -> ApiResult<Request> {
-    let adapter = resolve_model(state, model)?;
+    let adapter = resolve_model(state, model, caller)?;
     let temperature = range("temperature", c.temperature, 0.0, 2.0, 1.0)?;
     let top_p = range("top_p", c.top_p, 0.0, 1.0, 1.0)?;
     if top_p == 0.0 {
@@ -214,7 +233,11 @@ fn message_text(m: &ChatMessage, i: usize) -> ApiResult<String> {
 }
 
 /// Validates a chat request.
-pub fn chat(state: &AppState, body: &ChatCompletionRequest) -> ApiResult<Valid> {
+pub fn chat(
+    state: &AppState,
+    body: &ChatCompletionRequest,
+    caller: Option<&Caller>,
+) -> ApiResult<Valid> {
     if body.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -246,7 +269,7 @@ pub fn chat(state: &AppState, body: &ChatCompletionRequest) -> ApiResult<Valid> 
             Some(k as usize)
         }
     };
-    let mut req = template(state, &body.model, &body.common(), logprobs)?;
+    let mut req = template(state, &body.model, caller, &body.common(), logprobs)?;
     let Some(tpl) = &state.template else {
         return Err(ApiError::invalid(
             "model",
@@ -315,7 +338,11 @@ fn include_usage(
 }
 
 /// Validates a completions request.
-pub fn completion(state: &AppState, body: &CompletionRequest) -> ApiResult<Valid> {
+pub fn completion(
+    state: &AppState,
+    body: &CompletionRequest,
+    caller: Option<&Caller>,
+) -> ApiResult<Valid> {
     if body.echo.unwrap_or(false) {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
@@ -346,7 +373,7 @@ pub fn completion(state: &AppState, body: &CompletionRequest) -> ApiResult<Valid
             ))
         }
     };
-    let mut req = template(state, &body.model, &body.common(), logprobs)?;
+    let mut req = template(state, &body.model, caller, &body.common(), logprobs)?;
     if best_of > n {
         // the choices are ranked by their tokens' log-probabilities
         req.n = best_of as usize;

@@ -7,4 +7,6 @@ mod errors;
 mod generation;
 /// Models, adapters, health, metrics and the OpenAPI document.
 mod operations;
+/// Tenancy: API keys, isolation, quotas, exact metering.
+mod tenancy;
 mod util;

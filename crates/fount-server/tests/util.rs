@@ -175,3 +175,29 @@ pub fn no_eos() -> serde_json::Value {
             .collect(),
     )
 }
+
+/// Sends one request with `Authorization: Bearer key`.
+pub async fn call_as(
+    state: &Arc<AppState>,
+    key: &str,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Reply {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let res = app(state.clone()).oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
