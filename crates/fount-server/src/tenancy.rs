@@ -34,8 +34,9 @@ impl Caller {
     }
 }
 
-/// A record and, when someone waits for its commit, whom to tell.
-type Pending = (UsageRecord, Option<oneshot::Sender<()>>);
+/// A record (or, with none, a flush marker) and, when someone waits for its commit, whom to
+/// tell.
+type Pending = (Option<UsageRecord>, Option<oneshot::Sender<()>>);
 
 /// Sliding-window counters and budget of one tenant.
 #[derive(Debug, Default)]
@@ -106,10 +107,14 @@ impl Tenancy {
                         Err(_) => break,
                     }
                 }
-                let records: Vec<UsageRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+                let records: Vec<UsageRecord> =
+                    batch.iter().filter_map(|(r, _)| r.clone()).collect();
                 // a record is never dropped: retry until the database takes it
                 let mut wait = Duration::from_millis(50);
-                while let Err(e) = writer_store.record_usage(&records).await {
+                while !records.is_empty() {
+                    let Err(e) = writer_store.record_usage(&records).await else {
+                        break;
+                    };
                     tracing::error!(error = %e, records = records.len(), "writing usage records; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
@@ -126,6 +131,14 @@ impl Tenancy {
             writer: tx,
             windows: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Waits until every record handed to the writer so far is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send((None, Some(tx))).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// The store.
@@ -339,7 +352,7 @@ impl Tenancy {
                 latency_ms: i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX),
                 created_at_ms,
             };
-            let _ = tenancy.writer.send((record, Some(ack_tx)));
+            let _ = tenancy.writer.send((Some(record), Some(ack_tx)));
         });
         (meter, metered, ack_rx)
     }

@@ -10,6 +10,8 @@ use crate::util::tiny_model;
 struct Server {
     child: Child,
     port: u16,
+    /// The admin key it printed on its first start.
+    key: String,
     log: Arc<Mutex<String>>,
 }
 
@@ -23,9 +25,12 @@ impl Drop for Server {
 impl Server {
     /// Starts `fount serve` on a free port and waits until it listens.
     fn start(model: &Path, extra: &[&str]) -> Server {
+        let data = model.with_extension("data");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
             .args(["serve", "--model"])
             .arg(model)
+            .arg("--data-dir")
+            .arg(&data)
             .args([
                 "--model-name",
                 "tiny",
@@ -46,8 +51,15 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
+        let key = Arc::new(Mutex::new(String::new()));
+        let key_sink = key.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(k) = line.strip_prefix("admin API key (shown once; store it now): ") {
+                    if let Ok(mut slot) = key_sink.lock() {
+                        *slot = k.trim().to_string();
+                    }
+                }
                 if let Some(rest) = line.split("listening on http://127.0.0.1:").nth(1) {
                     let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
                     let _ = tx.send(port.parse::<u16>().unwrap_or(0));
@@ -67,7 +79,18 @@ impl Server {
                     log.lock().map(|l| l.clone()).unwrap_or_default()
                 )
             });
-        Server { child, port, log }
+        let key = key.lock().map(|k| k.clone()).unwrap_or_default();
+        assert!(
+            key.starts_with("fk-"),
+            "no admin key printed:\n{}",
+            log.lock().map(|l| l.clone()).unwrap_or_default()
+        );
+        Server {
+            child,
+            port,
+            key,
+            log,
+        }
     }
 
     fn url(&self) -> String {
@@ -149,6 +172,8 @@ fn the_openai_sdk_works_against_fount_serve_and_sigterm_drains() {
         "support",
         "--pid",
         &server.child.id().to_string(),
+        "--api-key",
+        &server.key,
     ]);
     assert!(out.contains("all checks passed"), "{out}");
     // the script sent SIGTERM: the server drains and exits 0
@@ -191,6 +216,8 @@ fn ten_times_the_queue_gets_429s_and_the_server_stays_up() {
             "tiny",
             "--requests",
             "40",
+            "--api-key",
+            &server.key,
         ])
     };
     let before = server.rss();
@@ -224,6 +251,7 @@ fn schema_fuzzing_finds_no_server_error_and_no_undocumented_response() {
         // most generated requests name the served model (tests/python/schemathesis_hooks.py)
         .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
         .env("PYTHONPATH", python_script(""))
+        .args(["--header", &format!("Authorization: Bearer {}", server.key)])
         .args([
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection",

@@ -44,6 +44,45 @@ pub struct ServeArgs {
     /// Largest request body.
     #[arg(long, env = "FOUNT_MAX_BODY", default_value = "4MiB")]
     pub max_body: String,
+    /// Data directory: tenants, keys, quotas and usage (`fount.db`, SQLite) unless
+    /// --database-url is given.
+    #[arg(long, env = "FOUNT_DATA_DIR", default_value = "fount-data")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL (`postgres://user@host/db`) for tenants, keys, quotas and usage.
+    #[arg(long, env = "FOUNT_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Serve without API keys, quotas or metering (a single user on a trusted machine).
+    #[arg(long, env = "FOUNT_NO_AUTH")]
+    pub no_auth: bool,
+}
+
+/// Makes an admin key when the store has no usable one, and prints it once (to stderr, never
+/// to the log).
+async fn bootstrap_admin(store: &fount_store::Store) -> Result<()> {
+    use fount_store::Scope;
+    let now = fount_store::now_ms() / 1000;
+    let usable = store.keys(None).await?.into_iter().any(|k| {
+        k.scopes.contains(&Scope::Admin)
+            && k.revoked_at.is_none()
+            && k.expires_at.is_none_or(|e| e > now)
+    });
+    if usable {
+        return Ok(());
+    }
+    let tenant = match store.tenant_by_name("admin").await? {
+        Some(t) => t,
+        None => store.create_tenant("admin").await?,
+    };
+    let (key, _) = store
+        .create_key(
+            &tenant.id,
+            "bootstrap",
+            &[Scope::Admin, Scope::Inference],
+            None,
+        )
+        .await?;
+    eprintln!("admin API key (shown once; store it now): {}", key.expose());
+    Ok(())
 }
 
 /// Parses `512MiB`, `2GiB`, `1G`, `100k` or a plain number of bytes.
@@ -113,6 +152,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
+        let tenancy = if a.no_auth {
+            tracing::warn!("--no-auth: no API keys, quotas or usage records");
+            None
+        } else {
+            let store = fount_store::Store::open(&a.data_dir, a.database_url.as_deref())
+                .await
+                .context("opening the store (--data-dir / --database-url)")?;
+            bootstrap_admin(&store).await?;
+            let tenancy = fount_server::tenancy::Tenancy::start(store);
+            state.enable_tenancy(tenancy.clone());
+            Some(tenancy)
+        };
         let bound = listener.local_addr()?;
         let adapters = state.engine().adapters().list().len();
         tracing::info!(
@@ -124,6 +175,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         fount_server::serve(listener, state, shutdown_signal())
             .await
             .context("serving")?;
+        if let Some(t) = tenancy {
+            // abandoned requests' records may still be on their way
+            t.flush().await;
+            t.store().close().await;
+        }
         tracing::info!("drained; exiting");
         Ok(())
     })

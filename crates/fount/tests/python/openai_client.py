@@ -22,9 +22,10 @@ p.add_argument("--base-url", required=True)
 p.add_argument("--model", required=True)
 p.add_argument("--adapter", required=True)
 p.add_argument("--pid", type=int, required=True)
+p.add_argument("--api-key", required=True)
 args = p.parse_args()
 
-client = OpenAI(base_url=args.base_url, api_key="unused", max_retries=0, timeout=120)
+client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
 M = args.model
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -140,6 +141,9 @@ def raises(name, cls, fn, code=None):
     raise AssertionError(f"{name}: no {cls.__name__}")
 
 
+raises("a wrong API key is AuthenticationError", openai.AuthenticationError,
+       lambda: OpenAI(base_url=args.base_url, api_key="fk-00000000-" + "0" * 64, max_retries=0).models.list(),
+       "invalid_api_key")
 raises("a bad parameter is BadRequestError", openai.BadRequestError,
        lambda: client.chat.completions.create(model=M, messages=HELLO, temperature=5))
 e = raises("an unknown model is NotFoundError", openai.NotFoundError,
@@ -158,10 +162,17 @@ check("413 is its status", e.status_code == 413, e.status_code)
 events = []
 
 
+failure = []
+
+
 def long_stream():
     # long enough to still be running while the checks below run
-    for ch in client.completions.create(model=M, prompt="Once", n=4, max_tokens=1500, temperature=1.0, stream=True):
-        events.append(ch)
+    try:
+        for ch in client.completions.create(model=M, prompt="Once", n=4, max_tokens=1500, temperature=1.0,
+                                            stream=True):
+            events.append(ch)
+    except Exception as e:  # reported below
+        failure.append(repr(e))
 
 
 def health_status():
@@ -173,8 +184,10 @@ def health_status():
 
 t = threading.Thread(target=long_stream)
 t.start()
-while len(events) < 3:
+deadline = time.time() + 60
+while len(events) < 3 and t.is_alive() and time.time() < deadline:
     time.sleep(0.005)
+check("the long stream started", len(events) >= 3, failure)
 os.kill(args.pid, signal.SIGTERM)
 deadline = time.time() + 10
 while health_status() != 503 and time.time() < deadline:

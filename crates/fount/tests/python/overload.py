@@ -15,9 +15,10 @@ p = argparse.ArgumentParser()
 p.add_argument("--base-url", required=True)
 p.add_argument("--model", required=True)
 p.add_argument("--requests", type=int, required=True)
+p.add_argument("--api-key", required=True)
 args = p.parse_args()
 
-client = AsyncOpenAI(base_url=args.base_url, api_key="unused", max_retries=0, timeout=300)
+client = AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=300)
 
 
 async def one(i):
