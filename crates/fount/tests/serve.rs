@@ -23,8 +23,17 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Starts `fount serve` again on a store that already has `key`.
+    fn start_with_key(model: &Path, extra: &[&str], key: &str) -> Server {
+        Server::launch(model, extra, Some(key))
+    }
+
     /// Starts `fount serve` on a free port and waits until it listens.
     fn start(model: &Path, extra: &[&str]) -> Server {
+        Server::launch(model, extra, None)
+    }
+
+    fn launch(model: &Path, extra: &[&str], known_key: Option<&str>) -> Server {
         let data = model.with_extension("data");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
             .args(["serve", "--model"])
@@ -79,7 +88,10 @@ impl Server {
                     log.lock().map(|l| l.clone()).unwrap_or_default()
                 )
             });
-        let key = key.lock().map(|k| k.clone()).unwrap_or_default();
+        let key = match known_key {
+            Some(k) => k.to_string(),
+            None => key.lock().map(|k| k.clone()).unwrap_or_default(),
+        };
         assert!(
             key.starts_with("fk-"),
             "no admin key printed:\n{}",
@@ -282,4 +294,73 @@ fn schema_fuzzing_finds_no_server_error_and_no_undocumented_response() {
         "schemathesis found problems:\n{text}\nserver log:\n{}",
         server.log()
     );
+}
+
+#[test]
+fn a_killed_server_keeps_exactly_one_record_per_completed_request() {
+    let (model, _) = model_with_adapter("crash");
+    let mut server = Server::start(&model, &[]);
+    let ids_file = model.with_extension("ids");
+    let mut load = Command::new("python3")
+        .arg(python_script("crash_load.py"))
+        .args(["--base-url", &format!("{}/v1", server.url())])
+        .args(["--api-key", &server.key])
+        .arg("--out")
+        .arg(&ids_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    // let a few hundred requests complete, then kill -9 under load
+    let start = Instant::now();
+    while std::fs::read_to_string(&ids_file).map_or(0, |s| s.lines().count()) < 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the load did not get going"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let _ = load.wait();
+    let completed: Vec<String> = std::fs::read_to_string(&ids_file)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // the store opens cleanly after the kill and holds every completed request once
+    let data = model.with_extension("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_fount"))
+        .args(["admin", "usage", "export", "--format", "json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let mut ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    ids.sort();
+    let unique = ids.len();
+    ids.dedup();
+    assert_eq!(unique, ids.len(), "a request recorded twice");
+    for id in &completed {
+        assert!(
+            ids.binary_search(&id.as_str()).is_ok(),
+            "{id} completed but has no record ({} completed, {} records)",
+            completed.len(),
+            ids.len()
+        );
+    }
+    // and the server starts again on it
+    let again = Server::start_with_key(&model, &[], &server.key);
+    drop(again);
 }
