@@ -3,18 +3,17 @@ use std::sync::Arc;
 use axum::http::{Method, StatusCode};
 use fount_server::tenancy::Tenancy;
 use fount_server::AppState;
+use fount_store::testing::stores;
 use fount_store::{Quota, Scope, Store};
 use serde_json::json;
 
 use crate::util::{adapter_dir, call, call_as, no_eos, state, until_idle};
 
-/// A server with tenancy on over a fresh SQLite store, and the store.
-async fn tenant_state() -> (Arc<AppState>, Store, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), None).await.unwrap();
+/// A server with tenancy on over `store`.
+fn tenant_state(store: &Store) -> Arc<AppState> {
     let s = state();
     s.enable_tenancy(Tenancy::start(store.clone()));
-    (s, store, dir)
+    s
 }
 
 async fn tenant_key(store: &Store, name: &str, scopes: &[Scope]) -> (String, String) {
@@ -29,341 +28,356 @@ fn ask(model: &str) -> String {
 
 #[tokio::test]
 async fn every_v1_request_needs_a_valid_key() {
-    let (s, store, _dir) = tenant_state().await;
-    let (tid, key) = tenant_key(&store, "acme", &[Scope::Inference]).await;
-    let r = call(&s, Method::POST, "/v1/completions", &ask("tiny")).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
-    assert_eq!(r.error().2.as_deref(), Some("invalid_api_key"));
-    let r = call_as(&s, "fk-00000000-nope", Method::GET, "/v1/models", "").await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    // health, metrics and the document stay open
+    let mut backends = Vec::new();
+    // on SQLite and on PostgreSQL
+    for (store, _dir) in stores("every_v1_request_nee").await {
+        backends.push(store.backend());
+        let s = tenant_state(&store);
+        let (tid, key) = tenant_key(&store, "acme", &[Scope::Inference]).await;
+        let r = call(&s, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+        assert_eq!(r.error().2.as_deref(), Some("invalid_api_key"));
+        let r = call_as(&s, "fk-00000000-nope", Method::GET, "/v1/models", "").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        // health, metrics and the document stay open
+        assert_eq!(
+            call(&s, Method::GET, "/health", "").await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&s, Method::GET, "/metrics", "").await.status,
+            StatusCode::OK
+        );
+        // revoked: refused at once
+        let prefix = &key[..11];
+        assert!(store.revoke_key(prefix).await.unwrap());
+        let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        // expired, and a key without the inference scope
+        let (old, _) = store
+            .create_key(&tid, "old", &[Scope::Inference], Some(1))
+            .await
+            .unwrap();
+        let r = call_as(&s, old.expose(), Method::GET, "/v1/models", "").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        let (files, _) = store
+            .create_key(&tid, "files", &[Scope::Files], None)
+            .await
+            .unwrap();
+        let r = call_as(&s, files.expose(), Method::GET, "/v1/models", "").await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+        // the key is in no response
+        assert!(!r.body.contains(&files.expose()[12..]));
+    }
     assert_eq!(
-        call(&s, Method::GET, "/health", "").await.status,
-        StatusCode::OK
+        backends,
+        [fount_store::Backend::Sqlite, fount_store::Backend::Postgres]
     );
-    assert_eq!(
-        call(&s, Method::GET, "/metrics", "").await.status,
-        StatusCode::OK
-    );
-    // revoked: refused at once
-    let prefix = &key[..11];
-    assert!(store.revoke_key(prefix).await.unwrap());
-    let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    // expired, and a key without the inference scope
-    let (old, _) = store
-        .create_key(&tid, "old", &[Scope::Inference], Some(1))
-        .await
-        .unwrap();
-    let r = call_as(&s, old.expose(), Method::GET, "/v1/models", "").await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let (files, _) = store
-        .create_key(&tid, "files", &[Scope::Files], None)
-        .await
-        .unwrap();
-    let r = call_as(&s, files.expose(), Method::GET, "/v1/models", "").await;
-    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
-    // the key is in no response
-    assert!(!r.body.contains(&files.expose()[12..]));
 }
-
 #[tokio::test]
 async fn tenants_see_only_their_own_adapters_usage_and_cache() {
-    let (s, store, _dir) = tenant_state().await;
-    let (_, a) = tenant_key(&store, "alpha", &[Scope::Inference]).await;
-    let (_, b) = tenant_key(&store, "beta", &[Scope::Inference]).await;
-    let dir = adapter_dir("alpha-private", 3);
-    let r = call_as(
-        &s,
-        &a,
-        Method::POST,
-        "/v1/adapters",
-        &json!({"name": "mine", "path": dir}).to_string(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert_eq!(r.json()["id"], "mine");
-    let ids = |r: &crate::util::Reply| -> Vec<String> {
-        r.json()["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(
-        ids(&call_as(&s, &a, Method::GET, "/v1/models", "").await),
-        ["tiny", "mine"]
-    );
-    assert_eq!(
-        ids(&call_as(&s, &b, Method::GET, "/v1/models", "").await),
-        ["tiny"]
-    );
-    assert_eq!(
-        call_as(&s, &a, Method::POST, "/v1/completions", &ask("mine"))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    // beta cannot call, see or delete it: 404, as for a model that does not exist
-    for (method, path, body) in [
-        (Method::POST, "/v1/completions", ask("mine")),
-        (Method::GET, "/v1/models/mine", String::new()),
-        (Method::DELETE, "/v1/adapters/mine", String::new()),
-    ] {
-        let r = call_as(&s, &b, method, path, &body).await;
-        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}: {}", r.body);
-    }
-    // beta may register its own "mine"
-    let dir_b = adapter_dir("beta-private", 4);
-    let r = call_as(
-        &s,
-        &b,
-        Method::POST,
-        "/v1/adapters",
-        &json!({"name": "mine", "path": dir_b}).to_string(),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK);
-    // the same long prompt: cached within a tenant, never across
-    let long =
+    // on SQLite and on PostgreSQL
+    for (store, _dir) in stores("tenants_see_only_the").await {
+        let s = tenant_state(&store);
+        let (_, a) = tenant_key(&store, "alpha", &[Scope::Inference]).await;
+        let (_, b) = tenant_key(&store, "beta", &[Scope::Inference]).await;
+        let dir = adapter_dir("alpha-private", 3);
+        let r = call_as(
+            &s,
+            &a,
+            Method::POST,
+            "/v1/adapters",
+            &json!({"name": "mine", "path": dir}).to_string(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.json()["id"], "mine");
+        let ids = |r: &crate::util::Reply| -> Vec<String> {
+            r.json()["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            ids(&call_as(&s, &a, Method::GET, "/v1/models", "").await),
+            ["tiny", "mine"]
+        );
+        assert_eq!(
+            ids(&call_as(&s, &b, Method::GET, "/v1/models", "").await),
+            ["tiny"]
+        );
+        assert_eq!(
+            call_as(&s, &a, Method::POST, "/v1/completions", &ask("mine"))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        // beta cannot call, see or delete it: 404, as for a model that does not exist
+        for (method, path, body) in [
+            (Method::POST, "/v1/completions", ask("mine")),
+            (Method::GET, "/v1/models/mine", String::new()),
+            (Method::DELETE, "/v1/adapters/mine", String::new()),
+        ] {
+            let r = call_as(&s, &b, method, path, &body).await;
+            assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}: {}", r.body);
+        }
+        // beta may register its own "mine"
+        let dir_b = adapter_dir("beta-private", 4);
+        let r = call_as(
+            &s,
+            &b,
+            Method::POST,
+            "/v1/adapters",
+            &json!({"name": "mine", "path": dir_b}).to_string(),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        // the same long prompt: cached within a tenant, never across
+        let long =
         json!({"model": "tiny", "prompt": "a shared system prompt ".repeat(10), "max_tokens": 2})
             .to_string();
-    let cached = |r: crate::util::Reply| {
-        r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap()
-    };
-    assert_eq!(
-        cached(call_as(&s, &a, Method::POST, "/v1/completions", &long).await),
-        0
-    );
-    assert!(cached(call_as(&s, &a, Method::POST, "/v1/completions", &long).await) > 0);
-    assert_eq!(
-        cached(call_as(&s, &b, Method::POST, "/v1/completions", &long).await),
-        0,
-        "another tenant's prefix"
-    );
-    // usage: each sees its own
-    let ua = call_as(&s, &a, Method::GET, "/v1/usage", "").await.json();
-    let ub = call_as(&s, &b, Method::GET, "/v1/usage", "").await.json();
-    let total = |u: &serde_json::Value| -> i64 {
-        u["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["requests"].as_i64().unwrap())
-            .sum()
-    };
-    // beta's refused call of "mine" is its own (recorded, billed nothing)
-    assert_eq!((total(&ua), total(&ub)), (3, 2), "{ua} {ub}");
+        let cached = |r: crate::util::Reply| {
+            r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!(
+            cached(call_as(&s, &a, Method::POST, "/v1/completions", &long).await),
+            0
+        );
+        assert!(cached(call_as(&s, &a, Method::POST, "/v1/completions", &long).await) > 0);
+        assert_eq!(
+            cached(call_as(&s, &b, Method::POST, "/v1/completions", &long).await),
+            0,
+            "another tenant's prefix"
+        );
+        // usage: each sees its own
+        let ua = call_as(&s, &a, Method::GET, "/v1/usage", "").await.json();
+        let ub = call_as(&s, &b, Method::GET, "/v1/usage", "").await.json();
+        let total = |u: &serde_json::Value| -> i64 {
+            u["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["requests"].as_i64().unwrap())
+                .sum()
+        };
+        // beta's refused call of "mine" is its own (recorded, billed nothing)
+        assert_eq!((total(&ua), total(&ub)), (3, 2), "{ua} {ub}");
+    }
 }
-
 #[tokio::test]
 async fn quotas_refuse_with_openai_codes() {
-    let (s, store, _dir) = tenant_state().await;
-    let (tid, key) = tenant_key(&store, "small", &[Scope::Inference]).await;
-    store
-        .set_quota(
-            &tid,
-            &Quota {
-                requests_per_minute: Some(2),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    for _ in 0..2 {
+    // on SQLite and on PostgreSQL
+    for (store, _dir) in stores("quotas_refuse_with_o").await {
+        let s = tenant_state(&store);
+        let (tid, key) = tenant_key(&store, "small", &[Scope::Inference]).await;
+        store
+            .set_quota(
+                &tid,
+                &Quota {
+                    requests_per_minute: Some(2),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny"))
+                    .await
+                    .status,
+                StatusCode::OK
+            );
+        }
+        let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+        assert_eq!(r.error().2.as_deref(), Some("rate_limit_exceeded"));
+        let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&secs));
+        // a budget: 30 tokens a day; each request reserves prompt + max_tokens
+        let (tid, key) = tenant_key(&store, "budget", &[Scope::Inference]).await;
+        store
+            .set_quota(
+                &tid,
+                &Quota {
+                    tokens_per_day: Some(30),
+                    models: Some(vec!["tiny".into()]),
+                    max_context: Some(64),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(
             call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny"))
                 .await
                 .status,
             StatusCode::OK
         );
-    }
-    let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
-    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
-    assert_eq!(r.error().2.as_deref(), Some("rate_limit_exceeded"));
-    let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&secs));
-    // a budget: 30 tokens a day; each request reserves prompt + max_tokens
-    let (tid, key) = tenant_key(&store, "budget", &[Scope::Inference]).await;
-    store
-        .set_quota(
-            &tid,
-            &Quota {
-                tokens_per_day: Some(30),
-                models: Some(vec!["tiny".into()]),
-                max_context: Some(64),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny"))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    let mut refused = None;
-    for _ in 0..10 {
-        let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
-        if r.status != StatusCode::OK {
-            refused = Some(r);
-            break;
+        let mut refused = None;
+        for _ in 0..10 {
+            let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
+            if r.status != StatusCode::OK {
+                refused = Some(r);
+                break;
+            }
         }
+        let r = refused.expect("the budget runs out");
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            r.error(),
+            (
+                "insufficient_quota".into(),
+                None,
+                Some("insufficient_quota".into())
+            )
+        );
+        // a model outside the allowed list does not exist for this tenant; nor a long request
+        let dir = adapter_dir("public", 5);
+        s.register_adapter("public", dir);
+        let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("public")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        let long = json!({"model": "tiny", "prompt": "hi", "max_tokens": 100}).to_string();
+        let r = call_as(&s, &key, Method::POST, "/v1/completions", &long).await;
+        assert_eq!(
+            r.error().2.as_deref(),
+            Some("context_length_exceeded"),
+            "{}",
+            r.body
+        );
     }
-    let r = refused.expect("the budget runs out");
-    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(
-        r.error(),
-        (
-            "insufficient_quota".into(),
-            None,
-            Some("insufficient_quota".into())
-        )
-    );
-    // a model outside the allowed list does not exist for this tenant; nor a long request
-    let dir = adapter_dir("public", 5);
-    s.register_adapter("public", dir);
-    let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("public")).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
-    let long = json!({"model": "tiny", "prompt": "hi", "max_tokens": 100}).to_string();
-    let r = call_as(&s, &key, Method::POST, "/v1/completions", &long).await;
-    assert_eq!(
-        r.error().2.as_deref(),
-        Some("context_length_exceeded"),
-        "{}",
-        r.body
-    );
 }
-
 #[tokio::test]
 async fn every_request_is_recorded_exactly_once_with_the_engines_counts() {
     use rand::{Rng, SeedableRng};
-    let (s, store, _dir) = tenant_state().await;
-    let mut keys = Vec::new();
-    for name in ["t0", "t1", "t2"] {
-        keys.push(tenant_key(&store, name, &[Scope::Inference]).await);
-    }
-    // t2 is rate-limited: some of its requests are refused (and recorded, billed nothing)
-    store
-        .set_quota(
-            &keys[2].0,
-            &Quota {
-                requests_per_minute: Some(5),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let requests = 60;
-    // (tenant, completion tokens the client saw, whether it hung up)
-    let mut seen: Vec<(usize, u64, bool, StatusCode)> = Vec::new();
-    let mut tasks = Vec::new();
-    for i in 0..requests {
-        let t = rng.random_range(0..3);
-        let key = keys[t].1.clone();
-        let stream = rng.random_bool(0.5);
-        let hang_up = stream && rng.random_bool(0.3);
-        let n = rng.random_range(1..3);
-        let mut body = json!({"model": "tiny", "prompt": format!("request {i}"), "n": n,
+    // on SQLite and on PostgreSQL
+    for (store, _dir) in stores("every_request_is_rec").await {
+        let s = tenant_state(&store);
+        let mut keys = Vec::new();
+        for name in ["t0", "t1", "t2"] {
+            keys.push(tenant_key(&store, name, &[Scope::Inference]).await);
+        }
+        // t2 is rate-limited: some of its requests are refused (and recorded, billed nothing)
+        store
+            .set_quota(
+                &keys[2].0,
+                &Quota {
+                    requests_per_minute: Some(5),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let requests = 60;
+        // (tenant, completion tokens the client saw, whether it hung up)
+        let mut seen: Vec<(usize, u64, bool, StatusCode)> = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..requests {
+            let t = rng.random_range(0..3);
+            let key = keys[t].1.clone();
+            let stream = rng.random_bool(0.5);
+            let hang_up = stream && rng.random_bool(0.3);
+            let n = rng.random_range(1..3);
+            let mut body = json!({"model": "tiny", "prompt": format!("request {i}"), "n": n,
             "max_tokens": rng.random_range(1..24), "temperature": 1.0, "seed": i,
             "stream": stream, "logit_bias": if hang_up { no_eos() } else { json!({}) }});
-        if stream {
-            body["stream_options"] = json!({"include_usage": true});
-            if hang_up {
-                body["max_tokens"] = json!(1000);
-            }
-        }
-        if rng.random_bool(0.2) {
-            body["stop"] = json!(["e"]);
-        }
-        let s = s.clone();
-        tasks.push(tokio::spawn(async move {
-            use axum::body::Body;
-            use http_body_util::BodyExt;
-            use tower::ServiceExt;
-            let req = axum::http::Request::post("/v1/completions")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::from(body.to_string()))
-                .unwrap();
-            let res = fount_server::app(s).oneshot(req).await.unwrap();
-            let status = res.status();
-            let mut body = res.into_body();
-            if hang_up {
-                for _ in 0..3 {
-                    let _ = body.frame().await;
+            if stream {
+                body["stream_options"] = json!({"include_usage": true});
+                if hang_up {
+                    body["max_tokens"] = json!(1000);
                 }
-                return (t, 0, true, status);
             }
-            let bytes = body.collect().await.unwrap().to_bytes();
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let usage = if stream {
-                text.split("\n\n")
-                    .filter_map(|e| e.strip_prefix("data: "))
-                    .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-                    .filter_map(|v| v["usage"]["completion_tokens"].as_u64())
-                    .last()
-                    .unwrap_or(0)
-            } else {
-                serde_json::from_str::<serde_json::Value>(&text)
-                    .ok()
-                    .and_then(|v| v["usage"]["completion_tokens"].as_u64())
-                    .unwrap_or(0)
-            };
-            (t, usage, false, status)
-        }));
-    }
-    for t in tasks {
-        seen.push(t.await.unwrap());
-    }
-    until_idle(&s).await;
-    // abandoned requests are recorded once the engine lets go; wait for every record
-    let mut records = Vec::new();
-    for _ in 0..200 {
-        records = store.usage(None, 0, i64::MAX).await.unwrap();
-        if records.len() >= requests {
-            break;
+            if rng.random_bool(0.2) {
+                body["stop"] = json!(["e"]);
+            }
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                use axum::body::Body;
+                use http_body_util::BodyExt;
+                use tower::ServiceExt;
+                let req = axum::http::Request::post("/v1/completions")
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(Body::from(body.to_string()))
+                    .unwrap();
+                let res = fount_server::app(s).oneshot(req).await.unwrap();
+                let status = res.status();
+                let mut body = res.into_body();
+                if hang_up {
+                    for _ in 0..3 {
+                        let _ = body.frame().await;
+                    }
+                    return (t, 0, true, status);
+                }
+                let bytes = body.collect().await.unwrap().to_bytes();
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let usage = if stream {
+                    text.split("\n\n")
+                        .filter_map(|e| e.strip_prefix("data: "))
+                        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                        .filter_map(|v| v["usage"]["completion_tokens"].as_u64())
+                        .last()
+                        .unwrap_or(0)
+                } else {
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|v| v["usage"]["completion_tokens"].as_u64())
+                        .unwrap_or(0)
+                };
+                (t, usage, false, status)
+            }));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        for t in tasks {
+            seen.push(t.await.unwrap());
+        }
+        until_idle(&s).await;
+        // abandoned requests are recorded once the engine lets go; wait for every record
+        let mut records = Vec::new();
+        for _ in 0..200 {
+            records = store.usage(None, 0, i64::MAX).await.unwrap();
+            if records.len() >= requests {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(records.len(), requests, "one record per request");
+        for (t, (tenant, _)) in keys.iter().enumerate() {
+            let mine: Vec<_> = records.iter().filter(|r| &r.tenant_id == tenant).collect();
+            let sent: Vec<_> = seen.iter().filter(|x| x.0 == t).collect();
+            assert_eq!(mine.len(), sent.len(), "tenant {t}");
+            // completed requests: billed exactly what the responses reported
+            let billed: i64 = mine
+                .iter()
+                .filter(|r| r.status == 200)
+                .map(|r| r.completion_tokens)
+                .sum();
+            let reported: u64 = sent
+                .iter()
+                .filter(|x| !x.2 && x.3 == StatusCode::OK)
+                .map(|x| x.1)
+                .sum();
+            assert_eq!(billed as u64, reported, "tenant {t}");
+            // refused ones are billed nothing; abandoned ones what was generated
+            assert!(mine
+                .iter()
+                .filter(|r| r.status == 429)
+                .all(|r| r.completion_tokens == 0 && r.prompt_tokens == 0));
+            let abandoned = mine.iter().filter(|r| r.status == 499).count();
+            let hung_up = sent.iter().filter(|x| x.2 && x.3 == StatusCode::OK).count();
+            assert_eq!(abandoned, hung_up, "tenant {t}");
+            assert!(mine
+                .iter()
+                .filter(|r| r.status == 499)
+                .all(|r| r.completion_tokens >= 1 && r.completion_tokens < 2000));
+        }
+        assert!(
+            records.iter().any(|r| r.status == 429),
+            "t2's limit refused some"
+        );
     }
-    assert_eq!(records.len(), requests, "one record per request");
-    for (t, (tenant, _)) in keys.iter().enumerate() {
-        let mine: Vec<_> = records.iter().filter(|r| &r.tenant_id == tenant).collect();
-        let sent: Vec<_> = seen.iter().filter(|x| x.0 == t).collect();
-        assert_eq!(mine.len(), sent.len(), "tenant {t}");
-        // completed requests: billed exactly what the responses reported
-        let billed: i64 = mine
-            .iter()
-            .filter(|r| r.status == 200)
-            .map(|r| r.completion_tokens)
-            .sum();
-        let reported: u64 = sent
-            .iter()
-            .filter(|x| !x.2 && x.3 == StatusCode::OK)
-            .map(|x| x.1)
-            .sum();
-        assert_eq!(billed as u64, reported, "tenant {t}");
-        // refused ones are billed nothing; abandoned ones what was generated
-        assert!(mine
-            .iter()
-            .filter(|r| r.status == 429)
-            .all(|r| r.completion_tokens == 0 && r.prompt_tokens == 0));
-        let abandoned = mine.iter().filter(|r| r.status == 499).count();
-        let hung_up = sent.iter().filter(|x| x.2 && x.3 == StatusCode::OK).count();
-        assert_eq!(abandoned, hung_up, "tenant {t}");
-        assert!(mine
-            .iter()
-            .filter(|r| r.status == 499)
-            .all(|r| r.completion_tokens >= 1 && r.completion_tokens < 2000));
-    }
-    assert!(
-        records.iter().any(|r| r.status == 429),
-        "t2's limit refused some"
-    );
 }

@@ -18,6 +18,8 @@
 pub mod error;
 pub mod keys;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{Error, Result};
 pub use keys::{ApiKey, Scope};
