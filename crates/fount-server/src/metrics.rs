@@ -34,6 +34,11 @@ pub struct RouteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: i64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Quantile {
     quantile: &'static str,
 }
@@ -66,6 +71,10 @@ pub struct ServerMetrics {
     cached_tokens: Counter,
     preemptions: Counter,
     steps: Counter,
+    billed_prompt: Counter,
+    billed_cached: Counter,
+    billed_completion: Counter,
+    records: Family<StatusLabel, Counter>,
     /// Serialises scrapes, so two never add the same increments.
     scrape: std::sync::Mutex<()>,
 }
@@ -99,6 +108,10 @@ impl ServerMetrics {
             cached_tokens: Counter::default(),
             preemptions: Counter::default(),
             steps: Counter::default(),
+            billed_prompt: Counter::default(),
+            billed_cached: Counter::default(),
+            billed_completion: Counter::default(),
+            records: Family::default(),
             scrape: std::sync::Mutex::new(()),
         };
         r.register(
@@ -178,7 +191,44 @@ impl ServerMetrics {
             m.preemptions.clone(),
         );
         r.register("engine_steps", "Forward steps run", m.steps.clone());
+        r.register(
+            "billed_prompt_tokens",
+            "Prompt tokens in usage records",
+            m.billed_prompt.clone(),
+        );
+        r.register(
+            "billed_cached_tokens",
+            "Cached prompt tokens in usage records",
+            m.billed_cached.clone(),
+        );
+        r.register(
+            "billed_completion_tokens",
+            "Completion tokens in usage records",
+            m.billed_completion.clone(),
+        );
+        r.register(
+            "usage_records",
+            "Usage records written, by HTTP status",
+            m.records.clone(),
+        );
         ServerMetrics { registry: r, ..m }
+    }
+
+    /// A function counting each usage record into the billed-token counters.
+    pub fn billing(&self) -> impl Fn(&fount_store::UsageRecord) + Send + Sync + 'static {
+        let (p, c, g, r) = (
+            self.billed_prompt.clone(),
+            self.billed_cached.clone(),
+            self.billed_completion.clone(),
+            self.records.clone(),
+        );
+        move |u| {
+            let n = |v: i64| u64::try_from(v).unwrap_or(0);
+            p.inc_by(n(u.prompt_tokens));
+            c.inc_by(n(u.cached_tokens));
+            g.inc_by(n(u.completion_tokens));
+            r.get_or_create(&StatusLabel { status: u.status }).inc();
+        }
     }
 
     /// Counts one finished HTTP exchange.

@@ -159,6 +159,7 @@ impl AppState {
 
     /// Turns on API keys, quotas and metering over `tenancy` (once; later calls are ignored).
     pub fn enable_tenancy(&self, tenancy: Arc<crate::tenancy::Tenancy>) {
+        tenancy.on_record(self.metrics.billing());
         let _ = self.tenancy.set(tenancy);
     }
 

@@ -54,11 +54,20 @@ struct Window {
 }
 
 /// Tenancy over a store.
-#[derive(Debug)]
 pub struct Tenancy {
     store: Store,
+    /// Told of every record as it goes to the writer (the billed-token counters).
+    on_record: std::sync::OnceLock<Box<dyn Fn(&UsageRecord) + Send + Sync>>,
     writer: mpsc::UnboundedSender<Pending>,
     windows: Mutex<HashMap<String, Window>>,
+}
+
+impl std::fmt::Debug for Tenancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenancy")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long a tenant's quota is cached (changes take effect within this).
@@ -128,9 +137,15 @@ impl Tenancy {
         });
         Arc::new(Tenancy {
             store,
+            on_record: std::sync::OnceLock::new(),
             writer: tx,
             windows: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Calls `f` with every usage record (once; later calls are ignored).
+    pub fn on_record(&self, f: impl Fn(&UsageRecord) + Send + Sync + 'static) {
+        let _ = self.on_record.set(Box::new(f));
     }
 
     /// Waits until every record handed to the writer so far is committed.
@@ -352,6 +367,9 @@ impl Tenancy {
                 latency_ms: i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX),
                 created_at_ms,
             };
+            if let Some(f) = tenancy.on_record.get() {
+                f(&record);
+            }
             let _ = tenancy.writer.send((Some(record), Some(ack_tx)));
         });
         (meter, metered, ack_rx)

@@ -379,5 +379,27 @@ async fn every_request_is_recorded_exactly_once_with_the_engines_counts() {
             records.iter().any(|r| r.status == 429),
             "t2's limit refused some"
         );
+        // the Prometheus counters hold the same totals as the records
+        let metrics = call(&s, Method::GET, "/metrics", "").await.body;
+        let counter = |name: &str| -> i64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(-1)
+        };
+        let sum = |f: fn(&fount_store::UsageRecord) -> i64| records.iter().map(f).sum::<i64>();
+        assert_eq!(
+            counter("fount_billed_completion_tokens_total"),
+            sum(|r| r.completion_tokens)
+        );
+        assert_eq!(
+            counter("fount_billed_prompt_tokens_total"),
+            sum(|r| r.prompt_tokens)
+        );
+        assert_eq!(
+            counter("fount_billed_cached_tokens_total"),
+            sum(|r| r.cached_tokens)
+        );
     }
 }
