@@ -34,6 +34,9 @@ impl Caller {
     }
 }
 
+/// Told of each usage record.
+type RecordHook = Box<dyn Fn(&UsageRecord) + Send + Sync>;
+
 /// A record (or, with none, a flush marker) and, when someone waits for its commit, whom to
 /// tell.
 type Pending = (Option<UsageRecord>, Option<oneshot::Sender<()>>);
@@ -57,7 +60,7 @@ struct Window {
 pub struct Tenancy {
     store: Store,
     /// Told of every record as it goes to the writer (the billed-token counters).
-    on_record: std::sync::OnceLock<Box<dyn Fn(&UsageRecord) + Send + Sync>>,
+    on_record: std::sync::OnceLock<RecordHook>,
     writer: mpsc::UnboundedSender<Pending>,
     windows: Mutex<HashMap<String, Window>>,
 }
