@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fount_engine::RequestMeter;
-use fount_store::{now_ms, KeyInfo, Quota, Store, Tenant, UsageRecord};
+use fount_store::{now_ms, utc_day, KeyInfo, Quota, Store, Tenant, UsageRecord};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
@@ -78,24 +78,6 @@ const QUOTA_TTL: Duration = Duration::from_secs(1);
 
 /// Records written per transaction at most.
 const BATCH: usize = 256;
-
-fn day_of(ms: i64) -> String {
-    crate::tenancy::utc_day(ms)
-}
-
-/// `YYYY-MM-DD` (UTC) of Unix milliseconds.
-pub(crate) fn utc_day(ms: i64) -> String {
-    let z = ms.div_euclid(86_400_000) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
 
 /// What a request holds of its tenant's quota until it ends.
 #[derive(Debug)]
@@ -219,14 +201,14 @@ impl Tenancy {
         let q = self.quota(&caller.tenant.id).await?;
         let t = &caller.tenant.id;
         let now = now_ms();
-        let (day, month) = (day_of(now), day_of(now)[..7].to_string());
+        let (day, month) = (utc_day(now), utc_day(now)[..7].to_string());
         // budgets count what is recorded: load them once per day or month
         let need_day = q.tokens_per_day.is_some()
             && self.windows.lock().map_or(true, |w| {
                 w.get(t).and_then(|w| w.day.as_ref()).map(|d| &d.0) != Some(&day)
             });
         let day_used = if need_day {
-            Some(self.used_since(t, crate::tenancy::day_start(now)).await?)
+            Some(self.used_since(t, day_start(now)).await?)
         } else {
             None
         };

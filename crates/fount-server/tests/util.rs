@@ -102,12 +102,24 @@ impl Reply {
 
 /// Sends one request through the router.
 pub async fn call(state: &Arc<AppState>, method: Method, path: &str, body: &str) -> Reply {
-    let req = Request::builder()
+    send(state, None, method, path, body).await
+}
+
+async fn send(
+    state: &Arc<AppState>,
+    key: Option<&str>,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Reply {
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    let req = req.body(Body::from(body.to_string())).unwrap();
     let res = app(state.clone()).oneshot(req).await.unwrap();
     let status = res.status();
     let headers = res.headers().clone();
@@ -184,20 +196,5 @@ pub async fn call_as(
     path: &str,
     body: &str,
 ) -> Reply {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {key}"))
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let res = app(state.clone()).oneshot(req).await.unwrap();
-    let status = res.status();
-    let headers = res.headers().clone();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&bytes).into_owned(),
-    }
+    send(state, Some(key), method, path, body).await
 }

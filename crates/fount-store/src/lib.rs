@@ -23,4 +23,6 @@ pub mod testing;
 
 pub use error::{Error, Result};
 pub use keys::{ApiKey, Scope};
-pub use store::{now_ms, Backend, KeyInfo, Quota, Store, Tenant, UsageRecord, UsageSummary};
+pub use store::{
+    now_ms, utc_day, Backend, KeyInfo, Quota, Store, Tenant, UsageRecord, UsageSummary,
+};

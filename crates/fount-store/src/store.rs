@@ -548,7 +548,7 @@ impl Store {
 }
 
 /// `YYYY-MM-DD` (UTC) of Unix milliseconds.
-pub(crate) fn utc_day(ms: i64) -> String {
+pub fn utc_day(ms: i64) -> String {
     // days since 1970-01-01 to a civil date (Howard Hinnant's algorithm)
     let z = ms.div_euclid(86_400_000) + 719_468;
     let era = z.div_euclid(146_097);
