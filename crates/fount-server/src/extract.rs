@@ -36,8 +36,17 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
     }
 }
 
-/// Parses `bytes` as `T`, naming the offending field on failure.
+/// Parses `bytes` as `T`, naming the offending field on failure. The body must be a JSON
+/// object (serde would otherwise take an array of a struct's fields in order).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if matches!(first, Some(b) if *b != b'{') {
+        return Err(ApiError::Invalid {
+            message: "the request body must be a JSON object".into(),
+            param: None,
+            code: None,
+        });
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let mut path = e.path().to_string();

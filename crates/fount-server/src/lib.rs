@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admin;
 pub mod answer;
 pub mod error;
 pub mod extract;
@@ -64,6 +65,12 @@ pub use state::{AppState, ServerConfig, SetupError};
         routes::register_adapter,
         routes::delete_adapter,
         routes::usage,
+        admin::list_tenants,
+        admin::create_tenant,
+        admin::create_key,
+        admin::list_keys,
+        admin::revoke_key,
+        admin::set_quota,
         routes::health,
         routes::metrics,
         routes::openapi,
@@ -90,6 +97,19 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/adapters", post(routes::register_adapter))
         .route("/v1/adapters/{id}", delete(routes::delete_adapter))
         .route("/v1/usage", get(routes::usage))
+        .route(
+            "/admin/v1/tenants",
+            get(admin::list_tenants).post(admin::create_tenant),
+        )
+        .route(
+            "/admin/v1/keys",
+            get(admin::list_keys).post(admin::create_key),
+        )
+        .route("/admin/v1/keys/{id}", delete(admin::revoke_key))
+        .route(
+            "/admin/v1/quotas/{tenant}",
+            axum::routing::put(admin::set_quota),
+        )
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))

@@ -29,6 +29,8 @@ use crate::validate::{self, Valid};
     tag = "generation",
     request_body = ChatCompletionRequest,
     responses(
+        (status = 401, description = "No valid API key (with tenancy on)", body = crate::protocol::ErrorResponse),
+        (status = 403, description = "The key lacks the scope", body = crate::protocol::ErrorResponse),
         (status = 200, description = "The answer; with `stream`, server-sent events whose `data` is a `ChatCompletionChunk` (then `[DONE]`)",
             content(
                 (crate::protocol::ChatCompletion = "application/json"),
@@ -147,6 +149,8 @@ fn model_not_found(model: &str) -> ApiError {
     tag = "generation",
     request_body = CompletionRequest,
     responses(
+        (status = 401, description = "No valid API key (with tenancy on)", body = crate::protocol::ErrorResponse),
+        (status = 403, description = "The key lacks the scope", body = crate::protocol::ErrorResponse),
         (status = 200, description = "The answer; with `stream`, server-sent events whose `data` is a `Completion` chunk (then `[DONE]`)",
             content(
                 (crate::protocol::Completion = "application/json"),
@@ -210,7 +214,11 @@ fn adapter_card(state: &AppState, name: &str, shown: &str) -> ModelCard {
     get,
     path = "/v1/models",
     tag = "models",
-    responses((status = 200, description = "The base model, then its adapters", body = ModelList))
+    responses(
+        (status = 200, description = "The base model, then its adapters", body = ModelList),
+        (status = 401, description = "No valid API key (with tenancy on)", body = crate::protocol::ErrorResponse),
+        (status = 403, description = "The key lacks the scope", body = crate::protocol::ErrorResponse),
+    )
 )]
 pub async fn list_models(
     State(state): State<Arc<AppState>>,
@@ -253,6 +261,8 @@ pub async fn list_models(
     tag = "models",
     params(("id" = String, Path, description = "A model or adapter name")),
     responses(
+        (status = 401, description = "No valid API key (with tenancy on)", body = crate::protocol::ErrorResponse),
+        (status = 403, description = "The key lacks the scope", body = crate::protocol::ErrorResponse),
         (status = 200, description = "The model", body = ModelCard),
         (status = 404, description = "Unknown model", body = crate::protocol::ErrorResponse),
     )
@@ -300,6 +310,8 @@ fn valid_name(name: &str) -> bool {
     tag = "admin",
     request_body = RegisterAdapter,
     responses(
+        (status = 401, description = "No valid API key (with tenancy on)", body = crate::protocol::ErrorResponse),
+        (status = 403, description = "The key lacks the scope", body = crate::protocol::ErrorResponse),
         (status = 200, description = "Registered", body = ModelCard),
         (status = 400, description = "Bad name, or no usable adapter at the path", body = crate::protocol::ErrorResponse),
         (status = 413, description = "Body too large", body = crate::protocol::ErrorResponse),
@@ -346,6 +358,8 @@ pub async fn register_adapter(
     tag = "admin",
     params(("id" = String, Path, description = "The adapter's name")),
     responses(
+        (status = 401, description = "No valid API key (with tenancy on)", body = crate::protocol::ErrorResponse),
+        (status = 403, description = "The key lacks the scope", body = crate::protocol::ErrorResponse),
         (status = 200, description = "Removed", body = Deleted),
         (status = 404, description = "No such adapter", body = crate::protocol::ErrorResponse),
         (status = 503, description = "Shutting down", body = crate::protocol::ErrorResponse),
@@ -445,8 +459,9 @@ pub async fn method_not_allowed(req: Request) -> ApiError {
     ApiError::MethodNotAllowed(req.method().to_string(), req.uri().path().to_string())
 }
 
-/// With tenancy on, every `/v1/` request needs a key with the `inference` scope (or `admin`);
-/// the caller goes into the request's extensions. Keys are never logged.
+/// With tenancy on, every `/v1/` request needs a key with the `inference` scope (or `admin`),
+/// every `/admin/v1/` request one with `admin`; the caller goes into the request's extensions.
+/// Keys are never logged.
 pub async fn authenticate(
     State(state): State<Arc<AppState>>,
     mut req: Request,
@@ -455,7 +470,8 @@ pub async fn authenticate(
     let Some(tenancy) = state.tenancy() else {
         return next.run(req).await;
     };
-    if !req.uri().path().starts_with("/v1/") {
+    let admin = req.uri().path().starts_with("/admin/");
+    if !(admin || req.uri().path().starts_with("/v1/")) {
         return next.run(req).await;
     }
     let header = req
@@ -466,6 +482,9 @@ pub async fn authenticate(
         Err(e) => e.into_response(),
         Ok(caller) => {
             use fount_store::Scope;
+            if admin && !caller.is_admin() {
+                return ApiError::Forbidden("admin").into_response();
+            }
             if !(caller.key.scopes.contains(&Scope::Inference) || caller.is_admin()) {
                 return ApiError::Forbidden("inference").into_response();
             }
@@ -483,6 +502,7 @@ pub async fn authenticate(
     responses(
         (status = 200, description = "Usage by day and model", body = crate::protocol::UsageReport),
         (status = 401, description = "No valid API key", body = crate::protocol::ErrorResponse),
+        (status = 403, description = "The key lacks the scope", body = crate::protocol::ErrorResponse),
         (status = 404, description = "Tenancy is off", body = crate::protocol::ErrorResponse),
     )
 )]
@@ -527,11 +547,12 @@ pub async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next)
         .map_or("unmatched", |p| p.as_str())
         .to_string();
     let method = req.method().to_string();
-    let response = if state.is_draining() && route.starts_with("/v1/") {
-        ApiError::Draining.into_response()
-    } else {
-        next.run(req).await
-    };
+    let response =
+        if state.is_draining() && (route.starts_with("/v1/") || route.starts_with("/admin/")) {
+            ApiError::Draining.into_response()
+        } else {
+            next.run(req).await
+        };
     state
         .metrics
         .record(&route, &method, response.status().as_u16(), start.elapsed());

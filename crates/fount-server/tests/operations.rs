@@ -71,7 +71,15 @@ async fn metrics_are_prometheus_text() {
         json!({"model": "nope", "prompt": "hi"}),
     )
     .await;
-    let r = call(&s, Method::GET, "/metrics", "").await;
+    // the engine accounts a step just after sending its events: wait for it
+    let mut r = call(&s, Method::GET, "/metrics", "").await;
+    for _ in 0..100 {
+        if r.body.contains("fount_generated_tokens_total 3") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        r = call(&s, Method::GET, "/metrics", "").await;
+    }
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.headers["content-type"]
         .to_str()
