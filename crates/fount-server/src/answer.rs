@@ -383,6 +383,29 @@ struct StreamState<S> {
     metering: Option<Metering>,
 }
 
+impl<S> StreamState<S> {
+    fn new(
+        state: Arc<AppState>,
+        merged: Merged,
+        shape: S,
+        setup: &Setup,
+        guard: InFlight,
+        metering: Option<Metering>,
+    ) -> StreamState<S> {
+        StreamState {
+            state,
+            merged,
+            shape,
+            n: setup.n,
+            include_usage: setup.include_usage,
+            counts: Counts::default(),
+            done: false,
+            _in_flight: guard,
+            metering,
+        }
+    }
+}
+
 impl<S> Drop for StreamState<S> {
     fn drop(&mut self) {
         if let Some(m) = self.metering.take() {
@@ -543,7 +566,7 @@ fn chat_stream(
     metering: Option<Metering>,
 ) -> Response {
     let shape = ChatShape {
-        head: setup.head,
+        head: setup.head.clone(),
         logprobs: setup.logprobs,
     };
     // the role first, for every choice
@@ -555,17 +578,7 @@ fn chat_stream(
         .collect();
     drive(
         first,
-        StreamState {
-            state,
-            merged,
-            shape,
-            n: setup.n,
-            include_usage: setup.include_usage,
-            counts: Counts::default(),
-            done: false,
-            _in_flight: guard,
-            metering,
-        },
+        StreamState::new(state, merged, shape, &setup, guard, metering),
     )
 }
 
@@ -643,22 +656,12 @@ fn completion_stream(
     metering: Option<Metering>,
 ) -> Response {
     let shape = CompletionShape {
-        head: setup.head,
+        head: setup.head.clone(),
         logprobs: setup.logprobs,
         offsets: vec![0; setup.n * setup.prompts],
     };
     drive(
         Vec::new(),
-        StreamState {
-            state,
-            merged,
-            shape,
-            n: setup.n,
-            include_usage: setup.include_usage,
-            counts: Counts::default(),
-            done: false,
-            _in_flight: guard,
-            metering,
-        },
+        StreamState::new(state, merged, shape, &setup, guard, metering),
     )
 }
