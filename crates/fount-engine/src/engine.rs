@@ -301,6 +301,12 @@ pub trait Admission: Send {
     /// Indices into `queue` (arrival order, preempted sequences first), in the order to try.
     /// Indices left out wait for a later step.
     fn order(&mut self, queue: &[Queued]) -> Vec<usize>;
+
+    /// Told when a waiting request starts running (again, when `preempted`).
+    fn admitted(&mut self, _queued: &Queued) {}
+
+    /// Told of tokens generated for a running request of `cache_salt`.
+    fn generated(&mut self, _cache_salt: &str, _tokens: usize) {}
 }
 
 /// First come, first served (preempted sequences first).
@@ -653,13 +659,14 @@ impl Scheduler {
                 preempted: p.resume.is_some(),
             })
             .collect();
-        let order: Vec<(u64, usize)> = self
+        let order: Vec<usize> = self
             .admission
             .order(&queue)
             .into_iter()
-            .filter_map(|i| queue.get(i).map(|q| (q.id, q.choice)))
+            .filter(|&i| i < queue.len())
             .collect();
-        for (id, choice) in order {
+        for qi in order {
+            let (id, choice) = (queue[qi].id, queue[qi].choice);
             if self.running.len() >= self.cfg.max_running {
                 break;
             }
@@ -671,7 +678,7 @@ impl Scheduler {
                 continue;
             };
             match self.try_admit(i) {
-                Admit::Admitted => {}
+                Admit::Admitted => self.admission.admitted(&queue[qi]),
                 Admit::NotYet => {
                     // a request that cannot start for lack of blocks holds the line; ones
                     // waiting for an adapter or a sibling's prompt do not
@@ -1005,6 +1012,7 @@ impl Scheduler {
                 self.model.config().max_position_embeddings,
             );
             generated += 1;
+            self.admission.generated(&s.req.cache_salt, 1);
             if let Ok(mut m) = self.metrics.lock() {
                 let now = Instant::now();
                 match s.last_token {

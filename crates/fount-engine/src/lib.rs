@@ -13,6 +13,8 @@
 //!   base weights. Adapters load in the background and are pinned per request by version.
 //! - **Streams** ([`Stream`]): text deltas, token ids, log-probabilities, finish reasons and
 //!   usage with cached prompt tokens; dropping a stream cancels its request.
+//! - **Fairness** ([`fair`]): admission is a pluggable policy; [`fair::FairQueue`] is a weighted
+//!   fair queue by tenant.
 //! - **Metrics** ([`MetricsSnapshot`]).
 //!
 //! With `batch_invariant` on (the default), every token is computed by kernels whose result for
@@ -23,6 +25,7 @@ pub mod adapters;
 pub mod blocks;
 mod engine;
 mod error;
+pub mod fair;
 mod metrics;
 pub mod paged;
 

@@ -184,6 +184,47 @@ fn admission_order_is_pluggable() {
     assert!(!seen.lock().unwrap().is_empty());
 }
 
+/// Completion order of ten requests of tenant `a` followed by one of tenant `b`, one sequence
+/// running at a time, under `admission`.
+fn finishing_order(admission: Box<dyn fount_engine::Admission>) -> String {
+    let dir = crate::util::model_dir();
+    let model =
+        fount_model::Model::load(dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let tok = fount_model::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let cfg = EngineConfig {
+        max_running: 1,
+        ..small_config()
+    };
+    let e = fount_engine::Engine::start_with(model, tok, Vec::new(), cfg, admission).unwrap();
+    let submit = |tenant: &str, seed: u64| {
+        let mut r = Request::greedy(prompt(12, seed), 24);
+        r.cache_salt = tenant.into();
+        e.submit(r).unwrap()
+    };
+    let mut streams: Vec<(char, _)> = (0..10).map(|i| ('a', submit("a", i))).collect();
+    streams.push(('b', submit("b", 99)));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (tenant, mut s) in streams {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            collect(&mut s, 1);
+            let _ = tx.send(tenant);
+        });
+    }
+    drop(tx);
+    rx.iter().collect()
+}
+
+#[test]
+fn a_flooding_tenant_cannot_hold_back_another_under_the_fair_queue() {
+    // first come, first served: b waits behind all ten
+    assert_eq!(finishing_order(Box::new(fount_engine::Fcfs)), "aaaaaaaaaab");
+    // fair: b starts level with a and runs as soon as the running request is done
+    let order = finishing_order(Box::new(fount_engine::fair::FairQueue::default()));
+    let b = order.find('b').unwrap();
+    assert!(b <= 2, "b finished at {b} in {order}");
+}
+
 #[test]
 fn a_sequence_that_outgrows_the_pool_ends_with_length() {
     let bytes_per_block = 2 * 2 * 16 * 2 * 16 * 4;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use fount_store::{Quota, Scope};
+use fount_store::{Price, Quota, Scope, Subject};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -121,6 +121,85 @@ pub struct QuotaView {
     /// Models and adapters it may use (`null`: all it can see).
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// The tenant's share of the engine when tenants contend for it (default 1; a key's quota
+    /// has none).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub weight: Option<i64>,
+}
+
+impl QuotaView {
+    fn quota(&self) -> ApiResult<Quota> {
+        if self.weight.is_some_and(|w| w < 1) {
+            return Err(ApiError::invalid("weight", "weight must be at least 1"));
+        }
+        Ok(Quota {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_day: self.tokens_per_day,
+            tokens_per_month: self.tokens_per_month,
+            concurrent_requests: self.concurrent_requests,
+            max_context: self.max_context,
+            models: self.models.clone(),
+            weight: self.weight,
+        })
+    }
+}
+
+/// A model's price, in dollars per million tokens as decimal strings (`"0.15"`, up to six
+/// places).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PriceView {
+    /// Per million prompt tokens.
+    pub input: String,
+    /// Per million prompt tokens served from the prefix cache (default: `input`).
+    #[serde(default)]
+    pub cached_input: Option<String>,
+    /// Per million generated tokens.
+    pub output: String,
+}
+
+/// A model and its price.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PricedModel {
+    /// The model or adapter name.
+    pub model: String,
+    /// Its price.
+    #[serde(flatten)]
+    pub price: PriceView,
+}
+
+/// `GET /admin/v1/prices`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PriceList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// By model name.
+    pub data: Vec<PricedModel>,
+}
+
+/// `GET /admin/v1/usage` filters.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+pub struct UsageFilter {
+    /// Only this tenant's (by name).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// First day, `YYYY-MM-DD` (UTC), inclusive.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (UTC), inclusive.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// `GET /admin/v1/usage`: usage records, oldest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageExport {
+    /// Always `list`.
+    pub object: &'static str,
+    /// One object per request: ids, model, adapter, token counts, status, latency, time and
+    /// `cost_usd` (as `fount admin usage export --format json` writes them).
+    pub data: Vec<serde_json::Value>,
 }
 
 /// `?tenant=` filters.
@@ -331,19 +410,143 @@ pub async fn set_quota(
     JsonBody(q): JsonBody<QuotaView>,
 ) -> ApiResult<Json<QuotaView>> {
     let id = tenant_id(&state, &tenant).await?;
-    let quota = Quota {
-        requests_per_minute: q.requests_per_minute,
-        tokens_per_minute: q.tokens_per_minute,
-        tokens_per_day: q.tokens_per_day,
-        tokens_per_month: q.tokens_per_month,
-        concurrent_requests: q.concurrent_requests,
-        max_context: q.max_context,
-        models: q.models.clone(),
-    };
     tenancy(&state)?
         .store()
-        .set_quota(&id, &quota)
+        .set_quota(Subject::Tenant(&id), &q.quota()?)
         .await
         .map_err(store_err)?;
     Ok(Json(q))
+}
+
+/// `PUT /admin/v1/keys/{id}/quota`: replaces a key's quota (applied on top of its tenant's).
+#[utoipa::path(put, path = "/admin/v1/keys/{id}/quota", tag = "admin", request_body = QuotaView,
+    params(("id" = String, Path, description = "`key_…` or the `fk-…` prefix")),
+    responses((status = 200, body = QuotaView), (status = 400, body = crate::protocol::ErrorResponse),
+              (status = 401, body = crate::protocol::ErrorResponse), (status = 403, body = crate::protocol::ErrorResponse),
+              (status = 404, body = crate::protocol::ErrorResponse), (status = 413, body = crate::protocol::ErrorResponse)))]
+pub async fn set_key_quota(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    JsonBody(q): JsonBody<QuotaView>,
+) -> ApiResult<Json<QuotaView>> {
+    if q.weight.is_some() {
+        return Err(ApiError::invalid(
+            "weight",
+            "weight is a tenant's share; a key has none",
+        ));
+    }
+    let store = tenancy(&state)?.store();
+    let key = store
+        .keys(None)
+        .await
+        .map_err(store_err)?
+        .into_iter()
+        .find(|k| k.id == id || k.prefix == id)
+        .ok_or(ApiError::NotFound {
+            message: format!("no key {id:?}"),
+            param: None,
+            code: "not_found",
+        })?;
+    store
+        .set_quota(Subject::Key(&key.id), &q.quota()?)
+        .await
+        .map_err(store_err)?;
+    Ok(Json(q))
+}
+
+/// `GET /admin/v1/prices`
+#[utoipa::path(get, path = "/admin/v1/prices", tag = "admin",
+    responses((status = 200, body = PriceList), (status = 401, body = crate::protocol::ErrorResponse),
+              (status = 403, body = crate::protocol::ErrorResponse)))]
+pub async fn list_prices(State(state): State<Arc<AppState>>) -> ApiResult<Json<PriceList>> {
+    let prices = tenancy(&state)?.store().prices().await.map_err(store_err)?;
+    let d = |micro: i64| fount_store::dollars(i128::from(micro) * 1_000_000, 6);
+    Ok(Json(PriceList {
+        object: "list",
+        data: prices
+            .into_iter()
+            .map(|(model, p)| PricedModel {
+                model,
+                price: PriceView {
+                    input: d(p.input),
+                    cached_input: Some(d(p.cached_input)),
+                    output: d(p.output),
+                },
+            })
+            .collect(),
+    }))
+}
+
+/// `PUT /admin/v1/prices/{model}`: sets a model's (or adapter's) price; records from then on
+/// carry their cost at it.
+#[utoipa::path(put, path = "/admin/v1/prices/{model}", tag = "admin", request_body = PriceView,
+    params(("model" = String, Path, description = "A model or adapter name")),
+    responses((status = 200, body = PriceView), (status = 400, body = crate::protocol::ErrorResponse),
+              (status = 401, body = crate::protocol::ErrorResponse), (status = 403, body = crate::protocol::ErrorResponse),
+              (status = 413, body = crate::protocol::ErrorResponse)))]
+pub async fn set_price(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    JsonBody(p): JsonBody<PriceView>,
+) -> ApiResult<Json<PriceView>> {
+    let parse = |field: &'static str, v: &str| {
+        Price::parse_dollars(v).ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!("{v:?} is not a price in dollars per million tokens, such as \"0.15\""),
+            )
+        })
+    };
+    let input = parse("input", &p.input)?;
+    let price = Price {
+        input,
+        cached_input: match &p.cached_input {
+            Some(c) => parse("cached_input", c)?,
+            None => input,
+        },
+        output: parse("output", &p.output)?,
+    };
+    tenancy(&state)?
+        .store()
+        .set_price(&model, &price)
+        .await
+        .map_err(store_err)?;
+    Ok(Json(p))
+}
+
+/// `GET /admin/v1/usage`: usage records of every tenant (or one), by day range.
+#[utoipa::path(get, path = "/admin/v1/usage", tag = "admin", params(UsageFilter),
+    responses((status = 200, body = UsageExport), (status = 400, body = crate::protocol::ErrorResponse),
+              (status = 401, body = crate::protocol::ErrorResponse), (status = 403, body = crate::protocol::ErrorResponse),
+              (status = 404, body = crate::protocol::ErrorResponse)))]
+pub async fn export_usage(
+    State(state): State<Arc<AppState>>,
+    Query(f): Query<UsageFilter>,
+) -> ApiResult<Json<UsageExport>> {
+    let day = |field: &'static str, d: &str| {
+        fount_store::day_start_ms(d).map_err(|e| ApiError::invalid(field, e.to_string()))
+    };
+    let from = f
+        .from
+        .as_deref()
+        .map(|d| day("from", d))
+        .transpose()?
+        .unwrap_or(0);
+    let to = match f.to.as_deref() {
+        Some(d) => day("to", d)? + 86_400_000,
+        None => i64::MAX,
+    };
+    let tenant = match &f.tenant {
+        Some(t) => Some(tenant_id(&state, t).await?),
+        None => None,
+    };
+    let records = tenancy(&state)?
+        .store()
+        .usage(tenant.as_deref(), from, to)
+        .await
+        .map_err(store_err)?;
+    Ok(Json(UsageExport {
+        object: "list",
+        data: records.iter().map(|r| r.to_json()).collect(),
+    }))
 }

@@ -71,6 +71,10 @@ pub use state::{AppState, ServerConfig, SetupError};
         admin::list_keys,
         admin::revoke_key,
         admin::set_quota,
+        admin::set_key_quota,
+        admin::list_prices,
+        admin::set_price,
+        admin::export_usage,
         routes::health,
         routes::metrics,
         routes::openapi,
@@ -110,6 +114,16 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/admin/v1/quotas/{tenant}",
             axum::routing::put(admin::set_quota),
         )
+        .route(
+            "/admin/v1/keys/{id}/quota",
+            axum::routing::put(admin::set_key_quota),
+        )
+        .route("/admin/v1/prices", get(admin::list_prices))
+        .route(
+            "/admin/v1/prices/{*model}",
+            axum::routing::put(admin::set_price),
+        )
+        .route("/admin/v1/usage", get(admin::export_usage))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))

@@ -594,4 +594,6 @@ pub struct UsageRow {
     pub cached_tokens: i64,
     /// Generated tokens.
     pub completion_tokens: i64,
+    /// What it cost in US dollars, as a decimal string with six places (exact).
+    pub cost_usd: String,
 }

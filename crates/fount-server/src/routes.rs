@@ -68,7 +68,7 @@ fn metering(
     model: &str,
 ) -> Option<answer::Metering> {
     let (tenancy, caller) = (state.tenancy()?, caller?);
-    let (meter, metered, ack) = tenancy.meter(caller, id, model, None);
+    let (meter, metered, ack) = tenancy.meter(caller, id, model, &state.cfg.model_name, None);
     Some(answer::Metering {
         meter,
         metered,
@@ -96,18 +96,16 @@ async fn admit(
     let (Some(tenancy), Some(caller), Some(m)) = (state.tenancy(), caller, metering) else {
         return Ok(valid);
     };
-    let quota = tenancy.quota(&caller.tenant.id).await?;
-    if quota
-        .models
-        .as_ref()
-        .is_some_and(|allowed| !allowed.contains(&valid.model))
-    {
+    if !tenancy.allows(caller, &valid.model).await? {
         return Err(model_not_found(&valid.model));
     }
+    let (tenant_quota, key_quota) = tenancy.quotas(caller).await?;
+    let quotas = [&tenant_quota, &key_quota];
+    let max_context = quotas.iter().filter_map(|q| q.max_context).min();
     let mut tokens = 0i64;
     for r in &valid.requests {
         let most = r.prompt.len() + r.max_tokens;
-        if let Some(limit) = quota.max_context {
+        if let Some(limit) = max_context {
             if most as i64 > limit {
                 return Err(ApiError::ContextLength {
                     message: format!(
@@ -225,13 +223,12 @@ pub async fn list_models(
     caller: Option<Extension<Caller>>,
 ) -> ApiResult<Json<ModelList>> {
     let caller = caller.map(|Extension(c)| c);
-    let allowed = match (state.tenancy(), &caller) {
-        (Some(t), Some(c)) => t.quota(&c.tenant.id).await?.models,
-        _ => None,
+    let visible = async |name: &str| match (state.tenancy(), &caller) {
+        (Some(t), Some(c)) => t.allows(c, name).await,
+        _ => Ok(true),
     };
-    let visible = |name: &str| allowed.as_ref().is_none_or(|a| a.iter().any(|m| m == name));
     let mut data = Vec::new();
-    if visible(&state.cfg.model_name) {
+    if visible(&state.cfg.model_name).await? {
         data.push(base_card(&state));
     }
     let own = caller.as_ref().map(|c| format!("{}/", c.tenant.id));
@@ -244,7 +241,7 @@ pub async fn list_models(
             // another tenant's: not there
             _ => continue,
         };
-        if visible(&shown) {
+        if visible(&shown).await? {
             data.push(adapter_card(&state, &name, &shown));
         }
     }
@@ -274,10 +271,8 @@ pub async fn get_model(
 ) -> ApiResult<Json<ModelCard>> {
     let caller = caller.map(|Extension(c)| c);
     if let (Some(t), Some(c)) = (state.tenancy(), &caller) {
-        if let Some(allowed) = t.quota(&c.tenant.id).await?.models {
-            if !allowed.contains(&id) {
-                return Err(model_not_found(&id));
-            }
+        if !t.allows(c, &id).await? {
+            return Err(model_not_found(&id));
         }
     }
     match validate::resolve_model(&state, &id, caller.as_ref())? {
@@ -533,6 +528,7 @@ pub async fn usage(
                 prompt_tokens: r.prompt_tokens,
                 cached_tokens: r.cached_tokens,
                 completion_tokens: r.completion_tokens,
+                cost_usd: fount_store::dollars(i128::from(r.cost_picodollars), 6),
             })
             .collect(),
     }))

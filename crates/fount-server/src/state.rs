@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
+use fount_engine::fair::{FairQueue, FairShares};
 use fount_engine::{Engine, EngineConfig};
 use fount_model::{ChatTemplate, Config, Model, ModelFiles, Tokenizer};
 
@@ -74,6 +75,8 @@ pub struct AppState {
     draining: AtomicBool,
     in_flight: AtomicUsize,
     tenancy: std::sync::OnceLock<Arc<crate::tenancy::Tenancy>>,
+    /// Tenant weights of the engine's fair queue (when the engine runs one).
+    shares: FairShares,
 }
 
 /// A running generation request; see [`AppState::requests_in_flight`].
@@ -94,8 +97,9 @@ pub(crate) fn now() -> u64 {
 }
 
 impl AppState {
-    /// Loads the model in `dir` (f32 on the CPU), starts the engine over it, and registers
-    /// every PEFT adapter found in a subdirectory of `adapters` under its folder name.
+    /// Loads the model in `dir` (f32 on the CPU), starts the engine over it with a weighted
+    /// fair queue by tenant, and registers every PEFT adapter found in a subdirectory of
+    /// `adapters` under its folder name.
     pub fn load(
         dir: &Path,
         adapters: Option<&Path>,
@@ -109,8 +113,10 @@ impl AppState {
         let model = Model::load(dir, candle_core::DType::F32, &Device::Cpu)?;
         let config = model.config().clone();
         let dtype = model.dtype();
-        let engine = Engine::start(model, tokenizer.clone(), eos, engine_cfg)?;
-        let state = AppState::new(engine, tokenizer, template, config, dtype, cfg);
+        let shares = FairShares::default();
+        let fair = Box::new(FairQueue::new(shares.clone()));
+        let engine = Engine::start_with(model, tokenizer.clone(), eos, engine_cfg, fair)?;
+        let state = AppState::build(engine, tokenizer, template, config, dtype, cfg, shares);
         if let Some(root) = adapters {
             let mut entries: Vec<_> = fs_err::read_dir(root)?
                 .filter_map(|e| e.ok())
@@ -141,6 +147,19 @@ impl AppState {
         dtype: candle_core::DType,
         cfg: ServerConfig,
     ) -> Arc<AppState> {
+        let shares = FairShares::default();
+        AppState::build(engine, tokenizer, template, config, dtype, cfg, shares)
+    }
+
+    fn build(
+        engine: Engine,
+        tokenizer: Tokenizer,
+        template: Option<ChatTemplate>,
+        config: Config,
+        dtype: candle_core::DType,
+        cfg: ServerConfig,
+        shares: FairShares,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             engine,
             tokenizer,
@@ -154,13 +173,20 @@ impl AppState {
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             tenancy: std::sync::OnceLock::new(),
+            shares,
         })
     }
 
-    /// Turns on API keys, quotas and metering over `tenancy` (once; later calls are ignored).
-    pub fn enable_tenancy(&self, tenancy: Arc<crate::tenancy::Tenancy>) {
-        tenancy.on_record(self.metrics.billing());
-        let _ = self.tenancy.set(tenancy);
+    /// Turns on API keys, quotas and metering over `store`, starting the usage writer on the
+    /// current runtime (once; later calls return the first tenancy).
+    pub fn enable_tenancy(&self, store: fount_store::Store) -> Arc<crate::tenancy::Tenancy> {
+        self.tenancy
+            .get_or_init(|| {
+                let tenancy = crate::tenancy::Tenancy::start(store, self.shares.clone());
+                tenancy.on_record(self.metrics.billing());
+                tenancy
+            })
+            .clone()
     }
 
     /// The tenancy layer, when on.

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fount_engine::fair::FairShares;
 use fount_engine::RequestMeter;
-use fount_store::{now_ms, utc_day, KeyInfo, Quota, Store, Tenant, UsageRecord};
+use fount_store::{now_ms, utc_day, KeyInfo, Price, Quota, Store, Subject, Tenant, UsageRecord};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
@@ -41,7 +42,7 @@ type RecordHook = Box<dyn Fn(&UsageRecord) + Send + Sync>;
 /// tell.
 type Pending = (Option<UsageRecord>, Option<oneshot::Sender<()>>);
 
-/// Sliding-window counters and budget of one tenant.
+/// Sliding-window counters and budget of one tenant or key.
 #[derive(Debug, Default)]
 struct Window {
     /// Arrival times (ms) of the requests of the last minute.
@@ -62,7 +63,12 @@ pub struct Tenancy {
     /// Told of every record as it goes to the writer (the billed-token counters).
     on_record: std::sync::OnceLock<RecordHook>,
     writer: mpsc::UnboundedSender<Pending>,
+    /// Windows by subject: `t:{tenant id}` and `k:{key id}`.
     windows: Mutex<HashMap<String, Window>>,
+    /// Prices by model name, and when they were read.
+    prices: Mutex<(Option<Instant>, HashMap<String, Price>)>,
+    /// Tenant weights for the engine's fair queue.
+    shares: FairShares,
 }
 
 impl std::fmt::Debug for Tenancy {
@@ -73,22 +79,83 @@ impl std::fmt::Debug for Tenancy {
     }
 }
 
-/// How long a tenant's quota is cached (changes take effect within this).
+/// How long quotas and prices are cached (changes take effect within this).
 const QUOTA_TTL: Duration = Duration::from_secs(1);
 
 /// Records written per transaction at most.
 const BATCH: usize = 256;
 
-/// What a request holds of its tenant's quota until it ends.
+/// What a request holds of its tenant's and its key's quotas until it ends.
 #[derive(Debug)]
 pub struct Reservation {
-    tenant_id: String,
+    /// The windows charged (`t:…`, `k:…`).
+    windows: [String; 2],
     tokens: i64,
 }
 
+/// The window key of a subject.
+fn window_key(who: Subject<'_>) -> String {
+    match who {
+        Subject::Tenant(id) => format!("t:{id}"),
+        Subject::Key(id) => format!("k:{id}"),
+    }
+}
+
+/// A refusal by one window.
+fn check(w: &Window, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<(), ApiError> {
+    let limited = |oldest: Option<i64>, message: String| {
+        let secs = oldest.map_or(1, |a| ((a + 60_000 - now) / 1000).max(1));
+        ApiError::RateLimited {
+            message,
+            retry_after: u64::try_from(secs).unwrap_or(1),
+        }
+    };
+    if let Some(limit) = q.requests_per_minute {
+        if w.requests.len() as i64 >= limit {
+            return Err(limited(
+                w.requests.front().copied(),
+                format!("{whose} rate limit of {limit} requests per minute reached"),
+            ));
+        }
+    }
+    if let Some(limit) = q.tokens_per_minute {
+        let used: i64 = w.tokens.iter().map(|(_, n)| n).sum();
+        if used + tokens > limit {
+            return Err(limited(
+                w.tokens.front().map(|(a, _)| *a),
+                format!(
+                    "{whose} rate limit of {limit} tokens per minute reached ({used} charged, {tokens} asked for)"
+                ),
+            ));
+        }
+    }
+    if let Some(limit) = q.concurrent_requests {
+        if w.in_flight >= limit {
+            return Err(limited(
+                None,
+                format!("{whose} limit of {limit} concurrent requests reached"),
+            ));
+        }
+    }
+    for (what, limit, budget) in [
+        ("day", q.tokens_per_day, &w.day),
+        ("month", q.tokens_per_month, &w.month),
+    ] {
+        if let (Some(limit), Some((_, used, reserved))) = (limit, budget) {
+            if used + reserved + tokens > limit {
+                return Err(ApiError::InsufficientQuota(format!(
+                    "the {whose} token budget of {limit} per {what} is spent ({used} used, {reserved} reserved, {tokens} asked for)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Tenancy {
-    /// Starts the usage writer (a task on the current runtime) over `store`.
-    pub fn start(store: Store) -> Arc<Tenancy> {
+    /// Starts the usage writer (a task on the current runtime) over `store`; tenants' weights
+    /// go to `shares` (the engine's fair queue).
+    pub fn start(store: Store, shares: FairShares) -> Arc<Tenancy> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
         let writer_store = store.clone();
         tokio::spawn(async move {
@@ -125,6 +192,8 @@ impl Tenancy {
             on_record: std::sync::OnceLock::new(),
             writer: tx,
             windows: Mutex::new(HashMap::new()),
+            prices: Mutex::new((None, HashMap::new())),
+            shares,
         })
     }
 
@@ -161,10 +230,11 @@ impl Tenancy {
         }
     }
 
-    /// The tenant's quota (cached for a second).
-    pub async fn quota(&self, tenant_id: &str) -> Result<Quota, ApiError> {
+    /// A tenant's or a key's quota (cached for a second).
+    pub async fn quota(&self, who: Subject<'_>) -> Result<Quota, ApiError> {
+        let key = window_key(who);
         if let Ok(w) = self.windows.lock() {
-            if let Some((at, q)) = w.get(tenant_id).and_then(|w| w.quota.as_ref()) {
+            if let Some((at, q)) = w.get(&key).and_then(|w| w.quota.as_ref()) {
                 if at.elapsed() < QUOTA_TTL {
                     return Ok(q.clone());
                 }
@@ -172,126 +242,145 @@ impl Tenancy {
         }
         let q = self
             .store
-            .quota(tenant_id)
+            .quota(who)
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Subject::Tenant(id) = who {
+            self.shares.set(id, q.weight.unwrap_or(1) as f64);
+        }
         if let Ok(mut w) = self.windows.lock() {
-            w.entry(tenant_id.to_string()).or_default().quota = Some((Instant::now(), q.clone()));
+            w.entry(key).or_default().quota = Some((Instant::now(), q.clone()));
         }
         Ok(q)
     }
 
-    /// Tokens the tenant used (recorded) since `from_ms`.
-    async fn used_since(&self, tenant_id: &str, from_ms: i64) -> Result<i64, ApiError> {
-        let records = self
-            .store
-            .usage(Some(tenant_id), from_ms, i64::MAX)
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(records
-            .iter()
-            .map(|r| r.prompt_tokens + r.completion_tokens)
-            .sum())
+    /// The caller's tenant quota and key quota.
+    pub async fn quotas(&self, caller: &Caller) -> Result<(Quota, Quota), ApiError> {
+        Ok((
+            self.quota(Subject::Tenant(&caller.tenant.id)).await?,
+            self.quota(Subject::Key(&caller.key.id)).await?,
+        ))
     }
 
-    /// Checks the quota for a request of `tokens` (prompt plus everything it may generate) and
-    /// reserves it; refused requests get 429 (`rate_limit_exceeded` with `Retry-After`, or
-    /// `insufficient_quota`).
-    pub async fn admit(&self, caller: &Caller, tokens: i64) -> Result<Reservation, ApiError> {
-        let q = self.quota(&caller.tenant.id).await?;
-        let t = &caller.tenant.id;
-        let now = now_ms();
+    /// Whether the caller's tenant and key quotas both allow `model` (a model or adapter name).
+    pub async fn allows(&self, caller: &Caller, model: &str) -> Result<bool, ApiError> {
+        let (t, k) = self.quotas(caller).await?;
+        Ok([t, k].iter().all(|q| {
+            q.models
+                .as_ref()
+                .is_none_or(|m| m.iter().any(|x| x == model))
+        }))
+    }
+
+    /// Refreshes the price table when it is older than a second.
+    async fn refresh_prices(&self) -> Result<(), ApiError> {
+        let fresh = self
+            .prices
+            .lock()
+            .is_ok_and(|p| p.0.is_some_and(|at| at.elapsed() < QUOTA_TTL));
+        if fresh {
+            return Ok(());
+        }
+        let prices = self
+            .store
+            .prices()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Ok(mut p) = self.prices.lock() {
+            *p = (Some(Instant::now()), prices.into_iter().collect());
+        }
+        Ok(())
+    }
+
+    /// The price of `model`, else of `base` (an adapter without a price of its own costs what
+    /// its base model does), else nothing.
+    fn price(&self, model: &str, base: &str) -> Price {
+        self.prices.lock().map_or(Price::default(), |p| {
+            p.1.get(model)
+                .or_else(|| p.1.get(base))
+                .copied()
+                .unwrap_or_default()
+        })
+    }
+
+    /// Loads a budget's use from the store when the window has none for this day or month.
+    async fn load_budgets(&self, who: Subject<'_>, q: &Quota, now: i64) -> Result<(), ApiError> {
+        let key = window_key(who);
         let (day, month) = (utc_day(now), utc_day(now)[..7].to_string());
-        // budgets count what is recorded: load them once per day or month
-        let need_day = q.tokens_per_day.is_some()
-            && self.windows.lock().map_or(true, |w| {
-                w.get(t).and_then(|w| w.day.as_ref()).map(|d| &d.0) != Some(&day)
-            });
-        let day_used = if need_day {
-            Some(self.used_since(t, day_start(now)).await?)
-        } else {
-            None
+        let current = |f: fn(&Window) -> Option<&String>, period: &String| {
+            self.windows
+                .lock()
+                .is_ok_and(|w| w.get(&key).and_then(f) == Some(period))
         };
-        let need_month = q.tokens_per_month.is_some()
-            && self.windows.lock().map_or(true, |w| {
-                w.get(t).and_then(|w| w.month.as_ref()).map(|m| &m.0) != Some(&month)
-            });
-        let month_used = if need_month {
-            Some(self.used_since(t, month_start(now)).await?)
-        } else {
-            None
-        };
+        if q.tokens_per_day.is_some() && !current(|w| w.day.as_ref().map(|d| &d.0), &day) {
+            let used = self
+                .store
+                .tokens_used_since(who, day_start(now))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if let Ok(mut w) = self.windows.lock() {
+                w.entry(key.clone()).or_default().day = Some((day, used, 0));
+            }
+        }
+        if q.tokens_per_month.is_some() && !current(|w| w.month.as_ref().map(|m| &m.0), &month) {
+            let used = self
+                .store
+                .tokens_used_since(who, month_start(now))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if let Ok(mut w) = self.windows.lock() {
+                w.entry(key).or_default().month = Some((month, used, 0));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the tenant's and the key's quotas for a request of `tokens` (prompt plus
+    /// everything it may generate) and reserves it in both; refused requests get 429
+    /// (`rate_limit_exceeded` with `Retry-After`, or `insufficient_quota`).
+    pub async fn admit(&self, caller: &Caller, tokens: i64) -> Result<Reservation, ApiError> {
+        let now = now_ms();
+        let subjects = [
+            Subject::Tenant(&caller.tenant.id),
+            Subject::Key(&caller.key.id),
+        ];
+        let mut quotas = Vec::with_capacity(2);
+        for who in subjects {
+            let q = self.quota(who).await?;
+            self.load_budgets(who, &q, now).await?;
+            quotas.push(q);
+        }
+        self.refresh_prices().await?;
+        let keys = subjects.map(window_key);
         let mut windows = self
             .windows
             .lock()
             .map_err(|_| ApiError::Internal("quota state poisoned".into()))?;
-        let w = windows.entry(t.clone()).or_default();
-        if let Some(used) = day_used {
-            w.day = Some((day.clone(), used, 0));
-        }
-        if let Some(used) = month_used {
-            w.month = Some((month.clone(), used, 0));
-        }
-        while w.requests.front().is_some_and(|&a| a <= now - 60_000) {
-            w.requests.pop_front();
-        }
-        while w.tokens.front().is_some_and(|&(a, _)| a <= now - 60_000) {
-            w.tokens.pop_front();
-        }
-        let limited = |oldest: Option<i64>, message: String| {
-            let secs = oldest.map_or(1, |a| ((a + 60_000 - now) / 1000).max(1));
-            ApiError::RateLimited {
-                message,
-                retry_after: u64::try_from(secs).unwrap_or(1),
+        // check both before charging either
+        for ((key, q), whose) in keys.iter().zip(&quotas).zip(["tenant's", "key's"]) {
+            let w = windows.entry(key.clone()).or_default();
+            while w.requests.front().is_some_and(|&a| a <= now - 60_000) {
+                w.requests.pop_front();
             }
-        };
-        if let Some(limit) = q.requests_per_minute {
-            if w.requests.len() as i64 >= limit {
-                return Err(limited(
-                    w.requests.front().copied(),
-                    format!("rate limit of {limit} requests per minute reached"),
-                ));
+            while w.tokens.front().is_some_and(|&(a, _)| a <= now - 60_000) {
+                w.tokens.pop_front();
             }
+            check(w, q, now, tokens, whose)?;
         }
-        if let Some(limit) = q.tokens_per_minute {
-            let used: i64 = w.tokens.iter().map(|(_, n)| n).sum();
-            if used + tokens > limit {
-                return Err(limited(
-                    w.tokens.front().map(|(a, _)| *a),
-                    format!(
-                        "rate limit of {limit} tokens per minute reached ({used} charged, {tokens} asked for)"
-                    ),
-                ));
+        for key in &keys {
+            let w = windows.entry(key.clone()).or_default();
+            w.requests.push_back(now);
+            w.tokens.push_back((now, tokens));
+            w.in_flight += 1;
+            if let Some(d) = w.day.as_mut() {
+                d.2 += tokens;
             }
-        }
-        if let Some(limit) = q.concurrent_requests {
-            if w.in_flight >= limit {
-                return Err(limited(None, format!("{limit} requests already running")));
+            if let Some(m) = w.month.as_mut() {
+                m.2 += tokens;
             }
-        }
-        for (what, limit, budget) in [
-            ("day", q.tokens_per_day, &w.day),
-            ("month", q.tokens_per_month, &w.month),
-        ] {
-            if let (Some(limit), Some((_, used, reserved))) = (limit, budget) {
-                if used + reserved + tokens > limit {
-                    return Err(ApiError::InsufficientQuota(format!(
-                        "the token budget of {limit} per {what} is spent ({used} used, {reserved} reserved, {tokens} asked for)"
-                    )));
-                }
-            }
-        }
-        w.requests.push_back(now);
-        w.tokens.push_back((now, tokens));
-        w.in_flight += 1;
-        if let Some(d) = w.day.as_mut() {
-            d.2 += tokens;
-        }
-        if let Some(m) = w.month.as_mut() {
-            m.2 += tokens;
         }
         Ok(Reservation {
-            tenant_id: t.clone(),
+            windows: keys,
             tokens,
         })
     }
@@ -301,24 +390,28 @@ impl Tenancy {
         let Ok(mut windows) = self.windows.lock() else {
             return;
         };
-        let Some(w) = windows.get_mut(&r.tenant_id) else {
-            return;
-        };
-        w.in_flight -= 1;
-        for b in [w.day.as_mut(), w.month.as_mut()].into_iter().flatten() {
-            b.1 += used;
-            b.2 -= r.tokens;
+        for key in &r.windows {
+            let Some(w) = windows.get_mut(key) else {
+                continue;
+            };
+            w.in_flight -= 1;
+            for b in [w.day.as_mut(), w.month.as_mut()].into_iter().flatten() {
+                b.1 += used;
+                b.2 -= r.tokens;
+            }
         }
     }
 
     /// A meter for one request: when its final callback runs, the reservation (if any) is
-    /// settled and the usage record goes to the writer. Returns the meter, the status cell the
-    /// handler sets, and a receiver told once the record is committed.
+    /// settled and the usage record, priced at `model`'s price (or `base`'s), goes to the
+    /// writer. Returns the meter, the status cell the handler sets, and a receiver told once the
+    /// record is committed.
     pub fn meter(
         self: &Arc<Self>,
         caller: &Caller,
         request_id: &str,
         model: &str,
+        base: &str,
         adapter: Option<String>,
     ) -> (Arc<RequestMeter>, Arc<Metered>, oneshot::Receiver<()>) {
         let (ack_tx, ack_rx) = oneshot::channel();
@@ -329,7 +422,8 @@ impl Tenancy {
         });
         let (tenancy, cell) = (self.clone(), metered.clone());
         let (tenant_id, key_id) = (caller.tenant.id.clone(), caller.key.id.clone());
-        let (request_id, model) = (request_id.to_string(), model.to_string());
+        let (request_id, model, base) =
+            (request_id.to_string(), model.to_string(), base.to_string());
         let start = Instant::now();
         let created_at_ms = now_ms();
         let meter = RequestMeter::on_final(move |m| {
@@ -339,18 +433,23 @@ impl Tenancy {
                 tenancy.settle(&r, to_i64(prompt + completion));
             }
             let adapter = cell.adapter.lock().ok().and_then(|mut a| a.take());
+            let (prompt, cached, completion) = (to_i64(prompt), to_i64(cached), to_i64(completion));
+            let cost = tenancy
+                .price(&model, &base)
+                .cost(prompt, cached, completion);
             let record = UsageRecord {
                 request_id,
                 tenant_id,
                 key_id,
                 model,
                 adapter,
-                prompt_tokens: to_i64(prompt),
-                cached_tokens: to_i64(cached),
-                completion_tokens: to_i64(completion),
+                prompt_tokens: prompt,
+                cached_tokens: cached,
+                completion_tokens: completion,
                 status: i64::from(cell.status.load(Ordering::SeqCst)),
                 latency_ms: i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX),
                 created_at_ms,
+                cost_picodollars: cost,
             };
             if let Some(f) = tenancy.on_record.get() {
                 f(&record);

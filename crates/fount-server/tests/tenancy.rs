@@ -1,10 +1,9 @@
 use std::sync::Arc;
 
 use axum::http::{Method, StatusCode};
-use fount_server::tenancy::Tenancy;
 use fount_server::AppState;
 use fount_store::testing::stores;
-use fount_store::{Quota, Scope, Store};
+use fount_store::{Price, Quota, Scope, Store, Subject};
 use serde_json::json;
 
 use crate::util::{adapter_dir, call, call_as, no_eos, state, until_idle};
@@ -12,7 +11,7 @@ use crate::util::{adapter_dir, call, call_as, no_eos, state, until_idle};
 /// A server with tenancy on over `store`.
 fn tenant_state(store: &Store) -> Arc<AppState> {
     let s = state();
-    s.enable_tenancy(Tenancy::start(store.clone()));
+    s.enable_tenancy(store.clone());
     s
 }
 
@@ -178,7 +177,7 @@ async fn quotas_refuse_with_openai_codes() {
         let (tid, key) = tenant_key(&store, "small", &[Scope::Inference]).await;
         store
             .set_quota(
-                &tid,
+                Subject::Tenant(&tid),
                 &Quota {
                     requests_per_minute: Some(2),
                     ..Default::default()
@@ -203,7 +202,7 @@ async fn quotas_refuse_with_openai_codes() {
         let (tid, key) = tenant_key(&store, "budget", &[Scope::Inference]).await;
         store
             .set_quota(
-                &tid,
+                Subject::Tenant(&tid),
                 &Quota {
                     tokens_per_day: Some(30),
                     models: Some(vec!["tiny".into()]),
@@ -265,7 +264,7 @@ async fn every_request_is_recorded_exactly_once_with_the_engines_counts() {
         // t2 is rate-limited: some of its requests are refused (and recorded, billed nothing)
         store
             .set_quota(
-                &keys[2].0,
+                Subject::Tenant(&keys[2].0),
                 &Quota {
                     requests_per_minute: Some(5),
                     ..Default::default()
@@ -500,5 +499,208 @@ async fn the_admin_api_manages_tenants_keys_and_quotas() {
             .map(|t| t["name"].as_str().unwrap())
             .collect();
         assert_eq!(names, ["acme", "ops", "user"]);
+
+        // a key's own quota, prices, and usage export
+        let (_, k2) = tenant_key(&store, "keyed", &[Scope::Inference]).await;
+        let info = store.keys(None).await.unwrap();
+        let k2_prefix = &info
+            .iter()
+            .find(|k| k2.starts_with(&k.prefix))
+            .unwrap()
+            .prefix;
+        let put = |key: &str, path: &str, body: serde_json::Value| {
+            let (s, key, path) = (s.clone(), key.to_string(), path.to_string());
+            async move { call_as(&s, &key, Method::PUT, &path, &body.to_string()).await }
+        };
+        let path = format!("/admin/v1/keys/{k2_prefix}/quota");
+        let r = put(&admin, &path, json!({"weight": 2})).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "keys carry no weight");
+        let r = put(&admin, &path, json!({"max_context": 7})).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let r = put(&admin, "/admin/v1/keys/fk-nothere/quota", json!({})).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        let r = call_as(&s, &k2, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.error().2.as_deref(), Some("context_length_exceeded"));
+        let r = put(&admin, "/admin/v1/quotas/ops", json!({"weight": 0})).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+        let r = put(
+            &admin,
+            "/admin/v1/prices/tiny",
+            json!({"input": "0.5", "output": "2"}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let r = put(
+            &admin,
+            "/admin/v1/prices/tiny",
+            json!({"input": "-1", "output": "2"}),
+        )
+        .await;
+        assert_eq!(r.error().1.as_deref(), Some("input"), "{}", r.body);
+        let r = put(
+            &user,
+            "/admin/v1/prices/tiny",
+            json!({"input": "0", "output": "0"}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        let prices = call_as(&s, &admin, Method::GET, "/admin/v1/prices", "")
+            .await
+            .json();
+        assert_eq!(
+            prices["data"],
+            json!([{"model": "tiny", "input": "0.500000", "cached_input": "0.500000", "output": "2.000000"}])
+        );
+        let r = call_as(
+            &s,
+            &admin,
+            Method::GET,
+            "/admin/v1/usage?tenant=acme&from=2020-01-01",
+            "",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let statuses: Vec<i64> = r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["status"].as_i64().unwrap())
+            .collect();
+        assert_eq!(statuses, [200, 429], "the refused request is recorded too");
+        let r = call_as(
+            &s,
+            &admin,
+            Method::GET,
+            "/admin/v1/usage?from=yesterday",
+            "",
+        )
+        .await;
+        assert_eq!(r.error().1.as_deref(), Some("from"), "{}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn a_keys_quota_applies_on_top_of_its_tenants() {
+    // on SQLite and on PostgreSQL
+    for (store, _dir) in stores("key_quota").await {
+        let s = tenant_state(&store);
+        let (tid, narrow) = tenant_key(&store, "team", &[Scope::Inference]).await;
+        let (wide, wide_info) = store
+            .create_key(&tid, "wide", &[Scope::Inference], None)
+            .await
+            .unwrap();
+        let wide = wide.expose().to_string();
+        let narrow_id = store
+            .keys(Some(&tid))
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|k| k.id != wide_info.id)
+            .unwrap()
+            .id;
+        // the narrow key: one request a minute, and only the base model
+        store
+            .set_quota(
+                Subject::Key(&narrow_id),
+                &Quota {
+                    requests_per_minute: Some(1),
+                    models: Some(vec!["tiny".into()]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        s.register_adapter("public", adapter_dir("public", 5));
+        let ok = call_as(&s, &narrow, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+        let r = call_as(&s, &narrow, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(r.error().2.as_deref() == Some("rate_limit_exceeded"));
+        assert!(r.body.contains("key's"), "{}", r.body);
+        let models = call_as(&s, &narrow, Method::GET, "/v1/models", "")
+            .await
+            .json();
+        assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+        let r = call_as(&s, &narrow, Method::GET, "/v1/models/public", "").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        // the tenant's other key is untouched
+        for _ in 0..3 {
+            let r = call_as(&s, &wide, Method::POST, "/v1/completions", &ask("public")).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        }
+        // the tenant's limit binds every key
+        store
+            .set_quota(
+                Subject::Tenant(&tid),
+                &Quota {
+                    concurrent_requests: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // the quota cache
+        let r = call_as(&s, &wide, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(r.body.contains("tenant's"), "{}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn records_carry_their_cost_at_the_models_price() {
+    // on SQLite and on PostgreSQL
+    for (store, _dir) in stores("prices").await {
+        let s = tenant_state(&store);
+        let (tid, key) = tenant_key(&store, "payer", &[Scope::Inference]).await;
+        let base = Price {
+            input: 500_000,
+            cached_input: 250_000,
+            output: 2_000_000,
+        };
+        store.set_price("tiny", &base).await.unwrap();
+        let own = Price {
+            input: 1_000_000,
+            cached_input: 1_000_000,
+            output: 3_000_000,
+        };
+        store.set_price("priced", &own).await.unwrap();
+        s.register_adapter("priced", adapter_dir("priced", 6));
+        s.register_adapter("unpriced", adapter_dir("unpriced", 7));
+        let prompt =
+            "the same long prompt, sent twice so that its prefix is cached the second time";
+        for model in ["tiny", "tiny", "priced", "unpriced"] {
+            let body = json!({"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0});
+            let r = call_as(&s, &key, Method::POST, "/v1/completions", &body.to_string()).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        }
+        s.tenancy().unwrap().flush().await;
+        let records = store.usage(Some(&tid), 0, i64::MAX).await.unwrap();
+        assert_eq!(records.len(), 4);
+        assert!(
+            records.iter().any(|r| r.cached_tokens > 0),
+            "a cached prefix"
+        );
+        for r in &records {
+            // an adapter without a price of its own costs what its base model does
+            let p = if r.model == "priced" { own } else { base };
+            assert_eq!(
+                r.cost_picodollars,
+                p.cost(r.prompt_tokens, r.cached_tokens, r.completion_tokens),
+                "{r:?}"
+            );
+            assert!(r.cost_picodollars > 0);
+        }
+        let usage = call_as(&s, &key, Method::GET, "/v1/usage", "").await.json();
+        let total: i64 = records.iter().map(|r| r.cost_picodollars).sum();
+        let shown: Vec<&str> = usage["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["cost_usd"].as_str().unwrap())
+            .collect();
+        assert_eq!(shown.len(), 3, "{usage}");
+        let shown_total: f64 = shown.iter().map(|c| c.parse::<f64>().unwrap()).sum();
+        assert!((shown_total - total as f64 * 1e-12).abs() < 3e-6, "{usage}");
     }
 }

@@ -24,5 +24,6 @@ pub mod testing;
 pub use error::{Error, Result};
 pub use keys::{ApiKey, Scope};
 pub use store::{
-    now_ms, utc_day, Backend, KeyInfo, Quota, Store, Tenant, UsageRecord, UsageSummary,
+    day_start_ms, dollars, now_ms, utc_day, Backend, KeyInfo, Price, Quota, Store, Subject, Tenant,
+    UsageRecord, UsageSummary,
 };

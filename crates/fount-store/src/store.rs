@@ -67,6 +67,75 @@ pub struct Quota {
     pub max_context: Option<i64>,
     /// Models and adapters it may use (`None`: all it can see).
     pub models: Option<Vec<String>>,
+    /// The tenant's share of the engine when tenants contend for it, relative to other tenants
+    /// (1 when `None`; ignored on a key's quota).
+    pub weight: Option<i64>,
+}
+
+/// Whose quota: a tenant's, or one key's (applied on top of its tenant's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject<'a> {
+    /// A tenant, by id.
+    Tenant(&'a str),
+    /// A key, by id.
+    Key(&'a str),
+}
+
+/// What a model costs, in micro-dollars per million tokens (so one token costs that many
+/// picodollars).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Price {
+    /// Per million prompt tokens not served from the prefix cache.
+    pub input: i64,
+    /// Per million prompt tokens served from the prefix cache.
+    pub cached_input: i64,
+    /// Per million generated tokens.
+    pub output: i64,
+}
+
+impl Price {
+    /// The cost of a request, in picodollars.
+    pub fn cost(&self, prompt: i64, cached: i64, completion: i64) -> i64 {
+        let p = i128::from(prompt - cached) * i128::from(self.input)
+            + i128::from(cached) * i128::from(self.cached_input)
+            + i128::from(completion) * i128::from(self.output);
+        i64::try_from(p).unwrap_or(i64::MAX)
+    }
+
+    /// Parses a price in dollars per million tokens (`"0.15"`) into micro-dollars.
+    pub fn parse_dollars(s: &str) -> Option<i64> {
+        let s = s.trim().trim_start_matches('$');
+        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+        if whole.is_empty() && frac.is_empty()
+            || frac.len() > 6
+            || !whole
+                .chars()
+                .chain(frac.chars())
+                .all(|c| c.is_ascii_digit())
+        {
+            return None;
+        }
+        let whole: i64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().ok()?
+        };
+        let frac: i64 = format!("{frac:0<6}").parse().ok()?;
+        whole.checked_mul(1_000_000)?.checked_add(frac)
+    }
+}
+
+/// Formats picodollars (or micro-dollars per million tokens) as dollars, `"0.000150"`.
+pub fn dollars(pico: i128, decimals: u32) -> String {
+    let scale = 10i128.pow(12 - decimals.min(12));
+    let units = (pico + scale / 2).div_euclid(scale);
+    let d = 10i128.pow(decimals.min(12));
+    format!(
+        "{}.{:0width$}",
+        units.div_euclid(d),
+        units.rem_euclid(d),
+        width = decimals.min(12) as usize
+    )
 }
 
 /// One request's metering record.
@@ -94,6 +163,8 @@ pub struct UsageRecord {
     pub latency_ms: i64,
     /// Unix milliseconds of arrival.
     pub created_at_ms: i64,
+    /// What it cost at the model's price when it was served, in picodollars.
+    pub cost_picodollars: i64,
 }
 
 /// Usage of one tenant, day and model.
@@ -113,6 +184,8 @@ pub struct UsageSummary {
     pub cached_tokens: i64,
     /// Completion tokens.
     pub completion_tokens: i64,
+    /// Cost, in picodollars.
+    pub cost_picodollars: i64,
 }
 
 /// Unix milliseconds now.
@@ -378,50 +451,83 @@ impl Store {
         Ok(Some((info, t)))
     }
 
-    /// Sets a tenant's quota (replacing the previous one).
-    pub async fn set_quota(&self, tenant_id: &str, q: &Quota) -> Result<()> {
-        if self.tenant(tenant_id).await?.is_none() {
-            return Err(Error::NotFound(format!("tenant {tenant_id:?}")));
-        }
+    /// Sets a tenant's or a key's quota (replacing the previous one).
+    pub async fn set_quota(&self, who: Subject<'_>, q: &Quota) -> Result<()> {
+        let (table, column, id) = match who {
+            Subject::Tenant(id) => {
+                if self.tenant(id).await?.is_none() {
+                    return Err(Error::NotFound(format!("tenant {id:?}")));
+                }
+                ("quotas", "tenant_id", id)
+            }
+            Subject::Key(id) => {
+                let found = sqlx::query("SELECT id FROM api_keys WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                if found.is_none() {
+                    return Err(Error::NotFound(format!("key {id:?}")));
+                }
+                ("key_quotas", "key_id", id)
+            }
+        };
         let models = q
             .models
             .as_ref()
             .map(|m| serde_json::to_string(m).unwrap_or_default());
-        sqlx::query(
-            "INSERT INTO quotas (tenant_id, requests_per_minute, tokens_per_minute, tokens_per_day, \
-                                 tokens_per_month, concurrent_requests, max_context, models) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (tenant_id) DO UPDATE SET \
+        let weight = if table == "quotas" { ", weight" } else { "" };
+        let weight_value = if table == "quotas" { ", $9" } else { "" };
+        let weight_update = if table == "quotas" {
+            ", weight = excluded.weight"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "INSERT INTO {table} ({column}, requests_per_minute, tokens_per_minute, tokens_per_day, \
+                                 tokens_per_month, concurrent_requests, max_context, models{weight}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8{weight_value}) \
+             ON CONFLICT ({column}) DO UPDATE SET \
                requests_per_minute = excluded.requests_per_minute, \
                tokens_per_minute = excluded.tokens_per_minute, \
                tokens_per_day = excluded.tokens_per_day, \
                tokens_per_month = excluded.tokens_per_month, \
                concurrent_requests = excluded.concurrent_requests, \
                max_context = excluded.max_context, \
-               models = excluded.models",
-        )
-        .bind(tenant_id)
-        .bind(q.requests_per_minute)
-        .bind(q.tokens_per_minute)
-        .bind(q.tokens_per_day)
-        .bind(q.tokens_per_month)
-        .bind(q.concurrent_requests)
-        .bind(q.max_context)
-        .bind(models)
-        .execute(&self.pool)
-        .await?;
+               models = excluded.models{weight_update}"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(id)
+            .bind(q.requests_per_minute)
+            .bind(q.tokens_per_minute)
+            .bind(q.tokens_per_day)
+            .bind(q.tokens_per_month)
+            .bind(q.concurrent_requests)
+            .bind(q.max_context)
+            .bind(models);
+        if table == "quotas" {
+            query = query.bind(q.weight);
+        }
+        query.execute(&self.pool).await?;
         Ok(())
     }
 
-    /// A tenant's quota (all `None` when never set).
-    pub async fn quota(&self, tenant_id: &str) -> Result<Quota> {
-        let row = sqlx::query(
-            "SELECT requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month, \
-                    concurrent_requests, max_context, models FROM quotas WHERE tenant_id = $1",
-        )
-        .bind(tenant_id)
-        .fetch_optional(&self.pool)
-        .await?;
+    /// A tenant's or a key's quota (all `None` when never set).
+    pub async fn quota(&self, who: Subject<'_>) -> Result<Quota> {
+        let (sql, id) = match who {
+            Subject::Tenant(id) => (
+                "SELECT requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month, \
+                        concurrent_requests, max_context, models, weight \
+                 FROM quotas WHERE tenant_id = $1",
+                id,
+            ),
+            Subject::Key(id) => (
+                "SELECT requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month, \
+                        concurrent_requests, max_context, models, CAST(NULL AS BIGINT) AS weight \
+                 FROM key_quotas WHERE key_id = $1",
+                id,
+            ),
+        };
+        let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
         let Some(r) = row else {
             return Ok(Quota::default());
         };
@@ -434,7 +540,72 @@ impl Store {
             concurrent_requests: r.try_get("concurrent_requests")?,
             max_context: r.try_get("max_context")?,
             models: models.and_then(|m| serde_json::from_str(&m).ok()),
+            weight: r.try_get("weight")?,
         })
+    }
+
+    /// Sets `model`'s price (a model or adapter name, as clients pass it).
+    pub async fn set_price(&self, model: &str, p: &Price) -> Result<()> {
+        if [p.input, p.cached_input, p.output].iter().any(|&v| v < 0) {
+            return Err(Error::Invalid("prices cannot be negative".into()));
+        }
+        sqlx::query(
+            "INSERT INTO prices (model, input, cached_input, output, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
+               cached_input = excluded.cached_input, output = excluded.output, \
+               updated_at = excluded.updated_at",
+        )
+        .bind(model)
+        .bind(p.input)
+        .bind(p.cached_input)
+        .bind(p.output)
+        .bind(now_ms() / 1000)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every price set, by model name.
+    pub async fn prices(&self) -> Result<Vec<(String, Price)>> {
+        let rows =
+            sqlx::query("SELECT model, input, cached_input, output FROM prices ORDER BY model")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("model")?,
+                    Price {
+                        input: r.try_get("input")?,
+                        cached_input: r.try_get("cached_input")?,
+                        output: r.try_get("output")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Prompt plus completion tokens recorded for a tenant or a key since `from_ms`.
+    pub async fn tokens_used_since(&self, who: Subject<'_>, from_ms: i64) -> Result<i64> {
+        let (sql, id) = match who {
+            Subject::Tenant(id) => (
+                "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS t \
+                 FROM usage_records WHERE tenant_id = $1 AND created_at_ms >= $2",
+                id,
+            ),
+            Subject::Key(id) => (
+                "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS t \
+                 FROM usage_records WHERE key_id = $1 AND created_at_ms >= $2",
+                id,
+            ),
+        };
+        let row = sqlx::query(sql)
+            .bind(id)
+            .bind(from_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("t")?)
     }
 
     /// Writes usage records in one transaction; a request id already recorded is skipped, so
@@ -445,8 +616,9 @@ impl Store {
         for r in records {
             let done = sqlx::query(
                 "INSERT INTO usage_records (request_id, tenant_id, key_id, model, adapter, prompt_tokens, \
-                     cached_tokens, completion_tokens, status, latency_ms, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                     cached_tokens, completion_tokens, status, latency_ms, created_at_ms, \
+                     cost_picodollars) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
                  ON CONFLICT (request_id) DO NOTHING",
             )
             .bind(&r.request_id)
@@ -460,6 +632,7 @@ impl Store {
             .bind(r.status)
             .bind(r.latency_ms)
             .bind(r.created_at_ms)
+            .bind(r.cost_picodollars)
             .execute(&mut *tx)
             .await?;
             written += done.rows_affected();
@@ -477,7 +650,8 @@ impl Store {
     ) -> Result<Vec<UsageRecord>> {
         let rows = sqlx::query(
             "SELECT request_id, tenant_id, key_id, model, adapter, prompt_tokens, cached_tokens, \
-                    completion_tokens, status, latency_ms, created_at_ms FROM usage_records \
+                    completion_tokens, status, latency_ms, created_at_ms, cost_picodollars \
+             FROM usage_records \
              WHERE ($1 = '' OR tenant_id = $1) AND created_at_ms >= $2 AND created_at_ms < $3 \
              ORDER BY created_at_ms, request_id",
         )
@@ -500,6 +674,7 @@ impl Store {
                     status: r.try_get("status")?,
                     latency_ms: r.try_get("latency_ms")?,
                     created_at_ms: r.try_get("created_at_ms")?,
+                    cost_picodollars: r.try_get("cost_picodollars")?,
                 })
             })
             .collect()
@@ -525,6 +700,7 @@ impl Store {
                     s.prompt_tokens += r.prompt_tokens;
                     s.cached_tokens += r.cached_tokens;
                     s.completion_tokens += r.completion_tokens;
+                    s.cost_picodollars = s.cost_picodollars.saturating_add(r.cost_picodollars);
                 }
                 None => out.push(UsageSummary {
                     tenant_id: r.tenant_id,
@@ -534,6 +710,7 @@ impl Store {
                     prompt_tokens: r.prompt_tokens,
                     cached_tokens: r.cached_tokens,
                     completion_tokens: r.completion_tokens,
+                    cost_picodollars: r.cost_picodollars,
                 }),
             }
         }
@@ -562,8 +739,86 @@ pub fn utc_day(ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// Unix milliseconds of 00:00 UTC of `YYYY-MM-DD`.
+pub fn day_start_ms(day: &str) -> Result<i64> {
+    let bad = || Error::Invalid(format!("{day:?} is not a date such as 2026-11-29"));
+    let mut parts = day.split('-').map(|p| p.parse::<i64>().map_err(|_| bad()));
+    let (Some(y), Some(m), Some(d), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let (y, m, d) = (y?, m?, d?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
+    // civil date to days since 1970-01-01 (Howard Hinnant's algorithm)
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Ok((era * 146_097 + doe - 719_468) * 86_400_000)
+}
+
+impl UsageRecord {
+    /// The header of [`UsageRecord::csv_row`].
+    pub const CSV_HEADER: &'static str = "request_id,tenant_id,key_id,model,adapter,prompt_tokens,\
+cached_tokens,completion_tokens,status,latency_ms,created_at_ms,cost_usd";
+
+    /// The record as one CSV row (RFC 4180 quoting), cost in dollars.
+    pub fn csv_row(&self) -> String {
+        let field = |s: &str| {
+            if s.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            } else {
+                s.to_string()
+            }
+        };
+        format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            field(&self.request_id),
+            field(&self.tenant_id),
+            field(&self.key_id),
+            field(&self.model),
+            field(self.adapter.as_deref().unwrap_or("")),
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.completion_tokens,
+            self.status,
+            self.latency_ms,
+            self.created_at_ms,
+            dollars(i128::from(self.cost_picodollars), 12),
+        )
+    }
+
+    /// The record as a JSON object, cost in dollars as a decimal string.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "request_id": self.request_id, "tenant_id": self.tenant_id,
+            "key_id": self.key_id, "model": self.model, "adapter": self.adapter,
+            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens, "status": self.status,
+            "latency_ms": self.latency_ms, "created_at_ms": self.created_at_ms,
+            "cost_usd": dollars(i128::from(self.cost_picodollars), 12),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn days_parse() {
+        use super::day_start_ms;
+        assert_eq!(day_start_ms("1970-01-01").ok(), Some(0));
+        assert_eq!(day_start_ms("2026-11-29").ok(), Some(1_795_910_400_000));
+        assert_eq!(day_start_ms("2000-03-01").ok(), Some(951_868_800_000));
+        assert!(day_start_ms("2026-13-01").is_err());
+        assert!(day_start_ms("2026-11-29-1").is_err());
+        assert!(day_start_ms("yesterday").is_err());
+    }
+
     #[test]
     fn utc_days() {
         assert_eq!(super::utc_day(0), "1970-01-01");

@@ -1,4 +1,4 @@
-use fount_store::{ApiKey, Backend, Quota, Scope, UsageRecord};
+use fount_store::{dollars, ApiKey, Backend, Price, Quota, Scope, Subject, UsageRecord};
 
 use crate::util::stores;
 
@@ -73,30 +73,79 @@ async fn tenants_and_keys() {
 }
 
 #[tokio::test]
-async fn quotas_round_trip() {
+async fn quotas_round_trip_for_tenants_and_keys() {
     for (s, _dir) in stores("quota").await {
+        let b = s.backend();
         let t = s.create_tenant("acme").await.unwrap();
-        assert_eq!(s.quota(&t.id).await.unwrap(), Quota::default());
+        let tenant = Subject::Tenant(&t.id);
+        assert_eq!(s.quota(tenant).await.unwrap(), Quota::default());
         let q = Quota {
             requests_per_minute: Some(60),
             tokens_per_day: Some(1_000_000),
             models: Some(vec!["tiny".into(), "support".into()]),
+            weight: Some(3),
             ..Default::default()
         };
-        s.set_quota(&t.id, &q).await.unwrap();
-        assert_eq!(s.quota(&t.id).await.unwrap(), q);
+        s.set_quota(tenant, &q).await.unwrap();
+        assert_eq!(s.quota(tenant).await.unwrap(), q);
         let q2 = Quota {
             concurrent_requests: Some(2),
             ..Default::default()
         };
-        s.set_quota(&t.id, &q2).await.unwrap();
-        assert_eq!(
-            s.quota(&t.id).await.unwrap(),
-            q2,
-            "{:?}: replaced",
-            s.backend()
-        );
-        assert!(s.set_quota("ten_nope", &q).await.is_err());
+        s.set_quota(tenant, &q2).await.unwrap();
+        assert_eq!(s.quota(tenant).await.unwrap(), q2, "{b:?}: replaced");
+        assert!(s.set_quota(Subject::Tenant("ten_nope"), &q).await.is_err());
+
+        // a key's quota is its own, and carries no weight
+        let (_, k) = s
+            .create_key(&t.id, "ci", &[Scope::Inference], None)
+            .await
+            .unwrap();
+        let key = Subject::Key(&k.id);
+        assert_eq!(s.quota(key).await.unwrap(), Quota::default());
+        let kq = Quota {
+            tokens_per_minute: Some(500),
+            max_context: Some(64),
+            ..Default::default()
+        };
+        s.set_quota(key, &kq).await.unwrap();
+        assert_eq!(s.quota(key).await.unwrap(), kq, "{b:?}");
+        assert_eq!(s.quota(tenant).await.unwrap(), q2, "{b:?}: untouched");
+        let e = s
+            .set_quota(Subject::Key("key_nope"), &kq)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn prices_and_costs() {
+    assert_eq!(Price::parse_dollars("0.15"), Some(150_000));
+    assert_eq!(Price::parse_dollars("$2"), Some(2_000_000));
+    assert_eq!(Price::parse_dollars(".5"), Some(500_000));
+    for bad in ["", ".", "-1", "1e3", "0.0000001", "abc", "1.2.3"] {
+        assert_eq!(Price::parse_dollars(bad), None, "{bad:?}");
+    }
+    // 1,000 prompt tokens (400 cached) and 100 generated at $0.15 / $0.075 / $0.60 per million
+    let p = Price {
+        input: 150_000,
+        cached_input: 75_000,
+        output: 600_000,
+    };
+    let cost = p.cost(1000, 400, 100);
+    assert_eq!(cost, 600 * 150_000 + 400 * 75_000 + 100 * 600_000);
+    assert_eq!(dollars(i128::from(cost), 6), "0.000180");
+    assert_eq!(dollars(1_500_000_000_000, 2), "1.50");
+    for (s, _dir) in stores("prices").await {
+        assert!(s.prices().await.unwrap().is_empty());
+        s.set_price("tiny", &p).await.unwrap();
+        s.set_price("tiny", &Price { output: 1, ..p })
+            .await
+            .unwrap();
+        let prices = s.prices().await.unwrap();
+        assert_eq!(prices, [("tiny".to_string(), Price { output: 1, ..p })]);
+        assert!(s.set_price("x", &Price { input: -1, ..p }).await.is_err());
     }
 }
 
@@ -113,6 +162,7 @@ fn record(id: &str, tenant: &str, model: &str, at_ms: i64, completion: i64) -> U
         status: 200,
         latency_ms: 5,
         created_at_ms: at_ms,
+        cost_picodollars: completion * 1_000,
     }
 }
 
@@ -160,6 +210,17 @@ async fn usage_is_recorded_once_and_summed_by_day() {
         );
         assert_eq!(sum[0].prompt_tokens, 20);
         assert_eq!(sum[0].cached_tokens, 8);
+        assert_eq!(sum[0].cost_picodollars, 8_000);
+        // budgets count prompt plus completion tokens since a time, by tenant or by key
+        let used = s
+            .tokens_used_since(Subject::Tenant("ten_a"), base + 2)
+            .await
+            .unwrap();
+        assert_eq!(used, 10 + 5 + 10 + 7);
+        let used = s.tokens_used_since(Subject::Key("key_x"), 0).await.unwrap();
+        assert_eq!(used, 4 * 10 + 3 + 5 + 7 + 11);
+        let none = s.tokens_used_since(Subject::Key("key_y"), 0).await.unwrap();
+        assert_eq!(none, 0);
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use fount_store::{Quota, Scope, Store};
+use fount_store::{day_start_ms, Price, Quota, Scope, Store, Subject, UsageRecord};
 
 /// Where the store is.
 #[derive(Debug, Args)]
@@ -44,9 +44,47 @@ pub enum AdminCommand {
     /// Quotas.
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// Prices per model.
+    #[command(subcommand)]
+    Price(PriceCommand),
     /// Usage records.
     #[command(subcommand)]
     Usage(UsageCommand),
+}
+
+/// Whose quota: a tenant's or one key's.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct QuotaSubject {
+    /// The tenant's name.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// A key (`key_…` or its `fk-…` prefix); its quota applies on top of its tenant's.
+    #[arg(long)]
+    key: Option<String>,
+}
+
+/// `fount admin price …`
+#[derive(Debug, Subcommand)]
+pub enum PriceCommand {
+    /// Sets a model's (or adapter's) price, in dollars per million tokens.
+    Set {
+        /// The model or adapter name clients pass (an adapter without a price costs what its
+        /// base model does).
+        #[arg(long)]
+        model: String,
+        /// Per million prompt tokens, e.g. `0.15`.
+        #[arg(long)]
+        input: String,
+        /// Per million prompt tokens served from the prefix cache (default: as `--input`).
+        #[arg(long)]
+        cached_input: Option<String>,
+        /// Per million generated tokens.
+        #[arg(long)]
+        output: String,
+    },
+    /// Lists prices.
+    List,
 }
 
 /// `fount admin tenant …`
@@ -95,11 +133,10 @@ pub enum KeyCommand {
 /// `fount admin quota …`
 #[derive(Debug, Subcommand)]
 pub enum QuotaCommand {
-    /// Sets a tenant's quota (unset limits are unlimited).
+    /// Sets a tenant's or a key's quota (unset limits are unlimited).
     Set {
-        /// The tenant's name.
-        #[arg(long)]
-        tenant: String,
+        #[command(flatten)]
+        who: QuotaSubject,
         /// Requests per minute.
         #[arg(long)]
         requests_per_minute: Option<i64>,
@@ -121,12 +158,15 @@ pub enum QuotaCommand {
         /// Models and adapters it may use, comma-separated (default: all it can see).
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
-    },
-    /// Shows a tenant's quota.
-    Show {
-        /// The tenant's name.
+        /// The tenant's share of the engine when tenants contend for it (default 1; tenants
+        /// only).
         #[arg(long)]
-        tenant: String,
+        weight: Option<i64>,
+    },
+    /// Shows a tenant's or a key's quota.
+    Show {
+        #[command(flatten)]
+        who: QuotaSubject,
     },
 }
 
@@ -150,29 +190,27 @@ pub enum UsageCommand {
     },
 }
 
-/// Unix milliseconds of 00:00 UTC of `YYYY-MM-DD`.
-pub fn day_start_ms(day: &str) -> Result<i64> {
-    let parts: Vec<&str> = day.split('-').collect();
-    let bad = || format!("{day:?} is not a date such as 2026-11-29");
-    let [y, m, d] = parts.as_slice() else {
-        bail!(bad());
-    };
-    let (y, m, d): (i64, i64, i64) = (
-        y.parse().with_context(bad)?,
-        m.parse().with_context(bad)?,
-        d.parse().with_context(bad)?,
-    );
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        bail!(bad());
+/// The store's id of a quota subject: `("t", tenant id)` or `("k", key id)`.
+async fn subject_id(store: &Store, who: &QuotaSubject) -> Result<(bool, String)> {
+    match (&who.tenant, &who.key) {
+        (Some(t), _) => Ok((true, tenant_id(store, t).await?)),
+        (None, Some(k)) => {
+            let found = store
+                .keys(None)
+                .await?
+                .into_iter()
+                .find(|i| &i.id == k || &i.prefix == k)
+                .with_context(|| format!("no key {k:?} (fount admin key list)"))?;
+            Ok((false, found.id))
+        }
+        (None, None) => bail!("--tenant or --key is needed"),
     }
-    // civil date to days since 1970-01-01 (Howard Hinnant's algorithm)
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Ok((era * 146_097 + doe - 719_468) * 86_400_000)
+}
+
+fn price_arg(flag: &str, v: &str) -> Result<i64> {
+    Price::parse_dollars(v).with_context(|| {
+        format!("--{flag} {v:?} is not a price in dollars per million tokens, such as 0.15")
+    })
 }
 
 async fn tenant_id(store: &Store, name: &str) -> Result<String> {
@@ -181,14 +219,6 @@ async fn tenant_id(store: &Store, name: &str) -> Result<String> {
         .await?
         .with_context(|| format!("no tenant named {name:?} (fount admin tenant list)"))?
         .id)
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
 }
 
 /// Runs `fount admin`.
@@ -225,8 +255,8 @@ pub fn run(a: AdminArgs) -> Result<()> {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let expires = expires_in_days
-                    .map(|d| fount_store::now_ms() / 1000 + i64::from(d) * 86_400);
+                let expires =
+                    expires_in_days.map(|d| fount_store::now_ms() / 1000 + i64::from(d) * 86_400);
                 let (key, info) = store.create_key(&id, &name, &scopes, expires).await?;
                 eprintln!(
                     "key {} for tenant {tenant} (shown once; store it now):",
@@ -263,7 +293,7 @@ pub fn run(a: AdminArgs) -> Result<()> {
                 eprintln!("revoked {key}");
             }
             AdminCommand::Quota(QuotaCommand::Set {
-                tenant,
+                who,
                 requests_per_minute,
                 tokens_per_minute,
                 tokens_per_day,
@@ -271,8 +301,15 @@ pub fn run(a: AdminArgs) -> Result<()> {
                 concurrent_requests,
                 max_context,
                 models,
+                weight,
             }) => {
-                let id = tenant_id(&store, &tenant).await?;
+                let (is_tenant, id) = subject_id(&store, &who).await?;
+                if weight.is_some() && !is_tenant {
+                    bail!("--weight is a tenant's share; a key has none");
+                }
+                if weight.is_some_and(|w| w < 1) {
+                    bail!("--weight must be at least 1");
+                }
                 let q = Quota {
                     requests_per_minute,
                     tokens_per_minute,
@@ -281,13 +318,54 @@ pub fn run(a: AdminArgs) -> Result<()> {
                     concurrent_requests,
                     max_context,
                     models,
+                    weight,
                 };
-                store.set_quota(&id, &q).await?;
-                eprintln!("quota of {tenant} set");
+                let subject = if is_tenant {
+                    Subject::Tenant(&id)
+                } else {
+                    Subject::Key(&id)
+                };
+                store.set_quota(subject, &q).await?;
+                eprintln!("quota of {id} set");
             }
-            AdminCommand::Quota(QuotaCommand::Show { tenant }) => {
-                let id = tenant_id(&store, &tenant).await?;
-                println!("{:#?}", store.quota(&id).await?);
+            AdminCommand::Quota(QuotaCommand::Show { who }) => {
+                let (is_tenant, id) = subject_id(&store, &who).await?;
+                let subject = if is_tenant {
+                    Subject::Tenant(&id)
+                } else {
+                    Subject::Key(&id)
+                };
+                println!("{:#?}", store.quota(subject).await?);
+            }
+            AdminCommand::Price(PriceCommand::Set {
+                model,
+                input,
+                cached_input,
+                output,
+            }) => {
+                let input = price_arg("input", &input)?;
+                let price = Price {
+                    input,
+                    cached_input: match cached_input {
+                        Some(c) => price_arg("cached-input", &c)?,
+                        None => input,
+                    },
+                    output: price_arg("output", &output)?,
+                };
+                store.set_price(&model, &price).await?;
+                eprintln!("price of {model} set");
+            }
+            AdminCommand::Price(PriceCommand::List) => {
+                println!("model\tinput\tcached_input\toutput (dollars per million tokens)");
+                for (model, p) in store.prices().await? {
+                    let d = |micro: i64| fount_store::dollars(i128::from(micro) * 1_000_000, 6);
+                    println!(
+                        "{model}\t{}\t{}\t{}",
+                        d(p.input),
+                        d(p.cached_input),
+                        d(p.output)
+                    );
+                }
             }
             AdminCommand::Usage(UsageCommand::Export {
                 format,
@@ -307,36 +385,14 @@ pub fn run(a: AdminArgs) -> Result<()> {
                 let records = store.usage(id.as_deref(), from_ms, to_ms).await?;
                 match format.as_str() {
                     "csv" => {
-                        println!("request_id,tenant_id,key_id,model,adapter,prompt_tokens,cached_tokens,completion_tokens,status,latency_ms,created_at_ms");
+                        println!("{}", UsageRecord::CSV_HEADER);
                         for r in records {
-                            println!(
-                                "{},{},{},{},{},{},{},{},{},{},{}",
-                                csv_field(&r.request_id),
-                                csv_field(&r.tenant_id),
-                                csv_field(&r.key_id),
-                                csv_field(&r.model),
-                                csv_field(r.adapter.as_deref().unwrap_or("")),
-                                r.prompt_tokens,
-                                r.cached_tokens,
-                                r.completion_tokens,
-                                r.status,
-                                r.latency_ms,
-                                r.created_at_ms
-                            );
+                            println!("{}", r.csv_row());
                         }
                     }
                     "json" => {
                         for r in records {
-                            println!(
-                                "{}",
-                                serde_json::json!({
-                                    "request_id": r.request_id, "tenant_id": r.tenant_id,
-                                    "key_id": r.key_id, "model": r.model, "adapter": r.adapter,
-                                    "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
-                                    "completion_tokens": r.completion_tokens, "status": r.status,
-                                    "latency_ms": r.latency_ms, "created_at_ms": r.created_at_ms,
-                                })
-                            );
+                            println!("{}", r.to_json());
                         }
                     }
                     other => bail!("unknown --format {other:?} (csv, json)"),
@@ -346,18 +402,4 @@ pub fn run(a: AdminArgs) -> Result<()> {
         store.close().await;
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::day_start_ms;
-
-    #[test]
-    fn days_parse() {
-        assert_eq!(day_start_ms("1970-01-01").ok(), Some(0));
-        assert_eq!(day_start_ms("2026-11-29").ok(), Some(1_795_910_400_000));
-        assert_eq!(day_start_ms("2000-03-01").ok(), Some(951_868_800_000));
-        assert!(day_start_ms("2026-13-01").is_err());
-        assert!(day_start_ms("yesterday").is_err());
-    }
 }

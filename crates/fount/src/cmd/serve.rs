@@ -160,9 +160,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 .await
                 .context("opening the store (--data-dir / --database-url)")?;
             bootstrap_admin(&store).await?;
-            let tenancy = fount_server::tenancy::Tenancy::start(store);
-            state.enable_tenancy(tenancy.clone());
-            Some(tenancy)
+            Some(state.enable_tenancy(store))
         };
         let bound = listener.local_addr()?;
         let adapters = state.engine().adapters().list().len();
