@@ -117,6 +117,25 @@ fn check(w: &Window, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<()
                 format!("{whose} rate limit of {limit} requests per minute reached"),
             ));
         }
+        // quantised as OpenAI's are: a limit of 60 or more a minute also holds per second, at
+        // a sixtieth of it, so a burst cannot spend the whole minute at once
+        if limit >= 60 {
+            let last_second = w
+                .requests
+                .iter()
+                .rev()
+                .take_while(|&&a| a > now - 1000)
+                .count();
+            if last_second as i64 >= limit / 60 {
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "{whose} rate limit of {limit} requests per minute reached ({} a second)",
+                        limit / 60
+                    ),
+                    retry_after: 1,
+                });
+            }
+        }
     }
     if let Some(limit) = q.tokens_per_minute {
         let used: i64 = w.tokens.iter().map(|(_, n)| n).sum();
