@@ -128,11 +128,11 @@ extern "C" {
     fn atexit(f: extern "C" fn()) -> i32;
 }
 
-/// A fresh database in the cluster.
+/// The URL of a fresh database in the cluster.
 ///
 /// # Panics
 /// When PostgreSQL is missing or does not start: this is test support.
-pub async fn postgres_store(name: &str) -> Store {
+pub fn postgres_url(name: &str) -> String {
     let pg = postgres();
     let db = format!("t_{name}_{}", rand_suffix());
     let mut c = pg.pg("createdb");
@@ -146,7 +146,15 @@ pub async fn postgres_store(name: &str) -> Store {
         &db,
     ]);
     run(c, "createdb");
-    Store::connect(&format!("postgres://fount@127.0.0.1:{}/{db}", pg.port))
+    format!("postgres://fount@127.0.0.1:{}/{db}", pg.port)
+}
+
+/// A fresh database in the cluster.
+///
+/// # Panics
+/// When PostgreSQL is missing or does not start: this is test support.
+pub async fn postgres_store(name: &str) -> Store {
+    Store::connect(&postgres_url(name))
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }

@@ -25,15 +25,16 @@ impl Drop for Server {
 impl Server {
     /// Starts `fount serve` again on a store that already has `key`.
     fn start_with_key(model: &Path, extra: &[&str], key: &str) -> Server {
-        Server::launch(model, extra, Some(key))
+        Server::launch(model, extra, Some(key), "info")
     }
 
     /// Starts `fount serve` on a free port and waits until it listens.
     fn start(model: &Path, extra: &[&str]) -> Server {
-        Server::launch(model, extra, None)
+        Server::launch(model, extra, None, "info")
     }
 
-    fn launch(model: &Path, extra: &[&str], known_key: Option<&str>) -> Server {
+    /// Starts `fount serve` with `FOUNT_LOG=log`.
+    fn launch(model: &Path, extra: &[&str], known_key: Option<&str>, log: &str) -> Server {
         let data = model.with_extension("data");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
             .args(["serve", "--model"])
@@ -50,7 +51,7 @@ impl Server {
             ])
             .args(extra)
             .env("FOUNT_THREADS", "1")
-            .env("FOUNT_LOG", "info")
+            .env("FOUNT_LOG", log)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -298,69 +299,110 @@ fn schema_fuzzing_finds_no_server_error_and_no_undocumented_response() {
 
 #[test]
 fn a_killed_server_keeps_exactly_one_record_per_completed_request() {
-    let (model, _) = model_with_adapter("crash");
-    let mut server = Server::start(&model, &[]);
-    let ids_file = model.with_extension("ids");
-    let mut load = Command::new("python3")
-        .arg(python_script("crash_load.py"))
-        .args(["--base-url", &format!("{}/v1", server.url())])
-        .args(["--api-key", &server.key])
-        .arg("--out")
-        .arg(&ids_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("python3: {e}"));
-    // let a few hundred requests complete, then kill -9 under load
-    let start = Instant::now();
-    while std::fs::read_to_string(&ids_file).map_or(0, |s| s.lines().count()) < 200 {
+    // on SQLite, then on PostgreSQL
+    let postgres = fount_store::testing::postgres_url("crash");
+    for (name, url) in [("crash", None), ("crash-pg", Some(postgres.as_str()))] {
+        let (model, _) = model_with_adapter(name);
+        let store_args: Vec<&str> = url.map(|u| vec!["--database-url", u]).unwrap_or_default();
+        let mut server = Server::start(&model, &store_args);
+        let ids_file = model.with_extension("ids");
+        let mut load = Command::new("python3")
+            .arg(python_script("crash_load.py"))
+            .args(["--base-url", &format!("{}/v1", server.url())])
+            .args(["--api-key", &server.key])
+            .arg("--out")
+            .arg(&ids_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("python3: {e}"));
+        // let a few hundred requests complete, then kill -9 under load
+        let start = Instant::now();
+        while std::fs::read_to_string(&ids_file).map_or(0, |s| s.lines().count()) < 200 {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the load did not get going"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = server.child.kill();
+        let _ = server.child.wait();
+        let _ = load.wait();
+        let completed: Vec<String> = std::fs::read_to_string(&ids_file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        // the store opens cleanly after the kill and holds every completed request once
+        let data = model.with_extension("data");
+        let out = Command::new(env!("CARGO_BIN_EXE_fount"))
+            .args(["admin", "usage", "export", "--format", "json", "--data-dir"])
+            .arg(&data)
+            .args(&store_args)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the load did not get going"
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        std::thread::sleep(Duration::from_millis(20));
+        let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let mut ids: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r["request_id"].as_str())
+            .collect();
+        ids.sort();
+        let unique = ids.len();
+        ids.dedup();
+        assert_eq!(unique, ids.len(), "{name}: a request recorded twice");
+        for id in &completed {
+            assert!(
+                ids.binary_search(&id.as_str()).is_ok(),
+                "{name}: {id} completed but has no record ({} completed, {} records)",
+                completed.len(),
+                ids.len()
+            );
+        }
+        // and the server starts again on it
+        let again = Server::start_with_key(&model, &store_args, &server.key);
+        drop(again);
     }
-    let _ = server.child.kill();
-    let _ = server.child.wait();
-    let _ = load.wait();
-    let completed: Vec<String> = std::fs::read_to_string(&ids_file)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    // the store opens cleanly after the kill and holds every completed request once
-    let data = model.with_extension("data");
-    let out = Command::new(env!("CARGO_BIN_EXE_fount"))
-        .args(["admin", "usage", "export", "--format", "json", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn no_key_ever_appears_in_the_logs() {
+    let (model, _) = model_with_adapter("logs");
+    // the most verbose logging there is, every crate included
+    let server = Server::launch(&model, &[], None, "trace");
+    let out = python(&[
+        python_script("key_logs.py").to_str().unwrap_or_default(),
+        "--base-url",
+        &server.url(),
+        "--admin-key",
+        &server.key,
+    ]);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = server.log();
+    let secrets: Vec<&str> = out.lines().filter(|l| l.starts_with("fk-")).collect();
+    assert_eq!(secrets.len(), 2, "{out}");
+    assert!(log.lines().count() > 20, "trace logging is on:\n{log}");
+    for secret in secrets {
+        // the secret part after the public prefix
+        let tail = &secret[12..];
+        assert!(!log.contains(tail), "a key in the logs:\n{log}");
+    }
+    // the bootstrap admin key is printed once, on its own line, and never logged
+    let tail = &server.key[12..];
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(tail)).collect();
+    assert_eq!(
+        lines,
+        [format!(
+            "admin API key (shown once; store it now): {}",
+            server.key
+        )],
+        "{log}"
     );
-    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
-    let mut ids: Vec<&str> = records
-        .iter()
-        .filter_map(|r| r["request_id"].as_str())
-        .collect();
-    ids.sort();
-    let unique = ids.len();
-    ids.dedup();
-    assert_eq!(unique, ids.len(), "a request recorded twice");
-    for id in &completed {
-        assert!(
-            ids.binary_search(&id.as_str()).is_ok(),
-            "{id} completed but has no record ({} completed, {} records)",
-            completed.len(),
-            ids.len()
-        );
-    }
-    // and the server starts again on it
-    let again = Server::start_with_key(&model, &[], &server.key);
-    drop(again);
 }
