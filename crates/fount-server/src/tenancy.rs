@@ -42,13 +42,67 @@ type RecordHook = Box<dyn Fn(&UsageRecord) + Send + Sync>;
 /// tell.
 type Pending = (Option<UsageRecord>, Option<oneshot::Sender<()>>);
 
+/// Requests and tokens charged over the last minute, by second: constant memory and work
+/// per request at any rate.
+#[derive(Debug, Default)]
+struct Minute {
+    /// `(second, requests, tokens)`, oldest first; at most 60.
+    seconds: VecDeque<(i64, i64, i64)>,
+    requests: i64,
+    tokens: i64,
+}
+
+impl Minute {
+    /// Drops the seconds that left the minute ending at `now` (ms).
+    fn expire(&mut self, now: i64) {
+        let second = now.div_euclid(1000);
+        while let Some(&(s, r, t)) = self.seconds.front() {
+            if s > second - 60 {
+                break;
+            }
+            self.seconds.pop_front();
+            self.requests -= r;
+            self.tokens -= t;
+        }
+    }
+
+    fn charge(&mut self, now: i64, tokens: i64) {
+        let second = now.div_euclid(1000);
+        match self.seconds.back_mut() {
+            Some(b) if b.0 == second => {
+                b.1 += 1;
+                b.2 += tokens;
+            }
+            _ => self.seconds.push_back((second, 1, tokens)),
+        }
+        self.requests += 1;
+        self.tokens += tokens;
+    }
+
+    /// Requests charged in the second of `now`.
+    fn this_second(&self, now: i64) -> i64 {
+        match self.seconds.back() {
+            Some(&(s, r, _)) if s == now.div_euclid(1000) => r,
+            _ => 0,
+        }
+    }
+
+    /// Seconds until the oldest charge leaves the minute (at least 1).
+    fn retry_after(&self, now: i64) -> u64 {
+        let free_at = self
+            .seconds
+            .front()
+            .map_or(now, |&(s, _, _)| (s + 60) * 1000);
+        u64::try_from((free_at - now + 999) / 1000)
+            .unwrap_or(1)
+            .max(1)
+    }
+}
+
 /// Sliding-window counters and budget of one tenant or key.
 #[derive(Debug, Default)]
 struct Window {
-    /// Arrival times (ms) of the requests of the last minute.
-    requests: VecDeque<i64>,
-    /// (time ms, tokens) charged in the last minute.
-    tokens: VecDeque<(i64, i64)>,
+    minute: Minute,
     in_flight: i64,
     /// `(day, tokens used, tokens reserved)`.
     day: Option<(String, i64, i64)>,
@@ -103,57 +157,42 @@ fn window_key(who: Subject<'_>) -> String {
 
 /// A refusal by one window.
 fn check(w: &Window, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<(), ApiError> {
-    let limited = |oldest: Option<i64>, message: String| {
-        let secs = oldest.map_or(1, |a| ((a + 60_000 - now) / 1000).max(1));
-        ApiError::RateLimited {
-            message,
-            retry_after: u64::try_from(secs).unwrap_or(1),
-        }
+    let limited = |message: String| ApiError::RateLimited {
+        message,
+        retry_after: w.minute.retry_after(now),
     };
     if let Some(limit) = q.requests_per_minute {
-        if w.requests.len() as i64 >= limit {
-            return Err(limited(
-                w.requests.front().copied(),
-                format!("{whose} rate limit of {limit} requests per minute reached"),
-            ));
+        if w.minute.requests >= limit {
+            return Err(limited(format!(
+                "{whose} rate limit of {limit} requests per minute reached"
+            )));
         }
         // quantised as OpenAI's are: a limit of 60 or more a minute also holds per second, at
         // a sixtieth of it, so a burst cannot spend the whole minute at once
-        if limit >= 60 {
-            let last_second = w
-                .requests
-                .iter()
-                .rev()
-                .take_while(|&&a| a > now - 1000)
-                .count();
-            if last_second as i64 >= limit / 60 {
-                return Err(ApiError::RateLimited {
-                    message: format!(
-                        "{whose} rate limit of {limit} requests per minute reached ({} a second)",
-                        limit / 60
-                    ),
-                    retry_after: 1,
-                });
-            }
+        if limit >= 60 && w.minute.this_second(now) >= limit / 60 {
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "{whose} rate limit of {limit} requests per minute reached ({} a second)",
+                    limit / 60
+                ),
+                retry_after: 1,
+            });
         }
     }
     if let Some(limit) = q.tokens_per_minute {
-        let used: i64 = w.tokens.iter().map(|(_, n)| n).sum();
+        let used = w.minute.tokens;
         if used + tokens > limit {
-            return Err(limited(
-                w.tokens.front().map(|(a, _)| *a),
-                format!(
-                    "{whose} rate limit of {limit} tokens per minute reached ({used} charged, {tokens} asked for)"
-                ),
-            ));
+            return Err(limited(format!(
+                "{whose} rate limit of {limit} tokens per minute reached ({used} charged, {tokens} asked for)"
+            )));
         }
     }
     if let Some(limit) = q.concurrent_requests {
         if w.in_flight >= limit {
-            return Err(limited(
-                None,
-                format!("{whose} limit of {limit} concurrent requests reached"),
-            ));
+            return Err(ApiError::RateLimited {
+                message: format!("{whose} limit of {limit} concurrent requests reached"),
+                retry_after: 1,
+            });
         }
     }
     for (what, limit, budget) in [
@@ -378,18 +417,12 @@ impl Tenancy {
         // check both before charging either
         for ((key, q), whose) in keys.iter().zip(&quotas).zip(["tenant's", "key's"]) {
             let w = windows.entry(key.clone()).or_default();
-            while w.requests.front().is_some_and(|&a| a <= now - 60_000) {
-                w.requests.pop_front();
-            }
-            while w.tokens.front().is_some_and(|&(a, _)| a <= now - 60_000) {
-                w.tokens.pop_front();
-            }
+            w.minute.expire(now);
             check(w, q, now, tokens, whose)?;
         }
         for key in &keys {
             let w = windows.entry(key.clone()).or_default();
-            w.requests.push_back(now);
-            w.tokens.push_back((now, tokens));
+            w.minute.charge(now, tokens);
             w.in_flight += 1;
             if let Some(d) = w.day.as_mut() {
                 d.2 += tokens;

@@ -222,6 +222,54 @@ fn key_info(r: &AnyRow) -> Result<KeyInfo> {
     })
 }
 
+/// Usage records per `INSERT` statement.
+const USAGE_ROWS: usize = 64;
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// The `INSERT` of `rows` usage records (up to [`USAGE_ROWS`]); a request id already recorded
+/// is skipped.
+fn usage_sql(rows: usize) -> String {
+    const COLUMNS: usize = 12;
+    let mut sql = String::from(
+        "INSERT INTO usage_records (request_id, tenant_id, key_id, model, adapter, prompt_tokens, \
+             cached_tokens, completion_tokens, status, latency_ms, created_at_ms, \
+             cost_picodollars) VALUES ",
+    );
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for col in 0..COLUMNS {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * COLUMNS + col + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (request_id) DO NOTHING");
+    sql
+}
+
+/// Binds `records` to the query of [`usage_sql`].
+fn bind_usage<'q>(mut q: AnyQuery<'q>, records: &'q [UsageRecord]) -> AnyQuery<'q> {
+    for r in records {
+        q = q
+            .bind(&r.request_id)
+            .bind(&r.tenant_id)
+            .bind(&r.key_id)
+            .bind(&r.model)
+            .bind(&r.adapter)
+            .bind(r.prompt_tokens)
+            .bind(r.cached_tokens)
+            .bind(r.completion_tokens)
+            .bind(r.status)
+            .bind(r.latency_ms)
+            .bind(r.created_at_ms)
+            .bind(r.cost_picodollars);
+    }
+    q
+}
+
 fn tenant(r: &AnyRow) -> Result<Tenant> {
     Ok(Tenant {
         id: r.try_get("id")?,
@@ -266,6 +314,12 @@ impl Store {
             opts = opts.after_connect(|conn, _| {
                 Box::pin(async move {
                     sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    // a commit survives a killed process without an fsync of its own (the WAL
+                    // is synced at checkpoints); a power cut may lose the last commits, so a
+                    // deployment that must survive one runs on PostgreSQL
+                    sqlx::query("PRAGMA synchronous = NORMAL")
                         .execute(&mut *conn)
                         .await?;
                     sqlx::query("PRAGMA busy_timeout = 10000")
@@ -611,31 +665,21 @@ impl Store {
     /// Writes usage records in one transaction; a request id already recorded is skipped, so
     /// writing a batch again never duplicates a record. Returns the records written now.
     pub async fn record_usage(&self, records: &[UsageRecord]) -> Result<u64> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        if records.len() <= USAGE_ROWS {
+            // one statement is its own transaction: one round trip to the database
+            let sql = usage_sql(records.len());
+            let q = bind_usage(sqlx::query(&sql), records);
+            return Ok(q.execute(&self.pool).await?.rows_affected());
+        }
         let mut tx = self.pool.begin().await?;
         let mut written = 0;
-        for r in records {
-            let done = sqlx::query(
-                "INSERT INTO usage_records (request_id, tenant_id, key_id, model, adapter, prompt_tokens, \
-                     cached_tokens, completion_tokens, status, latency_ms, created_at_ms, \
-                     cost_picodollars) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (request_id) DO NOTHING",
-            )
-            .bind(&r.request_id)
-            .bind(&r.tenant_id)
-            .bind(&r.key_id)
-            .bind(&r.model)
-            .bind(&r.adapter)
-            .bind(r.prompt_tokens)
-            .bind(r.cached_tokens)
-            .bind(r.completion_tokens)
-            .bind(r.status)
-            .bind(r.latency_ms)
-            .bind(r.created_at_ms)
-            .bind(r.cost_picodollars)
-            .execute(&mut *tx)
-            .await?;
-            written += done.rows_affected();
+        for chunk in records.chunks(USAGE_ROWS) {
+            let sql = usage_sql(chunk.len());
+            let q = bind_usage(sqlx::query(&sql), chunk);
+            written += q.execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
         Ok(written)

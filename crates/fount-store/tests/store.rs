@@ -180,10 +180,38 @@ async fn usage_is_recorded_once_and_summed_by_day() {
         assert_eq!(s.record_usage(&batch).await.unwrap(), 4);
         // the same batch again (a retried write) adds nothing
         assert_eq!(s.record_usage(&batch).await.unwrap(), 0);
+        // nor does a record twice in one batch; a batch larger than one statement is one
+        // transaction of several
+        let big: Vec<UsageRecord> = (0..150)
+            .map(|i| {
+                record(
+                    &format!("big{}", i % 100),
+                    "ten_c",
+                    "tiny",
+                    base + 10 + i,
+                    1,
+                )
+            })
+            .collect();
+        assert_eq!(s.record_usage(&big).await.unwrap(), 100);
+        let small = [
+            batch[0].clone(),
+            record("r5", "ten_c", "tiny", base + 9, 1),
+            batch[0].clone(),
+        ];
+        assert_eq!(s.record_usage(&small).await.unwrap(), 1);
+        assert_eq!(s.record_usage(&[]).await.unwrap(), 0);
+        assert_eq!(
+            s.usage(Some("ten_c"), 0, i64::MAX).await.unwrap().len(),
+            101
+        );
         let a = s.usage(Some("ten_a"), base, base + 2 * DAY).await.unwrap();
         assert_eq!(a.len(), 3);
         assert_eq!(a[0], batch[0]);
-        assert_eq!(s.usage(None, base, base + 2 * DAY).await.unwrap().len(), 4);
+        assert_eq!(
+            s.usage(None, base, base + 2 * DAY).await.unwrap().len(),
+            4 + 101
+        );
         assert_eq!(
             s.usage(None, base + 2, base + 3).await.unwrap().len(),
             1,
@@ -218,7 +246,7 @@ async fn usage_is_recorded_once_and_summed_by_day() {
             .unwrap();
         assert_eq!(used, 10 + 5 + 10 + 7);
         let used = s.tokens_used_since(Subject::Key("key_x"), 0).await.unwrap();
-        assert_eq!(used, 4 * 10 + 3 + 5 + 7 + 11);
+        assert_eq!(used, 4 * 10 + 3 + 5 + 7 + 11 + 101 * 11);
         let none = s.tokens_used_since(Subject::Key("key_y"), 0).await.unwrap();
         assert_eq!(none, 0);
     }

@@ -23,6 +23,8 @@ pub enum BenchCommand {
     Engine(super::bench_engine::EngineBench),
     /// `fount serve` against the engine called in-process (HTTP overhead).
     Serve(super::bench_serve::ServeBench),
+    /// API keys, quotas and metering on against off, and the HTTP layer over a minimal model.
+    Tenancy(super::bench_tenancy::TenancyBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -62,6 +64,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Data(a) => super::bench_data::bench_data(a, threads),
         BenchCommand::Engine(a) => super::bench_engine::bench_engine(a, threads),
         BenchCommand::Serve(a) => super::bench_serve::bench_serve(a, threads),
+        BenchCommand::Tenancy(a) => super::bench_tenancy::bench_tenancy(a, threads),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_data;
 pub mod bench_engine;
 pub mod bench_serve;
+pub mod bench_tenancy;
 pub mod data;
 pub mod generate;
 pub mod model;
