@@ -1,0 +1,80 @@
+//! Losses: next-token cross-entropy over a packed batch, and the MoE load-balancing loss.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{Error, Result};
+
+/// Mean cross-entropy of `logits` `(N, vocab)` against `targets` (one per row), counting only
+/// rows whose `mask` is true: the loss of a packed batch where each sequence's last token, and
+/// any token not trained on, predicts nothing. Returns the loss and the rows counted.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32], mask: &[bool]) -> Result<(Tensor, usize)> {
+    let (n, vocab) = logits.dims2()?;
+    if targets.len() != n || mask.len() != n {
+        return Err(Error::Invalid(format!(
+            "{n} rows of logits, {} targets, {} mask entries",
+            targets.len(),
+            mask.len()
+        )));
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Invalid(format!(
+            "target {t} outside a vocabulary of {vocab}"
+        )));
+    }
+    let counted = mask.iter().filter(|&&m| m).count();
+    if counted == 0 {
+        return Err(Error::Invalid("no token in the batch is trained on".into()));
+    }
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let weights: Vec<f32> = mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+    let w = Tensor::from_vec(weights, n, logits.device())?;
+    let loss = (picked.mul(&w)?.sum_all()?.neg()? / counted as f64)?;
+    Ok((loss, counted))
+}
+
+/// The load-balancing auxiliary loss of Switch Transformers as HF transformers'
+/// `load_balancing_loss_func` computes it (without an attention mask): over the router logits of
+/// every layer, concatenated, `experts · Σₑ fₑ · Pₑ`, where `fₑ` is the fraction of (token, top-k
+/// slot) pairs routed to expert `e` and `Pₑ` the mean router probability of `e`. Gradients flow
+/// through `Pₑ` only. Also returns each expert's share of the routed slots.
+pub fn load_balancing_loss(
+    router_logits: &[Tensor],
+    experts: usize,
+    top_k: usize,
+) -> Result<(Tensor, Vec<f64>)> {
+    if router_logits.is_empty() {
+        return Err(Error::Invalid("no router logits (not an MoE model)".into()));
+    }
+    if top_k == 0 || top_k > experts {
+        return Err(Error::Invalid(format!("top-{top_k} of {experts} experts")));
+    }
+    let all = Tensor::cat(router_logits, 0)?.to_dtype(DType::F32)?;
+    let (rows, e) = all.dims2()?;
+    if e != experts {
+        return Err(Error::Invalid(format!(
+            "router logits for {e} experts, expected {experts}"
+        )));
+    }
+    // the composed softmax: candle's fused `softmax_last_dim` has no backward pass
+    let probs = candle_nn::ops::softmax(&all, D::Minus1)?;
+    // fₑ: counted on the host; no gradient flows through the choice
+    let host = probs.to_vec2::<f32>()?;
+    let mut routed = vec![0f64; experts];
+    for row in &host {
+        let mut order: Vec<usize> = (0..experts).collect();
+        // torch.topk: largest first, ties to the lower index
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &x in &order[..top_k] {
+            routed[x] += 1.0;
+        }
+    }
+    // mean over (rows, k) of the one-hot masks, summed over k: each slot counts 1 / rows
+    let f: Vec<f32> = routed.iter().map(|&c| (c / rows as f64) as f32).collect();
+    let share: Vec<f64> = routed.iter().map(|&c| c / (rows * top_k) as f64).collect();
+    let f = Tensor::from_vec(f, experts, all.device())?;
+    let p = probs.mean(0)?;
+    let loss = (f.mul(&p)?.sum_all()? * experts as f64)?;
+    Ok((loss, share))
+}

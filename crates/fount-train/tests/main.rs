@@ -1,0 +1,5 @@
+//! Integration tests of fount-train.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+/// Loss, gradients and one AdamW step against PyTorch's, on the fixture models.
+mod grads;
