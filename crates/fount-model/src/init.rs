@@ -239,6 +239,10 @@ pub struct InitOptions {
     pub dtype: DType,
     /// Standard deviation of the weights (`initializer_range`).
     pub std: f32,
+    /// A `tokenizer.json` to use (the one `fount data` trained on the corpus) instead of training
+    /// a small one; the vocabulary grows to its size, rounded up to a multiple of 64, and it must
+    /// hold the family's special tokens.
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl Default for InitOptions {
@@ -247,6 +251,7 @@ impl Default for InitOptions {
             seed: 0,
             dtype: DType::F32,
             std: 0.02,
+            tokenizer: None,
         }
     }
 }
@@ -349,12 +354,29 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
     let fam = family(arch);
 
     // Tokenizer first: its special-token ids go into the configs.
-    let tok = train_bpe(
-        &[TOKENIZER_TEXT],
-        shape.vocab_size.min(8192),
-        fam.specials,
-        fam.bos,
-    )?;
+    let mut shape = shape.clone();
+    let tok = match &opts.tokenizer {
+        Some(path) => {
+            let tok = tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+            if let Some(missing) = fam.specials.iter().find(|t| tok.token_to_id(t).is_none()) {
+                return Err(Error::Tokenizer(format!(
+                    "{} has no {missing} token, which a {} model needs",
+                    path.display(),
+                    arch.hf_names().1
+                )));
+            }
+            shape.vocab_size = tok.get_vocab_size(true).div_ceil(64) * 64;
+            tok
+        }
+        None => train_bpe(
+            &[TOKENIZER_TEXT],
+            shape.vocab_size.min(8192),
+            fam.specials,
+            fam.bos,
+        )?,
+    };
+    let shape = &shape;
     if tok.get_vocab_size(true) > shape.vocab_size {
         return Err(Error::Tokenizer(format!(
             "tokenizer has {} entries but the model only {}",

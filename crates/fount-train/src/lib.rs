@@ -5,11 +5,18 @@
 //!   transformers computes it.
 //! - [`optim`]: AdamW with f32 moments and decoupled weight decay (operation for operation as
 //!   `torch.optim.AdamW`), clipping by global norm, warmup and cosine decay.
+//! - [`train`]: the pretraining loop over token shards ([`TrainConfig`]), with validation, a
+//!   JSONL metrics log, and crash-consistent [`checkpoint`]s that resume bit for bit.
 
+pub mod checkpoint;
+pub mod config;
 pub mod error;
 pub mod loss;
 pub mod optim;
 mod params;
+pub mod run;
 
+pub use config::TrainConfig;
 pub use error::{Error, Result};
 pub use params::Params;
+pub use run::{train, Collective, Observer, Outcome, Quiet, Single, StepMetrics};

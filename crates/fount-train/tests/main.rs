@@ -3,3 +3,6 @@
 
 /// Loss, gradients and one AdamW step against PyTorch's, on the fixture models.
 mod grads;
+/// Pretraining runs: learning, exact resumption, refusals.
+mod train;
+mod util;

@@ -37,6 +37,10 @@ pub struct InitArgs {
     /// Overwrite an existing model in --out.
     #[arg(long)]
     pub force: bool,
+    /// Use this `tokenizer.json` (e.g. the one `fount data` wrote) instead of training a small
+    /// one; the vocabulary grows to fit it.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -58,6 +62,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let opts = InitOptions {
                 seed: a.seed,
                 dtype: super::parse_dtype(&a.dtype)?,
+                tokenizer: a.tokenizer.clone(),
                 ..Default::default()
             };
             init_model(a.arch, &shape, &opts, &a.out)

@@ -1,0 +1,241 @@
+//! Checkpoints: the model in Hugging Face format, the optimizer's moments, the step and the data
+//! position, written so that a kill at any moment never leaves a checkpoint that loads.
+//!
+//! A checkpoint is written into `step-NNNNNNNN.partial/`, every file synced, then the marker
+//! `COMPLETE` is written and synced last, and the directory is renamed to `step-NNNNNNNN/` (and
+//! the parent synced). Only directories with the marker are ever loaded; a `.partial` one left by a
+//! kill is removed by the next save.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::optim::{AdamW, AdamWConfig, Moments};
+use crate::params::Params;
+
+/// The marker written last.
+pub const COMPLETE: &str = "COMPLETE";
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The training data position after `step` steps.
+    pub sampler: fount_data::shard::SamplerState,
+    /// Processes the run was split over.
+    pub world: usize,
+    /// Sequences per forward pass, per process.
+    pub micro_batch: usize,
+    /// Micro-batches per step.
+    pub accumulation: usize,
+}
+
+/// The files of a model directory other than its weights, copied into every checkpoint.
+fn model_side_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in fs_err::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if p.is_file() && !name.ends_with(".safetensors") && name != "model.safetensors.index.json"
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    fs_err::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    // directories are synced through a read handle on Unix
+    fs_err::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Writes the model (`params`, with the side files of `source`) as a Hugging Face model
+/// directory at `dir`.
+pub fn write_model(params: &Params, source: &Path, dir: &Path) -> Result<()> {
+    fs_err::create_dir_all(dir)?;
+    for f in model_side_files(source)? {
+        if let Some(name) = f.file_name() {
+            fs_err::copy(&f, dir.join(name))?;
+        }
+    }
+    params.save(&dir.join("model.safetensors"))
+}
+
+/// The checkpoint directory of `step` under `root`.
+pub fn dir_of(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:08}"))
+}
+
+/// Saves a checkpoint under `root` and keeps the newest `keep` complete ones.
+pub fn save(
+    root: &Path,
+    params: &Params,
+    model_source: &Path,
+    opt: &AdamW,
+    state: &State,
+    keep: usize,
+) -> Result<PathBuf> {
+    fs_err::create_dir_all(root)?;
+    // leftovers of a save that was killed
+    for e in fs_err::read_dir(root)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "partial") {
+            fs_err::remove_dir_all(&p)?;
+        }
+    }
+    let final_dir = dir_of(root, state.step);
+    let tmp = final_dir.with_extension("partial");
+    write_model(params, model_source, &tmp.join("model"))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, mo) in &opt.state {
+        let n = mo.m.len();
+        tensors.insert(
+            format!("m.{name}"),
+            Tensor::from_slice(&mo.m, n, &Device::Cpu)?,
+        );
+        tensors.insert(
+            format!("v.{name}"),
+            Tensor::from_slice(&mo.v, n, &Device::Cpu)?,
+        );
+    }
+    let opt_path = tmp.join("optimizer.safetensors");
+    candle_core::safetensors::save(&tensors, &opt_path).map_err(|e| Error::Format {
+        path: opt_path.clone(),
+        message: e.to_string(),
+    })?;
+    let meta = serde_json::json!({
+        "state": state,
+        "optimizer_step": opt.step,
+        "adamw": opt.config(),
+    });
+    fs_err::write(
+        tmp.join("state.json"),
+        serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+    )?;
+    for e in fs_err::read_dir(tmp.join("model"))? {
+        sync_file(&e?.path())?;
+    }
+    sync_file(&opt_path)?;
+    sync_file(&tmp.join("state.json"))?;
+    sync_dir(&tmp.join("model"))?;
+    fs_err::write(tmp.join(COMPLETE), b"complete\n")?;
+    sync_file(&tmp.join(COMPLETE))?;
+    sync_dir(&tmp)?;
+    if final_dir.exists() {
+        // the same step saved again (a signal right after a periodic save): keep the first
+        fs_err::remove_dir_all(&tmp)?;
+    } else {
+        fs_err::rename(&tmp, &final_dir)?;
+    }
+    sync_dir(root)?;
+    let mut complete = list(root)?;
+    while complete.len() > keep {
+        let (_, oldest) = complete.remove(0);
+        fs_err::remove_dir_all(oldest)?;
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints under `root`, oldest first.
+pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    if !root.exists() {
+        return Ok(out);
+    }
+    for e in fs_err::read_dir(root)? {
+        let p = e?.path();
+        let step = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step {
+            if p.join(COMPLETE).is_file() {
+                out.push((step, p));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Step, data position, layout.
+    pub state: State,
+    /// The optimizer, moments restored.
+    pub optimizer: AdamW,
+}
+
+/// Loads the optimizer and state of the checkpoint at `dir` for `params` (the model itself is
+/// loaded from `dir/model` by the caller).
+pub fn load(dir: &Path, params: &Params, cfg: AdamWConfig) -> Result<Loaded> {
+    let corrupt = |message: String| Error::Format {
+        path: dir.to_path_buf(),
+        message,
+    };
+    if !dir.join(COMPLETE).is_file() {
+        return Err(corrupt(
+            "not a complete checkpoint (no COMPLETE marker)".into(),
+        ));
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&fs_err::read(dir.join("state.json"))?)
+        .map_err(|e| corrupt(format!("state.json: {e}")))?;
+    let state: State = serde_json::from_value(meta["state"].clone())
+        .map_err(|e| corrupt(format!("state.json: {e}")))?;
+    let opt_step = meta["optimizer_step"]
+        .as_u64()
+        .ok_or_else(|| corrupt("state.json: no optimizer_step".into()))?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let tensors =
+        candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| Error::Format {
+            path: opt_path.clone(),
+            message: e.to_string(),
+        })?;
+    let mut state_by_name = Vec::new();
+    for (name, var) in params.iter() {
+        let get = |k: String| -> Result<Vec<f32>> {
+            let t = tensors
+                .get(&k)
+                .ok_or_else(|| corrupt(format!("optimizer.safetensors has no {k}")))?;
+            let v = t.to_vec1::<f32>()?;
+            if v.len() != var.elem_count() {
+                return Err(corrupt(format!(
+                    "{k} holds {} values, the parameter {}",
+                    v.len(),
+                    var.elem_count()
+                )));
+            }
+            Ok(v)
+        };
+        state_by_name.push((
+            name.to_string(),
+            Moments {
+                m: get(format!("m.{name}"))?,
+                v: get(format!("v.{name}"))?,
+            },
+        ));
+    }
+    let mut optimizer = AdamW::new(cfg, &[]);
+    optimizer.state = state_by_name;
+    optimizer.step = opt_step;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        state,
+        optimizer,
+    })
+}
