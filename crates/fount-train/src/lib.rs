@@ -14,6 +14,7 @@ pub mod error;
 pub mod loss;
 pub mod optim;
 mod params;
+pub mod plot;
 pub mod run;
 
 pub use config::TrainConfig;

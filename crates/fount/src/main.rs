@@ -35,6 +35,8 @@ enum Command {
     Data(cmd::data::DataCommand),
     /// Generate text from a model, streaming it to stdout.
     Generate(cmd::generate::GenerateArgs),
+    /// Pretrain a model (dense or MoE) on token shards.
+    Train(cmd::train::TrainArgs),
     /// Serve the OpenAI-compatible HTTP API over a model and its adapters.
     Serve(cmd::serve::ServeArgs),
     /// Tenants, API keys, quotas and usage.
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         Command::Model(c) => cmd::model::run(c),
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Train(a) => cmd::train::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Admin(a) => cmd::admin::run(a),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),

@@ -10,6 +10,7 @@ pub mod data;
 pub mod generate;
 pub mod model;
 pub mod serve;
+pub mod train;
 
 use anyhow::{bail, Result};
 use candle_core::DType;
