@@ -10,4 +10,7 @@ mod data_cli;
 /// `fount serve` with real clients: the `openai` package, overload, schema fuzzing, SIGTERM.
 mod serve;
 
+/// `fount train`: learning on curated shards, SIGKILL and exact resumption, bad configs.
+mod train_cli;
+
 mod util;

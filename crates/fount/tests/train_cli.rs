@@ -1,0 +1,221 @@
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::fount_ok;
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+    d
+}
+
+/// `fount data synth` → `fount data run` → `fount model init --tokenizer`: shards and a tiny
+/// Qwen2 that speaks their tokenizer.
+fn synth_model(dir: &Path) -> (PathBuf, PathBuf) {
+    fount_ok(&[
+        "data",
+        "synth",
+        "--out",
+        &s(&dir.join("synth")),
+        "--docs",
+        "3000",
+        "--seed",
+        "1",
+    ]);
+    fount_ok(&[
+        "data",
+        "run",
+        "--input",
+        &s(&dir.join("synth/corpus")),
+        "--out",
+        &s(&dir.join("curated")),
+        "--vocab-size",
+        "1024",
+    ]);
+    let model = dir.join("model");
+    fount_ok(&[
+        "model",
+        "init",
+        "--arch",
+        "qwen2",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        &s(&dir.join("curated/tokenizer.json")),
+        "--out",
+        &s(&model),
+    ]);
+    (model, dir.join("curated/shards"))
+}
+
+fn write_config(path: &Path, model: &Path, data: &Path, out: &Path, extra: &str) {
+    let text = format!(
+        "model = {:?}\ndata = {:?}\nout = {:?}\n{extra}",
+        s(model),
+        s(data),
+        s(out)
+    );
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_model_pretrained_on_synth_shards_learns_well_below_the_unigram_entropy() {
+    let d = scratch("learn");
+    let (model, data) = synth_model(&d);
+    let cfg = d.join("run.toml");
+    write_config(
+        &cfg,
+        &model,
+        &data,
+        &d.join("run"),
+        "steps = 200\nseq_len = 64\nmicro_batch = 8\nlr = 3e-3\neval_every = 100\n",
+    );
+    let (_, err) = fount_ok(&["train", "--config", &s(&cfg)]);
+    assert!(err.contains("done: 200 steps"), "{err}");
+    assert!(d.join("run/loss.png").exists() && d.join("run/final/model.safetensors").exists());
+    let unigram = fount_train::run::unigram_entropy(&data, "train").unwrap_or(0.0);
+    let last = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap_or_default();
+    let val = last
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["val_loss"].as_f64())
+        .last()
+        .unwrap_or(f64::NAN);
+    eprintln!("unigram entropy {unigram:.3} nats; validation loss after 200 steps {val:.3}");
+    assert!(
+        val < 0.5 * unigram,
+        "validation loss {val}, unigram entropy {unigram}"
+    );
+    // the trained model generates
+    let (text, _) = fount_ok(&[
+        "generate",
+        "--model",
+        &s(&d.join("run/final")),
+        "--prompt",
+        "The",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(!text.is_empty());
+}
+
+/// Starts `fount train`, kills it with SIGKILL after `after`; whether a checkpoint save was cut.
+fn kill_after(cfg: &Path, resume: bool, after: Duration, ckpts: &Path) -> bool {
+    let mut args = vec!["train".to_string(), "--config".into(), s(cfg)];
+    if resume {
+        args.push("--resume".into());
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
+        .args(&args)
+        .env("FOUNT_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(after);
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::read_dir(ckpts).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|e| e.path().extension().is_some_and(|x| x == "partial"))
+    })
+}
+
+#[test]
+fn a_run_killed_at_any_moment_resumes_to_the_same_weights_bit_for_bit() {
+    let d = scratch("kill");
+    let (model, data) = synth_model(&d);
+    let settings = "steps = 40\nseq_len = 32\nmicro_batch = 4\nlr = 3e-3\neval_every = 20\ncheckpoint_every = 1\nkeep_checkpoints = 2\n";
+    let straight = d.join("straight.toml");
+    write_config(&straight, &model, &data, &d.join("straight"), settings);
+    fount_ok(&["train", "--config", &s(&straight)]);
+
+    let killed = d.join("killed.toml");
+    let out = d.join("killed");
+    write_config(&killed, &model, &data, &out, settings);
+    // kill at growing delays until one kill landed inside a checkpoint save and several
+    // landed elsewhere; every restart resumes from the newest complete checkpoint
+    let (mut kills, mut during_save) = (0, 0);
+    let start = Instant::now();
+    let mut delay = 400;
+    while (kills < 4 || during_save == 0) && start.elapsed() < Duration::from_secs(240) {
+        if during_save == 0 && kills >= 4 {
+            delay = 150 + (kills * 37) % 200;
+        }
+        if kill_after(
+            &killed,
+            kills > 0,
+            Duration::from_millis(delay),
+            &out.join("checkpoints"),
+        ) {
+            during_save += 1;
+        }
+        kills += 1;
+        delay += 150;
+        let done = out.join("final/model.safetensors").exists();
+        if done {
+            // finished before the kill: start over so that the kills keep landing mid-run
+            assert!(
+                during_save > 0 || kills < 30,
+                "no kill landed during a save"
+            );
+            let _ = std::fs::remove_dir_all(&out);
+            delay = 300;
+        }
+    }
+    let saved = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    eprintln!(
+        "{kills} kills, {during_save} during a save; {} steps done before the last resume",
+        saved.lines().count()
+    );
+    assert!(during_save > 0, "{kills} kills, none during a save");
+    // a cut save leaves nothing that loads: resume and finish
+    let (_, err) = fount_ok(&["train", "--config", &s(&killed), "--resume"]);
+    assert!(err.contains("done: 40 steps"), "{err}");
+    let a = std::fs::read(d.join("straight/final/model.safetensors")).unwrap_or_default();
+    let b = std::fs::read(out.join("final/model.safetensors")).unwrap_or_default();
+    assert!(
+        !a.is_empty() && a == b,
+        "after {kills} kills ({during_save} during a save) the weights differ"
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=40).collect::<Vec<_>>(), "each step logged once");
+}
+
+#[test]
+fn train_refuses_bad_configs_with_clear_errors() {
+    let d = scratch("bad");
+    let cfg = d.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "model = \"m\"\ndata = \"d\"\nout = \"o\"\nsteps = 10\nbatch = 4\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let err = crate::util::fount_err(&["train", "--config", &s(&cfg)]);
+    assert!(
+        err.contains("unknown field") && err.contains("batch"),
+        "{err}"
+    );
+    let err = crate::util::fount_err(&["train", "--config", &s(&d.join("missing.toml"))]);
+    assert!(err.contains("missing.toml"), "{err}");
+    std::fs::write(
+        &cfg,
+        "model = \"m\"\ndata = \"d\"\nout = \"o\"\nsteps = 0\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let err = crate::util::fount_err(&["train", "--config", &s(&cfg)]);
+    assert!(err.contains("steps must be at least 1"), "{err}");
+}
