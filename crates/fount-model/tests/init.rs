@@ -53,11 +53,34 @@ fn the_same_seed_writes_the_same_weights() {
         seed: 9,
         dtype: DType::BF16,
         std: 0.02,
+        tokenizer: None,
     };
     init_model(Arch::Qwen2, &shape, &opts, a.path()).unwrap_or_else(|e| panic!("{e}"));
     init_model(Arch::Qwen2, &shape, &opts, b.path()).unwrap_or_else(|e| panic!("{e}"));
     let read = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap_or_default();
     assert_eq!(read(a.path()), read(b.path()));
+
+    // a given tokenizer: the vocabulary follows it; one without the family's tokens is refused
+    let c = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let with = InitOptions {
+        tokenizer: Some(a.path().join("tokenizer.json")),
+        ..InitOptions::default()
+    };
+    let big = fount_model::init::Shape {
+        vocab_size: 100,
+        ..shape.clone()
+    };
+    init_model(Arch::Qwen2, &big, &with, c.path()).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = fount_model::ModelFiles::open(c.path())
+        .and_then(|f| f.config())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.vocab_size % 64, 0);
+    assert!(cfg.vocab_size >= 512, "{}", cfg.vocab_size);
+    let e = init_model(Arch::Llama, &shape, &with, c.path())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("<|begin_of_text|>"), "{e}");
     // bf16 weights load and compute in f32.
     Model::load(a.path(), DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
 }
