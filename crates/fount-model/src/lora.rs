@@ -63,6 +63,16 @@ impl Proj {
         }
     }
 
+    /// PEFT's name of this projection of `layer` in an adapter file, before `.lora_A.weight`
+    /// (`base_model.model.model.layers.3.self_attn.q_proj`).
+    pub fn peft_name(self, layer: usize) -> String {
+        format!(
+            "base_model.model.model.layers.{layer}.{}.{}",
+            self.parent(),
+            self.module()
+        )
+    }
+
     fn parent(self) -> &'static str {
         match self {
             Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
@@ -259,6 +269,8 @@ impl LoraAdapter {
                 }
                 out
             }
+            // PEFT's shorthand for every linear layer but the output head
+            TargetModules::Pattern(p) if p == "all-linear" => Proj::ALL.to_vec(),
             TargetModules::Pattern(p) => {
                 let found: Vec<Proj> = Proj::ALL
                     .iter()
@@ -301,11 +313,7 @@ impl LoraAdapter {
         let mut in_place = data_start % 4 == 0;
         for layer in 0..cfg.num_hidden_layers {
             for &proj in &targets {
-                let base = format!(
-                    "base_model.model.model.layers.{layer}.{}.{}",
-                    proj.parent(),
-                    proj.module()
-                );
+                let base = proj.peft_name(layer);
                 let (inp, out) = proj.dims(cfg);
                 let mut get = |suffix: &str, shape: [usize; 2]| -> Result<Span> {
                     let name = format!("{base}.{suffix}.weight");
@@ -398,6 +406,39 @@ impl LoraAdapter {
         })
     }
 
+    /// An adapter over tensors already made: `A` `(r, in)` and `Bᵀ` `(r, out)` per projection,
+    /// applied as `scale · (x Aᵀ) Bᵀ`. With variables for tensors, a forward pass through the
+    /// adapter records their gradients (LoRA training).
+    pub fn from_tensors(
+        rank: usize,
+        scale: f64,
+        pairs: HashMap<(usize, Proj), (Tensor, Tensor)>,
+    ) -> Result<LoraAdapter> {
+        let mut bytes = 0;
+        for (&(layer, proj), (a, bt)) in &pairs {
+            let (ar, br) = (a.dims2()?.0, bt.dims2()?.0);
+            if ar != rank || br != rank {
+                return Err(cfg_err(
+                    "r",
+                    format!(
+                        "layer {layer} {}: rank {ar}/{br}, expected {rank}",
+                        proj.module()
+                    ),
+                ));
+            }
+            bytes += (a.elem_count() + bt.elem_count()) * a.dtype().size_in_bytes();
+        }
+        Ok(LoraAdapter {
+            rank,
+            scale,
+            host: Vec::new(),
+            pairs: HashMap::new(),
+            tensors: pairs,
+            bytes,
+            dir: PathBuf::new(),
+        })
+    }
+
     /// Memory held by the adapter's weights.
     pub fn size_bytes(&self) -> usize {
         self.bytes
@@ -410,7 +451,7 @@ impl LoraAdapter {
 
     /// Whether the adapter changes `proj` of `layer`.
     pub fn targets(&self, layer: usize, proj: Proj) -> bool {
-        self.pairs.contains_key(&(layer, proj))
+        self.pairs.contains_key(&(layer, proj)) || self.tensors.contains_key(&(layer, proj))
     }
 
     /// `A` and `Bᵀ` of a projection as f32 slices, when the weights are held on the host.

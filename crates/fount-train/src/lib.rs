@@ -7,6 +7,8 @@
 //!   `torch.optim.AdamW`), clipping by global norm, warmup and cosine decay.
 //! - [`train`]: the pretraining loop over token shards ([`TrainConfig`]), with validation, a
 //!   JSONL metrics log, and crash-consistent [`checkpoint`]s that resume bit for bit.
+//! - [`sft`]: LoRA fine-tuning on chat JSONL (assistant tokens only, examples packed, the base
+//!   frozen) writing PEFT adapters.
 
 pub mod checkpoint;
 pub mod config;
@@ -16,6 +18,7 @@ pub mod optim;
 mod params;
 pub mod plot;
 pub mod run;
+pub mod sft;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};

@@ -51,6 +51,11 @@ impl Params {
         Ok((model, Params { vars }))
     }
 
+    /// Parameters over variables already made (an adapter's), in the order given.
+    pub fn from_vars(vars: Vec<(String, Var)>) -> Params {
+        Params { vars }
+    }
+
     /// Every variable with its name.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.vars.iter().map(|(n, v)| (n.as_str(), v))

@@ -37,6 +37,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Pretrain a model (dense or MoE) on token shards.
     Train(cmd::train::TrainArgs),
+    /// Fine-tune a LoRA adapter on chat data; merge one into its base.
+    Finetune(cmd::finetune::FinetuneArgs),
     /// Serve the OpenAI-compatible HTTP API over a model and its adapters.
     Serve(cmd::serve::ServeArgs),
     /// Tenants, API keys, quotas and usage.
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Finetune(a) => cmd::finetune::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Admin(a) => cmd::admin::run(a),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),

@@ -7,6 +7,7 @@ pub mod bench_engine;
 pub mod bench_serve;
 pub mod bench_tenancy;
 pub mod data;
+pub mod finetune;
 pub mod generate;
 pub mod model;
 pub mod serve;

@@ -1,0 +1,110 @@
+//! `fount finetune`: LoRA fine-tuning on chat JSONL into a PEFT adapter, and `fount finetune
+//! merge`.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use fount_train::sft::{finetune, merge, FinetuneConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Arguments of `fount finetune`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct FinetuneArgs {
+    #[command(subcommand)]
+    pub command: Option<FinetuneCommand>,
+    /// The base model directory (it must have a chat template).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// OpenAI chat JSONL: one `{"messages": [...]}` per line.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Where to write the PEFT adapter.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Settings (TOML; every field and its default: docs/training.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Cut examples longer than the maximum length instead of refusing the file.
+    #[arg(long)]
+    pub truncate: bool,
+}
+
+/// `fount finetune …` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FinetuneCommand {
+    /// Folds an adapter into the base model's weights and writes the merged model.
+    Merge {
+        /// The base model directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs `fount finetune`.
+pub fn run(a: FinetuneArgs) -> Result<()> {
+    if let Some(FinetuneCommand::Merge { base, adapter, out }) = a.command {
+        merge(&base, &adapter, &out)
+            .with_context(|| format!("merging {} into {}", adapter.display(), base.display()))?;
+        eprintln!("merged model written to {}", out.display());
+        return Ok(());
+    }
+    let (Some(base), Some(data), Some(out)) = (a.base, a.data, a.out) else {
+        bail!("fount finetune needs --base, --data and --out (or the merge subcommand)");
+    };
+    let mut cfg = match &a.config {
+        Some(p) => {
+            FinetuneConfig::from_file(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => FinetuneConfig::default(),
+    };
+    cfg.truncate |= a.truncate;
+    let stop = Arc::new(AtomicBool::new(false));
+    super::train::stop_on_signals(stop.clone())?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let outcome = finetune(&base, &data, &out, &cfg, &stop, &mut |s| {
+        bar.set_length(s.steps);
+        bar.set_position(s.step);
+        bar.set_message(format!("loss {:.3} lr {:.2e}", s.loss, s.lr));
+    })
+    .with_context(|| format!("fine-tuning {} on {}", base.display(), data.display()))?;
+    bar.finish();
+    let d = &outcome.data;
+    eprintln!(
+        "{} examples ({} truncated, {} assistant tokens), {} held out; {} steps{}",
+        d.examples,
+        d.truncated,
+        d.trained_tokens,
+        outcome.held_out,
+        outcome.steps,
+        if outcome.interrupted {
+            " (stopped by a signal)"
+        } else {
+            ""
+        }
+    );
+    if let (Some((bl, ba)), Some((l, acc))) = (outcome.base_eval, outcome.eval) {
+        eprintln!(
+            "held-out loss {bl:.4} -> {l:.4}, token accuracy {:.1}% -> {:.1}%",
+            ba * 100.0,
+            acc * 100.0
+        );
+    }
+    eprintln!("adapter written to {}", outcome.adapter.display());
+    Ok(())
+}
