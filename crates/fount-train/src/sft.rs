@@ -198,7 +198,8 @@ impl FinetuneConfig {
         if self.lora_dropout != 0.0 {
             return bad("lora_dropout is not supported yet: set it to 0");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) || !(self.epochs > 0.0) {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.lr) || !positive(self.epochs) {
             return bad("lr and epochs must be positive");
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {

@@ -3,6 +3,10 @@
 
 /// Loss, gradients and one AdamW step against PyTorch's, on the fixture models.
 mod grads;
+/// PEFT reading fount's adapters.
+mod peft;
+/// LoRA fine-tuning: learning, merging, refusals.
+mod sft;
 /// Pretraining runs: learning, exact resumption, refusals.
 mod train;
 mod util;

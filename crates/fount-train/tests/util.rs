@@ -16,7 +16,7 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// The tiny Llama (512-token vocabulary, 2 layers, 64 wide) at `dir`.
+/// The tiny model of `arch` (512-token vocabulary, 2 layers, 64 wide) at `dir`.
 pub fn tiny_model(dir: &Path, arch: Arch) -> PathBuf {
     let out = dir.join("model");
     init_model(
@@ -26,6 +26,19 @@ pub fn tiny_model(dir: &Path, arch: Arch) -> PathBuf {
         &out,
     )
     .unwrap();
+    out
+}
+
+/// The tiny model with weights ten times larger: its frozen output head can express confident
+/// predictions, so an adapter alone can fit a task (at the default scale a random head caps the
+/// logits near uniform).
+pub fn tiny_model_wide_init(dir: &Path, arch: Arch) -> PathBuf {
+    let out = dir.join("model");
+    let opts = InitOptions {
+        std: 0.2,
+        ..InitOptions::default()
+    };
+    init_model(arch, &preset(arch, "tiny").unwrap(), &opts, &out).unwrap();
     out
 }
 

@@ -1,0 +1,193 @@
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device};
+use fount_model::{Arch, Batch, Logits, LoraAdapter, LoraBatch, Model, NoCache};
+use fount_train::sft::{finetune, merge, FinetuneConfig, Targets};
+
+use crate::util::{scratch, tiny_model, tiny_model_wide_init};
+
+fn chat_file(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn qa(q: &str, a: &str) -> String {
+    serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        .to_string()
+}
+
+fn quick() -> FinetuneConfig {
+    FinetuneConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Targets::Named("all-linear".into()),
+        lr: 1e-2,
+        epochs: 4.0,
+        tokens_per_step: 256,
+        eval_fraction: 0.2,
+        ..FinetuneConfig::default()
+    }
+}
+
+#[test]
+fn lora_learns_the_assistant_turns_and_merges_into_the_same_model() {
+    let d = scratch("sft");
+    let base = tiny_model_wide_init(&d, Arch::Qwen2);
+    // a task a random model can learn in a few steps: every answer is the same sentence
+    let lines: Vec<String> = (0..60)
+        .map(|i| qa(&format!("Is {i} a number?"), "Yes, it is a number."))
+        .collect();
+    chat_file(&d.join("chat.jsonl"), &lines);
+    let out = finetune(
+        &base,
+        &d.join("chat.jsonl"),
+        &d.join("adapter"),
+        &quick(),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(out.data.examples, 60);
+    assert_eq!(out.held_out, 12);
+    let (base_loss, _) = out.base_eval.unwrap();
+    let (loss, _) = out.eval.unwrap();
+    assert!(
+        loss < 0.3 * base_loss,
+        "held-out loss {base_loss} -> {loss}"
+    );
+    // a PEFT directory the server and generate load
+    let model = Model::load(&base, DType::F32, &Device::Cpu).unwrap();
+    let adapter = std::sync::Arc::new(
+        LoraAdapter::load(&d.join("adapter"), model.config(), DType::F32, &Device::Cpu).unwrap(),
+    );
+    // merged: the same logits as base + adapter
+    merge(&base, &d.join("adapter"), &d.join("merged")).unwrap();
+    let merged = Model::load(&d.join("merged"), DType::F32, &Device::Cpu).unwrap();
+    let ids = [5u32, 17, 42, 99, 3, 7];
+    let mut lb = LoraBatch::none();
+    lb.push(0..ids.len(), adapter);
+    let a = model
+        .forward_lora(
+            &Batch::single(&ids, 0),
+            &mut NoCache,
+            Logits::All,
+            &lb,
+            false,
+        )
+        .unwrap()
+        .logits;
+    let b = merged
+        .forward(&Batch::single(&ids, 0), &mut NoCache, Logits::All)
+        .unwrap()
+        .logits;
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "merged model differs by {diff}");
+    // nothing already written is overwritten
+    let e = merge(&base, &d.join("adapter"), &d.join("merged"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already holds"), "{e}");
+    let e = finetune(
+        &base,
+        &d.join("chat.jsonl"),
+        &d.join("adapter"),
+        &quick(),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already holds an adapter"), "{e}");
+}
+
+#[test]
+fn bad_chat_data_and_mismatched_adapters_are_refused_clearly() {
+    let d = scratch("sft-bad");
+    let base = tiny_model(&d, Arch::Qwen2);
+    let run = |lines: &[String], cfg: &FinetuneConfig| {
+        let f = d.join("bad.jsonl");
+        chat_file(&f, lines);
+        finetune(
+            &base,
+            &f,
+            &d.join("never"),
+            cfg,
+            &AtomicBool::new(false),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let ok = qa("hi", "hello");
+    let no_assistant =
+        serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let e = run(&[ok.clone(), no_assistant], &quick());
+    assert!(e.contains(":2:") && e.contains("no assistant turn"), "{e}");
+    let e = run(&[ok.clone(), "{\"messages\": 3}".into()], &quick());
+    assert!(e.contains(":2:") && e.contains("messages"), "{e}");
+    let e = run(&[ok.clone(), "not json".into()], &quick());
+    assert!(e.contains(":2:"), "{e}");
+    // a line longer than max_len: refused, or cut and reported
+    let long = qa(&"word ".repeat(200), "yes");
+    let short = FinetuneConfig {
+        max_len: Some(64),
+        ..quick()
+    };
+    let e = run(&[ok.clone(), long.clone()], &short);
+    assert!(
+        e.contains("longer than 64") && e.contains("line 2") && e.contains("--truncate"),
+        "{e}"
+    );
+    assert!(!d.join("never").exists(), "nothing written");
+    // unknown settings
+    let cfgf = d.join("ft.toml");
+    std::fs::write(&cfgf, "rank = 8\n").unwrap();
+    let e = FinetuneConfig::from_file(&cfgf).unwrap_err().to_string();
+    assert!(e.contains("unknown field") && e.contains("rank"), "{e}");
+    std::fs::write(&cfgf, "target_modules = [\"qkv\"]\n").unwrap();
+    let e = FinetuneConfig::from_file(&cfgf).unwrap_err().to_string();
+    assert!(e.contains("qkv"), "{e}");
+    // an adapter made for another model does not merge
+    let other = d.join("other");
+    fount_model::init::init_model(
+        Arch::Llama,
+        &fount_model::init::preset(Arch::Llama, "small").unwrap(),
+        &Default::default(),
+        &other,
+    )
+    .unwrap();
+    let mut cfg = quick();
+    cfg.epochs = 0.1;
+    cfg.truncate = true;
+    cfg.max_len = Some(64);
+    let f = d.join("ok.jsonl");
+    chat_file(
+        &f,
+        &(0..10)
+            .map(|i| qa(&format!("q{i}"), "a"))
+            .chain([long])
+            .collect::<Vec<_>>(),
+    );
+    let out = finetune(
+        &base,
+        &f,
+        &d.join("adapter"),
+        &cfg,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(out.data.truncated, 1);
+    let e = merge(&other, &d.join("adapter"), &d.join("merged"))
+        .unwrap_err()
+        .to_string();
+    assert!(!d.join("merged").exists(), "{e}");
+    assert!(e.contains("shape") || e.contains("lora"), "{e}");
+}
