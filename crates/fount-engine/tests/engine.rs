@@ -141,9 +141,8 @@ impl fount_engine::Admission for ShortestFirst {
     }
 }
 
-#[test]
-fn admission_order_is_pluggable() {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+/// An engine over the tiny model that runs one sequence at a time, admitting by `admission`.
+fn one_at_a_time(admission: Box<dyn fount_engine::Admission>) -> fount_engine::Engine {
     let dir = crate::util::model_dir();
     let model =
         fount_model::Model::load(dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
@@ -152,14 +151,13 @@ fn admission_order_is_pluggable() {
         max_running: 1,
         ..small_config()
     };
-    let e = fount_engine::Engine::start_with(
-        model,
-        tok,
-        Vec::new(),
-        cfg,
-        Box::new(ShortestFirst(seen.clone())),
-    )
-    .unwrap();
+    fount_engine::Engine::start_with(model, tok, Vec::new(), cfg, admission).unwrap()
+}
+
+#[test]
+fn admission_order_is_pluggable() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let e = one_at_a_time(Box::new(ShortestFirst(seen.clone())));
     // one sequence at a time: a long first request runs while the other two wait
     let first = e.submit(Request::greedy(prompt(30, 30), 300)).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -187,15 +185,7 @@ fn admission_order_is_pluggable() {
 /// Completion order of ten requests of tenant `a` followed by one of tenant `b`, one sequence
 /// running at a time, under `admission`.
 fn finishing_order(admission: Box<dyn fount_engine::Admission>) -> String {
-    let dir = crate::util::model_dir();
-    let model =
-        fount_model::Model::load(dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    let tok = fount_model::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let cfg = EngineConfig {
-        max_running: 1,
-        ..small_config()
-    };
-    let e = fount_engine::Engine::start_with(model, tok, Vec::new(), cfg, admission).unwrap();
+    let e = one_at_a_time(admission);
     let submit = |tenant: &str, seed: u64| {
         let mut r = Request::greedy(prompt(12, seed), 24);
         r.cache_salt = tenant.into();

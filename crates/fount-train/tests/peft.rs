@@ -102,14 +102,7 @@ fn peft_reads_the_adapters_fount_writes() {
             .collect();
         let got = logits(&model, &adapter, &ids);
         let want = &golden[&format!("prompt{i}")];
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::util::max_diff(&got, want);
         assert!(
             diff < 1e-4,
             "prompt {i}: fount and PEFT logits differ by {diff}"
@@ -121,13 +114,6 @@ fn peft_reads_the_adapters_fount_writes() {
         .unwrap()
         .logits;
     let with = logits(&model, &adapter, &[1, 5]);
-    let moved = (base - with)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = crate::util::max_diff(&base, &with);
     assert!(moved > 1e-3, "the adapter does nothing ({moved})");
 }

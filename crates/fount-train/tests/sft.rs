@@ -80,14 +80,7 @@ fn lora_learns_the_assistant_turns_and_merges_into_the_same_model() {
         .forward(&Batch::single(&ids, 0), &mut NoCache, Logits::All)
         .unwrap()
         .logits;
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = crate::util::max_diff(&a, &b);
     assert!(diff < 1e-4, "merged model differs by {diff}");
     // nothing already written is overwritten
     let e = merge(&base, &d.join("adapter"), &d.join("merged"))

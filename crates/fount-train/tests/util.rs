@@ -79,3 +79,15 @@ pub fn config(model: &Path, data: &Path, out: &Path, steps: u64) -> fount_train:
     std::fs::write(&path, text).unwrap();
     fount_train::TrainConfig::from_file(&path).unwrap()
 }
+
+/// `max |a − b|`.
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
