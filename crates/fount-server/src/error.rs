@@ -70,6 +70,10 @@ pub enum ApiError {
     /// The waiting queue is full (429 with `Retry-After`).
     #[error("the server is at capacity ({0} requests waiting); retry after {RETRY_AFTER_SECS} s")]
     Overloaded(usize),
+    /// Usage records wait to be written past the writer's bound (429 with `Retry-After`): the
+    /// database is behind, and requests that could not be recorded are not taken.
+    #[error("{0} usage records are waiting to be written; retry after {RETRY_AFTER_SECS} s")]
+    MeteringBacklog(usize),
     /// The server is shutting down (503).
     #[error("the server is shutting down and accepts no new requests")]
     Draining,
@@ -99,6 +103,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded(_)
+            | ApiError::MeteringBacklog(_)
             | ApiError::RateLimited { .. }
             | ApiError::InsufficientQuota(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -136,7 +141,9 @@ impl ApiError {
                 None,
                 Some("request_too_large".into()),
             ),
-            ApiError::Overloaded(_) => ("rate_limit_error", None, Some("queue_full".into())),
+            ApiError::Overloaded(_) | ApiError::MeteringBacklog(_) => {
+                ("rate_limit_error", None, Some("queue_full".into()))
+            }
             ApiError::RateLimited { .. } => {
                 ("rate_limit_error", None, Some("rate_limit_exceeded".into()))
             }
@@ -180,7 +187,7 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status(), Json(self.body())).into_response();
         let retry = match &self {
-            ApiError::Overloaded(_) => Some(RETRY_AFTER_SECS),
+            ApiError::Overloaded(_) | ApiError::MeteringBacklog(_) => Some(RETRY_AFTER_SECS),
             ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         };

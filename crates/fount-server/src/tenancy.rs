@@ -5,10 +5,12 @@
 //! [`RequestMeter`], whose final callback runs once nothing can count any more (the request
 //! finished, failed, or was abandoned and cancelled). The callback settles the quota
 //! reservation and hands the record to the writer; a handler waits for its record's commit
-//! before the response ends, so a request a client saw complete is on disk.
+//! before the response ends, so a request a client saw complete is on disk. The writer commits
+//! records in batches, and its backlog is bounded: past [`BACKLOG_LIMIT`] records waiting, new
+//! requests are refused (429 `queue_full`) until the database catches up.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,7 +125,14 @@ pub struct Tenancy {
     prices: Mutex<(Option<Instant>, HashMap<String, Price>)>,
     /// Tenant weights for the engine's fair queue.
     shares: FairShares,
+    /// Records handed to the writer and not yet committed.
+    backlog: Arc<AtomicUsize>,
+    /// Past this backlog new requests are refused (the writer's bound).
+    backlog_limit: AtomicUsize,
 }
+
+/// Records that may wait for the writer before new requests are refused.
+pub const BACKLOG_LIMIT: usize = 65_536;
 
 impl std::fmt::Debug for Tenancy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -216,6 +225,8 @@ impl Tenancy {
     pub fn start(store: Store, shares: FairShares) -> Arc<Tenancy> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
         let writer_store = store.clone();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let written = backlog.clone();
         tokio::spawn(async move {
             let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
             while let Some(first) = rx.recv().await {
@@ -238,6 +249,7 @@ impl Tenancy {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
+                written.fetch_sub(records.len(), Ordering::SeqCst);
                 for (_, ack) in batch.drain(..) {
                     if let Some(ack) = ack {
                         let _ = ack.send(());
@@ -252,7 +264,20 @@ impl Tenancy {
             windows: Mutex::new(HashMap::new()),
             prices: Mutex::new((None, HashMap::new())),
             shares,
+            backlog,
+            backlog_limit: AtomicUsize::new(BACKLOG_LIMIT),
         })
+    }
+
+    /// Sets how many records may wait for the writer before new requests are refused with 429
+    /// `queue_full` ([`BACKLOG_LIMIT`] by default).
+    pub fn set_backlog_limit(&self, limit: usize) {
+        self.backlog_limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// Records handed to the writer and not yet committed.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::SeqCst)
     }
 
     /// Calls `f` with every usage record (once; later calls are ignored).
@@ -397,6 +422,10 @@ impl Tenancy {
     /// everything it may generate) and reserves it in both; refused requests get 429
     /// (`rate_limit_exceeded` with `Retry-After`, or `insufficient_quota`).
     pub async fn admit(&self, caller: &Caller, tokens: i64) -> Result<Reservation, ApiError> {
+        let waiting = self.backlog();
+        if waiting >= self.backlog_limit.load(Ordering::SeqCst) {
+            return Err(ApiError::MeteringBacklog(waiting));
+        }
         let now = now_ms();
         let subjects = [
             Subject::Tenant(&caller.tenant.id),
@@ -506,7 +535,10 @@ impl Tenancy {
             if let Some(f) = tenancy.on_record.get() {
                 f(&record);
             }
-            let _ = tenancy.writer.send((Some(record), Some(ack_tx)));
+            tenancy.backlog.fetch_add(1, Ordering::SeqCst);
+            if tenancy.writer.send((Some(record), Some(ack_tx))).is_err() {
+                tenancy.backlog.fetch_sub(1, Ordering::SeqCst);
+            }
         });
         (meter, metered, ack_rx)
     }

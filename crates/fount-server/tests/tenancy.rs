@@ -249,6 +249,16 @@ async fn quotas_refuse_with_openai_codes() {
             "{}",
             r.body
         );
+        // the writer's bound: with records waiting past it, new requests are refused
+        let t = s.tenancy().unwrap();
+        t.flush().await;
+        assert_eq!(t.backlog(), 0, "every record committed");
+        t.set_backlog_limit(0);
+        let r = call_as(&s, &key, Method::POST, "/v1/completions", &ask("tiny")).await;
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+        assert_eq!(r.error().2.as_deref(), Some("queue_full"));
+        assert!(r.headers.contains_key("retry-after"));
+        t.set_backlog_limit(fount_server::tenancy::BACKLOG_LIMIT);
     }
 }
 #[tokio::test]
