@@ -77,7 +77,8 @@ pub fn dir_of(root: &Path, step: u64) -> PathBuf {
     root.join(format!("step-{step:08}"))
 }
 
-/// Saves a checkpoint under `root` and keeps the newest `keep` complete ones.
+/// Saves a checkpoint under `root` (one process: [`stage`], [`write_rank`], [`commit`]) and keeps
+/// the newest `keep` complete ones.
 pub fn save(
     root: &Path,
     params: &Params,
@@ -86,16 +87,29 @@ pub fn save(
     state: &State,
     keep: usize,
 ) -> Result<PathBuf> {
+    let tmp = stage(root, params, model_source, opt, state)?;
+    write_rank(&tmp, 0, state)?;
+    commit(root, &tmp, state.step, keep)
+}
+
+/// Writes the shared part of the checkpoint of `state.step` (model, optimizer, state) into
+/// `step-NNNNNNNN.partial/` under `root`, every file synced; returns that directory. Removes the
+/// leftovers of saves that were killed.
+pub fn stage(
+    root: &Path,
+    params: &Params,
+    model_source: &Path,
+    opt: &AdamW,
+    state: &State,
+) -> Result<PathBuf> {
     fs_err::create_dir_all(root)?;
-    // leftovers of a save that was killed
     for e in fs_err::read_dir(root)? {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "partial") {
             fs_err::remove_dir_all(&p)?;
         }
     }
-    let final_dir = dir_of(root, state.step);
-    let tmp = final_dir.with_extension("partial");
+    let tmp = dir_of(root, state.step).with_extension("partial");
     write_model(params, model_source, &tmp.join("model"))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, mo) in &opt.state {
@@ -129,14 +143,29 @@ pub fn save(
     sync_file(&opt_path)?;
     sync_file(&tmp.join("state.json"))?;
     sync_dir(&tmp.join("model"))?;
+    Ok(tmp)
+}
+
+/// Writes process `rank`'s own state into a staged checkpoint.
+pub fn write_rank(tmp: &Path, rank: usize, state: &State) -> Result<()> {
+    let path = tmp.join(format!("rank-{rank}.json"));
+    fs_err::write(&path, serde_json::to_vec_pretty(state).unwrap_or_default())?;
+    sync_file(&path)
+}
+
+/// Completes a staged checkpoint: the `COMPLETE` marker last, then the rename; keeps the newest
+/// `keep` complete checkpoints.
+pub fn commit(root: &Path, tmp: &Path, step: u64, keep: usize) -> Result<PathBuf> {
+    let final_dir = dir_of(root, step);
+    sync_dir(tmp)?;
     fs_err::write(tmp.join(COMPLETE), b"complete\n")?;
     sync_file(&tmp.join(COMPLETE))?;
-    sync_dir(&tmp)?;
+    sync_dir(tmp)?;
     if final_dir.exists() {
         // the same step saved again (a signal right after a periodic save): keep the first
-        fs_err::remove_dir_all(&tmp)?;
+        fs_err::remove_dir_all(tmp)?;
     } else {
-        fs_err::rename(&tmp, &final_dir)?;
+        fs_err::rename(tmp, &final_dir)?;
     }
     sync_dir(root)?;
     let mut complete = list(root)?;
@@ -181,9 +210,9 @@ pub struct Loaded {
     pub optimizer: AdamW,
 }
 
-/// Loads the optimizer and state of the checkpoint at `dir` for `params` (the model itself is
-/// loaded from `dir/model` by the caller).
-pub fn load(dir: &Path, params: &Params, cfg: AdamWConfig) -> Result<Loaded> {
+/// Loads the optimizer and process `rank`'s state of the checkpoint at `dir` for `params` (the
+/// model itself is loaded from `dir/model` by the caller).
+pub fn load(dir: &Path, rank: usize, params: &Params, cfg: AdamWConfig) -> Result<Loaded> {
     let corrupt = |message: String| Error::Format {
         path: dir.to_path_buf(),
         message,
@@ -195,8 +224,18 @@ pub fn load(dir: &Path, params: &Params, cfg: AdamWConfig) -> Result<Loaded> {
     }
     let meta: serde_json::Value = serde_json::from_slice(&fs_err::read(dir.join("state.json"))?)
         .map_err(|e| corrupt(format!("state.json: {e}")))?;
-    let state: State = serde_json::from_value(meta["state"].clone())
-        .map_err(|e| corrupt(format!("state.json: {e}")))?;
+    let rank_path = dir.join(format!("rank-{rank}.json"));
+    let state: State = match fs_err::read(&rank_path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("rank-{rank}.json: {e}")))?
+        }
+        Err(_) => {
+            return Err(corrupt(format!(
+                "no state for process {rank} (rank-{rank}.json): written by {} process(es)",
+                meta["state"]["world"]
+            )))
+        }
+    };
     let opt_step = meta["optimizer_step"]
         .as_u64()
         .ok_or_else(|| corrupt("state.json: no optimizer_step".into()))?;

@@ -14,6 +14,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod loss;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod optim;
 mod params;
 pub mod plot;

@@ -63,6 +63,8 @@ pub trait Collective {
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()>;
     /// Sums one number over every process.
     fn sum_f64(&self, value: f64) -> Result<f64>;
+    /// Waits until every process is here.
+    fn barrier(&self) {}
 }
 
 /// One process alone.
@@ -265,7 +267,7 @@ pub fn train(
         .collect();
     let (mut opt, mut sampler, start) = match &resumed {
         Some((_, dir)) => {
-            let loaded = checkpoint::load(dir, &params, cfg.adamw)?;
+            let loaded = checkpoint::load(dir, comm.rank(), &params, cfg.adamw)?;
             let s = &loaded.state;
             if (s.world, s.micro_batch, s.accumulation)
                 != (comm.world(), cfg.micro_batch, cfg.accumulation)
@@ -343,11 +345,9 @@ pub fn train(
     let mut last_val = None;
     observer.start(start, cfg.steps);
     let mut step = start;
+    // process 0 writes the shared part, every process its own state, process 0 completes it
     let save =
         |step: u64, opt: &AdamW, sampler: &Sampler, observer: &mut dyn Observer| -> Result<()> {
-            if comm.rank() != 0 {
-                return Ok(());
-            }
             let state = State {
                 step,
                 sampler: sampler.state(),
@@ -355,19 +355,25 @@ pub fn train(
                 micro_batch: cfg.micro_batch,
                 accumulation: cfg.accumulation,
             };
-            let dir = checkpoint::save(
-                &ckpt_root,
-                &params,
-                &cfg.model,
-                opt,
-                &state,
-                cfg.keep_checkpoints,
-            )?;
-            observer.checkpoint(&dir);
+            let tmp = checkpoint::dir_of(&ckpt_root, step).with_extension("partial");
+            comm.barrier();
+            if comm.rank() == 0 {
+                checkpoint::stage(&ckpt_root, &params, &cfg.model, opt, &state)?;
+            }
+            comm.barrier();
+            checkpoint::write_rank(&tmp, comm.rank(), &state)?;
+            comm.barrier();
+            if comm.rank() == 0 {
+                let dir = checkpoint::commit(&ckpt_root, &tmp, step, cfg.keep_checkpoints)?;
+                observer.checkpoint(&dir);
+            }
+            comm.barrier();
             Ok(())
         };
     while step < cfg.steps {
-        if stop.load(Ordering::SeqCst) {
+        // every process stops at the same step, whichever got the signal
+        let stopping = comm.sum_f64(f64::from(u8::from(stop.load(Ordering::SeqCst))))? > 0.0;
+        if stopping {
             save(step, &opt, &sampler, observer)?;
             return Ok(Outcome {
                 step,

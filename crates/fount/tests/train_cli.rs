@@ -219,3 +219,103 @@ fn train_refuses_bad_configs_with_clear_errors() {
     let err = crate::util::fount_err(&["train", "--config", &s(&cfg)]);
     assert!(err.contains("steps must be at least 1"), "{err}");
 }
+
+/// `mpirun` with the flags a container's root user needs.
+#[cfg(feature = "mpi")]
+fn mpirun(ranks: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-n",
+        &ranks.to_string(),
+    ])
+    .arg(env!("CARGO_BIN_EXE_fount"))
+    .args(args)
+    .env("FOUNT_THREADS", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c
+}
+
+#[cfg(feature = "mpi")]
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn two_mpi_ranks_train_as_one_and_resume_exactly_after_a_kill() {
+    let d = scratch("mpi");
+    let (model, data) = synth_model(&d);
+    let common = "steps = 30\nseq_len = 32\nlr = 3e-3\neval_every = 0\ncheckpoint_every = 1\nkeep_checkpoints = 3\n";
+    let one = d.join("one.toml");
+    write_config(
+        &one,
+        &model,
+        &data,
+        &d.join("one"),
+        &format!("{common}micro_batch = 8\n"),
+    );
+    fount_ok(&["train", "--config", &s(&one)]);
+    let two_cfg = format!("{common}micro_batch = 4\n");
+    let two = d.join("two.toml");
+    write_config(&two, &model, &data, &d.join("two"), &two_cfg);
+    let out = mpirun(2, &["train", "--config", &s(&two)])
+        .output()
+        .unwrap_or_else(|e| panic!("mpirun: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 2 ranks × 4 sequences: the loss of 1 rank × 8 at every step
+    let (a, b) = (losses(&d.join("one")), losses(&d.join("two")));
+    assert_eq!((a.len(), b.len()), (30, 30));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() / x < 1e-5, "step {}: {x} against {y}", i + 1);
+    }
+    for r in 0..2 {
+        assert!(d
+            .join(format!("two/checkpoints/step-00000030/rank-{r}.json"))
+            .exists());
+    }
+    // killed with SIGKILL (mpirun and both ranks) once checkpoints exist, then resumed
+    let killed = d.join("killed.toml");
+    let kout = d.join("killed");
+    write_config(&killed, &model, &data, &kout, &two_cfg);
+    let mut child = mpirun(2, &["train", "--config", &s(&killed)])
+        .spawn()
+        .unwrap_or_else(|e| panic!("mpirun: {e}"));
+    let start = Instant::now();
+    while fount_train::checkpoint::list(&kout.join("checkpoints"))
+        .map_or(0, |l| l.last().map_or(0, |c| c.0))
+        < 3
+    {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // the ranks (mpirun's children, in process groups of their own), then mpirun
+    let _ = Command::new("pkill")
+        .args(["-9", "-P", &child.id().to_string()])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!kout.join("final").exists(), "killed before the end");
+    let out = mpirun(2, &["train", "--config", &s(&killed), "--resume"])
+        .output()
+        .unwrap_or_else(|e| panic!("mpirun: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let x = std::fs::read(d.join("two/final/model.safetensors")).unwrap_or_default();
+    let y = std::fs::read(kout.join("final/model.safetensors")).unwrap_or_default();
+    assert!(!x.is_empty() && x == y, "resumed 2-rank weights differ");
+}

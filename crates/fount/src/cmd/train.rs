@@ -86,6 +86,27 @@ impl Observer for Progress {
     }
 }
 
+/// The processes of the run: every process an MPI launcher started (`mpirun -n N`, `srun
+/// --mpi=pmix`), with the `mpi` feature; else this one alone.
+fn collective() -> Result<Box<dyn fount_train::Collective>> {
+    #[cfg(feature = "mpi")]
+    if fount_train::mpi::launched() {
+        return Ok(Box::new(
+            fount_train::mpi::Mpi::init().context("initialising MPI")?,
+        ));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|n| n != "1" && v.ends_with("SIZE")))
+    {
+        anyhow::bail!(
+            "started by an MPI launcher, but this fount was built without MPI: cargo build --release --features mpi"
+        );
+    }
+    Ok(Box::new(fount_train::Single))
+}
+
 /// Runs `fount train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = TrainConfig::from_file(&a.config)
@@ -99,10 +120,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let comm = collective()?;
+    if comm.rank() != 0 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let mut progress = Progress { bar };
-    let outcome = fount_train::train(&cfg, a.resume, &stop, &fount_train::Single, &mut progress)
+    let outcome = fount_train::train(&cfg, a.resume, &stop, comm.as_ref(), &mut progress)
         .with_context(|| format!("training run {}", cfg.out.display()))?;
     progress.bar.finish();
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     if outcome.interrupted {
         eprintln!(
             "stopped at step {} of {}; continue with: fount train --config {} --resume",
