@@ -96,12 +96,11 @@ async fn admit(
     let (Some(tenancy), Some(caller), Some(m)) = (state.tenancy(), caller, metering) else {
         return Ok(valid);
     };
-    if !tenancy.allows(caller, &valid.model).await? {
+    let limits = tenancy.limits(caller).await?;
+    if !limits.allows(&valid.model) {
         return Err(model_not_found(&valid.model));
     }
-    let (tenant_quota, key_quota) = tenancy.quotas(caller).await?;
-    let quotas = [&tenant_quota, &key_quota];
-    let max_context = quotas.iter().filter_map(|q| q.max_context).min();
+    let max_context = limits.max_context();
     let mut tokens = 0i64;
     for r in &valid.requests {
         let most = r.prompt.len() + r.max_tokens;
@@ -117,7 +116,7 @@ async fn admit(
         }
         tokens += (r.prompt.len() + r.n * r.max_tokens) as i64;
     }
-    let reservation = tenancy.admit(caller, tokens).await?;
+    let reservation = tenancy.admit(caller, &limits, tokens).await?;
     if let Ok(mut slot) = m.metered.reservation.lock() {
         *slot = Some(reservation);
     }
@@ -223,12 +222,13 @@ pub async fn list_models(
     caller: Option<Extension<Caller>>,
 ) -> ApiResult<Json<ModelList>> {
     let caller = caller.map(|Extension(c)| c);
-    let visible = async |name: &str| match (state.tenancy(), &caller) {
-        (Some(t), Some(c)) => t.allows(c, name).await,
-        _ => Ok(true),
+    let limits = match (state.tenancy(), &caller) {
+        (Some(t), Some(c)) => t.limits(c).await?,
+        _ => Default::default(),
     };
+    let visible = |name: &str| limits.allows(name);
     let mut data = Vec::new();
-    if visible(&state.cfg.model_name).await? {
+    if visible(&state.cfg.model_name) {
         data.push(base_card(&state));
     }
     let own = caller.as_ref().map(|c| format!("{}/", c.tenant.id));
@@ -241,7 +241,7 @@ pub async fn list_models(
             // another tenant's: not there
             _ => continue,
         };
-        if visible(&shown).await? {
+        if visible(&shown) {
             data.push(adapter_card(&state, &name, &shown));
         }
     }
@@ -271,7 +271,7 @@ pub async fn get_model(
 ) -> ApiResult<Json<ModelCard>> {
     let caller = caller.map(|Extension(c)| c);
     if let (Some(t), Some(c)) = (state.tenancy(), &caller) {
-        if !t.allows(c, &id).await? {
+        if !t.limits(c).await?.allows(&id) {
             return Err(model_not_found(&id));
         }
     }

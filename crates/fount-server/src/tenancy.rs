@@ -21,6 +21,34 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
 
+/// The quotas a request is held to: its tenant's and its key's.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// The tenant's.
+    pub tenant: Quota,
+    /// The key's (on top of the tenant's).
+    pub key: Quota,
+}
+
+impl Limits {
+    /// Whether both allow `model` (a model or adapter name).
+    pub fn allows(&self, model: &str) -> bool {
+        [&self.tenant, &self.key].iter().all(|q| {
+            q.models
+                .as_ref()
+                .is_none_or(|m| m.iter().any(|x| x == model))
+        })
+    }
+
+    /// The smaller of the two maximum contexts.
+    pub fn max_context(&self) -> Option<i64> {
+        [&self.tenant, &self.key]
+            .iter()
+            .filter_map(|q| q.max_context)
+            .min()
+    }
+}
+
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -337,22 +365,13 @@ impl Tenancy {
         Ok(q)
     }
 
-    /// The caller's tenant quota and key quota.
-    pub async fn quotas(&self, caller: &Caller) -> Result<(Quota, Quota), ApiError> {
-        Ok((
-            self.quota(Subject::Tenant(&caller.tenant.id)).await?,
-            self.quota(Subject::Key(&caller.key.id)).await?,
-        ))
-    }
-
-    /// Whether the caller's tenant and key quotas both allow `model` (a model or adapter name).
-    pub async fn allows(&self, caller: &Caller, model: &str) -> Result<bool, ApiError> {
-        let (t, k) = self.quotas(caller).await?;
-        Ok([t, k].iter().all(|q| {
-            q.models
-                .as_ref()
-                .is_none_or(|m| m.iter().any(|x| x == model))
-        }))
+    /// The caller's tenant quota and key quota (each cached for a second), read once per
+    /// request.
+    pub async fn limits(&self, caller: &Caller) -> Result<Limits, ApiError> {
+        Ok(Limits {
+            tenant: self.quota(Subject::Tenant(&caller.tenant.id)).await?,
+            key: self.quota(Subject::Key(&caller.key.id)).await?,
+        })
     }
 
     /// Refreshes the price table when it is older than a second.
@@ -418,10 +437,15 @@ impl Tenancy {
         Ok(())
     }
 
-    /// Checks the tenant's and the key's quotas for a request of `tokens` (prompt plus
+    /// Checks the tenant's and the key's quotas (`limits`) for a request of `tokens` (prompt plus
     /// everything it may generate) and reserves it in both; refused requests get 429
     /// (`rate_limit_exceeded` with `Retry-After`, or `insufficient_quota`).
-    pub async fn admit(&self, caller: &Caller, tokens: i64) -> Result<Reservation, ApiError> {
+    pub async fn admit(
+        &self,
+        caller: &Caller,
+        limits: &Limits,
+        tokens: i64,
+    ) -> Result<Reservation, ApiError> {
         let waiting = self.backlog();
         if waiting >= self.backlog_limit.load(Ordering::SeqCst) {
             return Err(ApiError::MeteringBacklog(waiting));
@@ -431,11 +455,9 @@ impl Tenancy {
             Subject::Tenant(&caller.tenant.id),
             Subject::Key(&caller.key.id),
         ];
-        let mut quotas = Vec::with_capacity(2);
-        for who in subjects {
-            let q = self.quota(who).await?;
-            self.load_budgets(who, &q, now).await?;
-            quotas.push(q);
+        let quotas = [&limits.tenant, &limits.key];
+        for (who, q) in subjects.iter().zip(quotas) {
+            self.load_budgets(*who, q, now).await?;
         }
         self.refresh_prices().await?;
         let keys = subjects.map(window_key);
