@@ -77,21 +77,6 @@ pub fn dir_of(root: &Path, step: u64) -> PathBuf {
     root.join(format!("step-{step:08}"))
 }
 
-/// Saves a checkpoint under `root` (one process: [`stage`], [`write_rank`], [`commit`]) and keeps
-/// the newest `keep` complete ones.
-pub fn save(
-    root: &Path,
-    params: &Params,
-    model_source: &Path,
-    opt: &AdamW,
-    state: &State,
-    keep: usize,
-) -> Result<PathBuf> {
-    let tmp = stage(root, params, model_source, opt, state)?;
-    write_rank(&tmp, 0, state)?;
-    commit(root, &tmp, state.step, keep)
-}
-
 /// Writes the shared part of the checkpoint of `state.step` (model, optimizer, state) into
 /// `step-NNNNNNNN.partial/` under `root`, every file synced; returns that directory. Removes the
 /// leftovers of saves that were killed.
@@ -153,7 +138,7 @@ pub fn write_rank(tmp: &Path, rank: usize, state: &State) -> Result<()> {
     sync_file(&path)
 }
 
-/// Completes a staged checkpoint: the `COMPLETE` marker last, then the rename; keeps the newest
+/// Completes a staged checkpoint (after every process's [`write_rank`]): the `COMPLETE` marker last, then the rename; keeps the newest
 /// `keep` complete checkpoints.
 pub fn commit(root: &Path, tmp: &Path, step: u64, keep: usize) -> Result<PathBuf> {
     let final_dir = dir_of(root, step);
