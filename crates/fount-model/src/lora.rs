@@ -151,6 +151,8 @@ pub struct LoraAdapter {
     tensors: HashMap<(usize, Proj), (Tensor, Tensor)>,
     bytes: usize,
     dir: PathBuf,
+    /// Training only: dropout probability on the adapter's input and the seed of its masks.
+    dropout: Option<(f32, u64)>,
 }
 
 fn cfg_err(field: &'static str, reason: impl Into<String>) -> Error {
@@ -403,6 +405,7 @@ impl LoraAdapter {
             tensors,
             bytes,
             dir: dir.to_path_buf(),
+            dropout: None,
         })
     }
 
@@ -436,7 +439,17 @@ impl LoraAdapter {
             tensors: pairs,
             bytes,
             dir: PathBuf::new(),
+            dropout: None,
         })
+    }
+
+    /// The same adapter with dropout `p` on its input, as PEFT's `lora_dropout` applies in
+    /// training: every adapted projection of every layer draws its own mask from `seed`, and kept
+    /// inputs are scaled by `1 / (1 - p)`. The masks are a function of `seed` alone, so a step
+    /// replayed with the same seed is the same step. Used by training; never by serving.
+    pub fn with_dropout(mut self, p: f32, seed: u64) -> LoraAdapter {
+        self.dropout = (p > 0.0).then_some((p, seed));
+        self
     }
 
     /// Memory held by the adapter's weights.
@@ -474,6 +487,21 @@ impl LoraAdapter {
             )
         } else {
             return Ok(None);
+        };
+        let x = match self.dropout {
+            Some((p, seed)) => {
+                use rand::{Rng, SeedableRng};
+                let stream =
+                    seed ^ ((layer as u64) << 8 | proj as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(stream);
+                let keep = 1.0 / (1.0 - p);
+                let mask: Vec<f32> = (0..x.elem_count())
+                    .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+                    .collect();
+                let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+                x.mul(&mask)?
+            }
+            None => x.clone(),
         };
         let xa = x.matmul(&a.t()?)?;
         let xab = xa.matmul(&bt)?;
@@ -524,7 +552,9 @@ impl LoraBatch {
         if self.segments.iter().all(|(_, a)| !a.targets(layer, proj)) {
             return Ok(y);
         }
-        let fast = x.device().is_cpu()
+        let dropout = self.segments.iter().any(|(_, a)| a.dropout.is_some());
+        let fast = !dropout
+            && x.device().is_cpu()
             && x.dtype() == DType::F32
             && y.dtype() == DType::F32
             && !x.track_op()
@@ -596,5 +626,80 @@ impl LoraBatch {
             }
         });
         Ok(Some(Tensor::from_vec(yv, (n, out), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An adapter with `A = Bᵀ = I` and scale 1 on layer 0's `q_proj`: its delta is its input,
+    /// after dropout.
+    fn identity(n: usize) -> LoraAdapter {
+        let eye = Tensor::eye(n, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let pairs = HashMap::from([((0, Proj::Q), (eye.clone(), eye))]);
+        LoraAdapter::from_tensors(n, 1.0, pairs).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn delta(adapter: LoraAdapter, x: &Tensor) -> Vec<f32> {
+        let mut batch = LoraBatch::none();
+        batch.push(0..x.dim(0).unwrap_or(0), Arc::new(adapter));
+        let y = x.zeros_like().unwrap_or_else(|e| panic!("{e}"));
+        let out = batch
+            .apply(x, y, 0, Proj::Q)
+            .unwrap_or_else(|e| panic!("{e}"));
+        out.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn dropout_zeroes_a_fraction_p_and_rescales_the_rest() {
+        let x = Tensor::arange(1f32, 1.0 + 64.0 * 32.0, &Device::Cpu)
+            .and_then(|t| t.reshape((64, 32)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let xs = x
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let p = 0.25f32;
+        assert_eq!(delta(identity(32).with_dropout(0.0, 7), &x), xs, "p = 0");
+        let first = delta(identity(32).with_dropout(p, 7), &x);
+        assert_eq!(
+            first,
+            delta(identity(32).with_dropout(p, 7), &x),
+            "same seed"
+        );
+        assert_ne!(
+            first,
+            delta(identity(32).with_dropout(p, 8), &x),
+            "other seed"
+        );
+        let dropped = first.iter().filter(|v| **v == 0.0).count() as f32 / xs.len() as f32;
+        assert!((dropped - p).abs() < 0.03, "dropped {dropped}, p {p}");
+        for (d, x) in first.iter().zip(&xs) {
+            assert!(
+                *d == 0.0 || (d - x / (1.0 - p)).abs() <= 1e-3 * x,
+                "{d} from {x}"
+            );
+        }
+        // an unbiased estimate: the mean over many masks approaches the undropped input
+        let mut mean = vec![0f64; xs.len()];
+        let draws = 400;
+        for seed in 0..draws {
+            for (m, d) in mean
+                .iter_mut()
+                .zip(delta(identity(32).with_dropout(p, seed), &x))
+            {
+                *m += f64::from(d) / draws as f64;
+            }
+        }
+        let rel: f64 = mean
+            .iter()
+            .zip(&xs)
+            .map(|(m, x)| (m - f64::from(*x)).abs() / f64::from(*x))
+            .sum::<f64>()
+            / xs.len() as f64;
+        assert!(rel < 0.03, "mean relative error {rel}");
     }
 }

@@ -1,5 +1,6 @@
-//! Checkpoints: the model in Hugging Face format, the optimizer's moments, the step and the data
-//! position, written so that a kill at any moment never leaves a checkpoint that loads.
+//! Checkpoints: the trained weights (a Hugging Face model directory for pretraining, a PEFT
+//! adapter for fine-tuning), the optimizer's moments, the step and the data position, written so
+//! that a kill at any moment never leaves a checkpoint that loads.
 //!
 //! A checkpoint is written into `step-NNNNNNNN.partial/`, every file synced, then the marker
 //! `COMPLETE` is written and synced last, and the directory is renamed to `step-NNNNNNNN/` (and
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -19,7 +21,7 @@ use crate::params::Params;
 /// The marker written last.
 pub const COMPLETE: &str = "COMPLETE";
 
-/// What a checkpoint records besides tensors.
+/// What a pretraining checkpoint records besides tensors, per process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// Optimizer steps taken.
@@ -77,15 +79,29 @@ pub fn dir_of(root: &Path, step: u64) -> PathBuf {
     root.join(format!("step-{step:08}"))
 }
 
-/// Writes the shared part of the checkpoint of `state.step` (model, optimizer, state) into
-/// `step-NNNNNNNN.partial/` under `root`, every file synced; returns that directory. Removes the
-/// leftovers of saves that were killed.
-pub fn stage(
+/// Syncs every file under `dir`, then `dir` itself.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for e in fs_err::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            sync_file(&p)?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Writes the shared part of the checkpoint of `step` into `step-NNNNNNNN.partial/` under `root`:
+/// the weights (`write_weights` is handed that directory), the optimizer, and `shared` in
+/// `state.json`, every file synced; returns the directory. Removes the leftovers of saves that
+/// were killed.
+pub fn stage<S: Serialize>(
     root: &Path,
-    params: &Params,
-    model_source: &Path,
+    step: u64,
+    write_weights: &dyn Fn(&Path) -> Result<()>,
     opt: &AdamW,
-    state: &State,
+    shared: &S,
 ) -> Result<PathBuf> {
     fs_err::create_dir_all(root)?;
     for e in fs_err::read_dir(root)? {
@@ -94,8 +110,9 @@ pub fn stage(
             fs_err::remove_dir_all(&p)?;
         }
     }
-    let tmp = dir_of(root, state.step).with_extension("partial");
-    write_model(params, model_source, &tmp.join("model"))?;
+    let tmp = dir_of(root, step).with_extension("partial");
+    fs_err::create_dir_all(&tmp)?;
+    write_weights(&tmp)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, mo) in &opt.state {
         let n = mo.m.len();
@@ -114,7 +131,7 @@ pub fn stage(
         message: e.to_string(),
     })?;
     let meta = serde_json::json!({
-        "state": state,
+        "state": shared,
         "optimizer_step": opt.step,
         "adamw": opt.config(),
     });
@@ -122,17 +139,12 @@ pub fn stage(
         tmp.join("state.json"),
         serde_json::to_vec_pretty(&meta).unwrap_or_default(),
     )?;
-    for e in fs_err::read_dir(tmp.join("model"))? {
-        sync_file(&e?.path())?;
-    }
-    sync_file(&opt_path)?;
-    sync_file(&tmp.join("state.json"))?;
-    sync_dir(&tmp.join("model"))?;
+    sync_tree(&tmp)?;
     Ok(tmp)
 }
 
 /// Writes process `rank`'s own state into a staged checkpoint.
-pub fn write_rank(tmp: &Path, rank: usize, state: &State) -> Result<()> {
+pub fn write_rank<S: Serialize>(tmp: &Path, rank: usize, state: &S) -> Result<()> {
     let path = tmp.join(format!("rank-{rank}.json"));
     fs_err::write(&path, serde_json::to_vec_pretty(state).unwrap_or_default())?;
     sync_file(&path)
@@ -186,18 +198,23 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
 
 /// A loaded checkpoint.
 #[derive(Debug)]
-pub struct Loaded {
+pub struct Loaded<S> {
     /// Its directory.
     pub dir: PathBuf,
-    /// Step, data position, layout.
-    pub state: State,
+    /// The process's own state (step, data position, layout).
+    pub state: S,
     /// The optimizer, moments restored.
     pub optimizer: AdamW,
 }
 
 /// Loads the optimizer and process `rank`'s state of the checkpoint at `dir` for `params` (the
-/// model itself is loaded from `dir/model` by the caller).
-pub fn load(dir: &Path, rank: usize, params: &Params, cfg: AdamWConfig) -> Result<Loaded> {
+/// weights themselves are loaded by the caller).
+pub fn load<S: DeserializeOwned>(
+    dir: &Path,
+    rank: usize,
+    params: &Params,
+    cfg: AdamWConfig,
+) -> Result<Loaded<S>> {
     let corrupt = |message: String| Error::Format {
         path: dir.to_path_buf(),
         message,
@@ -210,14 +227,14 @@ pub fn load(dir: &Path, rank: usize, params: &Params, cfg: AdamWConfig) -> Resul
     let meta: serde_json::Value = serde_json::from_slice(&fs_err::read(dir.join("state.json"))?)
         .map_err(|e| corrupt(format!("state.json: {e}")))?;
     let rank_path = dir.join(format!("rank-{rank}.json"));
-    let state: State = match fs_err::read(&rank_path) {
+    let state: S = match fs_err::read(&rank_path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("rank-{rank}.json: {e}")))?
         }
         Err(_) => {
             return Err(corrupt(format!(
                 "no state for process {rank} (rank-{rank}.json): written by {} process(es)",
-                meta["state"]["world"]
+                meta["state"]["world"].as_u64().unwrap_or(1)
             )))
         }
     };

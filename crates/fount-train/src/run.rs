@@ -267,7 +267,7 @@ pub fn train(
         .collect();
     let (mut opt, mut sampler, start) = match &resumed {
         Some((_, dir)) => {
-            let loaded = checkpoint::load(dir, comm.rank(), &params, cfg.adamw)?;
+            let loaded = checkpoint::load::<State>(dir, comm.rank(), &params, cfg.adamw)?;
             let s = &loaded.state;
             if (s.world, s.micro_batch, s.accumulation)
                 != (comm.world(), cfg.micro_batch, cfg.accumulation)
@@ -358,7 +358,9 @@ pub fn train(
             let tmp = checkpoint::dir_of(&ckpt_root, step).with_extension("partial");
             comm.barrier();
             if comm.rank() == 0 {
-                checkpoint::stage(&ckpt_root, &params, &cfg.model, opt, &state)?;
+                let weights =
+                    |d: &Path| checkpoint::write_model(&params, &cfg.model, &d.join("model"));
+                checkpoint::stage(&ckpt_root, step, &weights, opt, &state)?;
             }
             comm.barrier();
             checkpoint::write_rank(&tmp, comm.rank(), &state)?;

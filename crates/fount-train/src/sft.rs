@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::loss::cross_entropy;
 use crate::optim::{learning_rate, AdamW, AdamWConfig, Grads};
@@ -108,8 +109,9 @@ pub struct FinetuneConfig {
     /// LoRA alpha: the update is scaled by `alpha / r` (`alpha / √r` with rsLoRA).
     #[serde(default = "default_alpha")]
     pub lora_alpha: f64,
-    /// Dropout on the adapter's input during training (only 0 is supported so far; recorded in
-    /// `adapter_config.json`).
+    /// Dropout on the adapter's input during training, as PEFT's `lora_dropout` (each adapted
+    /// projection its own mask, drawn from `seed` and the step, so a resumed run draws the same
+    /// masks); recorded in `adapter_config.json`.
     #[serde(default)]
     pub lora_dropout: f64,
     /// Rank-stabilised scaling, `alpha / √r`.
@@ -151,6 +153,16 @@ pub struct FinetuneConfig {
     /// AdamW settings (weight decay 0 by default for adapters).
     #[serde(default = "default_adamw")]
     pub adamw: AdamWConfig,
+    /// Steps between checkpoints in `OUT/checkpoints` (0: only on a signal).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Complete checkpoints kept; older ones are deleted.
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_keep() -> usize {
+    2
 }
 
 impl Default for FinetuneConfig {
@@ -172,6 +184,8 @@ impl Default for FinetuneConfig {
             clip: default_clip(),
             seed: 0,
             adamw: default_adamw(),
+            checkpoint_every: 0,
+            keep_checkpoints: default_keep(),
         }
     }
 }
@@ -195,8 +209,11 @@ impl FinetuneConfig {
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
             return bad("lora_alpha must be positive");
         }
-        if self.lora_dropout != 0.0 {
-            return bad("lora_dropout is not supported yet: set it to 0");
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad("lora_dropout must be in [0, 1)");
+        }
+        if self.keep_checkpoints == 0 {
+            return bad("keep_checkpoints must be at least 1");
         }
         let positive = |v: f64| v.is_finite() && v > 0.0;
         if !positive(self.lr) || !positive(self.epochs) {
@@ -378,6 +395,39 @@ impl LoraParams {
         })
     }
 
+    /// Sets the variables from a PEFT adapter directory written by [`LoraParams::save_peft`]
+    /// for the same base and settings (a checkpoint's).
+    pub fn restore(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("adapter_model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| Error::Format {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        for ((layer, proj), a, bt) in &self.pairs {
+            let name = proj.peft_name(*layer);
+            let get = |suffix: &str, shape: &[usize]| -> Result<Tensor> {
+                let key = format!("{name}.{suffix}");
+                let t = tensors.get(&key).ok_or_else(|| Error::Format {
+                    path: path.clone(),
+                    message: format!("no {key}"),
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::Format {
+                        path: path.clone(),
+                        message: format!("{key} is {:?}, expected {shape:?}", t.dims()),
+                    });
+                }
+                Ok(t.to_dtype(DType::F32)?)
+            };
+            let (r, inp) = a.as_tensor().dims2()?;
+            let out = bt.as_tensor().dim(1)?;
+            a.set(&get("lora_A.weight", &[r, inp])?)?;
+            bt.set(&get("lora_B.weight", &[out, r])?.t()?.contiguous()?)?;
+        }
+        Ok(())
+    }
+
     /// The adapter over the variables (a forward pass through it records their gradients).
     pub fn adapter(&self) -> Result<Arc<LoraAdapter>> {
         let map: HashMap<(usize, Proj), (Tensor, Tensor)> = self
@@ -532,18 +582,59 @@ pub struct FinetuneOutcome {
     pub base_eval: Option<(f64, f64)>,
     /// The same with the adapter.
     pub eval: Option<(f64, f64)>,
-    /// Whether it stopped on a signal (the adapter holds the steps taken so far).
+    /// Whether it stopped on a signal: `adapter` is then the checkpoint's, holding the steps
+    /// taken so far, and `--resume` continues the run.
     pub interrupted: bool,
 }
 
+/// What a fine-tuning checkpoint records besides tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The epoch under way.
+    pub epoch: u64,
+    /// Steps of that epoch already taken.
+    pub in_epoch: usize,
+    /// SHA-256 of the chat file trained on.
+    pub data_sha256: String,
+    /// The settings of the run (a resumed run must have the same).
+    pub config: FinetuneConfig,
+}
+
+impl FinetuneState {
+    /// The settings that decide the trained weights: all but where and how often to save.
+    fn decisive(cfg: &FinetuneConfig) -> FinetuneConfig {
+        FinetuneConfig {
+            checkpoint_every: 0,
+            keep_checkpoints: default_keep(),
+            ..cfg.clone()
+        }
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = fs_err::read(path)?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+}
+
+/// The seed of step `step`'s dropout masks.
+fn dropout_seed(seed: u64, step: u64) -> u64 {
+    (seed ^ 0xd50f_u64.rotate_left(40)).wrapping_add(step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
 /// Fine-tunes a LoRA adapter on the base model in `base` with the chat file `data`, writing a
-/// PEFT adapter to `out`. `on_step` sees every step; `stop` ends the run early (the adapter so
-/// far is written).
+/// PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) into `out` and checkpoints
+/// into `out/checkpoints`. With `resume`, continues from the newest complete checkpoint there
+/// and ends with the weights an uninterrupted run would have. `on_step` sees every step; `stop`
+/// ends the run early with a checkpoint.
 pub fn finetune(
     base: &Path,
     data: &Path,
     out: &Path,
     ft: &FinetuneConfig,
+    resume: bool,
     stop: &AtomicBool,
     on_step: &mut dyn FnMut(&FinetuneStep),
 ) -> Result<FinetuneOutcome> {
@@ -551,6 +642,14 @@ pub fn finetune(
     if out.join("adapter_config.json").exists() {
         return Err(Error::Invalid(format!(
             "{} already holds an adapter; choose another --out",
+            out.display()
+        )));
+    }
+    let ckpt_root = out.join("checkpoints");
+    let existing = checkpoint::list(&ckpt_root)?;
+    if !resume && !existing.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} holds checkpoints of a run; pass --resume to continue it, or choose another --out",
             out.display()
         )));
     }
@@ -579,6 +678,7 @@ pub fn finetune(
             "token {t} outside the model's vocabulary"
         )));
     }
+    let data_sha256 = sha256_file(data)?;
     // held out: every k-th example after a seeded shuffle
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ft.seed ^ 0x5f7);
     examples.shuffle(&mut rng);
@@ -594,6 +694,27 @@ pub fn finetune(
         .map(|(n, v)| (n.to_string(), v.elem_count()))
         .collect();
     let mut opt = AdamW::new(ft.adamw, &sizes);
+    let (mut step, mut epoch, mut skip) = (0u64, 0u64, 0usize);
+    if let Some((_, dir)) = existing.last().filter(|_| resume) {
+        let loaded = checkpoint::load::<FinetuneState>(dir, 0, &lora.params, ft.adamw)?;
+        let s = loaded.state;
+        if FinetuneState::decisive(&s.config) != FinetuneState::decisive(ft) {
+            return Err(Error::Invalid(format!(
+                "{} was written with other settings than these; resume with the same config",
+                dir.display()
+            )));
+        }
+        if s.data_sha256 != data_sha256 {
+            return Err(Error::Invalid(format!(
+                "{} was trained on another file than {} (its SHA-256 differs)",
+                dir.display(),
+                data.display()
+            )));
+        }
+        lora.restore(&dir.join("adapter"))?;
+        opt = loaded.optimizer;
+        (step, epoch, skip) = (s.step, s.epoch, s.in_epoch);
+    }
     let per_epoch = steps_of(
         &examples,
         &(0..examples.len()).collect::<Vec<_>>(),
@@ -608,26 +729,52 @@ pub fn finetune(
     } else {
         Some(evaluate(&model, None, &eval_set, ft.tokens_per_step)?)
     };
+    let base_name = base.display().to_string();
+    let save = |step: u64, epoch: u64, in_epoch: usize, opt: &AdamW| -> Result<PathBuf> {
+        let state = FinetuneState {
+            step,
+            epoch,
+            in_epoch,
+            data_sha256: data_sha256.clone(),
+            config: ft.clone(),
+        };
+        let weights = |d: &Path| lora.save_peft(&d.join("adapter"), ft, &base_name);
+        let tmp = checkpoint::stage(&ckpt_root, step, &weights, opt, &state)?;
+        checkpoint::write_rank(&tmp, 0, &state)?;
+        checkpoint::commit(&ckpt_root, &tmp, step, ft.keep_checkpoints)
+    };
 
-    let mut step = 0u64;
-    let mut epoch = 0u64;
     let mut grads = Grads::default();
-    let mut interrupted = false;
-    'outer: loop {
+    'outer: while step < total {
         let mut order: Vec<usize> = (0..examples.len()).collect();
         let mut erng = rand_chacha::ChaCha8Rng::seed_from_u64(ft.seed.wrapping_add(epoch));
         order.shuffle(&mut erng);
-        for group in steps_of(&examples, &order, ft.tokens_per_step) {
+        let groups = steps_of(&examples, &order, ft.tokens_per_step);
+        for (i, group) in groups.iter().enumerate().skip(skip) {
             if step >= total {
                 break 'outer;
             }
             if stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break 'outer;
+                let dir = save(step, epoch, i, &opt)?;
+                return Ok(FinetuneOutcome {
+                    adapter: dir.join("adapter"),
+                    steps: step,
+                    data: report,
+                    held_out: eval_set.len(),
+                    base_eval,
+                    eval: None,
+                    interrupted: true,
+                });
             }
-            let (batch, targets, mask) = pack(&group);
+            let (batch, targets, mask) = pack(group);
+            let this = if ft.lora_dropout > 0.0 {
+                let plain = LoraAdapter::clone(&adapter);
+                Arc::new(plain.with_dropout(ft.lora_dropout as f32, dropout_seed(ft.seed, step)))
+            } else {
+                adapter.clone()
+            };
             let mut lb = LoraBatch::none();
-            lb.push(0..batch.len(), adapter.clone());
+            lb.push(0..batch.len(), this);
             let logits = model
                 .forward_lora(&batch, &mut NoCache, Logits::All, &lb, false)?
                 .logits;
@@ -651,7 +798,11 @@ pub fn finetune(
                 grad_norm,
                 tokens: batch.len(),
             });
+            if ft.checkpoint_every > 0 && step % ft.checkpoint_every == 0 && step < total {
+                save(step, epoch, i + 1, &opt)?;
+            }
         }
+        skip = 0;
         epoch += 1;
     }
     let eval = if eval_set.is_empty() {
@@ -664,23 +815,19 @@ pub fn finetune(
             ft.tokens_per_step,
         )?)
     };
-    // written to a temporary name and renamed: a kill never leaves a half-written adapter
-    let tmp = out.with_extension("partial");
+    // written beside, synced, and moved in weights first: `adapter_config.json` appears last, so
+    // a kill never leaves a directory that loads as a half-written adapter
+    let tmp = out.join("adapter.partial");
     if tmp.exists() {
         fs_err::remove_dir_all(&tmp)?;
     }
-    lora.save_peft(&tmp, ft, &base.display().to_string())?;
-    if out.exists() && fs_err::read_dir(out)?.next().is_some() {
-        return Err(Error::Invalid(format!(
-            "{} appeared while training; the adapter is in {}",
-            out.display(),
-            tmp.display()
-        )));
+    lora.save_peft(&tmp, ft, &base_name)?;
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        fs_err::File::open(tmp.join(name))?.sync_all()?;
+        fs_err::rename(tmp.join(name), out.join(name))?;
     }
-    if out.exists() {
-        fs_err::remove_dir(out)?;
-    }
-    fs_err::rename(&tmp, out)?;
+    fs_err::remove_dir(&tmp)?;
+    fs_err::File::open(out)?.sync_all()?;
     Ok(FinetuneOutcome {
         adapter: out.to_path_buf(),
         steps: step,
@@ -688,7 +835,7 @@ pub fn finetune(
         held_out: eval_set.len(),
         base_eval,
         eval,
-        interrupted,
+        interrupted: false,
     })
 }
 

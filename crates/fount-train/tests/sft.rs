@@ -1,5 +1,5 @@
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
 use fount_model::{Arch, Batch, Logits, LoraAdapter, LoraBatch, Model, NoCache};
@@ -43,6 +43,7 @@ fn lora_learns_the_assistant_turns_and_merges_into_the_same_model() {
         &d.join("chat.jsonl"),
         &d.join("adapter"),
         &quick(),
+        false,
         &AtomicBool::new(false),
         &mut |_| {},
     )
@@ -92,6 +93,7 @@ fn lora_learns_the_assistant_turns_and_merges_into_the_same_model() {
         &d.join("chat.jsonl"),
         &d.join("adapter"),
         &quick(),
+        false,
         &AtomicBool::new(false),
         &mut |_| {},
     )
@@ -112,6 +114,7 @@ fn bad_chat_data_and_mismatched_adapters_are_refused_clearly() {
             &f,
             &d.join("never"),
             cfg,
+            false,
             &AtomicBool::new(false),
             &mut |_| {},
         )
@@ -173,6 +176,7 @@ fn bad_chat_data_and_mismatched_adapters_are_refused_clearly() {
         &f,
         &d.join("adapter"),
         &cfg,
+        false,
         &AtomicBool::new(false),
         &mut |_| {},
     )
@@ -183,4 +187,88 @@ fn bad_chat_data_and_mismatched_adapters_are_refused_clearly() {
         .to_string();
     assert!(!d.join("merged").exists(), "{e}");
     assert!(e.contains("shape") || e.contains("lora"), "{e}");
+}
+
+#[test]
+fn a_stopped_fine_tune_resumes_to_the_same_adapter_bit_for_bit() {
+    let d = scratch("sft-resume");
+    let base = tiny_model(&d, Arch::Qwen2);
+    let lines: Vec<String> = (0..40)
+        .map(|i| qa(&format!("What is {i} plus one?"), &format!("{}", i + 1)))
+        .collect();
+    let data = d.join("chat.jsonl");
+    chat_file(&data, &lines);
+    let cfg = FinetuneConfig {
+        lora_dropout: 0.1,
+        checkpoint_every: 3,
+        tokens_per_step: 96,
+        epochs: 2.0,
+        ..quick()
+    };
+    let run = |out: &str, resume: bool, stop_after: Option<u64>| {
+        let stop = AtomicBool::new(false);
+        finetune(&base, &data, &d.join(out), &cfg, resume, &stop, &mut |s| {
+            if Some(s.step) == stop_after {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+    };
+    let whole = run("whole", false, None).unwrap();
+    assert!(whole.steps > 10, "{} steps", whole.steps);
+    let weights = |dir: &str| std::fs::read(d.join(dir).join("adapter_model.safetensors")).unwrap();
+
+    // stopped by a signal at step 5: a checkpoint at 5, and --resume finishes the run
+    let stopped = run("signal", false, Some(5)).unwrap();
+    assert!(stopped.interrupted && stopped.steps == 5);
+    assert!(!d.join("signal/adapter_config.json").exists());
+    let e = run("signal", false, None).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+    let done = run("signal", true, None).unwrap();
+    assert!(!done.interrupted && done.steps == whole.steps);
+    assert!(
+        weights("signal") == weights("whole"),
+        "resumed at step 5: other weights"
+    );
+
+    // killed during the save at step 9: that checkpoint has no marker, the one of step 6 is used
+    // (dropout masks, data order and moments all replayed)
+    run("killed", false, Some(10)).unwrap();
+    let ckpts = d.join("killed/checkpoints");
+    std::fs::remove_dir_all(ckpts.join("step-00000010")).unwrap();
+    std::fs::rename(
+        ckpts.join("step-00000009"),
+        ckpts.join("step-00000009.partial"),
+    )
+    .unwrap();
+    std::fs::remove_file(ckpts.join("step-00000009.partial/COMPLETE")).unwrap();
+    run("killed", true, None).unwrap();
+    assert!(
+        weights("killed") == weights("whole"),
+        "resumed at step 6: other weights"
+    );
+
+    // a resume with other settings, or on another file, is refused
+    run("other", false, Some(2)).unwrap();
+    let stop = AtomicBool::new(false);
+    let e = finetune(
+        &base,
+        &data,
+        &d.join("other"),
+        &FinetuneConfig {
+            lr: 0.5,
+            ..cfg.clone()
+        },
+        true,
+        &stop,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("other settings"), "{e}");
+    chat_file(&data, &lines[..30]);
+    let e = run("other", true, None).unwrap_err().to_string();
+    assert!(e.contains("SHA-256"), "{e}");
+    // a finished run is not run again
+    let e = run("whole", true, None).unwrap_err().to_string();
+    assert!(e.contains("already holds an adapter"), "{e}");
 }

@@ -31,6 +31,9 @@ pub struct FinetuneArgs {
     /// Cut examples longer than the maximum length instead of refusing the file.
     #[arg(long)]
     pub truncate: bool,
+    /// Continue from the newest complete checkpoint in `OUT/checkpoints`.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// `fount finetune …` subcommands.
@@ -77,7 +80,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let outcome = finetune(&base, &data, &out, &cfg, &stop, &mut |s| {
+    let outcome = finetune(&base, &data, &out, &cfg, a.resume, &stop, &mut |s| {
         bar.set_length(s.steps);
         bar.set_position(s.step);
         bar.set_message(format!("loss {:.3} lr {:.2e}", s.loss, s.lr));
@@ -105,6 +108,13 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             acc * 100.0
         );
     }
-    eprintln!("adapter written to {}", outcome.adapter.display());
+    if outcome.interrupted {
+        eprintln!(
+            "checkpoint written to {}; continue with --resume",
+            outcome.adapter.parent().unwrap_or(&out).display()
+        );
+    } else {
+        eprintln!("adapter written to {}", outcome.adapter.display());
+    }
     Ok(())
 }
