@@ -10,3 +10,4 @@ mod pipeline;
 mod read;
 mod rules;
 mod shards;
+mod tokenizer;

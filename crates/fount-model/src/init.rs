@@ -328,7 +328,7 @@ pub fn train_bpe(
         .build()
         .into();
     let mut tok = tokenizers::Tokenizer::new(BPE::default());
-    tok.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+    pre_tokenize(&mut tok).map_err(tok_err)?;
     tok.with_decoder(Some(ByteLevel::default()));
     tok.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
     tok.train(&mut trainer, texts.iter()).map_err(tok_err)?;
@@ -611,5 +611,31 @@ pub fn init_lora(
         "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false, "fan_in_fan_out": false,
     });
     fs_err::write(out.join("adapter_config.json"), config.to_string())?;
+    Ok(())
+}
+
+/// The pre-tokenizer of Qwen2 (and, with digits in runs of up to three, of Llama 3): contractions,
+/// letter runs with one leading non-letter, single digits, punctuation runs, newlines and spaces
+/// split apart, then byte-level. Hugging Face transformers rebuilds a Qwen2 model's tokenizer with
+/// exactly this (and NFC), whatever `tokenizer.json` says, so a tokenizer trained with anything
+/// else would be read differently there.
+const SPLIT_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// NFC, then [`SPLIT_PATTERN`], then byte-level without its own regex.
+fn pre_tokenize(tok: &mut tokenizers::Tokenizer) -> std::result::Result<(), tokenizers::Error> {
+    use tokenizers::normalizers::unicode::NFC;
+    use tokenizers::pre_tokenizers::sequence::Sequence;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::SplitDelimiterBehavior;
+    let split = Split::new(
+        SplitPattern::Regex(SPLIT_PATTERN.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )?;
+    let bytes = ByteLevel::default()
+        .add_prefix_space(false)
+        .use_regex(false);
+    tok.with_normalizer(Some(NFC));
+    tok.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), bytes.into()])));
     Ok(())
 }

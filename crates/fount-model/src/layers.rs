@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::kv::KvView;
 use crate::lora::{LoraBatch, Proj};
-use crate::matvec::SmallMatmul;
+use crate::matvec::{FrozenMatmul, SmallMatmul};
 use crate::rope;
 use crate::weights::Weights;
 
@@ -64,9 +64,19 @@ impl Linear {
             && self.weight.dtype() == DType::F32
             && !self.weight.track_op()
             && !x.track_op();
+        let frozen = x.track_op()
+            && !self.weight.track_op()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32;
         let y = if small {
             x.contiguous()?
                 .apply_op2_no_bwd(&self.weight, &SmallMatmul)?
+        } else if frozen {
+            // training an adapter over a frozen base: no gradient for the weight
+            x.contiguous()?.apply_op1(FrozenMatmul {
+                weight: self.weight.clone(),
+            })?
         } else {
             x.matmul(&self.weight.t()?)?
         };

@@ -503,9 +503,9 @@ impl LoraAdapter {
             }
             None => x.clone(),
         };
-        let xa = x.matmul(&a.t()?)?;
-        let xab = xa.matmul(&bt)?;
-        Ok(Some((xab * self.scale)?))
+        // the scale on the rank-sized product: one (tokens × r) tensor, not (tokens × out)
+        let xa = (x.matmul(&a.t()?)? * self.scale)?;
+        Ok(Some(xa.matmul(&bt)?))
     }
 }
 
@@ -566,6 +566,18 @@ impl LoraBatch {
         }
         let n = x.dim(0)?;
         let out = y.dim(1)?;
+        if let [(range, adapter)] = self.segments.as_slice() {
+            if range.start == 0 && range.end == n {
+                // one adapter over every row (training): no padding, no concatenation
+                return match adapter.delta(x, layer, proj)? {
+                    Some(d) => {
+                        let d = d.to_dtype(y.dtype())?;
+                        Ok((y + d)?)
+                    }
+                    None => Ok(y),
+                };
+            }
+        }
         let mut pieces = Vec::with_capacity(self.segments.len() * 2 + 1);
         let mut at = 0;
         for (range, adapter) in &self.segments {

@@ -383,6 +383,45 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `x Wᵀ` for a trainable input and a frozen weight (LoRA training): the backward pass computes
+/// the input's gradient only. candle's own matmul also computes the weight's gradient whether or
+/// not anything asks for it, which costs a third of the step's work and a weight-sized buffer
+/// per projection.
+pub(crate) struct FrozenMatmul {
+    /// `(out, in)`, untracked.
+    pub weight: candle_core::Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "fount-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("fount-frozen-matmul: f32 only");
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("fount-frozen-matmul: a contiguous input only");
+        };
+        let x =
+            candle_core::Tensor::from_slice(&x[start..end], l.shape(), &candle_core::Device::Cpu)?;
+        let y = x.matmul(&self.weight.t()?)?.contiguous()?;
+        let shape = y.shape().clone();
+        let values = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(values), shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};

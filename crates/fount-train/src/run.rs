@@ -134,9 +134,13 @@ pub fn matmul_peak() -> Result<f64> {
 /// Training FLOPs per token: 6 × (parameters but the input embedding) plus attention,
 /// 12 × layers × hidden × sequence length (PaLM's count).
 pub fn flops_per_token(model: &Model, params: &Params, seq_len: usize) -> f64 {
-    let c = model.config();
+    flops_per_token_of(model.config(), params.count(), seq_len)
+}
+
+/// [`flops_per_token`] for a model of `config` with `params` parameters in all.
+pub fn flops_per_token_of(c: &fount_model::Config, params: usize, seq_len: usize) -> f64 {
     let embed = c.vocab_size * c.hidden_size;
-    let n = params.count().saturating_sub(embed);
+    let n = params.saturating_sub(embed);
     6.0 * n as f64 + 12.0 * (c.num_hidden_layers * c.hidden_size * seq_len) as f64
 }
 

@@ -272,3 +272,58 @@ fn a_stopped_fine_tune_resumes_to_the_same_adapter_bit_for_bit() {
     let e = run("whole", true, None).unwrap_err().to_string();
     assert!(e.contains("already holds an adapter"), "{e}");
 }
+
+#[test]
+fn adapter_gradients_over_a_frozen_base_equal_those_over_a_trainable_one() {
+    use fount_train::loss::cross_entropy;
+    use fount_train::optim::Grads;
+    use fount_train::sft::LoraParams;
+    let d = scratch("sft-frozen");
+    let base = tiny_model_wide_init(&d, Arch::Qwen2);
+    let ft = FinetuneConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Targets::Named("all-linear".into()),
+        ..FinetuneConfig::default()
+    };
+    let frozen = Model::load(&base, DType::F32, &Device::Cpu).unwrap();
+    let (trainable, _) = fount_train::Params::load(&base).unwrap();
+    let lora = LoraParams::init(frozen.config(), &ft).unwrap();
+    // a non-zero B, so that every path of the adapter carries gradient
+    for (name, var) in lora.params.iter() {
+        if name.ends_with("lora_B.weight") {
+            let t = (var.as_tensor().ones_like().unwrap() * 0.01).unwrap();
+            var.set(&t).unwrap();
+        }
+    }
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 200).collect();
+    let mut batch = Batch::default();
+    batch.push(&ids[..20], 0);
+    batch.push(&ids[20..], 0);
+    let targets: Vec<u32> = ids.iter().map(|t| (t + 1) % 200).collect();
+    let mask = vec![true; ids.len()];
+    let grads_of = |model: &Model| {
+        let mut lb = LoraBatch::none();
+        lb.push(0..batch.len(), lora.adapter().unwrap());
+        let logits = model
+            .forward_lora(&batch, &mut NoCache, Logits::All, &lb, false)
+            .unwrap()
+            .logits;
+        let (loss, _) = cross_entropy(&logits, &targets, &mask).unwrap();
+        let mut g = Grads::default();
+        g.accumulate(&lora.params, &loss.backward().unwrap(), 1.0)
+            .unwrap();
+        g
+    };
+    let (a, b) = (grads_of(&frozen), grads_of(&trainable));
+    for (name, _) in lora.params.iter() {
+        let (x, y) = (a.get(name).unwrap(), b.get(name).unwrap());
+        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{name}: no gradient");
+        let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "{name}: {diff} (scale {scale})"
+        );
+    }
+}

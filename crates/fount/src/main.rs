@@ -27,6 +27,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole platform on one machine: curate a corpus, pretrain a model, fine-tune a LoRA
+    /// adapter, and serve both as a metered API.
+    Demo(cmd::demo::DemoArgs),
     /// Create and inspect model directories.
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Model(c) => cmd::model::run(c),
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(a) => cmd::generate::run(a),

@@ -4,6 +4,9 @@
 /// `fount model init` and `fount generate` from the command line.
 mod cli;
 
+/// `fount demo`: the whole flow, a real client, a second run.
+mod demo;
+
 /// `fount data` from the command line.
 mod data_cli;
 

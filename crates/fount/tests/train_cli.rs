@@ -285,28 +285,57 @@ fn two_mpi_ranks_train_as_one_and_resume_exactly_after_a_kill() {
             .join(format!("two/checkpoints/step-00000030/rank-{r}.json"))
             .exists());
     }
-    // killed with SIGKILL (mpirun and both ranks) once checkpoints exist, then resumed
+    // killed with SIGKILL (mpirun and both ranks): once anywhere after a few checkpoints, then
+    // inside a checkpoint save (a `.partial` directory on disk); resumed after each
     let killed = d.join("killed.toml");
     let kout = d.join("killed");
+    let ckpts = kout.join("checkpoints");
     write_config(&killed, &model, &data, &kout, &two_cfg);
-    let mut child = mpirun(2, &["train", "--config", &s(&killed)])
-        .spawn()
-        .unwrap_or_else(|e| panic!("mpirun: {e}"));
-    let start = Instant::now();
-    while fount_train::checkpoint::list(&kout.join("checkpoints"))
-        .map_or(0, |l| l.last().map_or(0, |c| c.0))
-        < 3
-    {
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
-        std::thread::sleep(Duration::from_millis(20));
+    let partial = || {
+        std::fs::read_dir(&ckpts).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.path().extension().is_some_and(|x| x == "partial"))
+        })
+    };
+    let newest =
+        || fount_train::checkpoint::list(&ckpts).map_or(0, |l| l.last().map_or(0, |c| c.0));
+    let mut during_save = false;
+    for attempt in 0..8 {
+        let mut args = vec!["train", "--config"];
+        let cfg = s(&killed);
+        args.push(&cfg);
+        if attempt > 0 {
+            args.push("--resume");
+        }
+        let mut child = mpirun(2, &args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("mpirun: {e}"));
+        let start = Instant::now();
+        let from = newest();
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
+            if attempt == 0 && newest() >= 3 {
+                break;
+            }
+            if attempt > 0 && newest() > from && partial() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // the ranks (mpirun's children, in process groups of their own), then mpirun
+        let _ = Command::new("pkill")
+            .args(["-9", "-P", &child.id().to_string()])
+            .status();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!kout.join("final").exists(), "killed before the end");
+        if attempt > 0 && partial() {
+            during_save = true;
+            break;
+        }
     }
-    // the ranks (mpirun's children, in process groups of their own), then mpirun
-    let _ = Command::new("pkill")
-        .args(["-9", "-P", &child.id().to_string()])
-        .status();
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(!kout.join("final").exists(), "killed before the end");
+    assert!(during_save, "no kill landed inside a save");
     let out = mpirun(2, &["train", "--config", &s(&killed), "--resume"])
         .output()
         .unwrap_or_else(|e| panic!("mpirun: {e}"));

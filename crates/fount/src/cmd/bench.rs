@@ -25,6 +25,8 @@ pub enum BenchCommand {
     Serve(super::bench_serve::ServeBench),
     /// API keys, quotas and metering on against off, and the HTTP layer over a minimal model.
     Tenancy(super::bench_tenancy::TenancyBench),
+    /// Training steps, full and LoRA: tokens/s, MFU and peak memory beside PyTorch.
+    Train(super::bench_train::TrainBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -65,6 +67,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Engine(a) => super::bench_engine::bench_engine(a, threads),
         BenchCommand::Serve(a) => super::bench_serve::bench_serve(a, threads),
         BenchCommand::Tenancy(a) => super::bench_tenancy::bench_tenancy(a, threads),
+        BenchCommand::Train(a) => super::bench_train::bench_train(a, threads),
     }
 }
 

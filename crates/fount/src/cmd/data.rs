@@ -249,7 +249,7 @@ fn print_all(text: &str) -> Result<()> {
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`).
-fn peak_memory_mb() -> Option<f64> {
+pub fn peak_memory_mb() -> Option<f64> {
     let status = fs_err::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -1,13 +1,13 @@
 //! `fount finetune`: LoRA fine-tuning on chat JSONL into a PEFT adapter, and `fount finetune
 //! merge`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use fount_train::sft::{finetune, merge, FinetuneConfig};
+use fount_train::sft::{finetune, merge, FinetuneConfig, FinetuneOutcome};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `fount finetune`.
@@ -73,6 +73,19 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     cfg.truncate |= a.truncate;
     let stop = Arc::new(AtomicBool::new(false));
     super::train::stop_on_signals(stop.clone())?;
+    fine_tune(&base, &data, &out, &cfg, a.resume, &stop)?;
+    Ok(())
+}
+
+/// Fine-tunes with a progress bar and reports the held-out figures.
+pub fn fine_tune(
+    base: &Path,
+    data: &Path,
+    out: &Path,
+    cfg: &FinetuneConfig,
+    resume: bool,
+    stop: &AtomicBool,
+) -> Result<FinetuneOutcome> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -80,7 +93,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let outcome = finetune(&base, &data, &out, &cfg, a.resume, &stop, &mut |s| {
+    let outcome = finetune(base, data, out, cfg, resume, stop, &mut |s| {
         bar.set_length(s.steps);
         bar.set_position(s.step);
         bar.set_message(format!("loss {:.3} lr {:.2e}", s.loss, s.lr));
@@ -111,10 +124,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if outcome.interrupted {
         eprintln!(
             "checkpoint written to {}; continue with --resume",
-            outcome.adapter.parent().unwrap_or(&out).display()
+            outcome.adapter.parent().unwrap_or(out).display()
         );
     } else {
         eprintln!("adapter written to {}", outcome.adapter.display());
     }
-    Ok(())
+    Ok(outcome)
 }

@@ -110,6 +110,11 @@ pub fn parse_size(s: &str) -> Result<usize> {
 
 /// Runs `fount serve` until SIGTERM or Ctrl-C, then drains and returns.
 pub fn run(a: ServeArgs) -> Result<()> {
+    run_with(a, |_| {})
+}
+
+/// [`run`], calling `on_listen` with the bound address once the server accepts connections.
+pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FOUNT_LOG")
@@ -170,6 +175,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             kv_blocks = state.engine().kv_blocks(),
             "listening on http://{bound}"
         );
+        on_listen(bound);
         fount_server::serve(listener, state, shutdown_signal())
             .await
             .context("serving")?;

@@ -21,8 +21,11 @@ pub struct TrainArgs {
     pub resume: bool,
 }
 
-/// Sets `flag` on SIGTERM or SIGINT (a second signal exits at once).
-pub fn stop_on_signals(flag: Arc<AtomicBool>) -> Result<()> {
+/// Sets `flag` on SIGTERM or SIGINT (a second signal exits at once). Returns the handler's
+/// switch: once it is cleared, signals are left to whoever else listens (a server that follows).
+pub fn stop_on_signals(flag: Arc<AtomicBool>) -> Result<Arc<AtomicBool>> {
+    let armed = Arc::new(AtomicBool::new(true));
+    let switch = armed.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -42,6 +45,9 @@ pub fn stop_on_signals(flag: Arc<AtomicBool>) -> Result<()> {
                         _ = term.recv() => {}
                         _ = int.recv() => {}
                     }
+                    if !armed.load(Ordering::SeqCst) {
+                        continue;
+                    }
                     if flag.swap(true, Ordering::SeqCst) {
                         eprintln!("second signal: exiting without a checkpoint");
                         std::process::exit(130);
@@ -52,7 +58,7 @@ pub fn stop_on_signals(flag: Arc<AtomicBool>) -> Result<()> {
                 }
             });
         })?;
-    Ok(())
+    Ok(switch)
 }
 
 /// A progress bar over the steps.
@@ -113,6 +119,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .with_context(|| format!("reading {}", a.config.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone())?;
+    let resume_hint = format!("fount train --config {} --resume", a.config.display());
+    pretrain(&cfg, a.resume, &stop, &resume_hint)?;
+    Ok(())
+}
+
+/// Trains with a progress bar until done or `stop`; draws the loss curve at the end. Returns the
+/// final model's directory, or `None` when stopped early (`resume_hint` says how to continue).
+pub fn pretrain(
+    cfg: &TrainConfig,
+    resume: bool,
+    stop: &AtomicBool,
+    resume_hint: &str,
+) -> Result<Option<PathBuf>> {
     let bar = ProgressBar::new(cfg.steps);
     bar.set_style(
         ProgressStyle::with_template(
@@ -125,20 +144,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut progress = Progress { bar };
-    let outcome = fount_train::train(&cfg, a.resume, &stop, comm.as_ref(), &mut progress)
+    let outcome = fount_train::train(cfg, resume, stop, comm.as_ref(), &mut progress)
         .with_context(|| format!("training run {}", cfg.out.display()))?;
     progress.bar.finish();
     if comm.rank() != 0 {
-        return Ok(());
+        return Ok(outcome.final_model);
     }
     if outcome.interrupted {
         eprintln!(
-            "stopped at step {} of {}; continue with: fount train --config {} --resume",
-            outcome.step,
-            cfg.steps,
-            a.config.display()
+            "stopped at step {} of {}; continue with: {resume_hint}",
+            outcome.step, cfg.steps,
         );
-        return Ok(());
+        return Ok(None);
     }
     let plot = cfg.out.join("loss.png");
     fount_train::plot::loss_curve(&cfg.out.join("metrics.jsonl"), &plot)
@@ -158,5 +175,5 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .display(),
         plot.display()
     );
-    Ok(())
+    Ok(outcome.final_model)
 }

@@ -1,0 +1,161 @@
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{fount_err, fount_ok};
+
+/// The number of held-out prompts asked through the API.
+const ASKED: usize = 30;
+
+#[test]
+fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
+        .args(["demo", "--dir", &d, "--size", "small", "--port", "0"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting fount demo: {e}"));
+    let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+    let err_log = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut out = String::new();
+    let (mut url, mut key) = (None, None);
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        out.push_str(&line);
+        out.push('\n');
+        if let Some(rest) = line.strip_prefix("Serving fount-demo and its adapter dates on ") {
+            url = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(k) = line.strip_prefix("The demo tenant's key: ") {
+            key = Some(k.trim().to_string());
+            break;
+        }
+    }
+    let (Some(url), Some(key)) = (url, key) else {
+        let _ = child.kill();
+        panic!(
+            "the demo did not start serving:\n{out}\n{}",
+            err_log.join().unwrap_or_default()
+        );
+    };
+    eprintln!("demo ready in {:.0}s", started.elapsed().as_secs_f64());
+    // every step reported; the loss curve and the manifest written
+    for needle in [
+        "[1/4] data",
+        "documents in",
+        "dropped:",
+        "[2/4] pretrain",
+        "[3/4] fine-tune",
+        "held-out task accuracy",
+        "[4/4] serve",
+        "curl ",
+        "from openai import OpenAI",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in:\n{out}");
+    }
+    assert!(dir.join("pretrain/loss.png").exists() && dir.join("data/manifest.json").exists());
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("eval.json")).unwrap_or_default())
+            .unwrap_or_default();
+    let (base_ok, adapter_ok, prompts) = (
+        eval["base_correct"].as_u64().unwrap_or(0),
+        eval["adapter_correct"].as_u64().unwrap_or(0),
+        eval["prompts"].as_u64().unwrap_or(0),
+    );
+    eprintln!("held-out exact answers: base {base_ok}/{prompts}, adapter {adapter_ok}/{prompts}");
+    // the LoRA fine-tune lifts held-out task accuracy from the base's to at least 90 %
+    assert!(
+        prompts >= 30 && adapter_ok * 10 >= prompts * 9 && base_ok < adapter_ok,
+        "{eval}"
+    );
+
+    // the official client, with the demo tenant's key, against both models
+    let test = dir.join("synth/chat/test.jsonl");
+    let py = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/demo_client.py"
+        ))
+        .args([
+            "--base-url",
+            &url,
+            "--api-key",
+            &key,
+            "--n",
+            &ASKED.to_string(),
+            "--test",
+        ])
+        .arg(&test)
+        .output()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let text = String::from_utf8_lossy(&py.stdout).into_owned();
+    assert!(
+        py.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_default();
+    let (base, adapter) = (
+        r["correct"]["fount-demo"].as_u64().unwrap_or(0),
+        r["correct"]["dates"].as_u64().unwrap_or(0),
+    );
+    eprintln!("through the API: base {base}/{ASKED}, adapter {adapter}/{ASKED}");
+    assert!(adapter > base && adapter as usize * 10 >= ASKED * 9, "{r}");
+    // the tenant was metered: one record per request, tokens as the responses said
+    let rows = r["usage"]["data"].as_array().cloned().unwrap_or_default();
+    for model in ["fount-demo", "dates"] {
+        let row = rows
+            .iter()
+            .find(|row| row["model"] == model)
+            .unwrap_or_else(|| panic!("no usage of {model}: {r}"));
+        assert_eq!(row["requests"].as_u64(), Some(ASKED as u64), "{row}");
+        let metered = row["prompt_tokens"].as_u64().unwrap_or(0)
+            + row["completion_tokens"].as_u64().unwrap_or(0);
+        assert_eq!(Some(metered), r["tokens"][model].as_u64(), "{row}");
+    }
+
+    // Ctrl-C: the server drains and the demo exits cleanly
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "{status}: {}",
+        err_log.join().unwrap_or_default()
+    );
+
+    // a second run reuses every finished step
+    let again = Instant::now();
+    let (out, _) = fount_ok(&["demo", "--dir", &d, "--size", "small", "--no-serve"]);
+    assert_eq!(out.matches("done already").count(), 5, "{out}");
+    assert!(
+        again.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        again.elapsed()
+    );
+    // ...and refuses to mix sizes in one directory
+    let e = fount_err(&["demo", "--dir", &d, "--size", "standard", "--no-serve"]);
+    assert!(e.contains("another --size"), "{e}");
+}
