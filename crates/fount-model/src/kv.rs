@@ -27,6 +27,12 @@ pub trait KvView {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)>;
+
+    /// Whether keys and values are kept between forward passes; `false` when every sequence is
+    /// complete in the batch, with no past (attention may then batch equal-length sequences).
+    fn stores(&self) -> bool {
+        true
+    }
 }
 
 /// No cache: every sequence is complete in the batch (training, scoring).
@@ -46,6 +52,10 @@ impl KvView for NoCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         Ok((k.clone(), v.clone()))
+    }
+
+    fn stores(&self) -> bool {
+        false
     }
 }
 

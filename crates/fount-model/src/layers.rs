@@ -281,8 +281,39 @@ impl Attention {
         let q = rope::apply(&q, cos, sin)?;
         let k = rope::apply(&k, cos, sin)?;
         let scale = 1.0 / (d as f64).sqrt();
+        let nseq = batch.seq_lens.len();
+        let len = batch.seq_lens.first().copied().unwrap_or(0);
+        if !kv.stores() && !ctx.invariant && nseq > 1 && batch.seq_lens.iter().all(|&l| l == len) {
+            // equal-length sequences with no past (training windows, packed examples of one
+            // length): one batched attention over every sequence instead of one per sequence;
+            // with no past the sequences' masks are all the same
+            let per_seq = |t: &Tensor, heads: usize| -> Result<Tensor> {
+                // (heads, nseq·len, d) → (nseq, heads, len, d)
+                Ok(t.reshape((heads, nseq, len, d))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            let q = per_seq(&q, h)?.reshape((nseq * kvh, groups * len, d))?;
+            let k = per_seq(&k, kvh)?.reshape((nseq * kvh, len, d))?;
+            let v = per_seq(&v, kvh)?.reshape((nseq * kvh, len, d))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = match masks.first().and_then(Option::as_ref) {
+                Some(mask) => scores
+                    .reshape((nseq * kvh, groups, len, len))?
+                    .broadcast_add(mask)?
+                    .reshape((nseq * kvh, groups * len, len))?,
+                None => scores,
+            };
+            let probs = softmax_last_dim(&scores)?;
+            let out = probs
+                .matmul(&v)? // (nseq·kvh, groups·len, d)
+                .reshape((nseq, h, len, d))?
+                .transpose(1, 2)?
+                .reshape((nseq * len, h * d))?;
+            return ctx.project(&self.o_proj, &out, layer, Proj::O);
+        }
 
-        let mut outs = Vec::with_capacity(batch.seq_lens.len());
+        let mut outs = Vec::with_capacity(nseq);
         let mut offset = 0;
         for (seq, &len) in batch.seq_lens.iter().enumerate() {
             let q = q.narrow(1, offset, len)?.contiguous()?; // (h, len, d)

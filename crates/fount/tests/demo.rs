@@ -42,6 +42,9 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
         }
         if let Some(k) = line.strip_prefix("The demo tenant's key: ") {
             key = Some(k.trim().to_string());
+        }
+        if line.contains("/v1/usage") {
+            // the last of the examples: the server is up
             break;
         }
     }
