@@ -118,12 +118,14 @@ pub struct Outcome {
 
 /// Measured f32 matmul throughput of this machine, FLOP/s (the MFU denominator).
 pub fn matmul_peak() -> Result<f64> {
-    let n = 512;
+    // large enough to reach the kernel's steady rate; the best of several, as the first runs
+    // pay for page faults and thread wake-ups
+    let n = 1024;
     let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
     let _ = a.matmul(&b)?; // warm
     let mut best = f64::INFINITY;
-    for _ in 0..5 {
+    for _ in 0..8 {
         let t = Instant::now();
         let _ = a.matmul(&b)?;
         best = best.min(t.elapsed().as_secs_f64());

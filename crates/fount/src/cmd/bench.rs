@@ -71,6 +71,24 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
     }
 }
 
+/// The model to measure: `model` when given, else a random model of `arch`/`preset` written to
+/// `target/fount-bench/` once and reused.
+pub fn bench_model(model: Option<&Path>, arch: &str, preset_name: &str) -> Result<PathBuf> {
+    if let Some(d) = model {
+        return Ok(d.to_path_buf());
+    }
+    let a = Arch::from_short(arch).with_context(|| format!("unknown --arch {arch}"))?;
+    let d = PathBuf::from("target/fount-bench").join(format!("{arch}-{preset_name}"));
+    if !d.join("model.safetensors").exists() {
+        eprintln!(
+            "writing a random {arch} {preset_name} model to {} …",
+            d.display()
+        );
+        init_model(a, &preset(a, preset_name)?, &InitOptions::default(), &d)?;
+    }
+    Ok(d)
+}
+
 struct Speed {
     prefill_tok_s: f64,
     decode_tok_s: f64,
@@ -79,24 +97,7 @@ struct Speed {
 fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let dir = match &a.model {
-        Some(d) => d.clone(),
-        None => {
-            let arch =
-                Arch::from_short(&a.arch).with_context(|| format!("unknown --arch {}", a.arch))?;
-            let d = PathBuf::from("target/fount-bench").join(format!("{}-{}", a.arch, a.preset));
-            if !d.join("model.safetensors").exists() {
-                eprintln!(
-                    "writing a random {} {} model to {} …",
-                    a.arch,
-                    a.preset,
-                    d.display()
-                );
-                init_model(arch, &preset(arch, &a.preset)?, &InitOptions::default(), &d)?;
-            }
-            d
-        }
-    };
+    let dir = bench_model(a.model.as_deref(), &a.arch, &a.preset)?;
     let dtype = super::parse_dtype(&a.dtype)?;
     let model = Model::load(&dir, dtype, &Device::Cpu)
         .with_context(|| format!("loading {}", dir.display()))?;

@@ -10,8 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use fount_model::init::{init_model, preset, InitOptions};
-use fount_model::{Arch, Batch, Logits, LoraBatch, Model, NoCache};
+use fount_model::{Batch, Logits, LoraBatch, Model, NoCache};
 use fount_train::loss::cross_entropy;
 use fount_train::optim::{AdamW, AdamWConfig, Grads};
 use fount_train::sft::{FinetuneConfig, LoraParams, Targets};
@@ -50,9 +49,12 @@ pub struct TrainBench {
     /// The reference script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/bench/torch_train.py"))]
     pub reference_script: PathBuf,
-    /// Runs one measurement (`full` or `lora`) in this process and prints it as JSON.
+    /// Runs one measurement (`--mode`) in this process and prints it as JSON.
     #[arg(long, hide = true)]
-    pub child: Option<String>,
+    pub child: bool,
+    /// What the child measures: `full` or `lora`.
+    #[arg(long, hide = true, default_value = "full")]
+    pub mode: String,
 }
 
 /// One measurement.
@@ -82,26 +84,9 @@ impl Figures {
 pub fn bench_train(a: TrainBench, threads: Option<usize>) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let dir = match &a.model {
-        Some(d) => d.clone(),
-        None => {
-            let arch =
-                Arch::from_short(&a.arch).with_context(|| format!("unknown --arch {}", a.arch))?;
-            let d = PathBuf::from("target/fount-bench").join(format!("{}-{}", a.arch, a.preset));
-            if !d.join("model.safetensors").exists() {
-                eprintln!(
-                    "writing a random {} {} model to {} …",
-                    a.arch,
-                    a.preset,
-                    d.display()
-                );
-                init_model(arch, &preset(arch, &a.preset)?, &InitOptions::default(), &d)?;
-            }
-            d
-        }
-    };
-    if let Some(mode) = &a.child {
-        return child(&dir, mode, &a);
+    let dir = super::bench::bench_model(a.model.as_deref(), &a.arch, &a.preset)?;
+    if a.child {
+        return child(&dir, &a.mode, &a);
     }
     let model = Model::load(&dir, DType::F32, &Device::Cpu)?;
     let cfg = model.config().clone();
@@ -116,67 +101,52 @@ pub fn bench_train(a: TrainBench, threads: Option<usize>) -> Result<()> {
         a.seq_len,
         peak / 1e9
     );
-    let ours = |mode: &str| -> Result<Figures> {
-        let exe = std::env::current_exe()?;
-        let out = Command::new(exe)
-            .args([
-                "--threads",
-                &threads.to_string(),
-                "bench",
-                "train",
-                "--child",
-                mode,
-            ])
-            .args(["--model", &dir.display().to_string()])
-            .args([
-                "--batch",
-                &a.batch.to_string(),
-                "--seq-len",
-                &a.seq_len.to_string(),
-            ])
-            .args([
-                "--steps",
-                &a.steps.to_string(),
-                "--lora-r",
-                &a.lora_r.to_string(),
-            ])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // the settings both sides are measured with
+    let shared = |mode: &str| -> Vec<String> {
+        [
+            "--model".to_string(),
+            dir.display().to_string(),
+            "--batch".into(),
+            a.batch.to_string(),
+            "--seq-len".into(),
+            a.seq_len.to_string(),
+            "--steps".into(),
+            a.steps.to_string(),
+            "--lora-r".into(),
+            a.lora_r.to_string(),
+            "--mode".into(),
+            mode.into(),
+        ]
+        .to_vec()
+    };
+    let measure = |mut cmd: Command, who: &str| -> Result<String> {
+        let out = cmd.output().with_context(|| format!("running {who}"))?;
         if !out.status.success() {
-            bail!(
-                "fount ({mode}) failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("{who} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         }
-        Figures::parse(&text, "fount")
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let ours = |mode: &str| -> Result<Figures> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args([
+            "--threads",
+            &threads.to_string(),
+            "bench",
+            "train",
+            "--child",
+        ])
+        .args(shared(mode));
+        Figures::parse(&measure(cmd, "fount")?, "fount")
     };
     let theirs = |mode: &str| -> Result<(String, Figures)> {
-        let out = Command::new("python3")
-            .arg(&a.reference_script)
-            .args(["--model", &dir.display().to_string(), "--mode", mode])
-            .args([
-                "--batch",
-                &a.batch.to_string(),
-                "--seq-len",
-                &a.seq_len.to_string(),
-            ])
-            .args([
-                "--steps",
-                &a.steps.to_string(),
-                "--lora-r",
-                &a.lora_r.to_string(),
-            ])
-            .args(["--threads", &threads.to_string()])
-            .output()
-            .context("running python3 (the reference needs torch, transformers and peft)")?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            bail!(
-                "{} failed:\n{}",
-                a.reference_script.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let mut cmd = Command::new("python3");
+        cmd.arg(&a.reference_script)
+            .args(shared(mode))
+            .args(["--threads", &threads.to_string()]);
+        let text = measure(
+            cmd,
+            "python3 (the reference needs torch, transformers and peft)",
+        )?;
         let v: serde_json::Value = text
             .lines()
             .rev()

@@ -248,8 +248,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     header(
         3,
         "fine-tune: a LoRA adapter learns a task the base model cannot do",
-        "The task: rewrite a date YYYY-MM-DD as DD/MM/YYYY, 1,000 chat examples. The base stays\n\
-         frozen; a rank-16 adapter on every projection is trained on the assistant turns only.",
+        "The task: rewrite a date YYYY-MM-DD as DD/MM/YYYY (1,000 chat examples, 100 held out).\n\
+         The base stays frozen; a rank-16 adapter on every projection learns the answers.",
     );
     let adapters = dir.join("adapters");
     let adapter = adapters.join(ADAPTER_NAME);
@@ -343,14 +343,19 @@ fn print_manifest(path: &Path) -> Result<()> {
     }
     let mut reasons: Vec<_> = reasons.into_iter().collect();
     reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    const SHOWN: usize = 6;
+    let mut by_reason: Vec<String> = reasons
+        .iter()
+        .take(SHOWN)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    if reasons.len() > SHOWN {
+        by_reason.push(format!("{} more reasons", reasons.len() - SHOWN));
+    }
     println!(
         "      {docs_in} documents in, {kept} kept, {} dropped: {}",
         docs_in.saturating_sub(kept),
-        reasons
-            .iter()
-            .map(|(r, n)| format!("{r} {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        by_reason.join(", ")
     );
     println!(
         "      {} training tokens; manifest {}",
