@@ -34,8 +34,8 @@ pub struct DemoArgs {
     /// The directory everything is kept in; running again reuses the finished steps.
     #[arg(long, default_value = "fount-demo")]
     pub dir: PathBuf,
-    /// `standard`: a ~0.9M-parameter model, about four minutes on two cores. `small`: a smaller
-    /// corpus and shorter runs (for tests).
+    /// `standard`: a ~0.9M-parameter model, three to four minutes on two cores. `small`: the
+    /// same training, evaluated on 50 held-out prompts instead of 100 (the tests' size).
     #[arg(long, value_enum, default_value_t = Size::Standard)]
     pub size: Size,
     /// Address to serve on.
@@ -54,7 +54,9 @@ pub struct DemoArgs {
 pub enum Size {
     /// The README's demo.
     Standard,
-    /// A smaller run for tests.
+    /// The tests' size: shorter evaluation. (Smaller models and shorter runs do not learn the
+    /// task: digits are single tokens, and copying them into a new order takes this model and
+    /// this much training.)
     Small,
 }
 
@@ -70,7 +72,8 @@ struct Recipe {
 
 fn recipe(size: Size) -> Result<Recipe> {
     let tiny = fount_model::init::preset(Arch::Qwen2, "tiny")?;
-    // ~0.9M parameters: four layers are what copying digits into a new order takes
+    // ~0.9M parameters: the 2-layer, 64-wide tiny preset does not learn to copy digits into a
+    // new order (74 % of answer tokens right at best); this does (100 %)
     let shape = Shape {
         name: "demo",
         hidden_size: 128,
