@@ -420,15 +420,18 @@ fn print_examples(url: &str, key: &str) {
 Serving {BASE_NAME} and its adapter {ADAPTER_NAME} on {url} until Ctrl-C.
 The demo tenant's key: {key}
 
-curl {url}/v1/chat/completions -H "Authorization: Bearer {key}" \
-  -H "Content-Type: application/json" \
-  -d '{{"model": "{ADAPTER_NAME}", "messages": [{{"role": "user", "content": "{prompt}"}}]}}'
+for model in {BASE_NAME} {ADAPTER_NAME}; do
+  curl {url}/v1/chat/completions -H "Authorization: Bearer {key}" \
+    -H "Content-Type: application/json" \
+    -d '{{"model": "'$model'", "temperature": 0, "max_tokens": 16, "messages": [{{"role": "user", "content": "{prompt}"}}]}}'
+  echo
+done
 
 python3 -c '
 from openai import OpenAI
 client = OpenAI(base_url="{url}/v1", api_key="{key}")
 for model in ["{BASE_NAME}", "{ADAPTER_NAME}"]:
-    r = client.chat.completions.create(model=model, max_tokens=16,
+    r = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
         messages=[{{"role": "user", "content": "{prompt}"}}])
     print(model, "->", r.choices[0].message.content, r.usage.total_tokens, "tokens")
 '
