@@ -122,6 +122,11 @@ fn kill_after(cfg: &Path, resume: bool, after: Duration, ckpts: &Path) -> bool {
     std::thread::sleep(after);
     let _ = child.kill();
     let _ = child.wait();
+    has_partial(ckpts)
+}
+
+/// Whether a checkpoint save was cut: a `.partial` directory under `ckpts`.
+fn has_partial(ckpts: &Path) -> bool {
     std::fs::read_dir(ckpts).is_ok_and(|entries| {
         entries
             .filter_map(Result::ok)
@@ -291,13 +296,7 @@ fn two_mpi_ranks_train_as_one_and_resume_exactly_after_a_kill() {
     let kout = d.join("killed");
     let ckpts = kout.join("checkpoints");
     write_config(&killed, &model, &data, &kout, &two_cfg);
-    let partial = || {
-        std::fs::read_dir(&ckpts).is_ok_and(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .any(|e| e.path().extension().is_some_and(|x| x == "partial"))
-        })
-    };
+    let partial = || has_partial(&ckpts);
     let newest =
         || fount_train::checkpoint::list(&ckpts).map_or(0, |l| l.last().map_or(0, |c| c.0));
     let mut during_save = false;

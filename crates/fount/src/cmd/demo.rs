@@ -60,21 +60,21 @@ pub enum Size {
     Small,
 }
 
-/// Everything that differs between the sizes.
-struct Recipe {
-    docs: usize,
-    vocab: usize,
-    shape: Shape,
-    pretrain: String,
-    finetune: String,
-    eval_prompts: usize,
-}
+/// Documents the corpus starts with.
+const DOCS: usize = 4000;
+/// Vocabulary of the trained tokenizer.
+const VOCAB: usize = 1024;
+/// The pretraining settings (besides the paths).
+const PRETRAIN: &str = "steps = 500\nseq_len = 64\nmicro_batch = 8\nlr = 3e-3\n\
+                        eval_every = 100\ncheckpoint_every = 100\n";
+/// The fine-tuning settings.
+const FINETUNE: &str = "r = 16\nlora_alpha = 32\ntarget_modules = \"all-linear\"\nlr = 3e-3\n\
+                        epochs = 8\ntokens_per_step = 1024\ncheckpoint_every = 100\n";
 
-fn recipe(size: Size) -> Result<Recipe> {
-    let tiny = fount_model::init::preset(Arch::Qwen2, "tiny")?;
-    // ~0.9M parameters: the 2-layer, 64-wide tiny preset does not learn to copy digits into a
-    // new order (74 % of answer tokens right at best); this does (100 %)
-    let shape = Shape {
+/// The model: ~0.9M parameters. The 2-layer, 64-wide tiny preset does not learn to copy digits
+/// into a new order (74 % of answer tokens right at best); this does (100 %).
+fn shape() -> Result<Shape> {
+    Ok(Shape {
         name: "demo",
         hidden_size: 128,
         intermediate_size: 384,
@@ -83,38 +83,18 @@ fn recipe(size: Size) -> Result<Recipe> {
         num_key_value_heads: 2,
         max_position_embeddings: 512,
         tie_word_embeddings: true,
-        ..tiny
-    };
-    let finetune = |epochs: u32| {
-        format!(
-            "r = 16\nlora_alpha = 32\ntarget_modules = \"all-linear\"\nlr = 3e-3\n\
-             epochs = {epochs}\ntokens_per_step = 1024\ncheckpoint_every = 100\n"
-        )
-    };
-    let pretrain = |steps: u32| {
-        format!(
-            "steps = {steps}\nseq_len = 64\nmicro_batch = 8\nlr = 3e-3\n\
-             eval_every = 100\ncheckpoint_every = 100\n"
-        )
-    };
-    Ok(match size {
-        Size::Standard => Recipe {
-            docs: 4000,
-            vocab: 1024,
-            shape,
-            pretrain: pretrain(500),
-            finetune: finetune(8),
-            eval_prompts: 100,
-        },
-        Size::Small => Recipe {
-            docs: 4000,
-            vocab: 1024,
-            shape,
-            pretrain: pretrain(500),
-            finetune: finetune(8),
-            eval_prompts: 50,
-        },
+        ..fount_model::init::preset(Arch::Qwen2, "tiny")?
     })
+}
+
+impl Size {
+    /// Held-out prompts the task accuracy is measured on: all that differs between the sizes.
+    fn eval_prompts(self) -> usize {
+        match self {
+            Size::Standard => 100,
+            Size::Small => 50,
+        }
+    }
 }
 
 fn header(n: usize, title: &str, what: &str) {
@@ -144,7 +124,6 @@ fn write_config(path: &Path, text: &str) -> Result<()> {
 /// Runs `fount demo`.
 pub fn run(a: DemoArgs) -> Result<()> {
     let started = Instant::now();
-    let r = recipe(a.size)?;
     let dir = &a.dir;
     fs_err::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let size_file = dir.join("size");
@@ -170,7 +149,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         reused(&synth);
     } else {
         let opts = SynthOptions {
-            docs: r.docs,
+            docs: DOCS,
             seed: 1,
             ..SynthOptions::default()
         };
@@ -187,7 +166,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             out: data.clone(),
             pipeline: None,
             tokenizer: None,
-            vocab_size: Some(r.vocab),
+            vocab_size: Some(VOCAB),
             text_field: None,
             skip_bad_records: false,
             max_files: None,
@@ -214,7 +193,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             tokenizer: Some(data.join("tokenizer.json")),
             ..InitOptions::default()
         };
-        init_model(Arch::Qwen2, &r.shape, &opts, &tmp)
+        init_model(Arch::Qwen2, &shape()?, &opts, &tmp)
             .with_context(|| format!("initialising {}", tmp.display()))?;
         if init.exists() {
             fs_err::remove_dir_all(&init)?;
@@ -233,7 +212,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             init.to_string_lossy(),
             data.join("shards").to_string_lossy(),
             run_dir.to_string_lossy(),
-            r.pretrain
+            PRETRAIN
         );
         write_config(&cfg_path, &text)?;
         let cfg = TrainConfig::from_file(&cfg_path)?;
@@ -262,7 +241,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         reused(&adapter);
     } else {
         let cfg_path = dir.join("finetune.toml");
-        write_config(&cfg_path, &r.finetune)?;
+        write_config(&cfg_path, FINETUNE)?;
         let cfg = FinetuneConfig::from_file(&cfg_path)?;
         let outcome = super::finetune::fine_tune(&base, &chat_train, &adapter, &cfg, true, &stop)?;
         if outcome.interrupted {
@@ -274,7 +253,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .with_context(|| format!("{} is corrupt; delete it", eval_path.display()))?,
         Err(_) => {
-            let n = r.eval_prompts;
+            let n = a.size.eval_prompts();
             let (base_ok, total) = chat_accuracy(&base, None, &chat_test, n)?;
             let (adapter_ok, _) = chat_accuracy(&base, Some(&adapter), &chat_test, n)?;
             let v =
