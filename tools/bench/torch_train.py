@@ -4,7 +4,10 @@ transformers and PEFT (LoRA on every linear projection, alpha = 2r). Prints one 
 tokens/s over the timed steps (after one warm-up step) and the process's peak memory.
 
     python3 tools/bench/torch_train.py --model DIR --mode full|lora --batch 4 --seq-len 256 \\
-        --steps 5 --lora-r 16 --threads 2
+        --steps 5 --lora-r 16 --threads 2 [--recompute]
+
+`--recompute` turns on gradient checkpointing (`gradient_checkpointing_enable`), the
+counterpart of fount's `recompute`.
 """
 
 import argparse
@@ -25,12 +28,17 @@ p.add_argument("--seq-len", type=int, default=256)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--lora-r", type=int, default=16)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--recompute", action="store_true", help="gradient checkpointing of every layer")
 args = p.parse_args()
 
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 model.train()
+if args.recompute:
+    # non-reentrant checkpointing: with the base frozen (LoRA), the reentrant variant would
+    # see no input that needs a gradient
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 if args.mode == "lora":
     from peft import LoraConfig, get_peft_model
 

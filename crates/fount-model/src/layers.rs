@@ -1,14 +1,15 @@
 //! The small layers of a Llama-family decoder: linear projections, RMSNorm, the SwiGLU MLP and
 //! grouped-query attention over a packed batch.
 //!
-//! Every op is differentiable (no fused kernels that cut the autograd graph), so the same code
-//! trains and serves.
+//! Every op is differentiable, so the same code trains and serves: training on the CPU in f32
+//! runs the fused kernels of [`crate::fused`], which carry their own backward passes.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::batch::Batch;
 use crate::config::Config;
 use crate::error::Result;
+use crate::fused;
 use crate::kv::KvView;
 use crate::lora::{LoraBatch, Proj};
 use crate::matvec::{FrozenMatmul, SmallMatmul};
@@ -114,6 +115,9 @@ impl RmsNorm {
                 self.eps as f32,
             )?);
         }
+        if fused::applies(x) && fused::applies(&self.weight) {
+            return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -159,9 +163,14 @@ impl Mlp {
 
     /// [`Mlp::forward`] of layer `layer` with the adapters of `ctx`.
     pub fn forward_ctx(&self, x: &Tensor, layer: usize, ctx: &LayerCtx) -> Result<Tensor> {
-        let gate = ctx.project(&self.gate_proj, x, layer, Proj::Gate)?.silu()?;
+        let gate = ctx.project(&self.gate_proj, x, layer, Proj::Gate)?;
         let up = ctx.project(&self.up_proj, x, layer, Proj::Up)?;
-        ctx.project(&self.down_proj, &(gate * up)?, layer, Proj::Down)
+        let h = if gate.track_op() && fused::applies(&gate) {
+            fused::silu_mul(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        ctx.project(&self.down_proj, &h, layer, Proj::Down)
     }
 }
 
@@ -177,6 +186,19 @@ pub struct LayerCtx<'a> {
 
 impl LayerCtx<'_> {
     fn project(&self, linear: &Linear, x: &Tensor, layer: usize, proj: Proj) -> Result<Tensor> {
+        if !self.lora.is_empty()
+            && fused::applies(x)
+            && fused::applies(&linear.weight)
+            && !linear.weight.track_op()
+        {
+            if let Some((a, bt, scale)) = self.lora.whole_batch_pair(x.dim(0)?, layer, proj) {
+                if (a.track_op() || bt.track_op()) && fused::applies(&a) {
+                    // training an adapter over a frozen base: the fused projection
+                    let bias = linear.bias.as_ref();
+                    return Ok(fused::lora_linear(x, &linear.weight, bias, &a, &bt, scale)?);
+                }
+            }
+        }
         let y = linear.forward_mode(x, self.invariant)?;
         if self.lora.is_empty() {
             return Ok(y);
@@ -296,15 +318,7 @@ impl Attention {
             let q = per_seq(&q, h)?.reshape((nseq * kvh, groups * len, d))?;
             let k = per_seq(&k, kvh)?.reshape((nseq * kvh, len, d))?;
             let v = per_seq(&v, kvh)?.reshape((nseq * kvh, len, d))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let scores = match masks.first().and_then(Option::as_ref) {
-                Some(mask) => scores
-                    .reshape((nseq * kvh, groups, len, len))?
-                    .broadcast_add(mask)?
-                    .reshape((nseq * kvh, groups * len, len))?,
-                None => scores,
-            };
-            let probs = softmax_last_dim(&scores)?;
+            let probs = attention_probs(q.matmul(&k.t()?)?, masks.first(), scale, groups)?;
             let out = probs
                 .matmul(&v)? // (nseq·kvh, groups·len, d)
                 .reshape((nseq, h, len, d))?
@@ -321,25 +335,17 @@ impl Attention {
             let v_new = v.narrow(1, offset, len)?;
             offset += len;
             let (keys, values) = kv.append(self.layer, seq, &k_new, &v_new)?; // (kvh, total, d)
-            let total = keys.dim(1)?;
-            // Query heads sharing a key/value head are stacked along the rows, so one batched
-            // matmul per key/value head serves the whole group without copying keys.
+                                                                              // Query heads sharing a key/value head are stacked along the rows, so one batched
+                                                                              // matmul per key/value head serves the whole group without copying keys.
             let q = q.reshape((kvh, groups * len, d))?;
             let scores = if ctx.invariant {
-                (per_head(&q, &keys, |q, k| {
+                per_head(&q, &keys, |q, k| {
                     Linear::from_weights(k, None).forward_mode(&q, true)
-                })? * scale)?
+                })?
             } else {
-                (q.matmul(&keys.t()?)? * scale)? // (kvh, groups·len, total)
+                q.matmul(&keys.t()?)? // (kvh, groups·len, total)
             };
-            let scores = match masks.get(seq).and_then(Option::as_ref) {
-                Some(mask) => scores
-                    .reshape((kvh, groups, len, total))?
-                    .broadcast_add(mask)?
-                    .reshape((kvh, groups * len, total))?,
-                None => scores,
-            };
-            let probs = softmax_last_dim(&scores)?;
+            let probs = attention_probs(scores, masks.get(seq), scale, groups)?;
             let out = if ctx.invariant {
                 let vt = values.transpose(1, 2)?.contiguous()?; // (kvh, d, total)
                 per_head(&probs.contiguous()?, &vt, |p, v| {
@@ -356,6 +362,33 @@ impl Attention {
         }
         ctx.project(&self.o_proj, &Tensor::cat(&outs, 0)?, layer, Proj::O)
     }
+}
+
+/// `softmax(scale · scores + mask)` of `(heads, groups · queries, keys)` scores, where the
+/// additive mask `(queries, keys)` is shared by every head and every query group.
+fn attention_probs(
+    scores: Tensor,
+    mask: Option<&Option<Tensor>>,
+    scale: f64,
+    groups: usize,
+) -> Result<Tensor> {
+    let mask = mask.and_then(Option::as_ref);
+    if scores.track_op() && fused::applies(&scores) {
+        // training: one pass each way instead of the five ops below
+        return Ok(fused::masked_softmax(&scores, mask, scale)?);
+    }
+    let scores = (scores * scale)?;
+    let scores = match mask {
+        Some(mask) => {
+            let (heads, rows, keys) = scores.dims3()?;
+            scores
+                .reshape((heads, groups, rows / groups, keys))?
+                .broadcast_add(mask)?
+                .reshape((heads, rows, keys))?
+        }
+        None => scores,
+    };
+    softmax_last_dim(&scores)
 }
 
 /// Applies `f(a[i], b[i])` to each head `i` of `(heads, …)` tensors and stacks the results.

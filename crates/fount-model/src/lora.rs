@@ -547,6 +547,43 @@ impl LoraBatch {
         &self.segments
     }
 
+    /// The adapters of rows `rows` only, renumbered from 0 (a slice of the batch's sequences).
+    pub(crate) fn rows(&self, rows: Range<usize>) -> LoraBatch {
+        let mut out = LoraBatch::none();
+        for (range, adapter) in &self.segments {
+            let (start, end) = (range.start.max(rows.start), range.end.min(rows.end));
+            if start < end {
+                out.segments
+                    .push((start - rows.start..end - rows.start, adapter.clone()));
+            }
+        }
+        out
+    }
+
+    /// Whether any adapter applies dropout (training).
+    pub(crate) fn has_dropout(&self) -> bool {
+        self.segments.iter().any(|(_, a)| a.dropout.is_some())
+    }
+
+    /// A training forward's adapter for `proj` of `layer`: when one adapter without dropout
+    /// covers all `rows` and holds its weights as tensors, and adapts this projection, its
+    /// `(A, Bᵀ, scale)`.
+    pub(crate) fn whole_batch_pair(
+        &self,
+        rows: usize,
+        layer: usize,
+        proj: Proj,
+    ) -> Option<(Tensor, Tensor, f64)> {
+        let [(range, adapter)] = self.segments.as_slice() else {
+            return None;
+        };
+        if range.start != 0 || range.end != rows || adapter.dropout.is_some() {
+            return None;
+        }
+        let (a, bt) = adapter.tensors.get(&(layer, proj))?;
+        Some((a.clone(), bt.clone(), adapter.scale))
+    }
+
     /// `y + Σ_segments s · (x Aᵀ) Bᵀ` over the rows of each segment, for `proj` of `layer`.
     pub(crate) fn apply(&self, x: &Tensor, y: Tensor, layer: usize, proj: Proj) -> Result<Tensor> {
         if self.segments.iter().all(|(_, a)| !a.targets(layer, proj)) {

@@ -404,12 +404,25 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("fount-frozen-matmul: a contiguous input only");
         };
-        let x =
-            candle_core::Tensor::from_slice(&x[start..end], l.shape(), &candle_core::Device::Cpu)?;
-        let y = x.matmul(&self.weight.t()?)?.contiguous()?;
-        let shape = y.shape().clone();
-        let values = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(values), shape))
+        let x = &x[start..end];
+        let (rows, inp) = l.shape().dims2()?;
+        let out = self.weight.dim(0)?;
+        let mut y = vec![0f32; rows * out];
+        let (storage, wl) = self.weight.storage_and_layout();
+        let (candle_core::Storage::Cpu(CpuStorage::F32(w)), Some((ws, we))) =
+            (&*storage, wl.contiguous_offsets())
+        else {
+            candle_core::bail!("fount-frozen-matmul: a contiguous f32 CPU weight only");
+        };
+        crate::fused::gemm_into(
+            &mut y,
+            (rows, out, inp),
+            false,
+            crate::fused::Mat::rows(x, inp),
+            crate::fused::Mat::transposed(&w[ws..we], inp),
+            1.0,
+        )?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
     fn bwd(

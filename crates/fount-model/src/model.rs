@@ -4,15 +4,17 @@
 //! One forward serves prefill, cached decoding and training: it takes a packed [`Batch`] and the
 //! sequences' key/value state as a [`KvView`] (see `DESIGN.md`, "The model's forward contract").
 
+use std::ops::Range;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::batch::{Batch, Logits};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
-use crate::kv::KvView;
+use crate::kv::{KvView, NoCache};
 use crate::layers::{attention_mask, Attention, LayerCtx, Linear, Mlp, RmsNorm};
 use crate::lora::LoraBatch;
 use crate::moe::SparseMoe;
@@ -71,6 +73,22 @@ pub struct Output {
     pub logits: Tensor,
     /// Router logits of each MoE layer, `(tokens, experts)` (empty for dense models).
     pub router_logits: Vec<Tensor>,
+}
+
+/// The loss of some rows of a batch: `(logits of the rows, which rows)` → a scalar.
+pub type RowsLoss<'a, E> = dyn FnMut(&Tensor, Range<usize>) -> std::result::Result<Tensor, E> + 'a;
+
+/// About how many tokens [`Model::backward_checkpointed`] recomputes at a time.
+pub const RECOMPUTE_TOKENS: usize = 256;
+
+/// What every layer of one forward shares.
+struct Prepared {
+    cos: Tensor,
+    sin: Tensor,
+    /// Per sequence, the causal mask.
+    full: Vec<Option<Tensor>>,
+    /// Per sequence, the sliding-window mask, for models with a window.
+    windowed: Option<Vec<Option<Tensor>>>,
 }
 
 /// A loaded causal language model.
@@ -160,6 +178,134 @@ impl Model {
         lora: &LoraBatch,
         invariant: bool,
     ) -> Result<Output> {
+        let ctx = LayerCtx { lora, invariant };
+        let prep = self.prepare(batch, kv, lora)?;
+        let mut x = self.embed(batch)?; // (N, hidden)
+        let mut router_logits = Vec::new();
+        for index in 0..self.layers.len() {
+            let (y, router) = self.layer(index, &x, batch, &prep, kv, &ctx)?;
+            router_logits.extend(router);
+            x = y;
+        }
+        Ok(Output {
+            logits: self.head(&x, batch, logits, invariant)?,
+            router_logits,
+        })
+    }
+
+    /// A training step's forward and backward with activation recomputation (gradient
+    /// checkpointing): the forward keeps only each layer's input; the backward recomputes each
+    /// layer's activations from its input and backpropagates the gradient of its output through
+    /// it, layer by layer from the last. It does so for a few sequences at a time (about
+    /// [`RECOMPUTE_TOKENS`] tokens, whole sequences), so activation memory is one layer's over
+    /// that many tokens, for a second forward pass of compute. With LoRA dropout the masks
+    /// depend on the whole batch's shape, so the batch is recomputed in one piece.
+    ///
+    /// `loss(logits, rows)` turns the logits of the batch's rows `rows` (`(rows, vocab)`) into
+    /// their share of the scalar to minimise (the loss must be a sum over rows); `on_grads` is
+    /// called with the gradients of each piece (the head, each layer, the embedding, for each
+    /// group of sequences), so parameters appear in several stores whose sums are their
+    /// gradients. Returns the loss. Dense models only: an MoE layer's auxiliary loss couples
+    /// every layer's router.
+    pub fn backward_checkpointed<E: From<Error>>(
+        &self,
+        batch: &Batch,
+        lora: &LoraBatch,
+        loss: &mut RowsLoss<'_, E>,
+        on_grads: &mut dyn FnMut(&GradStore) -> std::result::Result<(), E>,
+    ) -> std::result::Result<f64, E> {
+        // candle's errors become this crate's, and those the caller's
+        fn t<T>(r: candle_core::Result<T>) -> Result<T> {
+            Ok(r?)
+        }
+        if self.config.moe.is_some() {
+            return Err(Error::Batch(
+                "activation recomputation is for dense models; an MoE model trains without it"
+                    .into(),
+            )
+            .into());
+        }
+        let ctx = LayerCtx {
+            lora,
+            invariant: false,
+        };
+        let mut kv = NoCache;
+        let prep = self.prepare(batch, &mut kv, lora)?;
+        // forward: each layer's input, cut from the graph
+        let mut inputs = Vec::with_capacity(self.layers.len() + 1);
+        inputs.push(self.embed(batch)?.detach());
+        for index in 0..self.layers.len() {
+            let x = inputs[index].clone();
+            let (y, _) = self.layer(index, &x, batch, &prep, &mut kv, &ctx)?;
+            inputs.push(y.detach());
+        }
+        drop(prep);
+        // backward, a group of whole sequences at a time
+        let budget = if lora.has_dropout() {
+            usize::MAX
+        } else {
+            RECOMPUTE_TOKENS
+        };
+        let mut total = 0f64;
+        let (mut seq, mut row) = (0, 0);
+        while seq < batch.seq_lens.len() {
+            let mut part = Batch::default();
+            let first_row = row;
+            while seq < batch.seq_lens.len()
+                && (part.is_empty() || part.len() + batch.seq_lens[seq] <= budget)
+            {
+                let len = batch.seq_lens[seq];
+                let start = batch.positions[row] as usize;
+                part.push(&batch.tokens[row..row + len], start);
+                (seq, row) = (seq + 1, row + len);
+            }
+            let rows = first_row..row;
+            let lora = lora.rows(rows.clone());
+            let ctx = LayerCtx {
+                lora: &lora,
+                invariant: false,
+            };
+            let prep = self.prepare(&part, &mut kv, &lora)?;
+            let slice = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+            // the head and the loss
+            let x = t(slice(&inputs[self.layers.len()]).and_then(|x| Var::from_tensor(&x)))?;
+            let value = loss(
+                &self.head(x.as_tensor(), &part, Logits::All, false)?,
+                rows.clone(),
+            )?;
+            total += f64::from(t(value
+                .to_dtype(DType::F32)
+                .and_then(|v| v.to_scalar::<f32>()))?);
+            let store = t(value.backward())?;
+            on_grads(&store)?;
+            let Some(g) = store.get(x.as_tensor()) else {
+                return Err(Error::Batch("the loss does not depend on the logits".into()).into());
+            };
+            let mut grad = g.detach();
+            drop(store);
+            // the layers in reverse: d(output · grad)/d(input) is the input's gradient
+            for index in (0..self.layers.len()).rev() {
+                let x = t(slice(&inputs[index]).and_then(|x| Var::from_tensor(&x)))?;
+                let (y, _) = self.layer(index, x.as_tensor(), &part, &prep, &mut kv, &ctx)?;
+                let store = t((y * &grad).and_then(|p| p.sum_all()?.backward()))?;
+                on_grads(&store)?;
+                grad = match store.get(x.as_tensor()) {
+                    Some(g) => g.detach(),
+                    None => t(grad.zeros_like())?,
+                };
+            }
+            // the embedding, when it is trained
+            if self.embed_tokens.track_op() {
+                let e = self.embed(&part)?;
+                let store = t((e * &grad).and_then(|p| p.sum_all()?.backward()))?;
+                on_grads(&store)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Checks a batch and computes what every layer shares: RoPE tables and attention masks.
+    fn prepare(&self, batch: &Batch, kv: &mut dyn KvView, lora: &LoraBatch) -> Result<Prepared> {
         batch.validate(self.config.vocab_size)?;
         if let Some((range, _)) = lora.segments().iter().find(|(r, _)| r.end > batch.len()) {
             return Err(Error::Batch(format!(
@@ -167,7 +313,6 @@ impl Model {
                 batch.len()
             )));
         }
-        let ctx = LayerCtx { lora, invariant };
         let max = self.config.max_position_embeddings;
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= max {
@@ -177,9 +322,7 @@ impl Model {
                 });
             }
         }
-        let n = batch.len();
         let past: Vec<usize> = (0..batch.seq_lens.len()).map(|s| kv.past_len(s)).collect();
-        let tokens = Tensor::from_slice(&batch.tokens, n, &self.device)?;
         let (cos, sin) = self.rope.tables(&batch.positions, &self.device)?;
         // Masks depend only on the sequences' lengths, so they are built once per forward: one
         // set for full attention, one for sliding-window layers if the model has them.
@@ -188,32 +331,55 @@ impl Model {
             Some(w) => Some(self.masks(batch, &past, Some(w))?),
             None => None,
         };
-        let mut x = self.embed_tokens.index_select(&tokens, 0)?; // (N, hidden)
-        let mut router_logits = Vec::new();
-        for (index, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let h = layer.input_layernorm.forward(&x)?;
-            let masks = match (layer.self_attn.window(), &windowed) {
-                (Some(_), Some(w)) => w,
-                _ => &full,
-            };
-            let h = layer
-                .self_attn
-                .forward_ctx(&h, batch, masks, &cos, &sin, kv, &ctx)?;
-            let x1 = (residual + h)?;
-            let h = layer.post_attention_layernorm.forward(&x1)?;
-            let h = match &layer.mlp {
-                FeedForward::Dense(mlp) => mlp.forward_ctx(&h, index, &ctx)?,
-                FeedForward::Sparse(moe) => {
-                    let (h, r) = moe.forward(&h)?;
-                    router_logits.push(r);
-                    h
-                }
-            };
-            x = (x1 + h)?;
-        }
+        Ok(Prepared {
+            cos,
+            sin,
+            full,
+            windowed,
+        })
+    }
+
+    /// The token embeddings of a batch, `(N, hidden)`.
+    fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        let tokens = Tensor::from_slice(&batch.tokens, batch.len(), &self.device)?;
+        Ok(self.embed_tokens.index_select(&tokens, 0)?)
+    }
+
+    /// Decoder block `index` over `x`; also the router logits of an MoE block.
+    fn layer(
+        &self,
+        index: usize,
+        x: &Tensor,
+        batch: &Batch,
+        prep: &Prepared,
+        kv: &mut dyn KvView,
+        ctx: &LayerCtx,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let layer = &self.layers[index];
+        let h = layer.input_layernorm.forward(x)?;
+        let masks = match (layer.self_attn.window(), &prep.windowed) {
+            (Some(_), Some(w)) => w,
+            _ => &prep.full,
+        };
+        let h = layer
+            .self_attn
+            .forward_ctx(&h, batch, masks, &prep.cos, &prep.sin, kv, ctx)?;
+        let x1 = (x + h)?;
+        let h = layer.post_attention_layernorm.forward(&x1)?;
+        let (h, router) = match &layer.mlp {
+            FeedForward::Dense(mlp) => (mlp.forward_ctx(&h, index, ctx)?, None),
+            FeedForward::Sparse(moe) => {
+                let (h, r) = moe.forward(&h)?;
+                (h, Some(r))
+            }
+        };
+        Ok(((x1 + h)?, router))
+    }
+
+    /// The final norm and the language-model head over the rows `logits` asks for, in f32.
+    fn head(&self, x: &Tensor, batch: &Batch, logits: Logits, invariant: bool) -> Result<Tensor> {
         let x = match logits {
-            Logits::All => x,
+            Logits::All => x.clone(),
             Logits::Last => {
                 let mut last = Vec::with_capacity(batch.seq_lens.len());
                 let mut end = 0u32;
@@ -226,14 +392,10 @@ impl Model {
             }
         };
         let x = self.norm.forward(&x)?;
-        let logits = self
+        Ok(self
             .lm_head
             .forward_mode(&x, invariant)?
-            .to_dtype(DType::F32)?;
-        Ok(Output {
-            logits,
-            router_logits,
-        })
+            .to_dtype(DType::F32)?)
     }
 
     /// The additive attention mask of each sequence, `(new, past + new)`, in the model's dtype.

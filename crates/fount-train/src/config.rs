@@ -69,6 +69,12 @@ pub struct TrainConfig {
     /// Mixture-of-experts losses.
     #[serde(default)]
     pub moe: MoeLosses,
+    /// Activation recomputation (gradient checkpointing): keep only each layer's input during
+    /// the forward pass and recompute the rest during the backward pass. Activation memory
+    /// drops to one layer's, for a second forward pass of compute (about a third more per
+    /// step); the weights come out the same. Dense models only.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 /// The auxiliary losses of a mixture-of-experts model.

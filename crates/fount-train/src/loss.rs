@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 /// rows whose `mask` is true: the loss of a packed batch where each sequence's last token, and
 /// any token not trained on, predicts nothing. Returns the loss and the rows counted.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32], mask: &[bool]) -> Result<(Tensor, usize)> {
-    let (n, vocab) = logits.dims2()?;
+    let n = logits.dim(0)?;
     if targets.len() != n || mask.len() != n {
         return Err(Error::Invalid(format!(
             "{n} rows of logits, {} targets, {} mask entries",
@@ -16,22 +16,50 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32], mask: &[bool]) -> Result<
             mask.len()
         )));
     }
+    let weights = row_weights(mask)?;
+    let counted = mask.iter().filter(|&&m| m).count();
+    Ok((weighted_cross_entropy(logits, targets, &weights)?, counted))
+}
+
+/// `−Σᵢ wᵢ · log softmax(logitsᵢ)[targetᵢ]` over the rows of `logits` `(N, vocab)`: the
+/// cross-entropy of [`cross_entropy`] with each row's weight given (so a batch's rows can be
+/// taken a few at a time, each weighted by the whole batch's count).
+pub fn weighted_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    if targets.len() != n || weights.len() != n {
+        return Err(Error::Invalid(format!(
+            "{n} rows of logits, {} targets, {} weights",
+            targets.len(),
+            weights.len()
+        )));
+    }
     if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
         return Err(Error::Invalid(format!(
             "target {t} outside a vocabulary of {vocab}"
         )));
     }
+    let logits = logits.to_dtype(DType::F32)?;
+    if fount_model::fused::applies(&logits) {
+        // one pass forward and one back, and no vocabulary-sized intermediate kept
+        return Ok(fount_model::fused::cross_entropy(
+            &logits, targets, weights,
+        )?);
+    }
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let w = Tensor::from_slice(weights, n, logits.device())?;
+    Ok(picked.mul(&w)?.sum_all()?.neg()?)
+}
+
+/// The weights [`cross_entropy`] gives the rows of a batch: `1 / counted` where `mask` holds.
+pub fn row_weights(mask: &[bool]) -> Result<Vec<f32>> {
     let counted = mask.iter().filter(|&&m| m).count();
     if counted == 0 {
         return Err(Error::Invalid("no token in the batch is trained on".into()));
     }
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
-    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
-    let weights: Vec<f32> = mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-    let w = Tensor::from_vec(weights, n, logits.device())?;
-    let loss = (picked.mul(&w)?.sum_all()?.neg()? / counted as f64)?;
-    Ok((loss, counted))
+    let share = 1.0 / counted as f32;
+    Ok(mask.iter().map(|&m| if m { share } else { 0.0 }).collect())
 }
 
 /// The load-balancing auxiliary loss of Switch Transformers as HF transformers'

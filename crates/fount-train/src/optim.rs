@@ -4,8 +4,13 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::params::Params;
+
+/// Elements per parallel task of the optimizer and the gradient norm.
+const CHUNK: usize = 1 << 15;
 
 /// AdamW settings.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -132,13 +137,20 @@ impl AdamW {
             } else {
                 1.0
             };
-            for i in 0..p.len() {
-                p[i] *= decay;
-                mo.m[i] = mo.m[i] * b1f + (1.0 - b1f) * g[i];
-                mo.v[i] = mo.v[i] * b2f + (1.0 - b2f) * g[i] * g[i];
-                let denom = mo.v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * (mo.m[i] / denom);
-            }
+            // elementwise, so splitting it across threads changes no result
+            p.par_chunks_mut(CHUNK)
+                .zip(mo.m.par_chunks_mut(CHUNK))
+                .zip(mo.v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((p, m), v), g)| {
+                    for i in 0..p.len() {
+                        p[i] *= decay;
+                        m[i] = m[i] * b1f + (1.0 - b1f) * g[i];
+                        v[i] = v[i] * b2f + (1.0 - b2f) * g[i] * g[i];
+                        let denom = v[i].sqrt() / bc2_sqrt + eps;
+                        p[i] -= step_size * (m[i] / denom);
+                    }
+                });
             set(var, p)?;
         }
         Ok(())
@@ -198,14 +210,18 @@ impl Grads {
         self.by_name.iter_mut().map(|(n, g)| (n.as_str(), g))
     }
 
-    /// The global L2 norm, summed in f64 in parameter order.
+    /// The global L2 norm, summed in f64: over fixed chunks of each gradient in parallel, then
+    /// the chunks' sums in parameter order (the same result whatever the thread count).
     pub fn norm(&self) -> f64 {
-        self.by_name
-            .iter()
-            .flat_map(|(_, g)| g.iter())
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt()
+        let mut total = 0f64;
+        for (_, g) in &self.by_name {
+            let parts: Vec<f64> = g
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+                .collect();
+            total += parts.iter().sum::<f64>();
+        }
+        total.sqrt()
     }
 
     /// Scales every gradient so that the global norm is at most `max_norm`
@@ -217,9 +233,8 @@ impl Grads {
         if coef < 1.0 {
             let c = coef as f32;
             for (_, g) in &mut self.by_name {
-                for x in g.iter_mut() {
-                    *x *= c;
-                }
+                g.par_chunks_mut(CHUNK)
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
             }
         }
         norm

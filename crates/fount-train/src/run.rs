@@ -9,13 +9,13 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use fount_data::shard::{Sampler, ShardSet};
-use fount_model::{Batch, Logits, Model, NoCache};
+use fount_model::{Batch, Logits, LoraBatch, Model, NoCache};
 use serde::Serialize;
 
 use crate::checkpoint::{self, State};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
-use crate::loss::{cross_entropy, load_balancing_loss};
+use crate::loss::{cross_entropy, load_balancing_loss, row_weights, weighted_cross_entropy};
 use crate::optim::{learning_rate, AdamW, Grads};
 use crate::params::Params;
 
@@ -266,6 +266,11 @@ pub fn train(
         None => cfg.model.clone(),
     };
     let (model, params) = Params::load(&model_dir)?;
+    if cfg.recompute && model.config().moe.is_some() {
+        return Err(Error::Invalid(
+            "recompute is for dense models; train an MoE model without it".into(),
+        ));
+    }
     let vocab = model.config().vocab_size;
     let sizes: Vec<(String, usize)> = params
         .iter()
@@ -409,9 +414,30 @@ pub fn train(
         for a in 0..cfg.accumulation {
             let first = (a * world + comm.rank()) * cfg.micro_batch;
             let mine = &all[first..first + cfg.micro_batch];
-            let l = micro_loss(&model, cfg, mine)?;
-            let store = l.total.backward()?;
-            grads.accumulate(&params, &store, scale)?;
+            let l = if cfg.recompute {
+                let (batch, targets, mask) = pack(mine, cfg.seq_len);
+                let weights = row_weights(&mask)?;
+                let ce = model.backward_checkpointed(
+                    &batch,
+                    &LoraBatch::none(),
+                    &mut |logits, rows| {
+                        weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
+                    },
+                    &mut |store| grads.accumulate(&params, store, scale),
+                )?;
+                MicroLoss {
+                    ce,
+                    total: Tensor::new(ce as f32, &candle_core::Device::Cpu)?,
+                    aux: None,
+                    z: None,
+                    load: None,
+                }
+            } else {
+                let l = micro_loss(&model, cfg, mine)?;
+                let store = l.total.backward()?;
+                grads.accumulate(&params, &store, scale)?;
+                l
+            };
             ce_sum += l.ce;
             aux_sum += l.aux.unwrap_or(0.0);
             z_sum += l.z.unwrap_or(0.0);

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::loss::cross_entropy;
+use crate::loss::{cross_entropy, row_weights, weighted_cross_entropy};
 use crate::optim::{learning_rate, AdamW, AdamWConfig, Grads};
 use crate::params::Params;
 
@@ -159,6 +159,11 @@ pub struct FinetuneConfig {
     /// Complete checkpoints kept; older ones are deleted.
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Activation recomputation (gradient checkpointing): keep only each layer's input during
+    /// the forward pass and recompute the rest during the backward pass, for a second forward
+    /// pass of compute. Dense bases only.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 fn default_keep() -> usize {
@@ -186,6 +191,7 @@ impl Default for FinetuneConfig {
             adamw: default_adamw(),
             checkpoint_every: 0,
             keep_checkpoints: default_keep(),
+            recompute: false,
         }
     }
 }
@@ -664,6 +670,11 @@ pub fn finetune(
     // the base, frozen: plain tensors, so no gradient is computed or kept for it
     let model = Model::load(base, DType::F32, &Device::Cpu)?;
     let cfg = model.config().clone();
+    if ft.recompute && cfg.moe.is_some() {
+        return Err(Error::Invalid(
+            "recompute is for dense models; fine-tune an MoE model without it".into(),
+        ));
+    }
     let max_len = ft
         .max_len
         .unwrap_or(cfg.max_position_embeddings)
@@ -775,13 +786,26 @@ pub fn finetune(
             };
             let mut lb = LoraBatch::none();
             lb.push(0..batch.len(), this);
-            let logits = model
-                .forward_lora(&batch, &mut NoCache, Logits::All, &lb, false)?
-                .logits;
-            let (loss, _) = cross_entropy(&logits, &targets, &mask)?;
-            let store = loss.backward()?;
             grads.clear();
-            grads.accumulate(&lora.params, &store, 1.0)?;
+            let loss = if ft.recompute {
+                let weights = row_weights(&mask)?;
+                model.backward_checkpointed(
+                    &batch,
+                    &lb,
+                    &mut |logits, rows| {
+                        weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
+                    },
+                    &mut |store| grads.accumulate(&lora.params, store, 1.0),
+                )?
+            } else {
+                let logits = model
+                    .forward_lora(&batch, &mut NoCache, Logits::All, &lb, false)?
+                    .logits;
+                let (loss, _) = cross_entropy(&logits, &targets, &mask)?;
+                let store = loss.backward()?;
+                grads.accumulate(&lora.params, &store, 1.0)?;
+                f64::from(loss.to_scalar::<f32>()?)
+            };
             let grad_norm = if ft.clip > 0.0 {
                 grads.clip(ft.clip)
             } else {
@@ -793,7 +817,7 @@ pub fn finetune(
             on_step(&FinetuneStep {
                 step,
                 steps: total,
-                loss: f64::from(loss.to_scalar::<f32>()?),
+                loss,
                 lr,
                 grad_norm,
                 tokens: batch.len(),

@@ -5,6 +5,8 @@
 mod grads;
 /// PEFT reading fount's adapters.
 mod peft;
+/// Activation recomputation against stored activations.
+mod recompute;
 /// LoRA fine-tuning: learning, merging, refusals.
 mod sft;
 /// Pretraining runs: learning, exact resumption, refusals.

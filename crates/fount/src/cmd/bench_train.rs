@@ -8,10 +8,11 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device};
 use clap::Args;
 use fount_model::{Batch, Logits, LoraBatch, Model, NoCache};
-use fount_train::loss::cross_entropy;
+use fount_train::loss::{cross_entropy, row_weights, weighted_cross_entropy};
 use fount_train::optim::{AdamW, AdamWConfig, Grads};
 use fount_train::sft::{FinetuneConfig, LoraParams, Targets};
 use fount_train::Params;
@@ -43,6 +44,9 @@ pub struct TrainBench {
     /// LoRA rank (on every linear projection, alpha = 2r).
     #[arg(long, default_value_t = 16)]
     pub lora_r: usize,
+    /// Recompute activations in the backward pass (gradient checkpointing), on both sides.
+    #[arg(long)]
+    pub recompute: bool,
     /// Reference to measure beside fount: `torch` or `none`.
     #[arg(long, default_value = "torch")]
     pub reference: String,
@@ -117,7 +121,9 @@ pub fn bench_train(a: TrainBench, threads: Option<usize>) -> Result<()> {
             "--mode".into(),
             mode.into(),
         ]
-        .to_vec()
+        .into_iter()
+        .chain(a.recompute.then(|| "--recompute".to_string()))
+        .collect::<Vec<_>>()
     };
     let measure = |mut cmd: Command, who: &str| -> Result<String> {
         let out = cmd.output().with_context(|| format!("running {who}"))?;
@@ -207,6 +213,7 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
         targets.extend_from_slice(&w[1..]);
     }
     let mask = vec![true; targets.len()];
+    let recompute = a.recompute;
     let mut grads = Grads::default();
     let mut step: Box<dyn FnMut() -> Result<()>> = match mode {
         "full" => {
@@ -217,11 +224,16 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
                 .collect();
             let mut opt = AdamW::new(AdamWConfig::default(), &sizes);
             Box::new(move || {
-                let logits = model.forward(&batch, &mut NoCache, Logits::All)?.logits;
-                let (loss, _) = cross_entropy(&logits, &targets, &mask)?;
-                let store = loss.backward()?;
                 grads.clear();
-                grads.accumulate(&params, &store, 1.0)?;
+                backward(
+                    &model,
+                    &batch,
+                    &LoraBatch::none(),
+                    &targets,
+                    &mask,
+                    recompute,
+                    &mut |store| grads.accumulate(&params, store, 1.0),
+                )?;
                 grads.clip(1.0);
                 opt.update(&params, &grads, 1e-4)?;
                 Ok(())
@@ -246,13 +258,16 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
             Box::new(move || {
                 let mut lb = LoraBatch::none();
                 lb.push(0..batch.len(), adapter.clone());
-                let logits = model
-                    .forward_lora(&batch, &mut NoCache, Logits::All, &lb, false)?
-                    .logits;
-                let (loss, _) = cross_entropy(&logits, &targets, &mask)?;
-                let store = loss.backward()?;
                 grads.clear();
-                grads.accumulate(&lora.params, &store, 1.0)?;
+                backward(
+                    &model,
+                    &batch,
+                    &lb,
+                    &targets,
+                    &mask,
+                    recompute,
+                    &mut |store| grads.accumulate(&lora.params, store, 1.0),
+                )?;
                 grads.clip(1.0);
                 opt.update(&lora.params, &grads, 1e-4)?;
                 Ok(())
@@ -274,5 +289,35 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
             "peak_mb": super::data::peak_memory_mb().unwrap_or(f64::NAN),
         })
     );
+    Ok(())
+}
+
+/// A step's forward and backward, with or without recomputation, handing the gradients over.
+fn backward(
+    model: &Model,
+    batch: &Batch,
+    lora: &LoraBatch,
+    targets: &[u32],
+    mask: &[bool],
+    recompute: bool,
+    on_grads: &mut dyn FnMut(&GradStore) -> fount_train::Result<()>,
+) -> Result<()> {
+    if recompute {
+        let weights = row_weights(mask)?;
+        model.backward_checkpointed(
+            batch,
+            lora,
+            &mut |logits, rows| {
+                weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
+            },
+            on_grads,
+        )?;
+    } else {
+        let logits = model
+            .forward_lora(batch, &mut NoCache, Logits::All, lora, false)?
+            .logits;
+        let (loss, _) = cross_entropy(&logits, targets, mask)?;
+        on_grads(&loss.backward()?)?;
+    }
     Ok(())
 }
