@@ -249,17 +249,18 @@ impl Model {
         let mut total = 0f64;
         let (mut seq, mut row) = (0, 0);
         while seq < batch.seq_lens.len() {
-            let mut part = Batch::default();
-            let first_row = row;
+            let (first_seq, first_row) = (seq, row);
             while seq < batch.seq_lens.len()
-                && (part.is_empty() || part.len() + batch.seq_lens[seq] <= budget)
+                && (seq == first_seq || row - first_row + batch.seq_lens[seq] <= budget)
             {
-                let len = batch.seq_lens[seq];
-                let start = batch.positions[row] as usize;
-                part.push(&batch.tokens[row..row + len], start);
-                (seq, row) = (seq + 1, row + len);
+                (seq, row) = (seq + 1, row + batch.seq_lens[seq]);
             }
             let rows = first_row..row;
+            let part = Batch {
+                tokens: batch.tokens[rows.clone()].to_vec(),
+                positions: batch.positions[rows.clone()].to_vec(),
+                seq_lens: batch.seq_lens[first_seq..seq].to_vec(),
+            };
             let lora = lora.rows(rows.clone());
             let ctx = LayerCtx {
                 lora: &lora,
