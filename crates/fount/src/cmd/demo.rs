@@ -34,7 +34,7 @@ pub struct DemoArgs {
     /// The directory everything is kept in; running again reuses the finished steps.
     #[arg(long, default_value = "fount-demo")]
     pub dir: PathBuf,
-    /// `standard`: a ~0.9M-parameter model, three to four minutes on two cores. `small`: the
+    /// `standard`: a ~0.9M-parameter model, under two minutes on two cores. `small`: the
     /// same training, evaluated on 50 held-out prompts instead of 100 (the tests' size).
     #[arg(long, value_enum, default_value_t = Size::Standard)]
     pub size: Size,
