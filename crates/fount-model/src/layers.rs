@@ -334,9 +334,10 @@ impl Attention {
             let k_new = k.narrow(1, offset, len)?; // (kvh, len, d)
             let v_new = v.narrow(1, offset, len)?;
             offset += len;
-            let (keys, values) = kv.append(self.layer, seq, &k_new, &v_new)?; // (kvh, total, d)
-                                                                              // Query heads sharing a key/value head are stacked along the rows, so one batched
-                                                                              // matmul per key/value head serves the whole group without copying keys.
+            // (kvh, total, d)
+            let (keys, values) = kv.append(self.layer, seq, &k_new, &v_new)?;
+            // Query heads sharing a key/value head are stacked along the rows, so one batched
+            // matmul per key/value head serves the whole group without copying keys.
             let q = q.reshape((kvh, groups * len, d))?;
             let scores = if ctx.invariant {
                 per_head(&q, &keys, |q, k| {
