@@ -49,6 +49,9 @@ fn rows_per_task(cols: usize) -> usize {
 
 /// Fills `out` row by row (`cols` per row) in parallel: `f(row index, out row)`.
 fn par_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if cols == 0 {
+        return; // no elements
+    }
     let per = rows_per_task(cols);
     out.par_chunks_mut(per * cols)
         .enumerate()
@@ -200,6 +203,9 @@ impl CustomOp2 for RmsNormBackW {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, dy) = (values(s1, l1, self.name())?, values(s2, l2, self.name())?);
         let cols = last_dim(l1);
+        if cols == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from(0)));
+        }
         let per = rows_per_task(cols);
         let dw = x
             .par_chunks(per * cols)
@@ -796,7 +802,7 @@ impl CustomOp1 for CrossEntropy {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = values(s, l, self.name())?;
-        let cols = last_dim(l);
+        let cols = last_dim(l).max(1);
         let loss: f64 = x
             .par_chunks(cols)
             .zip(self.targets.par_iter().zip(self.weights.par_iter()))
