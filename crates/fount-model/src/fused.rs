@@ -19,7 +19,11 @@ pub fn applies(t: &Tensor) -> bool {
 }
 
 /// The f32 values of a contiguous CPU tensor's storage.
-fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn values<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op}: f32 only");
     };
@@ -30,7 +34,7 @@ fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'
 }
 
 /// Runs `f` on the values of a tensor the op holds (a table or a mask).
-fn with_values<R>(
+pub(crate) fn with_values<R>(
     t: &Tensor,
     op: &str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,

@@ -398,30 +398,21 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("fount-frozen-matmul: f32 only");
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("fount-frozen-matmul: a contiguous input only");
-        };
-        let x = &x[start..end];
+        use crate::fused::{gemm_into, values, with_values, Mat};
+        let x = values(s, l, self.name())?;
         let (rows, inp) = l.shape().dims2()?;
         let out = self.weight.dim(0)?;
         let mut y = vec![0f32; rows * out];
-        let (storage, wl) = self.weight.storage_and_layout();
-        let (candle_core::Storage::Cpu(CpuStorage::F32(w)), Some((ws, we))) =
-            (&*storage, wl.contiguous_offsets())
-        else {
-            candle_core::bail!("fount-frozen-matmul: a contiguous f32 CPU weight only");
-        };
-        crate::fused::gemm_into(
-            &mut y,
-            (rows, out, inp),
-            false,
-            crate::fused::Mat::rows(x, inp),
-            crate::fused::Mat::transposed(&w[ws..we], inp),
-            1.0,
-        )?;
+        with_values(&self.weight, self.name(), |w| {
+            gemm_into(
+                &mut y,
+                (rows, out, inp),
+                false,
+                Mat::rows(x, inp),
+                Mat::transposed(w, inp),
+                1.0,
+            )
+        })?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 

@@ -1,6 +1,8 @@
 //! Losses: next-token cross-entropy over a packed batch, and the MoE load-balancing loss.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
+use fount_model::{Batch, Logits, LoraBatch, Model, NoCache};
 
 use crate::error::{Error, Result};
 
@@ -60,6 +62,38 @@ pub fn row_weights(mask: &[bool]) -> Result<Vec<f32>> {
     }
     let share = 1.0 / counted as f32;
     Ok(mask.iter().map(|&m| if m { share } else { 0.0 }).collect())
+}
+
+/// A dense model's forward and backward for the cross-entropy of `batch` (with `lora`'s
+/// adapters), with activation recomputation or without, handing each store of gradients to
+/// `on_grads`. Returns the loss.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_cross_entropy(
+    model: &Model,
+    batch: &Batch,
+    lora: &LoraBatch,
+    targets: &[u32],
+    mask: &[bool],
+    recompute: bool,
+    on_grads: &mut dyn FnMut(&GradStore) -> Result<()>,
+) -> Result<f64> {
+    if recompute {
+        let weights = row_weights(mask)?;
+        return model.backward_checkpointed(
+            batch,
+            lora,
+            &mut |logits, rows| {
+                weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
+            },
+            on_grads,
+        );
+    }
+    let logits = model
+        .forward_lora(batch, &mut NoCache, Logits::All, lora, false)?
+        .logits;
+    let (loss, _) = cross_entropy(&logits, targets, mask)?;
+    on_grads(&loss.backward()?)?;
+    Ok(f64::from(loss.to_scalar::<f32>()?))
 }
 
 /// The load-balancing auxiliary loss of Switch Transformers as HF transformers'

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::loss::{cross_entropy, row_weights, weighted_cross_entropy};
+use crate::loss::{backward_cross_entropy, cross_entropy};
 use crate::optim::{learning_rate, AdamW, AdamWConfig, Grads};
 use crate::params::Params;
 
@@ -787,25 +787,15 @@ pub fn finetune(
             let mut lb = LoraBatch::none();
             lb.push(0..batch.len(), this);
             grads.clear();
-            let loss = if ft.recompute {
-                let weights = row_weights(&mask)?;
-                model.backward_checkpointed(
-                    &batch,
-                    &lb,
-                    &mut |logits, rows| {
-                        weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
-                    },
-                    &mut |store| grads.accumulate(&lora.params, store, 1.0),
-                )?
-            } else {
-                let logits = model
-                    .forward_lora(&batch, &mut NoCache, Logits::All, &lb, false)?
-                    .logits;
-                let (loss, _) = cross_entropy(&logits, &targets, &mask)?;
-                let store = loss.backward()?;
-                grads.accumulate(&lora.params, &store, 1.0)?;
-                f64::from(loss.to_scalar::<f32>()?)
-            };
+            let loss = backward_cross_entropy(
+                &model,
+                &batch,
+                &lb,
+                &targets,
+                &mask,
+                ft.recompute,
+                &mut |store| grads.accumulate(&lora.params, store, 1.0),
+            )?;
             let grad_norm = if ft.clip > 0.0 {
                 grads.clip(ft.clip)
             } else {

@@ -8,11 +8,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device};
 use clap::Args;
-use fount_model::{Batch, Logits, LoraBatch, Model, NoCache};
-use fount_train::loss::{cross_entropy, row_weights, weighted_cross_entropy};
+use fount_model::{Batch, LoraBatch, Model};
+use fount_train::loss::backward_cross_entropy;
 use fount_train::optim::{AdamW, AdamWConfig, Grads};
 use fount_train::sft::{FinetuneConfig, LoraParams, Targets};
 use fount_train::Params;
@@ -225,7 +224,7 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
             let mut opt = AdamW::new(AdamWConfig::default(), &sizes);
             Box::new(move || {
                 grads.clear();
-                backward(
+                backward_cross_entropy(
                     &model,
                     &batch,
                     &LoraBatch::none(),
@@ -259,7 +258,7 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
                 let mut lb = LoraBatch::none();
                 lb.push(0..batch.len(), adapter.clone());
                 grads.clear();
-                backward(
+                backward_cross_entropy(
                     &model,
                     &batch,
                     &lb,
@@ -289,35 +288,5 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
             "peak_mb": super::data::peak_memory_mb().unwrap_or(f64::NAN),
         })
     );
-    Ok(())
-}
-
-/// A step's forward and backward, with or without recomputation, handing the gradients over.
-fn backward(
-    model: &Model,
-    batch: &Batch,
-    lora: &LoraBatch,
-    targets: &[u32],
-    mask: &[bool],
-    recompute: bool,
-    on_grads: &mut dyn FnMut(&GradStore) -> fount_train::Result<()>,
-) -> Result<()> {
-    if recompute {
-        let weights = row_weights(mask)?;
-        model.backward_checkpointed(
-            batch,
-            lora,
-            &mut |logits, rows| {
-                weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
-            },
-            on_grads,
-        )?;
-    } else {
-        let logits = model
-            .forward_lora(batch, &mut NoCache, Logits::All, lora, false)?
-            .logits;
-        let (loss, _) = cross_entropy(&logits, targets, mask)?;
-        on_grads(&loss.backward()?)?;
-    }
     Ok(())
 }
