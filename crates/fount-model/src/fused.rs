@@ -10,6 +10,10 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+mod attention;
+
+pub use attention::{attention, AttnShape};
+
 /// Rows of at most this many elements in all go to one rayon task.
 const ROWS_PER_TASK_ELEMS: usize = 1 << 14;
 
@@ -555,6 +559,15 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// A row-major `(rows, cols)` matrix, or its transpose when `transposed`.
+    pub fn of(values: &'a [f32], cols: usize, transposed: bool) -> Self {
+        if transposed {
+            Mat::transposed(values, cols)
+        } else {
+            Mat::rows(values, cols)
+        }
+    }
+
     /// Whether an `(rows, cols)` matrix with these strides lies within the values.
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0
@@ -573,11 +586,8 @@ pub(crate) fn gemm_into(
     rhs: Mat,
     beta: f32,
 ) -> candle_core::Result<()> {
-    if dst.len() != m * n || !lhs.fits(m, k) || !rhs.fits(k, n) {
-        candle_core::bail!("fount-gemm: operands do not fit ({m}, {k}) × ({k}, {n})");
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
+    if dst.len() != m * n {
+        candle_core::bail!("fount-gemm: a ({m}, {n}) product into {} values", dst.len());
     }
     if k == 0 {
         if !accumulate {
@@ -585,22 +595,123 @@ pub(crate) fn gemm_into(
         }
         return Ok(());
     }
+    check_operands((m, n, k), lhs, rhs)?;
+    // SAFETY: `dst` is exactly m × n values, and the operands were checked to fit.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            (m, n, k),
+            accumulate,
+            lhs,
+            rhs,
+            beta,
+            pool(),
+        );
+    }
+    Ok(())
+}
+
+/// `beta · lhs · rhs` into a new row-major `(m, n)` buffer, which gemm writes without reading,
+/// so it is never zeroed first.
+pub(crate) fn gemm_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) -> candle_core::Result<Vec<f32>> {
+    if k == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    check_operands((m, n, k), lhs, rhs)?;
+    let mut dst = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has room for m × n values and the operands were checked to fit. With
+    // `accumulate` false gemm only writes `dst`, every one of its m × n values, so they are all
+    // initialised when the length is set.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm_raw(dst.as_mut_ptr(), (m, n, k), false, lhs, rhs, beta, pool());
+        dst.set_len(m * n);
+    }
+    Ok(dst)
+}
+
+fn check_operands((m, n, k): (usize, usize, usize), lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
+    if !lhs.fits(m, k) || !rhs.fits(k, n) {
+        candle_core::bail!("fount-gemm: operands do not fit ({m}, {k}) × ({k}, {n})");
+    }
+    Ok(())
+}
+
+/// [`gemm_into`] on the calling thread alone, for products inside a task of a parallel loop.
+pub(crate) fn gemm_serial(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) -> candle_core::Result<()> {
+    if dst.len() != m * n {
+        candle_core::bail!("fount-gemm: a ({m}, {n}) product into {} values", dst.len());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    check_operands((m, n, k), lhs, rhs)?;
+    // SAFETY: `dst` is exactly m × n values, and the operands were checked to fit.
+    #[allow(unsafe_code)]
+    unsafe {
+        let serial = gemm::Parallelism::None;
+        gemm_raw(
+            dst.as_mut_ptr(),
+            (m, n, k),
+            accumulate,
+            lhs,
+            rhs,
+            beta,
+            serial,
+        );
+    }
+    Ok(())
+}
+
+/// The rayon pool's threads for one product.
+fn pool() -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
-    };
-    // SAFETY: every index gemm reads or writes lies within the slices: `dst` is exactly m × n
-    // row-major, and `fits` checked the largest index of each operand. The operands are shared
-    // borrows and `dst` an exclusive one, so nothing else writes them meanwhile.
-    #[allow(unsafe_code)]
+    }
+}
+
+/// # Safety
+/// `dst` points to `m × n` writable values (initialised when `accumulate`) that nothing else
+/// reads or writes meanwhile, and both operands fit their shapes ([`check_operands`]).
+#[allow(unsafe_code)]
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract: every index gemm touches lies within `dst` and the operands.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -618,7 +729,98 @@ pub(crate) fn gemm_into(
             parallelism,
         );
     }
-    Ok(())
+}
+
+/// `lhs · rhs` of two contiguous f32 CPU matrices, each read as stored `(rows, cols)` or, when
+/// its flag is set, as the transpose of that: a new contiguous tensor, never zeroed first.
+pub(crate) fn product(
+    lhs: &Tensor,
+    lhs_t: bool,
+    rhs: &Tensor,
+    rhs_t: bool,
+) -> candle_core::Result<Tensor> {
+    let (lr, lc) = lhs.dims2()?;
+    let (rr, rc) = rhs.dims2()?;
+    let (m, k) = if lhs_t { (lc, lr) } else { (lr, lc) };
+    let (k2, n) = if rhs_t { (rc, rr) } else { (rr, rc) };
+    if k != k2 {
+        candle_core::bail!("fount-product: ({m}, {k}) × ({k2}, {n})");
+    }
+    let (lhs, rhs) = (lhs.contiguous()?, rhs.contiguous()?);
+    let out = with_values(&lhs, "fount-product", |a| {
+        with_values(&rhs, "fount-product", |b| {
+            gemm_new((m, n, k), Mat::of(a, lc, lhs_t), Mat::of(b, rc, rhs_t), 1.0)
+        })
+    })?;
+    Tensor::from_vec(out, (m, n), lhs.device())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear projection
+
+/// `y = x Wᵀ` for a `W` `(out, in)` that is trained: its backward writes `dW = dyᵀ x` straight in
+/// `W`'s layout. (Through `x.matmul(&W.t())` the gradient comes out as `(in, out)` and is
+/// transposed and copied back.) A gradient goes only to the operands autograd tracks.
+///
+/// # Shapes
+/// - `x`: `(tokens, in)`, `weight`: `(out, in)` → `(tokens, out)`
+pub fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, inp) = weight.dims2()?;
+    if x.dim(1)? != inp {
+        candle_core::bail!(
+            "fount-linear: x {:?} does not fit W {:?}",
+            x.dims(),
+            weight.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&weight.contiguous()?, Linear)
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fount-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (values(s1, l1, self.name())?, values(s2, l2, self.name())?);
+        let (n, inp) = l1.shape().dims2()?;
+        let (out, _) = l2.shape().dims2()?;
+        let y = gemm_new(
+            (n, out, inp),
+            Mat::rows(x, inp),
+            Mat::transposed(w, inp),
+            1.0,
+        )?;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(product(dy, false, w, false)?) // (n, out) · (out, in)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(product(dy, true, x, false)?) // (out, n) · (n, in)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -689,12 +891,9 @@ impl CustomOp3 for LoraLinear {
         );
         let (n, inp) = l1.shape().dims2()?;
         let (r, out) = l3.shape().dims2()?;
-        let mut y = vec![0f32; n * out];
-        with_values(&self.weight, name, |w| {
-            gemm_into(
-                &mut y,
+        let mut y = with_values(&self.weight, name, |w| {
+            gemm_new(
                 (n, out, inp),
-                false,
                 Mat::rows(x, inp),
                 Mat::transposed(w, inp),
                 1.0,
@@ -710,15 +909,7 @@ impl CustomOp3 for LoraLinear {
                 Ok(())
             })?;
         }
-        let mut xa = vec![0f32; n * r];
-        gemm_into(
-            &mut xa,
-            (n, r, inp),
-            false,
-            Mat::rows(x, inp),
-            Mat::transposed(a, inp),
-            1.0,
-        )?;
+        let xa = gemm_new((n, r, inp), Mat::rows(x, inp), Mat::transposed(a, inp), 1.0)?;
         gemm_into(
             &mut y,
             (n, out, r),
@@ -739,13 +930,12 @@ impl CustomOp3 for LoraLinear {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let s = f64::from(self.scale);
-        let dy = dy.contiguous()?;
-        let xa = x.matmul(&a.t()?)?; // (n, r)
-        let dbt = (xa.t()?.matmul(&dy)? * s)?; // (r, out)
-        let dxa = (dy.matmul(&bt.t()?)? * s)?; // (n, r)
-        let da = dxa.t()?.matmul(x)?; // (r, in)
+        let xa = product(x, false, a, true)?; // (n, r)
+        let dbt = (product(&xa, true, dy, false)? * s)?; // (r, out)
+        let dxa = (product(dy, false, bt, true)? * s)?; // (n, r)
+        let da = product(&dxa, true, x, false)?; // (r, in)
         let dx = if x.track_op() {
-            Some((dy.matmul(&self.weight)? + dxa.matmul(a)?)?)
+            Some((product(dy, false, &self.weight, false)? + product(&dxa, false, a, false)?)?)
         } else {
             None
         };
@@ -1043,6 +1233,134 @@ mod tests {
                 },
                 "lora_linear",
             );
+        }
+    }
+
+    #[test]
+    fn linear_matches_the_composed_product() {
+        same(
+            &[rand(&[7, 10], 16), rand(&[6, 10], 17)],
+            |t| linear(&t[0], &t[1]),
+            |t| t[0].matmul(&t[1].t()?),
+            "linear",
+        );
+        // an untracked input gets no gradient; the weight still does, in its own layout
+        let x = rand(&[7, 10], 18).as_tensor().detach();
+        let w = rand(&[6, 10], 19);
+        let grads = linear(&x, w.as_tensor())
+            .and_then(|y| y.sum_all())
+            .and_then(|y| y.backward())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(grads.get(&x).is_none());
+        let dw = grads
+            .get(w.as_tensor())
+            .map(|g| (g.dims().to_vec(), g.is_contiguous()));
+        assert_eq!(dw, Some((vec![6, 10], true)));
+    }
+
+    /// Attention composed of candle ops: per sequence, RoPE, `q kᵀ` per key/value head with its
+    /// query heads stacked, the causal (windowed) mask, softmax, and `p v`.
+    fn composed_attention(t: &[Tensor], shape: &AttnShape) -> candle_core::Result<Tensor> {
+        let (h, kvh, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+        let rotate = |x: &Tensor, cos: &Tensor, sin: &Tensor| -> candle_core::Result<Tensor> {
+            let half = d / 2;
+            let (x1, x2) = (x.narrow(2, 0, half)?, x.narrow(2, half, half)?);
+            let (cos, sin) = (cos.unsqueeze(0)?, sin.unsqueeze(0)?);
+            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            Tensor::cat(&[r1, r2], 2)
+        };
+        let mut outs = Vec::new();
+        let mut start = 0;
+        for &len in &shape.seq_lens {
+            let rows = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                x.narrow(0, start, len)?
+                    .reshape((len, heads, d))?
+                    .transpose(0, 1)
+            };
+            let (cos, sin) = (t[3].narrow(0, start, len)?, t[4].narrow(0, start, len)?);
+            let q = rotate(&rows(&t[0], h)?, &cos, &sin)?.contiguous()?;
+            let k = rotate(&rows(&t[1], kvh)?, &cos, &sin)?.contiguous()?;
+            let v = rows(&t[2], kvh)?.contiguous()?;
+            let q = q.reshape((kvh, h / kvh * len, d))?;
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+            let scores = match crate::layers::attention_mask(len, 0, len, shape.window) {
+                Some(m) => {
+                    let m = Tensor::from_vec(m, (len, len), &Device::Cpu)?;
+                    scores
+                        .reshape((kvh, h / kvh, len, len))?
+                        .broadcast_add(&m)?
+                        .reshape((kvh, h / kvh * len, len))?
+                }
+                None => scores,
+            };
+            let p = crate::layers::softmax_last_dim(&scores)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let out = p.matmul(&v)?.reshape((h, len, d))?.transpose(0, 1)?;
+            outs.push(out.reshape((len, h * d))?);
+            start += len;
+        }
+        Tensor::cat(&outs, 0)
+    }
+
+    #[test]
+    fn attention_matches_the_composed_attention() {
+        // two query heads per key/value head; sequences of unequal lengths; with and without a
+        // sliding window that bites
+        let (h, kvh, d) = (4, 2, 6);
+        for window in [None, Some(3)] {
+            let shape = AttnShape {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                seq_lens: vec![5, 1, 7],
+                window,
+            };
+            let n = 13;
+            let (cos, sin) = (
+                rand(&[n, d / 2], 20).as_tensor().detach(),
+                rand(&[n, d / 2], 21).as_tensor().detach(),
+            );
+            same(
+                &[
+                    rand(&[n, h * d], 22),
+                    rand(&[n, kvh * d], 23),
+                    rand(&[n, kvh * d], 24),
+                ],
+                |t| attention(&t[0], &t[1], &t[2], &cos, &sin, &shape),
+                |t| {
+                    let all = [
+                        t[0].clone(),
+                        t[1].clone(),
+                        t[2].clone(),
+                        cos.clone(),
+                        sin.clone(),
+                    ];
+                    composed_attention(&all, &shape)
+                },
+                "attention",
+            );
+        }
+    }
+
+    #[test]
+    fn attention_refuses_shapes_that_do_not_fit() {
+        let shape = AttnShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 6,
+            seq_lens: vec![5, 7],
+            window: None,
+        };
+        let t = |rows: usize, cols: usize| rand(&[rows, cols], 25).as_tensor().clone();
+        let (cos, sin) = (t(12, 3), t(12, 3));
+        assert!(attention(&t(12, 24), &t(12, 12), &t(12, 12), &cos, &sin, &shape).is_ok());
+        for (q, k, v) in [
+            (t(11, 24), t(12, 12), t(12, 12)),
+            (t(12, 24), t(12, 24), t(12, 12)),
+        ] {
+            let err = attention(&q, &k, &v, &cos, &sin, &shape).map(|_| ());
+            assert!(err.is_err_and(|e| e.to_string().contains("do not fit")));
         }
     }
 

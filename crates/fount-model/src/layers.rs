@@ -78,6 +78,9 @@ impl Linear {
             x.contiguous()?.apply_op1(FrozenMatmul {
                 weight: self.weight.clone(),
             })?
+        } else if self.weight.track_op() && fused::applies(x) && fused::applies(&self.weight) {
+            // training the weight: its gradient comes out in its own layout
+            fused::linear(x, &self.weight)?
         } else {
             x.matmul(&self.weight.t()?)?
         };
@@ -285,25 +288,35 @@ impl Attention {
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let groups = h / kvh;
         let layer = self.layer;
+        let q = ctx.project(&self.q_proj, x, layer, Proj::Q)?;
+        let k = ctx.project(&self.k_proj, x, layer, Proj::K)?;
+        let v = ctx.project(&self.v_proj, x, layer, Proj::V)?;
+        let nseq = batch.seq_lens.len();
+        let training = q.track_op() || k.track_op() || v.track_op();
+        if training
+            && !ctx.invariant
+            && !kv.stores()
+            && (0..nseq).all(|seq| kv.past_len(seq) == 0)
+            && [&q, &k, &v, cos, sin].into_iter().all(fused::applies)
+        {
+            // whole sequences on the CPU in f32: one op with its own backward pass
+            let shape = fused::AttnShape {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+                seq_lens: batch.seq_lens.clone(),
+                window: self.window,
+            };
+            let out = fused::attention(&q, &k, &v, cos, sin, &shape)?;
+            return ctx.project(&self.o_proj, &out, layer, Proj::O);
+        }
         // Heads first: (heads, tokens, head_dim), so each sequence is a slice of dimension 1.
-        let q = ctx
-            .project(&self.q_proj, x, layer, Proj::Q)?
-            .reshape((n, h, d))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let k = ctx
-            .project(&self.k_proj, x, layer, Proj::K)?
-            .reshape((n, kvh, d))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v = ctx
-            .project(&self.v_proj, x, layer, Proj::V)?
-            .reshape((n, kvh, d))?
-            .transpose(0, 1)?;
+        let q = q.reshape((n, h, d))?.transpose(0, 1)?.contiguous()?;
+        let k = k.reshape((n, kvh, d))?.transpose(0, 1)?.contiguous()?;
+        let v = v.reshape((n, kvh, d))?.transpose(0, 1)?;
         let q = rope::apply(&q, cos, sin)?;
         let k = rope::apply(&k, cos, sin)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let nseq = batch.seq_lens.len();
         let len = batch.seq_lens.first().copied().unwrap_or(0);
         if !kv.stores() && !ctx.invariant && nseq > 1 && batch.seq_lens.iter().all(|&l| l == len) {
             // equal-length sequences with no past (training windows, packed examples of one

@@ -398,16 +398,13 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::fused::{gemm_into, values, with_values, Mat};
+        use crate::fused::{gemm_new, values, with_values, Mat};
         let x = values(s, l, self.name())?;
         let (rows, inp) = l.shape().dims2()?;
         let out = self.weight.dim(0)?;
-        let mut y = vec![0f32; rows * out];
-        with_values(&self.weight, self.name(), |w| {
-            gemm_into(
-                &mut y,
+        let y = with_values(&self.weight, self.name(), |w| {
+            gemm_new(
                 (rows, out, inp),
-                false,
                 Mat::rows(x, inp),
                 Mat::transposed(w, inp),
                 1.0,
@@ -422,7 +419,12 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         _res: &candle_core::Tensor,
         grad: &candle_core::Tensor,
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+        Ok(Some(crate::fused::product(
+            grad,
+            false,
+            &self.weight,
+            false,
+        )?))
     }
 }
 
