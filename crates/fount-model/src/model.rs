@@ -79,7 +79,7 @@ pub struct Output {
 pub type RowsLoss<'a, E> = dyn FnMut(&Tensor, Range<usize>) -> std::result::Result<Tensor, E> + 'a;
 
 /// About how many tokens [`Model::backward_checkpointed`] recomputes at a time.
-pub const RECOMPUTE_TOKENS: usize = 256;
+pub const RECOMPUTE_TOKENS: usize = 512;
 
 /// What every layer of one forward shares.
 struct Prepared {

@@ -7,13 +7,13 @@ use fount_train::Params;
 
 use crate::util::{scratch, tiny_model_wide_init};
 
-/// Three 150-token sequences and a 40-token one: recomputed as [150], [150], [150 + 40] (no
+/// Three 300-token sequences and an 80-token one: recomputed as [300], [300], [300 + 80] (no
 /// group exceeds the budget), with some rows not trained on.
 fn batch() -> (Batch, Vec<u32>, Vec<bool>) {
-    const { assert!(150 + 150 > RECOMPUTE_TOKENS && 150 + 40 <= RECOMPUTE_TOKENS) };
+    const { assert!(300 + 300 > RECOMPUTE_TOKENS && 300 + 80 <= RECOMPUTE_TOKENS) };
     let mut b = Batch::default();
     let mut targets = Vec::new();
-    for (s, len) in [150usize, 150, 150, 40].into_iter().enumerate() {
+    for (s, len) in [300usize, 300, 300, 80].into_iter().enumerate() {
         let ids: Vec<u32> = (0..=len)
             .map(|i| ((i * 7 + s * 31 + 3) % 500) as u32)
             .collect();
