@@ -580,11 +580,34 @@ impl<'a> Mat<'a> {
 /// `(k, n)`, with `gemm` (the kernels candle's own matmul runs) on the rayon pool.
 pub(crate) fn gemm_into(
     dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     accumulate: bool,
     lhs: Mat,
     rhs: Mat,
     beta: f32,
+) -> candle_core::Result<()> {
+    gemm_checked(dst, dims, accumulate, (lhs, rhs, beta), pool())
+}
+
+/// [`gemm_into`] on the calling thread alone, for products inside a task of a parallel loop.
+pub(crate) fn gemm_serial(
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) -> candle_core::Result<()> {
+    let serial = gemm::Parallelism::None;
+    gemm_checked(dst, dims, accumulate, (lhs, rhs, beta), serial)
+}
+
+fn gemm_checked(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    (lhs, rhs, beta): (Mat, Mat, f32),
+    parallelism: gemm::Parallelism,
 ) -> candle_core::Result<()> {
     if dst.len() != m * n {
         candle_core::bail!("fount-gemm: a ({m}, {n}) product into {} values", dst.len());
@@ -606,7 +629,7 @@ pub(crate) fn gemm_into(
             lhs,
             rhs,
             beta,
-            pool(),
+            parallelism,
         );
     }
     Ok(())
@@ -639,42 +662,6 @@ pub(crate) fn gemm_new(
 fn check_operands((m, n, k): (usize, usize, usize), lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
     if !lhs.fits(m, k) || !rhs.fits(k, n) {
         candle_core::bail!("fount-gemm: operands do not fit ({m}, {k}) × ({k}, {n})");
-    }
-    Ok(())
-}
-
-/// [`gemm_into`] on the calling thread alone, for products inside a task of a parallel loop.
-pub(crate) fn gemm_serial(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
-) -> candle_core::Result<()> {
-    if dst.len() != m * n {
-        candle_core::bail!("fount-gemm: a ({m}, {n}) product into {} values", dst.len());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return Ok(());
-    }
-    check_operands((m, n, k), lhs, rhs)?;
-    // SAFETY: `dst` is exactly m × n values, and the operands were checked to fit.
-    #[allow(unsafe_code)]
-    unsafe {
-        let serial = gemm::Parallelism::None;
-        gemm_raw(
-            dst.as_mut_ptr(),
-            (m, n, k),
-            accumulate,
-            lhs,
-            rhs,
-            beta,
-            serial,
-        );
     }
     Ok(())
 }

@@ -202,6 +202,15 @@ impl Attention {
         Ok(())
     }
 
+    /// The task's keys, rotated: `(len, d)`.
+    fn keys(&self, t: Task, inputs: &Inputs) -> Vec<f32> {
+        let (kvh, d) = (self.shape.kv_heads, self.shape.head_dim);
+        let mut kr = vec![0f32; t.len * d];
+        let k = &inputs.k[t.start * kvh * d + t.kv * d..];
+        self.rotate(k, kvh * d, t.start, inputs, false, &mut kr);
+        kr
+    }
+
     /// A task's output: its query heads' `(len, d)` blocks, one after another.
     fn forward_task(&self, t: Task, inputs: &Inputs) -> candle_core::Result<Vec<f32>> {
         let AttnShape {
@@ -212,9 +221,7 @@ impl Attention {
         } = self.shape;
         let groups = h / kvh;
         let len = t.len;
-        let mut kr = vec![0f32; len * d];
-        let k = &inputs.k[t.start * kvh * d + t.kv * d..];
-        self.rotate(k, kvh * d, t.start, inputs, false, &mut kr);
+        let kr = self.keys(t, inputs);
         let mut qr = vec![0f32; len * d];
         let mut p = vec![0f32; len * len];
         let mut out = vec![0f32; groups * len * d];
@@ -247,9 +254,7 @@ impl Attention {
         } = self.shape;
         let groups = h / kvh;
         let len = t.len;
-        let mut kr = vec![0f32; len * d];
-        let k = &inputs.k[t.start * kvh * d + t.kv * d..];
-        self.rotate(k, kvh * d, t.start, inputs, false, &mut kr);
+        let kr = self.keys(t, inputs);
         let v = Mat {
             values: &inputs.v[t.start * kvh * d + t.kv * d..],
             row_stride: 1,
