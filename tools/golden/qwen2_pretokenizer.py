@@ -3,7 +3,7 @@
 transformers 5 rebuilds a Qwen2 model's tokenizer (`Qwen2Tokenizer`) with its own normalizer
 and pre-tokenizer, whatever `tokenizer.json` says; a tokenizer fount trains for a Qwen2 model
 must use the same ones, or the model would see other token ids there. This writes them, and the
-ids of a few strings, to crates/fount-data/tests/fixtures/qwen2_pretokenizer.json.
+ids of a few strings, to crates/fount-tokenizer/tests/fixtures/qwen2_pretokenizer.json.
 
     fount model init --arch qwen2 --preset tiny --out /tmp/q
     python3 tools/golden/qwen2_pretokenizer.py /tmp/q
@@ -35,7 +35,7 @@ out = {
     ],
     "strings": STRINGS,
 }
-path = "crates/fount-data/tests/fixtures/qwen2_pretokenizer.json"
+path = "crates/fount-tokenizer/tests/fixtures/qwen2_pretokenizer.json"
 with open(path, "w") as f:
     json.dump(out, f, indent=1, ensure_ascii=False)
     f.write("\n")

@@ -1,11 +1,8 @@
 //! Tokenizer training: a byte-level BPE (Qwen2's pre-tokenizer, no unknown tokens) trained on
-//! the curated text with the `tokenizers` crate and written as an HF `tokenizer.json`.
+//! the curated text by `fount-tokenizer` and written as an HF `tokenizer.json`.
 
 use serde::{Deserialize, Serialize};
-use tokenizers::decoders::byte_level::ByteLevel;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::TrainerWrapper;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 
@@ -39,38 +36,19 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
-/// Trains a byte-level BPE tokenizer on `texts`.
+/// Trains a byte-level BPE tokenizer on `texts` ([`fount_tokenizer::train`], no BOS).
 pub fn train<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Tokenizer>
 where
     I: Iterator<Item = S> + Send,
     S: AsRef<str> + Send,
 {
-    if cfg.vocab_size < 256 + cfg.special_tokens.len() {
-        return Err(Error::Tokenizer(format!(
-            "vocab_size {} is smaller than the 256 byte symbols plus {} special tokens",
-            cfg.vocab_size,
-            cfg.special_tokens.len()
-        )));
-    }
-    let specials: Vec<AddedToken> = cfg
-        .special_tokens
-        .iter()
-        .map(|s| AddedToken::from(s.clone(), true))
-        .collect();
-    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-        .vocab_size(cfg.vocab_size)
-        .min_frequency(cfg.min_frequency)
-        .show_progress(false)
-        .special_tokens(specials)
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build()
-        .into();
-    let mut tok = Tokenizer::new(BPE::default());
-    pre_tokenize(&mut tok).map_err(tok_err)?;
-    tok.with_decoder(Some(ByteLevel::default()));
-    tok.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
-    tok.train(&mut trainer, texts).map_err(tok_err)?;
-    Ok(tok)
+    let bpe = fount_tokenizer::BpeConfig {
+        vocab_size: cfg.vocab_size,
+        special_tokens: cfg.special_tokens.clone(),
+        min_frequency: cfg.min_frequency,
+        bos: None,
+    };
+    fount_tokenizer::train(texts, &bpe).map_err(tok_err)
 }
 
 /// Loads a `tokenizer.json`.
@@ -108,30 +86,4 @@ pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         .map_err(tok_err)?
         .get_ids()
         .to_vec())
-}
-
-/// The pre-tokenizer of Qwen2 (and, with digits in runs of up to three, of Llama 3): contractions,
-/// letter runs with one leading non-letter, single digits, punctuation runs, newlines and spaces
-/// split apart, then byte-level. Hugging Face transformers rebuilds a Qwen2 model's tokenizer with
-/// exactly this (and NFC), whatever `tokenizer.json` says, so a tokenizer trained with anything
-/// else would be read differently there.
-const SPLIT_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// NFC, then [`SPLIT_PATTERN`], then byte-level without its own regex.
-fn pre_tokenize(tok: &mut Tokenizer) -> std::result::Result<(), tokenizers::Error> {
-    use tokenizers::normalizers::unicode::NFC;
-    use tokenizers::pre_tokenizers::sequence::Sequence;
-    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-    use tokenizers::SplitDelimiterBehavior;
-    let split = Split::new(
-        SplitPattern::Regex(SPLIT_PATTERN.into()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )?;
-    let bytes = ByteLevel::default()
-        .add_prefix_space(false)
-        .use_regex(false);
-    tok.with_normalizer(Some(NFC));
-    tok.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), bytes.into()])));
-    Ok(())
 }

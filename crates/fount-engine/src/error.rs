@@ -2,7 +2,7 @@
 
 /// What `submit` and the engine report.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum Error {
     /// The request is malformed (empty prompt, bad parameters, too long).
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -26,5 +26,5 @@ pub enum EngineError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Result with [`EngineError`].
-pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use crate::engine::{Admission, Queued};
+use crate::admission::{Admission, Queued};
 
 /// Tenant weights shared between the server (which sets them from quotas) and the queue.
 #[derive(Debug, Clone, Default)]

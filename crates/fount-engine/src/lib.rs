@@ -22,16 +22,20 @@
 //! in any batch, bit for bit.
 
 pub mod adapters;
+mod admission;
 pub mod blocks;
 mod engine;
 mod error;
 pub mod fair;
+mod meter;
 mod metrics;
 pub mod paged;
+mod request;
+mod scheduler;
 
-pub use engine::{
-    Admission, Engine, EngineConfig, Event, Fcfs, FinishReason, Queued, Request, RequestMeter,
-    Stream, TokenLogprob, Usage,
-};
-pub use error::{EngineError, Result};
+pub use admission::{Admission, Fcfs, Queued};
+pub use engine::{Engine, EngineConfig, MAX_N};
+pub use error::{Error, Result};
+pub use meter::RequestMeter;
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use request::{Event, FinishReason, Request, Stream, TokenLogprob, Usage};

@@ -1,6 +1,6 @@
 //! Continuous batching, paging, preemption, prefix caching, adapters, cancellation and `n`.
 
-use fount_engine::{EngineConfig, EngineError, Request};
+use fount_engine::{EngineConfig, Error, Request};
 
 use crate::util::{collect, engine, prompt, wait_idle, write_adapter, Choice};
 
@@ -430,10 +430,7 @@ fn bad_requests_are_refused_clearly() {
     assert!(err(r).contains("n must be"));
     let mut r = Request::greedy(prompt(5, 1), 4);
     r.adapter = Some("nope".into());
-    assert!(matches!(
-        e.submit(r).unwrap_err(),
-        EngineError::UnknownAdapter(_)
-    ));
+    assert!(matches!(e.submit(r).unwrap_err(), Error::UnknownAdapter(_)));
     let mut r = Request::greedy(prompt(5, 1), 4);
     r.sampling.temperature = -1.0;
     assert!(err(r).contains("temperature"));

@@ -133,6 +133,33 @@ pub enum Error {
         available: String,
     },
 
+    /// An output path already holds what would be written there; nothing is overwritten.
+    #[error("{path} already holds {what}")]
+    Exists {
+        /// The output path.
+        path: PathBuf,
+        /// What it holds.
+        what: &'static str,
+    },
+
+    /// An adapter that cannot be applied (merged) to the base it is given.
+    #[error("{path}: {reason}")]
+    Adapter {
+        /// The adapter directory.
+        path: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+
+    /// The destination of a finished output is a directory with something in it.
+    #[error("{path} is not empty; the finished output is in {staged}")]
+    NotEmpty {
+        /// The destination.
+        path: PathBuf,
+        /// Where the output was left.
+        staged: PathBuf,
+    },
+
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

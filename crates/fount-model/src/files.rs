@@ -88,6 +88,24 @@ impl ModelFiles {
         })
     }
 
+    /// The files of the directory other than its weights (configs, tokenizer, chat template),
+    /// sorted: what a model written from new weights copies from the one it was made from.
+    pub fn side_files(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for e in fs_err::read_dir(&self.dir)? {
+            let p = e?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if p.is_file()
+                && !name.ends_with(".safetensors")
+                && name != "model.safetensors.index.json"
+            {
+                out.push(p);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// `tokenizer.json`.
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join("tokenizer.json")

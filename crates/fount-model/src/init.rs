@@ -13,11 +13,6 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::TrainerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::AddedToken;
 
 use crate::config::{Arch, HfConfig};
 use crate::error::{Error, Result};
@@ -307,45 +302,21 @@ fn family(arch: Arch) -> Family {
 /// common words and characters get merges.
 const TOKENIZER_TEXT: &str = include_str!("init_corpus.txt");
 
-/// Trains a byte-level BPE tokenizer with `vocab_size` entries (at most) and `specials`.
+/// Trains a byte-level BPE tokenizer with `vocab_size` entries (at most) and `specials`
+/// ([`fount_tokenizer::train`]).
 pub fn train_bpe(
     texts: &[&str],
     vocab_size: usize,
     specials: &[&str],
     bos: Option<&str>,
 ) -> Result<tokenizers::Tokenizer> {
-    let tok_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
-    let special_tokens: Vec<AddedToken> = specials
-        .iter()
-        .map(|s| AddedToken::from(s.to_string(), true))
-        .collect();
-    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-        .vocab_size(vocab_size)
-        .min_frequency(2)
-        .show_progress(false)
-        .special_tokens(special_tokens)
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build()
-        .into();
-    let mut tok = tokenizers::Tokenizer::new(BPE::default());
-    pre_tokenize(&mut tok).map_err(tok_err)?;
-    tok.with_decoder(Some(ByteLevel::default()));
-    tok.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
-    tok.train(&mut trainer, texts.iter()).map_err(tok_err)?;
-    if let Some(bos) = bos {
-        let id = tok
-            .token_to_id(bos)
-            .ok_or_else(|| Error::Tokenizer(format!("{bos} missing after training")))?;
-        let post = TemplateProcessing::builder()
-            .try_single(format!("{bos} $A"))
-            .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
-            .map_err(|e| Error::Tokenizer(e.to_string()))?
-            .special_tokens(vec![(bos.to_string(), id)])
-            .build()
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        tok.with_post_processor(Some(post));
-    }
-    Ok(tok)
+    let cfg = fount_tokenizer::BpeConfig {
+        vocab_size,
+        special_tokens: specials.iter().map(|s| s.to_string()).collect(),
+        min_frequency: 2,
+        bos: bos.map(str::to_string),
+    };
+    fount_tokenizer::train(texts.iter(), &cfg).map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 /// Writes a randomly initialised model of `arch` and `shape` to `out`.
@@ -578,21 +549,12 @@ pub fn init_lora(
     out: &Path,
 ) -> Result<()> {
     use crate::lora::Proj;
-    fs_err::create_dir_all(out)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut tensors = HashMap::new();
     for layer in 0..cfg.num_hidden_layers {
         for proj in Proj::ALL {
             let (inp, outp) = proj.dims(cfg);
-            let parent = if matches!(proj, Proj::Q | Proj::K | Proj::V | Proj::O) {
-                "self_attn"
-            } else {
-                "mlp"
-            };
-            let base = format!(
-                "base_model.model.model.layers.{layer}.{parent}.{}",
-                proj.module()
-            );
+            let base = proj.peft_name(layer);
             for (name, rows, cols) in [("lora_A", rank, inp), ("lora_B", outp, rank)] {
                 let v: Vec<f32> = (0..rows * cols)
                     .map(|_| rng.random_range(-scale..scale))
@@ -604,38 +566,7 @@ pub fn init_lora(
             }
         }
     }
-    candle_core::safetensors::save(&tensors, out.join("adapter_model.safetensors"))?;
-    let config = json!({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": Proj::ALL.iter().map(|p| p.module()).collect::<Vec<_>>(),
-        "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false, "fan_in_fan_out": false,
-    });
-    fs_err::write(out.join("adapter_config.json"), config.to_string())?;
-    Ok(())
-}
-
-/// The pre-tokenizer of Qwen2 (and, with digits in runs of up to three, of Llama 3): contractions,
-/// letter runs with one leading non-letter, single digits, punctuation runs, newlines and spaces
-/// split apart, then byte-level. Hugging Face transformers rebuilds a Qwen2 model's tokenizer with
-/// exactly this (and NFC), whatever `tokenizer.json` says, so a tokenizer trained with anything
-/// else would be read differently there.
-const SPLIT_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// NFC, then [`SPLIT_PATTERN`], then byte-level without its own regex.
-fn pre_tokenize(tok: &mut tokenizers::Tokenizer) -> std::result::Result<(), tokenizers::Error> {
-    use tokenizers::normalizers::unicode::NFC;
-    use tokenizers::pre_tokenizers::sequence::Sequence;
-    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-    use tokenizers::SplitDelimiterBehavior;
-    let split = Split::new(
-        SplitPattern::Regex(SPLIT_PATTERN.into()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )?;
-    let bytes = ByteLevel::default()
-        .add_prefix_space(false)
-        .use_regex(false);
-    tok.with_normalizer(Some(NFC));
-    tok.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), bytes.into()])));
+    let config = crate::peft::PeftConfig::new(rank, 2.0 * rank as f64, &Proj::ALL);
+    crate::peft::write_adapter(out, &config, &tensors)?;
     Ok(())
 }

@@ -9,10 +9,10 @@ use candle_core::{DType, Tensor, D};
 use crate::batch::Batch;
 use crate::config::Config;
 use crate::error::Result;
-use crate::fused;
+use crate::kernels as fused;
+use crate::kernels::{FrozenMatmul, SmallMatmul};
 use crate::kv::KvView;
 use crate::lora::{LoraBatch, Proj};
-use crate::matvec::{FrozenMatmul, SmallMatmul};
 use crate::rope;
 use crate::weights::Weights;
 

@@ -1,11 +1,8 @@
 //! LoRA adapters in PEFT's format, applied per sequence segment of a packed batch.
 //!
-//! An adapter directory holds `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
-//! `use_rslora`) and `adapter_model.safetensors` with PEFT's tensor names
-//! (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, `(r, in)`, and
-//! `….lora_B.weight`, `(out, r)`). For the rows of a sequence using the adapter, a target
-//! projection computes `y = x Wᵀ + s · (x Aᵀ) Bᵀ` with `s = lora_alpha / r` (or
-//! `lora_alpha / √r` under rsLoRA). The base weights are never modified, so one batch can mix
+//! An adapter directory is in PEFT's format ([`crate::peft`] reads and writes it). For the rows
+//! of a sequence using the adapter, a target projection computes `y = x Wᵀ + s · (x Aᵀ) Bᵀ` with
+//! the scale `s` of [`crate::peft::scale`]. The base weights are never modified, so one batch can mix
 //! sequences on different adapters and on the bare model ([`LoraBatch`]).
 
 use std::collections::HashMap;
@@ -14,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::peft::PeftConfig;
 
 /// The projections LoRA can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,34 +93,6 @@ impl Proj {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct PeftConfig {
-    #[serde(default)]
-    peft_type: Option<String>,
-    r: usize,
-    lora_alpha: f64,
-    target_modules: TargetModules,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    modules_to_save: Option<Vec<String>>,
-    #[serde(default)]
-    rank_pattern: HashMap<String, serde_json::Value>,
-    #[serde(default)]
-    alpha_pattern: HashMap<String, serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum TargetModules {
-    List(Vec<String>),
-    Pattern(String),
-}
-
 /// Where the low-rank pair of one projection lies in the adapter's buffer: `A` `(r, in)` and
 /// `Bᵀ` `(r, out)`, both contiguous f32.
 #[derive(Debug, Clone, Copy)]
@@ -153,13 +122,6 @@ pub struct LoraAdapter {
     dir: PathBuf,
     /// Training only: dropout probability on the adapter's input and the seed of its masks.
     dropout: Option<(f32, u64)>,
-}
-
-fn cfg_err(field: &'static str, reason: impl Into<String>) -> Error {
-    Error::Config {
-        field,
-        reason: reason.into(),
-    }
 }
 
 /// Where a tensor's bytes lie in a safetensors file, and their type.
@@ -213,86 +175,9 @@ fn transpose_in_place(m: &mut [f32], rows: usize, cols: usize, scratch: &mut Vec
 impl LoraAdapter {
     /// Loads a PEFT LoRA adapter for a model of `cfg`, with tensors in `dtype` on `device`.
     pub fn load(dir: &Path, cfg: &Config, dtype: DType, device: &Device) -> Result<LoraAdapter> {
-        let config_path = dir.join("adapter_config.json");
-        if !config_path.exists() {
-            return Err(Error::MissingFile {
-                path: config_path,
-                what: "a PEFT adapter's configuration",
-            });
-        }
-        let text = std::fs::read_to_string(&config_path)?;
-        let pc: PeftConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: config_path.clone(),
-            source,
-        })?;
-        if pc.peft_type.as_deref().is_some_and(|t| t != "LORA") {
-            return Err(cfg_err(
-                "peft_type",
-                format!("{:?} is not LORA", pc.peft_type),
-            ));
-        }
-        if pc.r == 0 {
-            return Err(cfg_err("r", "the rank must be at least 1"));
-        }
-        for (flag, on) in [
-            ("use_dora", pc.use_dora),
-            ("fan_in_fan_out", pc.fan_in_fan_out),
-        ] {
-            if on {
-                return Err(cfg_err(
-                    "adapter_config.json",
-                    format!("{flag} adapters are not supported"),
-                ));
-            }
-        }
-        if pc.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(cfg_err(
-                "modules_to_save",
-                "adapters that replace whole modules are not supported",
-            ));
-        }
-        if !pc.rank_pattern.is_empty() || !pc.alpha_pattern.is_empty() {
-            return Err(cfg_err(
-                "rank_pattern",
-                "per-module ranks and alphas are not supported",
-            ));
-        }
-        let targets: Vec<Proj> = match &pc.target_modules {
-            TargetModules::List(names) => {
-                let mut out = Vec::new();
-                for n in names {
-                    let short = n.rsplit('.').next().unwrap_or(n);
-                    match Proj::ALL.iter().find(|p| p.module() == short) {
-                        Some(p) => out.push(*p),
-                        None => {
-                            return Err(cfg_err("target_modules", format!("unknown module {n:?}")))
-                        }
-                    }
-                }
-                out
-            }
-            // PEFT's shorthand for every linear layer but the output head
-            TargetModules::Pattern(p) if p == "all-linear" => Proj::ALL.to_vec(),
-            TargetModules::Pattern(p) => {
-                let found: Vec<Proj> = Proj::ALL
-                    .iter()
-                    .copied()
-                    .filter(|m| p.contains(m.module()))
-                    .collect();
-                if found.is_empty() {
-                    return Err(cfg_err(
-                        "target_modules",
-                        format!("pattern {p:?} names no known module"),
-                    ));
-                }
-                found
-            }
-        };
-        let scale = if pc.use_rslora {
-            pc.lora_alpha / (pc.r as f64).sqrt()
-        } else {
-            pc.lora_alpha / pc.r as f64
-        };
+        let pc = PeftConfig::read(dir)?;
+        let targets = pc.supported()?;
+        let scale = pc.scale();
         let weights_path = dir.join("adapter_model.safetensors");
         if !weights_path.exists() {
             return Err(Error::MissingFile {
@@ -421,13 +306,13 @@ impl LoraAdapter {
         for (&(layer, proj), (a, bt)) in &pairs {
             let (ar, br) = (a.dims2()?.0, bt.dims2()?.0);
             if ar != rank || br != rank {
-                return Err(cfg_err(
-                    "r",
-                    format!(
+                return Err(Error::Config {
+                    field: "r",
+                    reason: format!(
                         "layer {layer} {}: rank {ar}/{br}, expected {rank}",
                         proj.module()
                     ),
-                ));
+                });
             }
             bytes += (a.elem_count() + bt.elem_count()) * a.dtype().size_in_bytes();
         }
@@ -670,8 +555,8 @@ impl LoraBatch {
             };
             let xrow = &xv[row * inp..(row + 1) * inp];
             for k in 0..*r {
-                let c = scale * crate::matvec::dot(&a[k * inp..(k + 1) * inp], xrow);
-                crate::matvec::axpy(c, &bt[k * out..(k + 1) * out], yrow);
+                let c = scale * crate::kernels::dot(&a[k * inp..(k + 1) * inp], xrow);
+                crate::kernels::axpy(c, &bt[k * out..(k + 1) * out], yrow);
             }
         });
         Ok(Some(Tensor::from_vec(yv, (n, out), x.device())?))

@@ -93,7 +93,7 @@ impl Rope {
 /// - `x`: `(heads, tokens, head_dim)`
 /// - `cos`, `sin`: `(tokens, head_dim / 2)`
 ///
-/// When autograd tracks `x`, it runs [`crate::fused::rope`] (f32 on the CPU) or is composed of
+/// When autograd tracks `x`, it runs [`crate::kernels::rope`] (f32 on the CPU) or is composed of
 /// differentiable ops; otherwise candle's fused kernel runs.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (heads, n, d) = x.dims3()?;
@@ -105,8 +105,8 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let y = candle_nn::rotary_emb::rope(&x4, &cos.contiguous()?, &sin.contiguous()?)?;
         return Ok(y.reshape((heads, n, d))?);
     }
-    if crate::fused::applies(x) {
-        return Ok(crate::fused::rope(x, &cos, &sin)?);
+    if crate::kernels::applies(x) {
+        return Ok(crate::kernels::rope(x, &cos, &sin)?);
     }
     let cos = cos.reshape((1, n, half))?;
     let sin = sin.reshape((1, n, half))?;

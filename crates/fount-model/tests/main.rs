@@ -1,5 +1,6 @@
-// Tests fail by panicking: unwrapping here is the assertion.
-#![allow(missing_docs, clippy::unwrap_used)]
+// Tests fail by panicking: unwrapping here is the assertion, and a failing std::fs call names
+// its path in the assertion message.
+#![allow(missing_docs, clippy::unwrap_used, clippy::disallowed_methods)]
 
 //! Integration tests of fount-model against references produced by HF transformers.
 

@@ -10,11 +10,9 @@ use std::sync::Arc;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use std::sync::atomic::Ordering;
 
-use fount_engine::{Event, RequestMeter, Stream as EngineStream, TokenLogprob};
+use fount_engine::{Event, Stream as EngineStream, TokenLogprob};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
-use tokio::sync::oneshot;
 
 use crate::error::{ApiError, ApiResult};
 use crate::protocol::{
@@ -23,41 +21,11 @@ use crate::protocol::{
     FinishReason, Role, TopLogprob, Usage,
 };
 use crate::state::{now, AppState, InFlight};
-use crate::tenancy::Metered;
+use crate::tenancy::Metering;
 use crate::validate::Valid;
 
 /// Identifies the server build in `system_fingerprint`.
 pub const FINGERPRINT: &str = concat!("fount-", env!("CARGO_PKG_VERSION"));
-
-/// A metered request's handles: the meter the engine counts in, the status it is recorded
-/// with, and the commit of its record.
-#[derive(Debug)]
-pub struct Metering {
-    /// Given to every engine request of this request.
-    pub meter: Arc<RequestMeter>,
-    /// The status and quota reservation.
-    pub metered: Arc<Metered>,
-    /// Told when the record is committed.
-    pub ack: oneshot::Receiver<()>,
-}
-
-impl Metering {
-    /// Records `status` and waits until the record is committed (the engine lets go of a
-    /// finished request within a step).
-    pub async fn finish(self, status: u16) {
-        self.metered.status.store(status, Ordering::SeqCst);
-        drop(self.meter);
-        let _ = self.ack.await;
-    }
-}
-
-/// Records an error's status (and waits for the record) before answering it.
-async fn fail<T>(metering: Option<Metering>, e: ApiError) -> ApiResult<T> {
-    if let Some(m) = metering {
-        m.finish(e.status().as_u16()).await;
-    }
-    Err(e)
-}
 
 /// The engine events of every prompt of a request, as `(prompt index, event)`.
 type Merged = SelectAll<BoxStream<'static, (usize, Event)>>;
@@ -230,14 +198,14 @@ pub async fn chat(
     let stream = valid.stream;
     let merged = match submit(&state, valid.requests) {
         Ok(m) => m,
-        Err(e) => return fail(metering, e).await,
+        Err(e) => return Metering::fail(metering, e).await,
     };
     if stream {
         return Ok(chat_stream(state, setup, merged, guard, metering));
     }
     let (accs, usage) = match collect(&state, merged, setup.n, 1).await {
         Ok(x) => x,
-        Err(e) => return fail(metering, e).await,
+        Err(e) => return Metering::fail(metering, e).await,
     };
     if let Some(m) = metering {
         m.finish(200).await;
@@ -295,7 +263,7 @@ pub async fn completion(
     let (stream, keep) = (valid.stream, valid.keep);
     let merged = match submit(&state, valid.requests) {
         Ok(m) => m,
-        Err(e) => return fail(metering, e).await,
+        Err(e) => return Metering::fail(metering, e).await,
     };
     if stream {
         return Ok(completion_stream(state, setup, merged, guard, metering));
@@ -303,7 +271,7 @@ pub async fn completion(
     let (n, prompts) = (setup.n, setup.prompts);
     let (mut accs, usage) = match collect(&state, merged, n, prompts).await {
         Ok(x) => x,
-        Err(e) => return fail(metering, e).await,
+        Err(e) => return Metering::fail(metering, e).await,
     };
     if let Some(m) = metering {
         m.finish(200).await;
@@ -411,7 +379,7 @@ impl<S> Drop for StreamState<S> {
         if let Some(m) = self.metering.take() {
             // the client went away: recorded as 499 with the tokens generated until the
             // engine saw the stream dropped
-            m.metered.status.store(499, Ordering::SeqCst);
+            m.abandoned();
         }
     }
 }

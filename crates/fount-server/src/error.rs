@@ -95,6 +95,15 @@ impl ApiError {
         }
     }
 
+    /// A 404 `model_not_found` for `model` (unknown, or hidden from the caller by its quota).
+    pub fn model_not_found(model: &str) -> ApiError {
+        ApiError::NotFound {
+            message: format!("the model {model:?} does not exist"),
+            param: Some("model".into()),
+            code: "model_not_found",
+        }
+    }
+
     /// The status this error is sent with.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -200,9 +209,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<fount_engine::EngineError> for ApiError {
-    fn from(e: fount_engine::EngineError) -> ApiError {
-        use fount_engine::EngineError as E;
+impl From<fount_engine::Error> for ApiError {
+    fn from(e: fount_engine::Error) -> ApiError {
+        use fount_engine::Error as E;
         match e {
             E::Invalid(message) => ApiError::Invalid {
                 message,

@@ -1,14 +1,17 @@
 //! `fount-server`: the OpenAI-compatible HTTP API over the inference engine.
 //!
-//! A request flows through four steps:
+//! A request flows through five steps:
 //!
 //! 1. [`extract::JsonBody`] parses the body; malformed JSON or a wrong type is a 400 naming the
-//!    field, as OpenAI's API answers.
+//!    field, as OpenAI's API answers. With tenancy on, the key was checked before
+//!    ([`routes::authenticate`]) and the request got its [`tenancy::Metering`].
 //! 2. [`validate`] turns it into engine requests: ranges checked, the model or adapter resolved,
 //!    the chat template applied, the prompt tokenised and fitted to the context.
-//! 3. [`answer`] submits them to the [`fount_engine::Engine`] and shapes the events into one
+//! 3. [`tenancy::Tenancy::admit`] holds it to every rule of the caller's quotas (models, context,
+//!    rates, concurrency, budgets) and reserves what it may use.
+//! 4. [`answer`] submits them to the [`fount_engine::Engine`] and shapes the events into one
 //!    JSON answer or server-sent events chunked as OpenAI chunks them.
-//! 4. [`error::ApiError`] is the one place an error becomes an OpenAI error object and a status.
+//! 5. [`error::ApiError`] is the one place an error becomes an OpenAI error object and a status.
 //!
 //! Around them: `/v1/models`, the adapter admin routes, `/health`, Prometheus `/metrics`, and the
 //! OpenAPI document at `/openapi.json` (generated from the handlers' annotations).

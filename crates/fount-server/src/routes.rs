@@ -19,7 +19,7 @@ use crate::protocol::{
     RegisterAdapter,
 };
 use crate::state::AppState;
-use crate::tenancy::Caller;
+use crate::tenancy::{Caller, Metering};
 use crate::validate::{self, Valid};
 
 /// `POST /v1/chat/completions`
@@ -55,88 +55,32 @@ pub async fn chat_completions(
     let valid = validate::chat(&state, &body, caller.as_ref());
     let valid = match admit(&state, caller.as_ref(), &metering, valid).await {
         Ok(v) => v,
-        Err(e) => return fail(metering, e).await,
+        Err(e) => return Metering::fail(metering, e).await,
     };
     answer::chat(state, valid, id, metering).await
 }
 
 /// A meter for a request of an authenticated caller, when tenancy is on.
-fn metering(
-    state: &AppState,
-    caller: Option<&Caller>,
-    id: &str,
-    model: &str,
-) -> Option<answer::Metering> {
+fn metering(state: &AppState, caller: Option<&Caller>, id: &str, model: &str) -> Option<Metering> {
     let (tenancy, caller) = (state.tenancy()?, caller?);
-    let (meter, metered, ack) = tenancy.meter(caller, id, model, &state.cfg.model_name, None);
-    Some(answer::Metering {
-        meter,
-        metered,
-        ack,
-    })
+    Some(tenancy.meter(caller, id, model, &state.cfg.model_name, None))
 }
 
-async fn fail<T>(metering: Option<answer::Metering>, e: ApiError) -> ApiResult<T> {
-    if let Some(m) = metering {
-        m.finish(e.status().as_u16()).await;
-    }
-    Err(e)
-}
-
-/// Applies the caller's quota to a validated request and ties it to the meter: allowed
-/// models, maximum context, rate limits and budgets (reserving the most it can use), the
-/// tenant's prefix-cache salt.
+/// Holds a validated request to its caller's quotas ([`crate::tenancy::Tenancy::admit`]), when
+/// tenancy is on.
 async fn admit(
     state: &AppState,
     caller: Option<&Caller>,
-    metering: &Option<answer::Metering>,
+    metering: &Option<Metering>,
     valid: ApiResult<Valid>,
 ) -> ApiResult<Valid> {
     let mut valid = valid?;
-    let (Some(tenancy), Some(caller), Some(m)) = (state.tenancy(), caller, metering) else {
-        return Ok(valid);
-    };
-    let limits = tenancy.limits(caller).await?;
-    if !limits.allows(&valid.model) {
-        return Err(model_not_found(&valid.model));
-    }
-    let max_context = limits.max_context();
-    let mut tokens = 0i64;
-    for r in &valid.requests {
-        let most = r.prompt.len() + r.max_tokens;
-        if let Some(limit) = max_context {
-            if most as i64 > limit {
-                return Err(ApiError::ContextLength {
-                    message: format!(
-                        "this key's maximum context is {limit} tokens; the request needs {most}"
-                    ),
-                    param: "max_tokens",
-                });
-            }
-        }
-        tokens += (r.prompt.len() + r.n * r.max_tokens) as i64;
-    }
-    let reservation = tenancy.admit(caller, &limits, tokens).await?;
-    if let Ok(mut slot) = m.metered.reservation.lock() {
-        *slot = Some(reservation);
-    }
-    if let Ok(mut a) = m.metered.adapter.lock() {
-        *a = valid.requests.first().and_then(|r| r.adapter.clone());
-    }
-    for r in &mut valid.requests {
-        r.meter = Some(m.meter.clone());
-        // prefixes are shared within a tenant, never across
-        r.cache_salt = caller.tenant.id.clone();
+    if let (Some(tenancy), Some(caller), Some(m)) = (state.tenancy(), caller, metering) {
+        tenancy
+            .admit(caller, &valid.model, &mut valid.requests, m)
+            .await?;
     }
     Ok(valid)
-}
-
-fn model_not_found(model: &str) -> ApiError {
-    ApiError::NotFound {
-        message: format!("the model {model:?} does not exist"),
-        param: Some("model".into()),
-        code: "model_not_found",
-    }
 }
 
 /// `POST /v1/completions`
@@ -172,7 +116,7 @@ pub async fn completions(
     let valid = validate::completion(&state, &body, caller.as_ref());
     let valid = match admit(&state, caller.as_ref(), &metering, valid).await {
         Ok(v) => v,
-        Err(e) => return fail(metering, e).await,
+        Err(e) => return Metering::fail(metering, e).await,
     };
     answer::completion(state, valid, id, metering).await
 }
@@ -272,7 +216,7 @@ pub async fn get_model(
     let caller = caller.map(|Extension(c)| c);
     if let (Some(t), Some(c)) = (state.tenancy(), &caller) {
         if !t.limits(c).await?.allows(&id) {
-            return Err(model_not_found(&id));
+            return Err(ApiError::model_not_found(&id));
         }
     }
     match validate::resolve_model(&state, &id, caller.as_ref())? {

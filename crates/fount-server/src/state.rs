@@ -43,7 +43,7 @@ pub enum SetupError {
     Model(#[from] fount_model::Error),
     /// The engine could not start.
     #[error(transparent)]
-    Engine(#[from] fount_engine::EngineError),
+    Engine(#[from] fount_engine::Error),
     /// An adapters directory could not be read.
     #[error(transparent)]
     Io(#[from] std::io::Error),

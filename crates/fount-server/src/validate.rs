@@ -17,8 +17,8 @@ use crate::tenancy::Caller;
 pub const MAX_STOP: usize = 4;
 /// Longest stop string, in bytes.
 pub const MAX_STOP_BYTES: usize = 256;
-/// Most choices per prompt.
-pub const MAX_N: u32 = 16;
+/// Most choices per prompt: the engine's limit ([`fount_engine::MAX_N`]).
+pub const MAX_N: u32 = fount_engine::MAX_N as u32;
 /// Most prompts in one completions request.
 pub const MAX_PROMPTS: usize = 64;
 

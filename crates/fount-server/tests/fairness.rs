@@ -1,6 +1,6 @@
 //! Fairness under load: a tenant far above its rate limit beside one within its own. A test
 //! binary of its own, so that no other test shares the CPU while it times requests.
-#![allow(missing_docs, clippy::unwrap_used)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::disallowed_methods)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! Integration tests of the HTTP layer, without sockets (`app().oneshot(…)`).
-#![allow(missing_docs, clippy::unwrap_used)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::disallowed_methods)]
 
 /// Requests and their validation: status codes, OpenAI error objects, the `param` at fault.
 mod errors;

@@ -20,10 +20,11 @@ pub mod keys;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod time;
+mod usage;
 
 pub use error::{Error, Result};
 pub use keys::{ApiKey, Scope};
-pub use store::{
-    day_start_ms, dollars, now_ms, utc_day, Backend, KeyInfo, Price, Quota, Store, Subject, Tenant,
-    UsageRecord, UsageSummary,
-};
+pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};
+pub use time::{day_start, day_start_ms, month_start, now_ms, utc_day};
+pub use usage::{dollars, Price, UsageRecord, UsageSummary};

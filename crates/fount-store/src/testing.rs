@@ -39,7 +39,7 @@ fn as_postgres(tool: &Path) -> Command {
 }
 
 fn pg_bin() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut dirs: Vec<PathBuf> = fs_err::read_dir("/usr/lib/postgresql")
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.path().join("bin"))
@@ -70,8 +70,8 @@ pub fn postgres() -> &'static Postgres {
     PG.get_or_init(|| {
         let bin = pg_bin();
         let dir = std::env::temp_dir().join(format!("fount-pg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let _ = fs_err::remove_dir_all(&dir);
+        fs_err::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
         // the postgres user must own the cluster directory
         let _ = Command::new("chown")
             .args(["-R", "postgres"])
@@ -110,7 +110,7 @@ pub fn postgres() -> &'static Postgres {
                     .arg(&pg.1)
                     .args(["-m", "immediate", "stop"])
                     .output();
-                let _ = std::fs::remove_dir_all(&pg.2);
+                let _ = fs_err::remove_dir_all(&pg.2);
             }
         }
         static PG_STOP: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();

@@ -4,13 +4,15 @@
 //!
 //! A checkpoint is written into `step-NNNNNNNN.partial/`, every file synced, then the marker
 //! `COMPLETE` is written and synced last, and the directory is renamed to `step-NNNNNNNN/` (and
-//! the parent synced). Only directories with the marker are ever loaded; a `.partial` one left by a
+//! the parent synced): [`fount_model::publish`]'s protocol, shared by every output fount writes. Only directories with the marker are ever loaded; a `.partial` one left by a
 //! kill is removed by the next save.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use fount_model::publish::{sync_file, sync_tree, Staged};
+use fount_model::ModelFiles;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -36,37 +38,11 @@ pub struct State {
     pub accumulation: usize,
 }
 
-/// The files of a model directory other than its weights, copied into every checkpoint.
-fn model_side_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for e in fs_err::read_dir(dir)? {
-        let p = e?.path();
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if p.is_file() && !name.ends_with(".safetensors") && name != "model.safetensors.index.json"
-        {
-            out.push(p);
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-fn sync_file(path: &Path) -> Result<()> {
-    fs_err::File::open(path)?.sync_all()?;
-    Ok(())
-}
-
-fn sync_dir(path: &Path) -> Result<()> {
-    // directories are synced through a read handle on Unix
-    fs_err::File::open(path)?.sync_all()?;
-    Ok(())
-}
-
 /// Writes the model (`params`, with the side files of `source`) as a Hugging Face model
 /// directory at `dir`.
 pub fn write_model(params: &Params, source: &Path, dir: &Path) -> Result<()> {
     fs_err::create_dir_all(dir)?;
-    for f in model_side_files(source)? {
+    for f in ModelFiles::open(source)?.side_files()? {
         if let Some(name) = f.file_name() {
             fs_err::copy(&f, dir.join(name))?;
         }
@@ -77,19 +53,6 @@ pub fn write_model(params: &Params, source: &Path, dir: &Path) -> Result<()> {
 /// The checkpoint directory of `step` under `root`.
 pub fn dir_of(root: &Path, step: u64) -> PathBuf {
     root.join(format!("step-{step:08}"))
-}
-
-/// Syncs every file under `dir`, then `dir` itself.
-fn sync_tree(dir: &Path) -> Result<()> {
-    for e in fs_err::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            sync_tree(&p)?;
-        } else {
-            sync_file(&p)?;
-        }
-    }
-    sync_dir(dir)
 }
 
 /// Writes the shared part of the checkpoint of `step` into `step-NNNNNNNN.partial/` under `root`:
@@ -110,8 +73,8 @@ pub fn stage<S: Serialize>(
             fs_err::remove_dir_all(&p)?;
         }
     }
-    let tmp = dir_of(root, step).with_extension("partial");
-    fs_err::create_dir_all(&tmp)?;
+    let staged = Staged::begin(&dir_of(root, step))?;
+    let tmp = staged.path().to_path_buf();
     write_weights(&tmp)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, mo) in &opt.state {
@@ -147,24 +110,20 @@ pub fn stage<S: Serialize>(
 pub fn write_rank<S: Serialize>(tmp: &Path, rank: usize, state: &S) -> Result<()> {
     let path = tmp.join(format!("rank-{rank}.json"));
     fs_err::write(&path, serde_json::to_vec_pretty(state).unwrap_or_default())?;
-    sync_file(&path)
+    sync_file(&path)?;
+    Ok(())
 }
 
 /// Completes a staged checkpoint (after every process's [`write_rank`]): the `COMPLETE` marker last, then the rename; keeps the newest
 /// `keep` complete checkpoints.
 pub fn commit(root: &Path, tmp: &Path, step: u64, keep: usize) -> Result<PathBuf> {
     let final_dir = dir_of(root, step);
-    sync_dir(tmp)?;
-    fs_err::write(tmp.join(COMPLETE), b"complete\n")?;
-    sync_file(&tmp.join(COMPLETE))?;
-    sync_dir(tmp)?;
     if final_dir.exists() {
         // the same step saved again (a signal right after a periodic save): keep the first
         fs_err::remove_dir_all(tmp)?;
     } else {
-        fs_err::rename(tmp, &final_dir)?;
+        Staged::resume(tmp.to_path_buf(), &final_dir).commit(Some(COMPLETE))?;
     }
-    sync_dir(root)?;
     let mut complete = list(root)?;
     while complete.len() > keep {
         let (_, oldest) = complete.remove(0);

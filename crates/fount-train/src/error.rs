@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in training.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The model could not be read or run.
     #[error(transparent)]
@@ -22,9 +23,70 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// A configuration or input that cannot be used.
+    /// A configuration file that does not parse.
+    #[error("{path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the line and the field).
+        reason: String,
+    },
+    /// A setting whose value cannot run.
+    #[error("{field} {reason}")]
+    Config {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong with it, as the rest of a sentence (`must be at least 1`).
+        reason: String,
+    },
+    /// A line of an input file that cannot be used.
+    #[error("{path}:{line}: {reason}")]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// The line, 1-based.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An input (a data file, the shards, the base model) that cannot be used as a whole.
+    #[error("{path}: {reason}")]
+    Input {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The output directory already holds what a run would write; nothing is overwritten.
+    #[error("{dir} already holds {what}")]
+    Exists {
+        /// The output directory.
+        dir: PathBuf,
+        /// What it holds, and what to do about it.
+        what: &'static str,
+    },
+    /// A checkpoint that this run cannot continue from.
+    #[error("{dir} {reason}")]
+    Resume {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+    /// A batch, its targets and its mask that do not fit together (a caller's bug, or a model
+    /// that is not what the run expects).
     #[error("{0}")]
-    Invalid(String),
+    Batch(String),
+    /// A conversation that cannot be trained on (no assistant turn; a chat template that does
+    /// not render conversations as prefixes of each other).
+    #[error("{0}")]
+    Conversation(String),
+    /// The optimizer's state does not fit the parameters it is given.
+    #[error("optimizer: {0}")]
+    Optimizer(String),
+    /// The collective (MPI) failed.
+    #[error("collective: {0}")]
+    Collective(String),
 }
 
 /// `Result` with [`Error`].

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 pub fn cross_entropy(logits: &Tensor, targets: &[u32], mask: &[bool]) -> Result<(Tensor, usize)> {
     let n = logits.dim(0)?;
     if targets.len() != n || mask.len() != n {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Batch(format!(
             "{n} rows of logits, {} targets, {} mask entries",
             targets.len(),
             mask.len()
@@ -29,21 +29,21 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32], mask: &[bool]) -> Result<
 pub fn weighted_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
     let (n, vocab) = logits.dims2()?;
     if targets.len() != n || weights.len() != n {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Batch(format!(
             "{n} rows of logits, {} targets, {} weights",
             targets.len(),
             weights.len()
         )));
     }
     if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Batch(format!(
             "target {t} outside a vocabulary of {vocab}"
         )));
     }
     let logits = logits.to_dtype(DType::F32)?;
-    if fount_model::fused::applies(&logits) {
+    if fount_model::kernels::applies(&logits) {
         // one pass forward and one back, and no vocabulary-sized intermediate kept
-        return Ok(fount_model::fused::cross_entropy(
+        return Ok(fount_model::kernels::cross_entropy(
             &logits, targets, weights,
         )?);
     }
@@ -58,7 +58,7 @@ pub fn weighted_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32])
 pub fn row_weights(mask: &[bool]) -> Result<Vec<f32>> {
     let counted = mask.iter().filter(|&&m| m).count();
     if counted == 0 {
-        return Err(Error::Invalid("no token in the batch is trained on".into()));
+        return Err(Error::Batch("no token in the batch is trained on".into()));
     }
     let share = 1.0 / counted as f32;
     Ok(mask.iter().map(|&m| if m { share } else { 0.0 }).collect())
@@ -107,15 +107,15 @@ pub fn load_balancing_loss(
     top_k: usize,
 ) -> Result<(Tensor, Vec<f64>)> {
     if router_logits.is_empty() {
-        return Err(Error::Invalid("no router logits (not an MoE model)".into()));
+        return Err(Error::Batch("no router logits (not an MoE model)".into()));
     }
     if top_k == 0 || top_k > experts {
-        return Err(Error::Invalid(format!("top-{top_k} of {experts} experts")));
+        return Err(Error::Batch(format!("top-{top_k} of {experts} experts")));
     }
     let all = Tensor::cat(router_logits, 0)?.to_dtype(DType::F32)?;
     let (rows, e) = all.dims2()?;
     if e != experts {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Batch(format!(
             "router logits for {e} experts, expected {experts}"
         )));
     }

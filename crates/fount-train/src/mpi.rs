@@ -32,8 +32,9 @@ pub fn launched() -> bool {
 impl Mpi {
     /// Initialises MPI (once per process).
     pub fn init() -> Result<Mpi> {
-        let universe = mpi::initialize()
-            .ok_or_else(|| Error::Invalid("MPI is already initialised in this process".into()))?;
+        let universe = mpi::initialize().ok_or_else(|| {
+            Error::Collective("MPI is already initialised in this process".into())
+        })?;
         let world = universe.world();
         Ok(Mpi {
             _universe: universe,

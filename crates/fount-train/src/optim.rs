@@ -122,13 +122,13 @@ impl AdamW {
         for (name, mo) in &mut self.state {
             let var = params
                 .get(name)
-                .ok_or_else(|| Error::Invalid(format!("no parameter {name:?} to update")))?;
+                .ok_or_else(|| Error::Optimizer(format!("no parameter {name:?} to update")))?;
             let Some(g) = grads.get(name) else {
                 continue; // no gradient this step: torch skips the parameter
             };
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             if g.len() != p.len() || mo.m.len() != p.len() {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Optimizer(format!(
                     "state of {name:?} does not fit the parameter"
                 )));
             }

@@ -1,5 +1,5 @@
 //! Integration tests of fount-train.
-#![allow(missing_docs, clippy::unwrap_used)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::disallowed_methods)]
 
 /// Loss, gradients and one AdamW step against PyTorch's, on the fixture models.
 mod grads;

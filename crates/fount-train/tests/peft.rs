@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use fount_model::{Batch, Logits, LoraAdapter, LoraBatch, Model, NoCache};
-use fount_train::sft::{FinetuneConfig, LoraParams, Targets};
+use fount_train::finetune::{FinetuneConfig, LoraParams, TargetModules};
 use rand::{Rng, SeedableRng};
 
 fn llama() -> PathBuf {
@@ -20,7 +20,7 @@ fn write_adapter(dir: &Path) -> FinetuneConfig {
     let ft = FinetuneConfig {
         r: 4,
         lora_alpha: 8.0,
-        target_modules: Targets::List(
+        target_modules: TargetModules::List(
             ["q_proj", "v_proj", "gate_proj", "down_proj"]
                 .iter()
                 .map(|s| s.to_string())

@@ -1,8 +1,8 @@
 use candle_core::{DType, Device};
 use fount_model::{Arch, Batch, Logits, LoraBatch, Model, NoCache, RECOMPUTE_TOKENS};
+use fount_train::finetune::{FinetuneConfig, LoraParams, TargetModules};
 use fount_train::loss::{cross_entropy, row_weights, weighted_cross_entropy};
 use fount_train::optim::Grads;
-use fount_train::sft::{FinetuneConfig, LoraParams, Targets};
 use fount_train::Params;
 
 use crate::util::{scratch, tiny_model_wide_init};
@@ -100,7 +100,7 @@ fn recomputed_gradients_equal_the_stored_ones() {
         let ft = FinetuneConfig {
             r: 4,
             lora_alpha: 8.0,
-            target_modules: Targets::Named("all-linear".into()),
+            target_modules: TargetModules::all_linear(),
             ..FinetuneConfig::default()
         };
         let lora = LoraParams::init(frozen.config(), &ft).unwrap();

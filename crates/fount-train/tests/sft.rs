@@ -2,8 +2,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
+use fount_model::peft::merge;
 use fount_model::{Arch, Batch, Logits, LoraAdapter, LoraBatch, Model, NoCache};
-use fount_train::sft::{finetune, merge, FinetuneConfig, Targets};
+use fount_train::finetune::{finetune, FinetuneConfig, TargetModules};
 
 use crate::util::{scratch, tiny_model, tiny_model_wide_init};
 
@@ -20,7 +21,7 @@ fn quick() -> FinetuneConfig {
     FinetuneConfig {
         r: 4,
         lora_alpha: 8.0,
-        target_modules: Targets::Named("all-linear".into()),
+        target_modules: TargetModules::all_linear(),
         lr: 1e-2,
         epochs: 4.0,
         tokens_per_step: 256,
@@ -275,15 +276,15 @@ fn a_stopped_fine_tune_resumes_to_the_same_adapter_bit_for_bit() {
 
 #[test]
 fn adapter_gradients_over_a_frozen_base_equal_those_over_a_trainable_one() {
+    use fount_train::finetune::LoraParams;
     use fount_train::loss::cross_entropy;
     use fount_train::optim::Grads;
-    use fount_train::sft::LoraParams;
     let d = scratch("sft-frozen");
     let base = tiny_model_wide_init(&d, Arch::Qwen2);
     let ft = FinetuneConfig {
         r: 4,
         lora_alpha: 8.0,
-        target_modules: Targets::Named("all-linear".into()),
+        target_modules: TargetModules::all_linear(),
         ..FinetuneConfig::default()
     };
     let frozen = Model::load(&base, DType::F32, &Device::Cpu).unwrap();

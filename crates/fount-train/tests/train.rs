@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fount_model::Arch;
-use fount_train::run::unigram_entropy;
+use fount_train::pretrain::unigram_entropy;
 use fount_train::{checkpoint, train, Observer, Quiet, Single, StepMetrics};
 
 use crate::util::{config, patterned_shards, scratch, tiny_model};

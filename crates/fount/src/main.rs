@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod plot;
 
 // Decoding allocates and frees the same large buffers every step; glibc returns them to the
 // kernel each time (page faults on every reuse), mimalloc keeps them.

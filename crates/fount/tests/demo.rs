@@ -8,6 +8,15 @@ use crate::util::{fount_err, fount_ok};
 /// The number of held-out prompts asked through the API.
 const ASKED: usize = 30;
 
+/// Dates whose days the task must handle too (the last days of months, a leap day), asked
+/// through the API with their expected answers.
+const MONTH_ENDS: [(&str, &str); 4] = [
+    ("2024-12-31", "31/12/2024"),
+    ("2033-08-30", "30/08/2033"),
+    ("2024-02-29", "29/02/2024"),
+    ("1999-04-30", "30/04/1999"),
+];
+
 #[test]
 fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
     let dir =
@@ -100,6 +109,8 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
             &key,
             "--n",
             &ASKED.to_string(),
+            "--dates",
+            &MONTH_ENDS.map(|(d, _)| d).join(","),
             "--test",
         ])
         .arg(&test)
@@ -118,6 +129,10 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
     );
     eprintln!("through the API: base {base}/{ASKED}, adapter {adapter}/{ASKED}");
     assert!(adapter > base && adapter as usize * 10 >= ASKED * 9, "{r}");
+    // days 29, 30 and 31 too (the task draws every calendar date)
+    for (date, expected) in MONTH_ENDS {
+        assert_eq!(r["answers"]["dates"][date], expected, "{date}: {r}");
+    }
     // the tenant was metered: one record per request, tokens as the responses said
     let rows = r["usage"]["data"].as_array().cloned().unwrap_or_default();
     for model in ["fount-demo", "dates"] {
@@ -125,7 +140,8 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
             .iter()
             .find(|row| row["model"] == model)
             .unwrap_or_else(|| panic!("no usage of {model}: {r}"));
-        assert_eq!(row["requests"].as_u64(), Some(ASKED as u64), "{row}");
+        let requests = ASKED + MONTH_ENDS.len();
+        assert_eq!(row["requests"].as_u64(), Some(requests as u64), "{row}");
         let metered = row["prompt_tokens"].as_u64().unwrap_or(0)
             + row["completion_tokens"].as_u64().unwrap_or(0);
         assert_eq!(Some(metered), r["tokens"][model].as_u64(), "{row}");

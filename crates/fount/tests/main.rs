@@ -1,5 +1,5 @@
 //! Integration tests of the `fount` binary, run as a user runs it.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::disallowed_methods)]
 
 /// `fount model init` and `fount generate` from the command line.
 mod cli;
@@ -12,6 +12,10 @@ mod data_cli;
 
 /// `fount serve` with real clients: the `openai` package, overload, schema fuzzing, SIGTERM.
 mod serve;
+
+/// The crate graph: every internal dependency is one `docs/architecture.md` allows, and the
+/// compute crates never link the database or the HTTP stack.
+mod layers;
 
 /// `fount train`: learning on curated shards, SIGKILL and exact resumption, bad configs.
 mod train_cli;

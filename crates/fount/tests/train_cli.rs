@@ -80,7 +80,7 @@ fn a_model_pretrained_on_synth_shards_learns_well_below_the_unigram_entropy() {
     let (_, err) = fount_ok(&["train", "--config", &s(&cfg)]);
     assert!(err.contains("done: 200 steps"), "{err}");
     assert!(d.join("run/loss.png").exists() && d.join("run/final/model.safetensors").exists());
-    let unigram = fount_train::run::unigram_entropy(&data, "train").unwrap_or(0.0);
+    let unigram = fount_train::pretrain::unigram_entropy(&data, "train").unwrap_or(0.0);
     let last = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap_or_default();
     let val = last
         .lines()

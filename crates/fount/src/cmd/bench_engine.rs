@@ -267,7 +267,7 @@ pub fn bench_engine(a: EngineBench, threads: Option<usize>) -> Result<()> {
         engine.adapters().register(&name, adir.join(&name));
         let file = adir.join(&name).join("adapter_model.safetensors");
         let read_start = Instant::now();
-        std::hint::black_box(std::fs::read(&file)?);
+        std::hint::black_box(fs_err::read(&file)?);
         reads.push(read_start.elapsed());
         cold.push(one(Some(name), format!("cold-{i}"))?);
         // against an adapter that is resident but has not run for a while (its weights are in

@@ -11,9 +11,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use fount_model::{Batch, LoraBatch, Model};
+use fount_train::finetune::{FinetuneConfig, LoraParams, TargetModules};
 use fount_train::loss::backward_cross_entropy;
 use fount_train::optim::{AdamW, AdamWConfig, Grads};
-use fount_train::sft::{FinetuneConfig, LoraParams, Targets};
 use fount_train::Params;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -94,7 +94,7 @@ pub fn bench_train(a: TrainBench, threads: Option<usize>) -> Result<()> {
     let model = Model::load(&dir, DType::F32, &Device::Cpu)?;
     let cfg = model.config().clone();
     let params_count = cfg.num_parameters();
-    let peak = fount_train::run::matmul_peak()?;
+    let peak = fount_train::pretrain::matmul_peak()?;
     drop(model);
     eprintln!(
         "model: {} ({} parameters), batch {} × {} tokens, {threads} threads, matmul peak {:.1} GFLOP/s",
@@ -162,7 +162,7 @@ pub fn bench_train(a: TrainBench, threads: Option<usize>) -> Result<()> {
             Figures::parse(&text, "the reference")?,
         ))
     };
-    let flops = fount_train::run::flops_per_token_of(&cfg, params_count, a.seq_len);
+    let flops = fount_train::pretrain::flops_per_token_of(&cfg, params_count, a.seq_len);
     let mfu = |f: &Figures| 100.0 * f.tokens_per_s * flops / peak;
     let (full, lora) = (ours("full")?, ours("lora")?);
     println!("| engine | full training tok/s | MFU | peak MB | LoRA tok/s | LoRA peak MB | LoRA / full memory |");
@@ -243,7 +243,7 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
             let ft = FinetuneConfig {
                 r: a.lora_r,
                 lora_alpha: 2.0 * a.lora_r as f64,
-                target_modules: Targets::Named("all-linear".into()),
+                target_modules: TargetModules::all_linear(),
                 ..FinetuneConfig::default()
             };
             let lora = LoraParams::init(model.config(), &ft)?;

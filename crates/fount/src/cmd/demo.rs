@@ -17,7 +17,7 @@ use fount_data::synth::{synth_corpus, SynthOptions};
 use fount_model::init::{init_model, InitOptions, Shape};
 use fount_model::Arch;
 use fount_store::{ApiKey, Scope, Store};
-use fount_train::sft::{chat_accuracy, FinetuneConfig};
+use fount_train::finetune::{chat_accuracy, FinetuneConfig};
 use fount_train::TrainConfig;
 use serde_json::json;
 
@@ -379,9 +379,9 @@ fn demo_key(store_dir: &Path, key_file: &Path) -> Result<ApiKey> {
 }
 
 fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use fs_err::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = fs_err::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)

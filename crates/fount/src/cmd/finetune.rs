@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use fount_train::sft::{finetune, merge, FinetuneConfig, FinetuneOutcome};
+use fount_model::peft::merge;
+use fount_train::finetune::{finetune, FinetuneConfig, FinetuneOutcome};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `fount finetune`.

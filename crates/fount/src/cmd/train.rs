@@ -158,7 +158,7 @@ pub fn pretrain(
         return Ok(None);
     }
     let plot = cfg.out.join("loss.png");
-    fount_train::plot::loss_curve(&cfg.out.join("metrics.jsonl"), &plot)
+    crate::plot::loss_curve(&cfg.out.join("metrics.jsonl"), &plot)
         .with_context(|| format!("drawing {}", plot.display()))?;
     eprintln!(
         "done: {} steps, training loss {:.4}{}; model in {}, loss curve in {}",

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use anyhow::{bail, Context, Result};
 
 const W: usize = 800;
 const H: usize = 480;
@@ -114,10 +114,8 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     let text = fs_err::read_to_string(metrics)?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Format {
-            path: metrics.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: not a metrics line", metrics.display()))?;
         let step = v["step"].as_f64().unwrap_or(0.0);
         if let Some(l) = v["loss"].as_f64().filter(|l| l.is_finite()) {
             train.push((step, l));
@@ -127,10 +125,7 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
         }
     }
     if train.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{} has no steps",
-            metrics.display()
-        )));
+        bail!("{} has no steps", metrics.display());
     }
     let x_max = train.iter().map(|p| p.0).fold(1.0, f64::max);
     let y_max = train.iter().chain(&val).map(|p| p.1).fold(0.0, f64::max) * 1.05;
@@ -190,12 +185,9 @@ pub fn loss_curve(metrics: &Path, out: &Path) -> Result<()> {
     let mut enc = png::Encoder::new(file, W as u32, H as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let png_err = |e: png::EncodingError| Error::Format {
-        path: out.to_path_buf(),
-        message: e.to_string(),
-    };
-    let mut w = enc.write_header().map_err(png_err)?;
-    w.write_image_data(&c.px).map_err(png_err)?;
-    w.finish().map_err(png_err)?;
+    let what = || format!("writing {}", out.display());
+    let mut w = enc.write_header().with_context(what)?;
+    w.write_image_data(&c.px).with_context(what)?;
+    w.finish().with_context(what)?;
     Ok(())
 }

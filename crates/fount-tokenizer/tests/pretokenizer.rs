@@ -1,7 +1,7 @@
 //! The trained tokenizer reads text as Hugging Face transformers reads a Qwen2 model's tokenizer
 //! (recorded by tools/golden/qwen2_pretokenizer.py).
 
-use fount_data::tokenize::{train, TokenizerConfig};
+use fount_tokenizer::{train, BpeConfig};
 use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
 #[test]
@@ -13,9 +13,9 @@ fn the_trained_tokenizer_splits_text_as_transformers_reads_qwen2() {
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let texts = ["the date 2018-06-21 is a date", "北京欢迎你 café"].repeat(20);
-    let cfg = TokenizerConfig {
+    let cfg = BpeConfig {
         vocab_size: 300,
-        ..TokenizerConfig::default()
+        ..BpeConfig::default()
     };
     let tok = train(texts.iter(), &cfg).unwrap();
     let json: serde_json::Value = serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();

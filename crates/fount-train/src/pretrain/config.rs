@@ -125,8 +125,10 @@ impl TrainConfig {
     /// Reads a configuration file; relative paths in it are taken from its directory.
     pub fn from_file(path: &Path) -> Result<TrainConfig> {
         let text = fs_err::read_to_string(path)?;
-        let mut cfg: TrainConfig = toml::from_str(&text)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.model, &mut cfg.data, &mut cfg.out] {
             if p.is_relative() {
@@ -139,33 +141,39 @@ impl TrainConfig {
 
     /// Checks values that parse but cannot run.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
+        let bad = |field, reason: &str| {
+            Err(Error::Config {
+                field,
+                reason: reason.to_string(),
+            })
+        };
         if self.steps == 0 {
-            return bad("steps must be at least 1".into());
+            return bad("steps", "must be at least 1");
         }
         if self.seq_len < 2 || self.micro_batch == 0 || self.accumulation == 0 {
             return bad(
-                "seq_len must be at least 2, micro_batch and accumulation at least 1".into(),
+                "seq_len",
+                "must be at least 2, micro_batch and accumulation at least 1",
             );
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("lr must be positive, not {}", self.lr));
+            return bad("lr", &format!("must be positive, not {}", self.lr));
         }
         if self
             .min_lr
             .is_some_and(|m| !(m.is_finite() && m >= 0.0 && m <= self.lr))
         {
-            return bad("min_lr must be between 0 and lr".into());
+            return bad("min_lr", "must be between 0 and lr");
         }
         if !(self.clip.is_finite() && self.clip >= 0.0) {
-            return bad("clip must be 0 (off) or positive".into());
+            return bad("clip", "must be 0 (off) or positive");
         }
         let a = &self.adamw;
         if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) || a.eps <= 0.0 {
-            return bad("adamw: betas in [0, 1), eps positive".into());
+            return bad("adamw", "betas must be in [0, 1) and eps positive");
         }
         if self.keep_checkpoints == 0 {
-            return bad("keep_checkpoints must be at least 1".into());
+            return bad("keep_checkpoints", "must be at least 1");
         }
         Ok(())
     }

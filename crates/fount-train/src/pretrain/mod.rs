@@ -2,6 +2,8 @@
 //! micro-batches, gradient accumulation, clipping, AdamW on the schedule, validation, metrics,
 //! checkpoints, and exact resumption.
 
+pub mod config;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,15 +11,17 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use fount_data::shard::{Sampler, ShardSet};
+use fount_model::publish::Staged;
 use fount_model::{Batch, Logits, LoraBatch, Model, NoCache};
 use serde::Serialize;
 
 use crate::checkpoint::{self, State};
-use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::loss::{cross_entropy, load_balancing_loss, row_weights, weighted_cross_entropy};
 use crate::optim::{learning_rate, AdamW, Grads};
 use crate::params::Params;
+
+use config::TrainConfig;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -229,6 +233,11 @@ fn validate(model: &Model, cfg: &TrainConfig, val: &ShardSet) -> Result<Option<f
 
 /// Runs (or, with `resume`, continues) the pretraining run of `cfg`. Stops early, writing a
 /// checkpoint, once `stop` is set.
+///
+/// The phases: [`open_run`] (shards, model, optimizer and data position, fresh or from the newest
+/// checkpoint), the metrics log, then per step [`forward_backward`] over every micro-batch, the
+/// all-reduce, clipping and the AdamW update, validation and metrics, and checkpoints; last the
+/// final model, published whole.
 pub fn train(
     cfg: &TrainConfig,
     resume: bool,
@@ -241,77 +250,33 @@ pub fn train(
     let metrics_path = cfg.out.join("metrics.jsonl");
     let existing = checkpoint::list(&ckpt_root)?;
     if !resume && (!existing.is_empty() || metrics_path.exists()) {
-        return Err(Error::Invalid(format!(
-            "{} already holds a run; pass --resume to continue it, or choose another out",
-            cfg.out.display()
-        )));
+        return Err(Error::Exists {
+            dir: cfg.out.clone(),
+            what: "a run; pass --resume to continue it, or choose another out",
+        });
     }
-    let train_set = ShardSet::open(&cfg.data, &cfg.split).map_err(|e| {
-        Error::Invalid(format!(
-            "training shards {}/{}-*.bin: {e}",
-            cfg.data.display(),
-            cfg.split
-        ))
+    let train_set = ShardSet::open(&cfg.data, &cfg.split).map_err(|e| Error::Input {
+        path: cfg.data.join(format!("{}-*.bin", cfg.split)),
+        reason: format!("training shards: {e}"),
     })?;
     let val_set = ShardSet::open(&cfg.data, &cfg.val_split).ok();
-
-    // the model and optimizer: fresh, or from the newest complete checkpoint
     let resumed = if resume {
         existing.last().cloned()
     } else {
         None
     };
-    let model_dir = match &resumed {
-        Some((_, dir)) => dir.join("model"),
-        None => cfg.model.clone(),
-    };
-    let (model, params) = Params::load(&model_dir)?;
-    if cfg.recompute && model.config().moe.is_some() {
-        return Err(Error::Invalid(
-            "recompute is for dense models; train an MoE model without it".into(),
-        ));
-    }
-    let vocab = model.config().vocab_size;
-    let sizes: Vec<(String, usize)> = params
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.elem_count()))
-        .collect();
-    let (mut opt, mut sampler, start) = match &resumed {
-        Some((_, dir)) => {
-            let loaded = checkpoint::load::<State>(dir, comm.rank(), &params, cfg.adamw)?;
-            let s = &loaded.state;
-            if (s.world, s.micro_batch, s.accumulation)
-                != (comm.world(), cfg.micro_batch, cfg.accumulation)
-            {
-                return Err(Error::Invalid(format!(
-                    "{} was written by {} process(es) × micro_batch {} × accumulation {}; this run has {} × {} × {}",
-                    dir.display(),
-                    s.world,
-                    s.micro_batch,
-                    s.accumulation,
-                    comm.world(),
-                    cfg.micro_batch,
-                    cfg.accumulation
-                )));
-            }
-            let sampler = Sampler::restore(&train_set, s.sampler)
-                .map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
-            (loaded.optimizer, sampler, s.step)
-        }
-        None => (
-            AdamW::new(cfg.adamw, &sizes),
-            Sampler::new(&train_set, cfg.seq_len, cfg.seed)
-                .map_err(|e| Error::Invalid(format!("training shards: {e}")))?,
-            0,
-        ),
-    };
-    if sampler.state().seq_len != cfg.seq_len {
-        return Err(Error::Invalid(format!(
-            "the checkpoint was trained with seq_len {}, the config says {}",
-            sampler.state().seq_len,
-            cfg.seq_len
-        )));
-    }
+    let Run {
+        model,
+        params,
+        mut opt,
+        mut sampler,
+        start,
+    } = open_run(
+        cfg,
+        comm,
+        &train_set,
+        resumed.as_ref().map(|(_, d)| d.as_path()),
+    )?;
     if comm.rank() == 0 {
         fs_err::create_dir_all(&cfg.out)?;
         fs_err::write(
@@ -319,27 +284,8 @@ pub fn train(
             serde_json::to_vec_pretty(cfg).unwrap_or_default(),
         )?;
     }
-    // the metrics log: on resume, drop lines past the checkpoint (steps that will run again)
     let mut metrics = if comm.rank() == 0 {
-        let kept: Vec<String> = if resume && metrics_path.exists() {
-            fs_err::read_to_string(&metrics_path)?
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s <= start)
-                })
-                .map(str::to_string)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mut f = fs_err::File::create(&metrics_path)?;
-        for l in kept {
-            writeln!(f, "{l}")?;
-        }
-        Some(f)
+        Some(open_metrics_log(&metrics_path, resume, start)?)
     } else {
         None
     };
@@ -348,7 +294,7 @@ pub fn train(
     let per_token = flops_per_token(&model, &params, cfg.seq_len);
     let world = comm.world();
     let per_step_windows = cfg.micro_batch * cfg.accumulation * world;
-    let scale = 1.0 / (cfg.accumulation * world) as f32;
+    let vocab = model.config().vocab_size;
     let started = Instant::now();
     let mut grads = Grads::default();
     let mut window = Vec::new();
@@ -403,56 +349,19 @@ pub fn train(
         for _ in 0..per_step_windows {
             sampler.next_window(&mut window);
             if let Some(&t) = window.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Error::Invalid(format!(
-                    "token id {t} in the shards is outside the model's vocabulary of {vocab}: the model and the shards were made with different tokenizers"
-                )));
+                return Err(Error::Input {
+                    path: cfg.data.clone(),
+                    reason: format!("token id {t} in the shards is outside the model's vocabulary of {vocab}: the model and the shards were made with different tokenizers"),
+                });
             }
             all.push(window.clone());
         }
-        let (mut ce_sum, mut aux_sum, mut z_sum) = (0.0, 0.0, 0.0);
-        let mut load_sum: Option<Vec<f64>> = None;
-        for a in 0..cfg.accumulation {
-            let first = (a * world + comm.rank()) * cfg.micro_batch;
-            let mine = &all[first..first + cfg.micro_batch];
-            let l = if cfg.recompute {
-                let (batch, targets, mask) = pack(mine, cfg.seq_len);
-                let weights = row_weights(&mask)?;
-                let ce = model.backward_checkpointed(
-                    &batch,
-                    &LoraBatch::none(),
-                    &mut |logits, rows| {
-                        weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
-                    },
-                    &mut |store| grads.accumulate(&params, store, scale),
-                )?;
-                MicroLoss {
-                    ce,
-                    total: Tensor::new(ce as f32, &candle_core::Device::Cpu)?,
-                    aux: None,
-                    z: None,
-                    load: None,
-                }
-            } else {
-                let l = micro_loss(&model, cfg, mine)?;
-                let store = l.total.backward()?;
-                grads.accumulate(&params, &store, scale)?;
-                l
-            };
-            ce_sum += l.ce;
-            aux_sum += l.aux.unwrap_or(0.0);
-            z_sum += l.z.unwrap_or(0.0);
-            if let Some(load) = l.load {
-                let acc = load_sum.get_or_insert_with(|| vec![0.0; load.len()]);
-                for (x, y) in acc.iter_mut().zip(load) {
-                    *x += y;
-                }
-            }
-        }
+        let losses = forward_backward(&model, &params, cfg, comm, &all, &mut grads)?;
         for (_, g) in grads.iter_mut() {
             comm.all_reduce_sum(g)?;
         }
         let micro = (cfg.accumulation * world) as f64;
-        let loss = comm.sum_f64(ce_sum)? / micro;
+        let loss = comm.sum_f64(losses.ce)? / micro;
         let grad_norm = if cfg.clip > 0.0 {
             grads.clip(cfg.clip)
         } else {
@@ -474,12 +383,13 @@ pub fn train(
         let secs = t0.elapsed().as_secs_f64();
         let tokens = (per_step_windows * cfg.seq_len) as f64;
         let moe = model.config().moe.is_some();
+        let acc = cfg.accumulation as f64;
         let m = StepMetrics {
             step,
             loss,
-            aux_loss: moe.then_some(aux_sum / cfg.accumulation as f64),
-            z_loss: (moe && cfg.moe.z_loss_coef > 0.0).then_some(z_sum / cfg.accumulation as f64),
-            expert_load: load_sum.map(|l| l.iter().map(|x| x / cfg.accumulation as f64).collect()),
+            aux_loss: moe.then_some(losses.aux / acc),
+            z_loss: (moe && cfg.moe.z_loss_coef > 0.0).then_some(losses.z / acc),
+            expert_load: losses.load.map(|l| l.iter().map(|x| x / acc).collect()),
             dropped_tokens: moe.then_some(0),
             lr,
             grad_norm,
@@ -500,15 +410,12 @@ pub fn train(
     save(step, &opt, &sampler, observer)?;
     let final_dir = cfg.out.join("final");
     if comm.rank() == 0 {
-        let tmp = cfg.out.join("final.partial");
-        if tmp.exists() {
-            fs_err::remove_dir_all(&tmp)?;
-        }
-        checkpoint::write_model(&params, &cfg.model, &tmp)?;
+        let staged = Staged::begin(&final_dir)?;
+        checkpoint::write_model(&params, &cfg.model, staged.path())?;
         if final_dir.exists() {
             fs_err::remove_dir_all(&final_dir)?;
         }
-        fs_err::rename(&tmp, &final_dir)?;
+        staged.commit(None)?;
     }
     Ok(Outcome {
         step,
@@ -519,10 +426,190 @@ pub fn train(
     })
 }
 
+/// What a run starts from: the model, its parameters, the optimizer and the data position.
+struct Run<'a> {
+    model: Model,
+    params: Params,
+    opt: AdamW,
+    sampler: Sampler<'a>,
+    start: u64,
+}
+
+/// Opens the run's model, optimizer and data position: fresh from `cfg.model`, or from the
+/// checkpoint `resumed` (which must have been written with the same processes and batch shape).
+fn open_run<'a>(
+    cfg: &TrainConfig,
+    comm: &dyn Collective,
+    train_set: &'a ShardSet,
+    resumed: Option<&Path>,
+) -> Result<Run<'a>> {
+    let model_dir = match resumed {
+        Some(dir) => dir.join("model"),
+        None => cfg.model.clone(),
+    };
+    let (model, params) = Params::load(&model_dir)?;
+    if cfg.recompute && model.config().moe.is_some() {
+        return Err(Error::Config {
+            field: "recompute",
+            reason: "is for dense models; train an MoE model without it".into(),
+        });
+    }
+    let sizes: Vec<(String, usize)> = params
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.elem_count()))
+        .collect();
+    let (opt, sampler, start) = match resumed {
+        Some(dir) => {
+            let loaded = checkpoint::load::<State>(dir, comm.rank(), &params, cfg.adamw)?;
+            let s = &loaded.state;
+            if (s.world, s.micro_batch, s.accumulation)
+                != (comm.world(), cfg.micro_batch, cfg.accumulation)
+            {
+                return Err(Error::Resume {
+                    dir: dir.to_path_buf(),
+                    reason: format!(
+                        "was written by {} process(es) × micro_batch {} × accumulation {}; this run has {} × {} × {}",
+                        s.world,
+                        s.micro_batch,
+                        s.accumulation,
+                        comm.world(),
+                        cfg.micro_batch,
+                        cfg.accumulation
+                    ),
+                });
+            }
+            let sampler = Sampler::restore(train_set, s.sampler).map_err(|e| Error::Resume {
+                dir: dir.to_path_buf(),
+                reason: format!("does not fit the training shards: {e}"),
+            })?;
+            (loaded.optimizer, sampler, s.step)
+        }
+        None => (
+            AdamW::new(cfg.adamw, &sizes),
+            Sampler::new(train_set, cfg.seq_len, cfg.seed).map_err(|e| Error::Input {
+                path: cfg.data.clone(),
+                reason: format!("training shards: {e}"),
+            })?,
+            0,
+        ),
+    };
+    if sampler.state().seq_len != cfg.seq_len {
+        return Err(Error::Config {
+            field: "seq_len",
+            reason: format!(
+                "is {}, but the checkpoint was trained with {}",
+                cfg.seq_len,
+                sampler.state().seq_len
+            ),
+        });
+    }
+    Ok(Run {
+        model,
+        params,
+        opt,
+        sampler,
+        start,
+    })
+}
+
+/// The metrics log, opened for appending; on resume the lines past the checkpoint's step `start`
+/// are dropped (those steps run again).
+fn open_metrics_log(path: &Path, resume: bool, start: u64) -> Result<fs_err::File> {
+    let kept: Vec<String> = if resume && path.exists() {
+        fs_err::read_to_string(path)?
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= start)
+            })
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut f = fs_err::File::create(path)?;
+    for l in kept {
+        writeln!(f, "{l}")?;
+    }
+    Ok(f)
+}
+
+/// The losses of one step on this process, summed over its micro-batches.
+struct StepLosses {
+    ce: f64,
+    aux: f64,
+    z: f64,
+    load: Option<Vec<f64>>,
+}
+
+/// Forward and backward over this process's share of the step's windows `all`, one micro-batch
+/// at a time, accumulating into `grads` (each scaled by one over the micro-batches of all
+/// processes).
+fn forward_backward(
+    model: &Model,
+    params: &Params,
+    cfg: &TrainConfig,
+    comm: &dyn Collective,
+    all: &[Vec<u32>],
+    grads: &mut Grads,
+) -> Result<StepLosses> {
+    let world = comm.world();
+    let scale = 1.0 / (cfg.accumulation * world) as f32;
+    let mut sums = StepLosses {
+        ce: 0.0,
+        aux: 0.0,
+        z: 0.0,
+        load: None,
+    };
+    for a in 0..cfg.accumulation {
+        let first = (a * world + comm.rank()) * cfg.micro_batch;
+        let mine = &all[first..first + cfg.micro_batch];
+        let l = if cfg.recompute {
+            let (batch, targets, mask) = pack(mine, cfg.seq_len);
+            let weights = row_weights(&mask)?;
+            let ce = model.backward_checkpointed(
+                &batch,
+                &LoraBatch::none(),
+                &mut |logits, rows| {
+                    weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
+                },
+                &mut |store| grads.accumulate(params, store, scale),
+            )?;
+            MicroLoss {
+                ce,
+                total: Tensor::new(ce as f32, &candle_core::Device::Cpu)?,
+                aux: None,
+                z: None,
+                load: None,
+            }
+        } else {
+            let l = micro_loss(model, cfg, mine)?;
+            let store = l.total.backward()?;
+            grads.accumulate(params, &store, scale)?;
+            l
+        };
+        sums.ce += l.ce;
+        sums.aux += l.aux.unwrap_or(0.0);
+        sums.z += l.z.unwrap_or(0.0);
+        if let Some(load) = l.load {
+            let acc = sums.load.get_or_insert_with(|| vec![0.0; load.len()]);
+            for (x, y) in acc.iter_mut().zip(load) {
+                *x += y;
+            }
+        }
+    }
+    Ok(sums)
+}
+
 /// The unigram entropy of the training split (nats per token): the loss of a model that knows
 /// only token frequencies, the bar a trained model must clear.
 pub fn unigram_entropy(data: &Path, split: &str) -> Result<f64> {
-    let set = ShardSet::open(data, split).map_err(|e| Error::Invalid(e.to_string()))?;
+    let set = ShardSet::open(data, split).map_err(|e| Error::Input {
+        path: data.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let mut counts = std::collections::HashMap::<u32, u64>::new();
     let mut buf = Vec::new();
     let n = set.num_tokens();

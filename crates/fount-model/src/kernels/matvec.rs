@@ -398,7 +398,7 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::fused::{gemm_new, values, with_values, Mat};
+        use super::{gemm_new, values, with_values, Mat};
         let x = values(s, l, self.name())?;
         let (rows, inp) = l.shape().dims2()?;
         let out = self.weight.dim(0)?;
@@ -419,12 +419,7 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         _res: &candle_core::Tensor,
         grad: &candle_core::Tensor,
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
-        Ok(Some(crate::fused::product(
-            grad,
-            false,
-            &self.weight,
-            false,
-        )?))
+        Ok(Some(super::product(grad, false, &self.weight, false)?))
     }
 }
 

@@ -10,6 +10,9 @@
 //! The chat dataset is a date-reformatting task (`YYYY-MM-DD` → `DD/MM/YYYY`), in OpenAI chat JSONL,
 //! with a held-out split of dates never seen in training: its accuracy is exact match.
 
+mod chat;
+mod words;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +22,9 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::error::Result;
+
+pub use chat::{chat_answer, chat_prompt};
+use words::*;
 
 /// Options for [`synth_corpus`].
 #[derive(Debug, Clone)]
@@ -59,306 +65,6 @@ pub struct SynthSummary {
     /// The chat held-out file.
     pub chat_test: PathBuf,
 }
-
-const SUBJECTS: &[&str] = &[
-    "the city council",
-    "our team",
-    "the new library",
-    "a local farmer",
-    "the research group",
-    "the committee",
-    "my neighbour",
-    "the company",
-    "the school board",
-    "a small bakery",
-    "the museum",
-    "the river authority",
-    "the hospital",
-    "a young engineer",
-    "the orchestra",
-    "the football club",
-    "the old bridge",
-    "the village",
-    "the startup",
-    "the government",
-    "the volunteers",
-    "the author",
-    "the students",
-    "the garden centre",
-    "the railway",
-];
-const VERBS: &[&str] = &[
-    "announced",
-    "built",
-    "improved",
-    "discussed",
-    "opened",
-    "planned",
-    "reviewed",
-    "finished",
-    "described",
-    "repaired",
-    "celebrated",
-    "tested",
-    "measured",
-    "questioned",
-    "supported",
-    "explained",
-    "changed",
-    "visited",
-    "published",
-    "designed",
-    "expanded",
-    "replaced",
-];
-const OBJECTS: &[&str] = &[
-    "a new cycling path",
-    "the annual budget",
-    "the water supply",
-    "a community garden",
-    "the winter schedule",
-    "an old factory",
-    "the public transport plan",
-    "a summer festival",
-    "the reading programme",
-    "the local market",
-    "a wind farm",
-    "the harbour wall",
-    "the energy report",
-    "a new playground",
-    "the history of the town",
-    "the flood defences",
-    "a mobile clinic",
-    "the opening hours",
-    "a recycling scheme",
-    "the concert series",
-];
-const ADVERBIALS: &[&str] = &[
-    "last week",
-    "after a long debate",
-    "with help from residents",
-    "despite the rain",
-    "for the first time",
-    "earlier this year",
-    "in the spring",
-    "on Tuesday morning",
-    "without much fuss",
-    "ahead of the holidays",
-    "at the end of the month",
-    "in record time",
-    "under a tight budget",
-    "with great care",
-    "to everyone's surprise",
-    "once again",
-];
-const ADJECTIVES: &[&str] = &[
-    "important",
-    "difficult",
-    "careful",
-    "popular",
-    "expensive",
-    "modest",
-    "ambitious",
-    "useful",
-    "quiet",
-    "remarkable",
-    "practical",
-    "surprising",
-    "welcome",
-    "overdue",
-    "generous",
-];
-const CONNECTORS: &[&str] = &[
-    "However,",
-    "Meanwhile,",
-    "In addition,",
-    "As a result,",
-    "For many people,",
-    "According to the report,",
-    "At the same time,",
-    "In the end,",
-    "Still,",
-    "Fortunately,",
-];
-const TOPICS: &[&str] = &[
-    "Local news",
-    "Community update",
-    "Weekend report",
-    "Notes from the council",
-    "A look back",
-    "Planning ahead",
-    "What changed this year",
-    "Questions and answers",
-];
-const NAV: &[&str] = &[
-    "Home | About | Contact",
-    "Skip to content",
-    "Menu",
-    "Search",
-    "Log in",
-    "Sign up",
-    "Share this:",
-    "Facebook",
-    "Twitter",
-    "Related posts",
-    "Read more",
-    "Back to top",
-    "Copyright 2024 All rights reserved",
-    "Subscribe to our newsletter",
-];
-const POLICY: &[&str] = &[
-    "This website uses cookies to improve your experience on every page we serve.",
-    "By continuing to browse you agree to our terms of use and all related conditions.",
-    "Please read our privacy policy before you submit the form below.",
-    "Enable JavaScript in your browser settings to view the interactive map.",
-];
-const SPAM: &[&str] = &[
-    "cheap", "best", "deal", "buy", "online", "free", "shipping", "discount", "offer", "sale",
-];
-
-const ZH_SUBJECTS: &[&str] = &[
-    "市政府",
-    "我们的团队",
-    "这家公司",
-    "当地的农民",
-    "研究小组",
-    "学校",
-    "图书馆",
-    "医院",
-    "年轻的工程师",
-    "志愿者们",
-    "博物馆",
-    "委员会",
-    "村里的老人",
-    "这座城市",
-    "作者",
-    "铁路局",
-    "足球俱乐部",
-    "面包店",
-    "交响乐团",
-    "环保组织",
-    "大学生们",
-    "出版社",
-    "社区中心",
-    "记者",
-];
-const ZH_VERBS: &[&str] = &[
-    "宣布了",
-    "完成了",
-    "讨论了",
-    "改进了",
-    "建设了",
-    "发布了",
-    "支持了",
-    "介绍了",
-    "参观了",
-    "设计了",
-    "测试了",
-    "修复了",
-    "扩大了",
-    "调整了",
-    "庆祝了",
-    "检查了",
-    "批准了",
-    "推迟了",
-    "研究了",
-    "报道了",
-    "组织了",
-    "更新了",
-];
-const ZH_ADJ: &[&str] = &[
-    "新的",
-    "重要的",
-    "大型的",
-    "小型的",
-    "昂贵的",
-    "实用的",
-    "有名的",
-    "古老的",
-    "现代的",
-    "环保的",
-    "公共的",
-    "免费的",
-    "",
-];
-const ZH_OBJECTS: &[&str] = &[
-    "自行车道",
-    "年度预算",
-    "供水系统",
-    "社区花园",
-    "冬季时间表",
-    "公共交通计划",
-    "音乐节",
-    "阅读计划",
-    "本地市场",
-    "风力发电场",
-    "能源报告",
-    "游乐场",
-    "防洪工程",
-    "回收计划",
-    "音乐会",
-    "桥梁",
-    "停车场",
-    "体育馆",
-    "展览",
-    "网站",
-    "培训课程",
-    "农产品市场",
-];
-const ZH_ADVERBIALS: &[&str] = &[
-    "上周",
-    "经过长时间的讨论",
-    "在居民的帮助下",
-    "尽管下着雨",
-    "第一次",
-    "今年早些时候",
-    "在春天",
-    "星期二上午",
-    "在节日之前",
-    "在月底",
-    "在有限的预算下",
-    "去年秋天",
-    "最近",
-    "昨天下午",
-    "在市中心",
-    "在河边",
-    "在郊区",
-];
-const ZH_ADVERBS: &[&str] = &[
-    "终于",
-    "已经",
-    "正式",
-    "顺利地",
-    "再次",
-    "悄悄地",
-    "迅速",
-    "",
-];
-const ZH_SPEAKERS: &[&str] = &[
-    "居民们认为",
-    "专家表示",
-    "记者了解到",
-    "负责人说",
-    "有人担心",
-    "大多数人觉得",
-    "报告指出",
-    "老师们希望",
-    "游客们发现",
-];
-const ZH_CLAUSES: &[&str] = &[
-    "这是一件好事",
-    "这对当地的发展很重要",
-    "问题已经讨论了很久",
-    "有关部门也给予了支持",
-    "明年能够继续",
-    "结果比预想的要好",
-    "费用还是太高",
-    "时间安排得不太合理",
-    "效果非常明显",
-    "还需要更多的志愿者",
-    "天气会影响进度",
-    "孩子们特别喜欢",
-];
 
 struct Gen {
     rng: ChaCha8Rng,
@@ -799,58 +505,11 @@ pub fn synth_corpus(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
     if let Some(mut w) = writer.take() {
         w.flush()?;
     }
-    let (chat_train, chat_test) = synth_chat(&chat_dir, opts.chat_examples, opts.seed)?;
+    let (chat_train, chat_test) = chat::synth_chat(&chat_dir, opts.chat_examples, opts.seed)?;
     Ok(SynthSummary {
         corpus_files: files,
         text_bytes,
         chat_train,
         chat_test,
     })
-}
-
-/// The instruction of the chat task for one date.
-pub fn chat_prompt(date: &str) -> String {
-    format!("Rewrite the date {date} in the format DD/MM/YYYY.")
-}
-
-/// The correct answer of the chat task for a `YYYY-MM-DD` date.
-pub fn chat_answer(date: &str) -> Option<String> {
-    let mut it = date.split('-');
-    let (y, m, d) = (it.next()?, it.next()?, it.next()?);
-    Some(format!("{d}/{m}/{y}"))
-}
-
-fn synth_chat(dir: &Path, n: usize, seed: u64) -> Result<(PathBuf, PathBuf)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0c4a_7000);
-    let mut seen = std::collections::HashSet::new();
-    let mut dates = Vec::new();
-    while dates.len() < n {
-        let date = format!(
-            "{}-{:02}-{:02}",
-            rng.random_range(1950..2040),
-            rng.random_range(1..13),
-            rng.random_range(1..29)
-        );
-        if seen.insert(date.clone()) {
-            dates.push(date);
-        }
-    }
-    let test_n = (n / 6).max(1).min(n);
-    let train_path = dir.join("train.jsonl");
-    let test_path = dir.join("test.jsonl");
-    let mut train = std::io::BufWriter::new(fs_err::File::create(&train_path)?);
-    let mut test = std::io::BufWriter::new(fs_err::File::create(&test_path)?);
-    for (i, date) in dates.iter().enumerate() {
-        let answer = chat_answer(date).unwrap_or_default();
-        let rec = json!({ "messages": [
-            { "role": "user", "content": chat_prompt(date) },
-            { "role": "assistant", "content": answer },
-        ]});
-        let w = if i < test_n { &mut test } else { &mut train };
-        serde_json::to_writer(&mut *w, &rec)?;
-        w.write_all(b"\n")?;
-    }
-    train.flush()?;
-    test.flush()?;
-    Ok((train_path, test_path))
 }

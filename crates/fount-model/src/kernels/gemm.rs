@@ -1,0 +1,216 @@
+//! Matrix products on gemm's kernels (the ones candle's own matmul runs), into buffers
+//! the kernels here own.
+
+use candle_core::Tensor;
+
+use super::with_values;
+
+/// A matrix operand: its values and the strides of its rows and columns.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub values: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `(rows, cols)` matrix.
+    pub fn rows(values: &'a [f32], cols: usize) -> Self {
+        Mat {
+            values,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major `(rows, cols)` matrix.
+    pub fn transposed(values: &'a [f32], cols: usize) -> Self {
+        Mat {
+            values,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
+    /// A row-major `(rows, cols)` matrix, or its transpose when `transposed`.
+    pub fn of(values: &'a [f32], cols: usize, transposed: bool) -> Self {
+        if transposed {
+            Mat::transposed(values, cols)
+        } else {
+            Mat::rows(values, cols)
+        }
+    }
+
+    /// Whether an `(rows, cols)` matrix with these strides lies within the values.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.values.len()
+    }
+}
+
+/// `dst = [dst +] beta · lhs · rhs` for a row-major `dst` of `(m, n)`, `lhs` `(m, k)` and `rhs`
+/// `(k, n)`, with `gemm` (the kernels candle's own matmul runs) on the rayon pool.
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) -> candle_core::Result<()> {
+    gemm_checked(dst, dims, accumulate, (lhs, rhs, beta), pool())
+}
+
+/// [`gemm_into`] on the calling thread alone, for products inside a task of a parallel loop.
+pub(crate) fn gemm_serial(
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) -> candle_core::Result<()> {
+    let serial = ::gemm::Parallelism::None;
+    gemm_checked(dst, dims, accumulate, (lhs, rhs, beta), serial)
+}
+
+fn gemm_checked(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    (lhs, rhs, beta): (Mat, Mat, f32),
+    parallelism: ::gemm::Parallelism,
+) -> candle_core::Result<()> {
+    if dst.len() != m * n {
+        candle_core::bail!("fount-gemm: a ({m}, {n}) product into {} values", dst.len());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    check_operands((m, n, k), lhs, rhs)?;
+    // SAFETY: `dst` is exactly m × n values, and the operands were checked to fit.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            (m, n, k),
+            accumulate,
+            lhs,
+            rhs,
+            beta,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// `beta · lhs · rhs` into a new row-major `(m, n)` buffer, which gemm writes without reading,
+/// so it is never zeroed first.
+pub(crate) fn gemm_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) -> candle_core::Result<Vec<f32>> {
+    if k == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    check_operands((m, n, k), lhs, rhs)?;
+    let mut dst = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has room for m × n values and the operands were checked to fit. With
+    // `accumulate` false gemm only writes `dst`, every one of its m × n values, so they are all
+    // initialised when the length is set.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm_raw(dst.as_mut_ptr(), (m, n, k), false, lhs, rhs, beta, pool());
+        dst.set_len(m * n);
+    }
+    Ok(dst)
+}
+
+fn check_operands((m, n, k): (usize, usize, usize), lhs: Mat, rhs: Mat) -> candle_core::Result<()> {
+    if !lhs.fits(m, k) || !rhs.fits(k, n) {
+        candle_core::bail!("fount-gemm: operands do not fit ({m}, {k}) × ({k}, {n})");
+    }
+    Ok(())
+}
+
+/// The rayon pool's threads for one product.
+fn pool() -> ::gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 {
+        ::gemm::Parallelism::Rayon(threads)
+    } else {
+        ::gemm::Parallelism::None
+    }
+}
+
+/// # Safety
+/// `dst` points to `m × n` writable values (initialised when `accumulate`) that nothing else
+/// reads or writes meanwhile, and both operands fit their shapes ([`check_operands`]).
+#[allow(unsafe_code)]
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    parallelism: ::gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the caller's contract: every index gemm touches lies within `dst` and the operands.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            lhs.values.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.values.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `lhs · rhs` of two contiguous f32 CPU matrices, each read as stored `(rows, cols)` or, when
+/// its flag is set, as the transpose of that: a new contiguous tensor, never zeroed first.
+pub(crate) fn product(
+    lhs: &Tensor,
+    lhs_t: bool,
+    rhs: &Tensor,
+    rhs_t: bool,
+) -> candle_core::Result<Tensor> {
+    let (lr, lc) = lhs.dims2()?;
+    let (rr, rc) = rhs.dims2()?;
+    let (m, k) = if lhs_t { (lc, lr) } else { (lr, lc) };
+    let (k2, n) = if rhs_t { (rc, rr) } else { (rr, rc) };
+    if k != k2 {
+        candle_core::bail!("fount-product: ({m}, {k}) × ({k2}, {n})");
+    }
+    let (lhs, rhs) = (lhs.contiguous()?, rhs.contiguous()?);
+    let out = with_values(&lhs, "fount-product", |a| {
+        with_values(&rhs, "fount-product", |b| {
+            gemm_new((m, n, k), Mat::of(a, lc, lhs_t), Mat::of(b, rc, rhs_t), 1.0)
+        })
+    })?;
+    Tensor::from_vec(out, (m, n), lhs.device())
+}

@@ -1,0 +1,134 @@
+// Tests fail by panicking: unwrapping here is the assertion.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Each workspace crate and the workspace crates it may depend on (normal and build
+/// dependencies), as `docs/architecture.md` draws the layers: arrows point down, never up.
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("fount-tokenizer", &[]),
+    ("fount-model", &["fount-tokenizer"]),
+    ("fount-data", &["fount-tokenizer"]),
+    ("fount-store", &[]),
+    ("fount-train", &["fount-model", "fount-data"]),
+    ("fount-engine", &["fount-model"]),
+    (
+        "fount-server",
+        &["fount-engine", "fount-model", "fount-store"],
+    ),
+    (
+        "fount",
+        &[
+            "fount-data",
+            "fount-engine",
+            "fount-model",
+            "fount-server",
+            "fount-store",
+            "fount-train",
+        ],
+    ),
+];
+
+/// Crates that must not reach these packages, even through others: compute never sees records
+/// (no database) or requests (no HTTP server).
+const COMPUTE: &[&str] = &[
+    "fount-tokenizer",
+    "fount-model",
+    "fount-data",
+    "fount-train",
+    "fount-engine",
+];
+const NOT_IN_COMPUTE: &[&str] = &["sqlx", "sqlx-core", "axum", "axum-core", "hyper", "tower"];
+
+/// The resolved graph of normal and build dependencies: package name → dependency names.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml");
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: BTreeMap<&str, &str> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
+        .collect();
+    let mut g = BTreeMap::new();
+    for node in meta["resolve"]["nodes"].as_array().unwrap() {
+        let deps = node["deps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| {
+                d["dep_kinds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|k| k["kind"].is_null() || k["kind"] == "build")
+            })
+            .map(|d| names[d["pkg"].as_str().unwrap()].to_string())
+            .collect();
+        g.insert(names[node["id"].as_str().unwrap()].to_string(), deps);
+    }
+    g
+}
+
+#[test]
+fn workspace_crates_depend_only_downward() {
+    let g = graph();
+    let workspace: BTreeSet<&str> = ALLOWED.iter().map(|(c, _)| *c).collect();
+    for name in g.keys().filter(|n| n.starts_with("fount")) {
+        assert!(
+            workspace.contains(name.as_str()),
+            "{name} is not in the layer table of this test and docs/architecture.md"
+        );
+    }
+    for (krate, allowed) in ALLOWED {
+        let deps = &g[*krate];
+        for d in deps.iter().filter(|d| workspace.contains(d.as_str())) {
+            assert!(
+                allowed.contains(&d.as_str()),
+                "{krate} depends on {d}, which docs/architecture.md does not allow"
+            );
+        }
+    }
+}
+
+#[test]
+fn compute_crates_link_no_database_and_no_http_server() {
+    let g = graph();
+    for krate in COMPUTE {
+        // everything reachable from the crate
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![krate.to_string()];
+        while let Some(n) = todo.pop() {
+            for d in &g[&n] {
+                if seen.insert(d.clone()) {
+                    todo.push(d.clone());
+                }
+            }
+        }
+        for banned in NOT_IN_COMPUTE {
+            assert!(
+                !seen.contains(*banned),
+                "{krate} reaches {banned}; compute crates take paths and values, never records or requests"
+            );
+        }
+    }
+}
