@@ -5,7 +5,7 @@ use std::time::Instant;
 /// What an admission policy sees of a waiting request.
 #[derive(Debug, Clone)]
 pub struct Queued {
-    /// The request id ([`Stream::id`]).
+    /// The request id ([`Stream::id`](crate::Stream::id)).
     pub id: u64,
     /// The choice (0..n).
     pub choice: usize,

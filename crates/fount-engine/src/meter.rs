@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 /// Token counts of one request, kept by the engine as it works: prompt and cached tokens when
 /// each prompt's first choice is admitted, one completion token per token generated (stop
-/// tokens excluded, as in [`Usage`]). A metering layer gives each request one and learns the
+/// tokens excluded, as in [`Usage`](crate::Usage)). A metering layer gives each request one and learns the
 /// final counts from [`RequestMeter::on_final`], which runs exactly once, when the engine and
 /// every other holder have let go of it — so no token can be counted after it ran.
 pub struct RequestMeter {

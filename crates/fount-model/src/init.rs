@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::config::{Arch, HfConfig};
+use crate::config::{Arch, Config, HfConfig};
 use crate::error::{Error, Result};
 
 /// The shape of a model: what `config.json` needs beyond the architecture.
@@ -319,12 +319,27 @@ pub fn train_bpe(
     fount_tokenizer::train(texts.iter(), &cfg).map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
-/// Writes a randomly initialised model of `arch` and `shape` to `out`.
+/// Writes a randomly initialised model of `arch` and `shape` to `out`: the tokenizer (its
+/// special-token ids go into the configs), then `config.json`, `generation_config.json` and
+/// `tokenizer_config.json`, then the weights.
 pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> Result<()> {
     fs_err::create_dir_all(out)?;
     let fam = family(arch);
+    let (tok, shape) = init_tokenizer(arch, &fam, shape, opts)?;
+    tok.save(out.join("tokenizer.json"), false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let cfg = write_configs(arch, &fam, &shape, opts, &tok, out)?;
+    write_weights(&cfg, opts, out)
+}
 
-    // Tokenizer first: its special-token ids go into the configs.
+/// The tokenizer of a new model: the one `opts` names (the vocabulary then follows it), or one
+/// trained on the built-in text; with the shape it implies.
+fn init_tokenizer(
+    arch: Arch,
+    fam: &Family,
+    shape: &Shape,
+    opts: &InitOptions,
+) -> Result<(tokenizers::Tokenizer, Shape)> {
     let mut shape = shape.clone();
     let tok = match &opts.tokenizer {
         Some(path) => {
@@ -347,7 +362,6 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
             fam.bos,
         )?,
     };
-    let shape = &shape;
     if tok.get_vocab_size(true) > shape.vocab_size {
         return Err(Error::Tokenizer(format!(
             "tokenizer has {} entries but the model only {}",
@@ -355,8 +369,20 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
             shape.vocab_size
         )));
     }
-    tok.save(out.join("tokenizer.json"), false)
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok((tok, shape))
+}
+
+/// Writes `config.json`, `generation_config.json` and `tokenizer_config.json` for a model of
+/// `arch` and `shape` with `tok`, and returns the config resolved (checked before anything large
+/// is written).
+fn write_configs(
+    arch: Arch,
+    fam: &Family,
+    shape: &Shape,
+    opts: &InitOptions,
+    tok: &tokenizers::Tokenizer,
+    out: &Path,
+) -> Result<Config> {
     let id = |t: &str| {
         tok.token_to_id(t)
             .map(serde_json::Value::from)
@@ -451,7 +477,12 @@ pub fn init_model(arch: Arch, shape: &Shape, opts: &InitOptions, out: &Path) -> 
     }
     write_json(&out.join("tokenizer_config.json"), &tok_cfg)?;
 
-    // Weights.
+    Ok(cfg)
+}
+
+/// Writes `model.safetensors`: every weight drawn from N(0, `opts.std`²) in a seeded order, the
+/// norms' weights ones.
+fn write_weights(cfg: &Config, opts: &InitOptions, out: &Path) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let dev = Device::Cpu;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();

@@ -1,24 +1,21 @@
 //! The small layers of a Llama-family decoder: linear projections, RMSNorm, the SwiGLU MLP and
 //! grouped-query attention over a packed batch.
 //!
-//! Every op is differentiable, so the same code trains and serves: training on the CPU in f32
-//! runs the fused kernels of [`crate::fused`], which carry their own backward passes.
+//! Every op is differentiable, so the same code trains and serves. Which kernel runs each op is
+//! [`crate::ops`]'s decision, made once per forward pass ([`Kernels`]) and handed down in
+//! [`LayerCtx`]; the layers here name no kernel.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
 use crate::batch::Batch;
 use crate::config::Config;
 use crate::error::Result;
-use crate::kernels as fused;
-use crate::kernels::{FrozenMatmul, SmallMatmul};
+use crate::kernels::AttnShape;
 use crate::kv::KvView;
 use crate::lora::{LoraBatch, Proj};
+use crate::ops::{self, Kernels};
 use crate::rope;
 use crate::weights::Weights;
-
-/// Up to this many rows (decoding steps), [`Linear::forward`] uses the memory-bound kernel of
-/// [`crate::matvec`].
-const SMALL_ROWS: usize = 8;
 
 /// `y = x Wᵀ + b`, with `W` of shape `(out, in)` as checkpoints store it.
 #[derive(Debug, Clone)]
@@ -49,45 +46,13 @@ impl Linear {
         &self.weight
     }
 
+    /// `y = x Wᵀ + b` with the kernels of `k` (see [`crate::ops`]); batch-invariant kernels
+    /// compute every row by the same per-row kernel whatever the number of rows.
+    ///
     /// # Shapes
     /// - `x`: `(tokens, in)` → `(tokens, out)`
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_mode(x, false)
-    }
-
-    /// [`Linear::forward`]; with `invariant`, every row is computed by the same per-row kernel
-    /// whatever the number of rows, so a row's result does not depend on what else is in the
-    /// batch (bit for bit). Without it, more than a few rows go to candle's matmul.
-    pub fn forward_mode(&self, x: &Tensor, invariant: bool) -> Result<Tensor> {
-        let small = (invariant || x.dim(0)? <= SMALL_ROWS)
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && !self.weight.track_op()
-            && !x.track_op();
-        let frozen = x.track_op()
-            && !self.weight.track_op()
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32;
-        let y = if small {
-            x.contiguous()?
-                .apply_op2_no_bwd(&self.weight, &SmallMatmul)?
-        } else if frozen {
-            // training an adapter over a frozen base: no gradient for the weight
-            x.contiguous()?.apply_op1(FrozenMatmul {
-                weight: self.weight.clone(),
-            })?
-        } else if self.weight.track_op() && fused::applies(x) && fused::applies(&self.weight) {
-            // training the weight: its gradient comes out in its own layout
-            fused::linear(x, &self.weight)?
-        } else {
-            x.matmul(&self.weight.t()?)?
-        };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        ops::linear(k, x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -109,23 +74,8 @@ impl RmsNorm {
 
     /// # Shapes
     /// - `x`: `(tokens, size)` → `(tokens, size)`
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.track_op() && !self.weight.track_op() {
-            // Inference: candle's fused kernel (it does not backpropagate, and need not here).
-            return Ok(candle_nn::ops::rms_norm(
-                &x.contiguous()?,
-                &self.weight,
-                self.eps as f32,
-            )?);
-        }
-        if fused::applies(x) && fused::applies(&self.weight) {
-            return Ok(fused::rms_norm(x, &self.weight, self.eps)?);
-        }
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = x.broadcast_mul(&(variance + self.eps)?.sqrt()?.recip()?)?;
-        Ok(x.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        ops::rms_norm(k, x, &self.weight, self.eps)
     }
 }
 
@@ -156,57 +106,49 @@ impl Mlp {
         }
     }
 
+    /// An MoE expert: no adapters, and the gate composed of candle's ops (as the MoE
+    /// reference computes it, in training too).
+    ///
     /// # Shapes
     /// - `x`: `(tokens, hidden)` → `(tokens, hidden)`
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, k)?.silu()?;
+        let up = self.up_proj.forward(x, k)?;
+        self.down_proj.forward(&(gate * up)?, k)
     }
 
-    /// [`Mlp::forward`] of layer `layer` with the adapters of `ctx`.
+    /// A dense layer's feed-forward, layer `layer`, with the adapters and kernels of `ctx`.
     pub fn forward_ctx(&self, x: &Tensor, layer: usize, ctx: &LayerCtx) -> Result<Tensor> {
         let gate = ctx.project(&self.gate_proj, x, layer, Proj::Gate)?;
         let up = ctx.project(&self.up_proj, x, layer, Proj::Up)?;
-        let h = if gate.track_op() && fused::applies(&gate) {
-            fused::silu_mul(&gate, &up)?
-        } else {
-            (gate.silu()? * up)?
-        };
+        let h = ops::silu_mul(ctx.kernels, &gate, &up)?;
         ctx.project(&self.down_proj, &h, layer, Proj::Down)
     }
 }
 
-/// How a forward computes its projections: the LoRA adapters of each row range, and whether rows
-/// must not depend on the rest of the batch (see [`Linear::forward_mode`]).
+/// How a forward pass computes its layers: the LoRA adapters of each row range, and the kernels
+/// it runs on (decided once per pass, see [`crate::ops`]).
 #[derive(Debug, Clone, Copy)]
 pub struct LayerCtx<'a> {
     /// Adapters per row range.
     pub lora: &'a LoraBatch,
-    /// Batch-invariant kernels.
-    pub invariant: bool,
+    /// The kernels.
+    pub kernels: Kernels,
 }
 
 impl LayerCtx<'_> {
+    /// The one place every projection goes through, with its row ranges' adapters.
     fn project(&self, linear: &Linear, x: &Tensor, layer: usize, proj: Proj) -> Result<Tensor> {
-        if !self.lora.is_empty()
-            && fused::applies(x)
-            && fused::applies(&linear.weight)
-            && !linear.weight.track_op()
-        {
-            if let Some((a, bt, scale)) = self.lora.whole_batch_pair(x.dim(0)?, layer, proj) {
-                if (a.track_op() || bt.track_op()) && fused::applies(&a) {
-                    // training an adapter over a frozen base: the fused projection
-                    let bias = linear.bias.as_ref();
-                    return Ok(fused::lora_linear(x, &linear.weight, bias, &a, &bt, scale)?);
-                }
-            }
-        }
-        let y = linear.forward_mode(x, self.invariant)?;
-        if self.lora.is_empty() {
-            return Ok(y);
-        }
-        self.lora.apply(x, y, layer, proj)
+        let bias = linear.bias.as_ref();
+        ops::project(
+            self.kernels,
+            self.lora,
+            x,
+            &linear.weight,
+            bias,
+            layer,
+            proj,
+        )
     }
 }
 
@@ -267,7 +209,7 @@ impl Attention {
         let none = LoraBatch::none();
         let ctx = LayerCtx {
             lora: &none,
-            invariant: false,
+            kernels: Kernels::of(x),
         };
         self.forward_ctx(x, batch, masks, cos, sin, kv, &ctx)
     }
@@ -292,22 +234,17 @@ impl Attention {
         let k = ctx.project(&self.k_proj, x, layer, Proj::K)?;
         let v = ctx.project(&self.v_proj, x, layer, Proj::V)?;
         let nseq = batch.seq_lens.len();
-        let training = q.track_op() || k.track_op() || v.track_op();
-        if training
-            && !ctx.invariant
-            && !kv.stores()
-            && (0..nseq).all(|seq| kv.past_len(seq) == 0)
-            && [&q, &k, &v, cos, sin].into_iter().all(fused::applies)
+        let shape = || AttnShape {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+            seq_lens: batch.seq_lens.clone(),
+            window: self.window,
+        };
+        let k_ = ctx.kernels;
+        if let Some(out) =
+            ops::whole_sequence_attention(k_, &q, &k, &v, cos, sin, batch, kv, shape)?
         {
-            // whole sequences on the CPU in f32: one op with its own backward pass
-            let shape = fused::AttnShape {
-                heads: h,
-                kv_heads: kvh,
-                head_dim: d,
-                seq_lens: batch.seq_lens.clone(),
-                window: self.window,
-            };
-            let out = fused::attention(&q, &k, &v, cos, sin, &shape)?;
             return ctx.project(&self.o_proj, &out, layer, Proj::O);
         }
         // Heads first: (heads, tokens, head_dim), so each sequence is a slice of dimension 1.
@@ -318,7 +255,11 @@ impl Attention {
         let k = rope::apply(&k, cos, sin)?;
         let scale = 1.0 / (d as f64).sqrt();
         let len = batch.seq_lens.first().copied().unwrap_or(0);
-        if !kv.stores() && !ctx.invariant && nseq > 1 && batch.seq_lens.iter().all(|&l| l == len) {
+        if !kv.stores()
+            && !ctx.kernels.invariant()
+            && nseq > 1
+            && batch.seq_lens.iter().all(|&l| l == len)
+        {
             // equal-length sequences with no past (training windows, packed examples of one
             // length): one batched attention over every sequence instead of one per sequence;
             // with no past the sequences' masks are all the same
@@ -331,7 +272,8 @@ impl Attention {
             let q = per_seq(&q, h)?.reshape((nseq * kvh, groups * len, d))?;
             let k = per_seq(&k, kvh)?.reshape((nseq * kvh, len, d))?;
             let v = per_seq(&v, kvh)?.reshape((nseq * kvh, len, d))?;
-            let probs = attention_probs(q.matmul(&k.t()?)?, masks.first(), scale, groups)?;
+            let mask = masks.first().and_then(Option::as_ref);
+            let probs = ops::attention_probs(k_, q.matmul(&k.t()?)?, mask, scale, groups)?;
             let out = probs
                 .matmul(&v)? // (nseq·kvh, groups·len, d)
                 .reshape((nseq, h, len, d))?
@@ -352,18 +294,17 @@ impl Attention {
             // Query heads sharing a key/value head are stacked along the rows, so one batched
             // matmul per key/value head serves the whole group without copying keys.
             let q = q.reshape((kvh, groups * len, d))?;
-            let scores = if ctx.invariant {
-                per_head(&q, &keys, |q, k| {
-                    Linear::from_weights(k, None).forward_mode(&q, true)
-                })?
+            let scores = if k_.invariant() {
+                per_head(&q, &keys, |q, keys| ops::linear(k_, &q, &keys, None))?
             } else {
                 q.matmul(&keys.t()?)? // (kvh, groups·len, total)
             };
-            let probs = attention_probs(scores, masks.get(seq), scale, groups)?;
-            let out = if ctx.invariant {
+            let mask = masks.get(seq).and_then(Option::as_ref);
+            let probs = ops::attention_probs(k_, scores, mask, scale, groups)?;
+            let out = if k_.invariant() {
                 let vt = values.transpose(1, 2)?.contiguous()?; // (kvh, d, total)
                 per_head(&probs.contiguous()?, &vt, |p, v| {
-                    Linear::from_weights(v, None).forward_mode(&p, true)
+                    ops::linear(k_, &p, &v, None)
                 })?
             } else {
                 probs.matmul(&values.contiguous()?)? // (kvh, groups·len, d)
@@ -376,33 +317,6 @@ impl Attention {
         }
         ctx.project(&self.o_proj, &Tensor::cat(&outs, 0)?, layer, Proj::O)
     }
-}
-
-/// `softmax(scale · scores + mask)` of `(heads, groups · queries, keys)` scores, where the
-/// additive mask `(queries, keys)` is shared by every head and every query group.
-fn attention_probs(
-    scores: Tensor,
-    mask: Option<&Option<Tensor>>,
-    scale: f64,
-    groups: usize,
-) -> Result<Tensor> {
-    let mask = mask.and_then(Option::as_ref);
-    if scores.track_op() && fused::applies(&scores) {
-        // training: one pass each way instead of the five ops below
-        return Ok(fused::masked_softmax(&scores, mask, scale)?);
-    }
-    let scores = (scores * scale)?;
-    let scores = match mask {
-        Some(mask) => {
-            let (heads, rows, keys) = scores.dims3()?;
-            scores
-                .reshape((heads, groups, rows / groups, keys))?
-                .broadcast_add(mask)?
-                .reshape((heads, rows, keys))?
-        }
-        None => scores,
-    };
-    softmax_last_dim(&scores)
 }
 
 /// Applies `f(a[i], b[i])` to each head `i` of `(heads, …)` tensors and stacks the results.
@@ -444,16 +358,4 @@ pub(crate) fn attention_mask(
         }
     }
     Some(mask)
-}
-
-/// Numerically stable softmax over the last dimension: differentiable ops when autograd tracks
-/// `x`, candle's fused kernel otherwise.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?);
-    }
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
 }

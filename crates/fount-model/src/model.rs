@@ -2,7 +2,7 @@
 //! feed-forward (dense SwiGLU or sparse MoE), a final norm and the language-model head.
 //!
 //! One forward serves prefill, cached decoding and training: it takes a packed [`Batch`] and the
-//! sequences' key/value state as a [`KvView`] (see `DESIGN.md`, "The model's forward contract").
+//! sequences' key/value state as a [`KvView`] (see `docs/architecture.md`, "The forward contract").
 
 use std::ops::Range;
 use std::path::Path;
@@ -18,6 +18,7 @@ use crate::kv::{KvView, NoCache};
 use crate::layers::{attention_mask, Attention, LayerCtx, Linear, Mlp, RmsNorm};
 use crate::lora::LoraBatch;
 use crate::moe::SparseMoe;
+use crate::ops::Kernels;
 use crate::rope::Rope;
 use crate::weights::Weights;
 
@@ -178,7 +179,8 @@ impl Model {
         lora: &LoraBatch,
         invariant: bool,
     ) -> Result<Output> {
-        let ctx = LayerCtx { lora, invariant };
+        let kernels = Kernels::new(self.dtype(), &self.device, invariant);
+        let ctx = LayerCtx { lora, kernels };
         let prep = self.prepare(batch, kv, lora)?;
         let mut x = self.embed(batch)?; // (N, hidden)
         let mut router_logits = Vec::new();
@@ -188,7 +190,7 @@ impl Model {
             x = y;
         }
         Ok(Output {
-            logits: self.head(&x, batch, logits, invariant)?,
+            logits: self.head(&x, batch, logits, kernels)?,
             router_logits,
         })
     }
@@ -225,10 +227,8 @@ impl Model {
             )
             .into());
         }
-        let ctx = LayerCtx {
-            lora,
-            invariant: false,
-        };
+        let kernels = Kernels::new(self.dtype(), &self.device, false);
+        let ctx = LayerCtx { lora, kernels };
         let mut kv = NoCache;
         let prep = self.prepare(batch, &mut kv, lora)?;
         // forward: each layer's input, cut from the graph
@@ -264,14 +264,14 @@ impl Model {
             let lora = lora.rows(rows.clone());
             let ctx = LayerCtx {
                 lora: &lora,
-                invariant: false,
+                kernels,
             };
             let prep = self.prepare(&part, &mut kv, &lora)?;
             let slice = |t: &Tensor| t.narrow(0, rows.start, rows.len());
             // the head and the loss
             let x = t(slice(&inputs[self.layers.len()]).and_then(|x| Var::from_tensor(&x)))?;
             let value = loss(
-                &self.head(x.as_tensor(), &part, Logits::All, false)?,
+                &self.head(x.as_tensor(), &part, Logits::All, kernels)?,
                 rows.clone(),
             )?;
             total += f64::from(t(value
@@ -357,7 +357,7 @@ impl Model {
         ctx: &LayerCtx,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let layer = &self.layers[index];
-        let h = layer.input_layernorm.forward(x)?;
+        let h = layer.input_layernorm.forward(x, ctx.kernels)?;
         let masks = match (layer.self_attn.window(), &prep.windowed) {
             (Some(_), Some(w)) => w,
             _ => &prep.full,
@@ -366,7 +366,7 @@ impl Model {
             .self_attn
             .forward_ctx(&h, batch, masks, &prep.cos, &prep.sin, kv, ctx)?;
         let x1 = (x + h)?;
-        let h = layer.post_attention_layernorm.forward(&x1)?;
+        let h = layer.post_attention_layernorm.forward(&x1, ctx.kernels)?;
         let (h, router) = match &layer.mlp {
             FeedForward::Dense(mlp) => (mlp.forward_ctx(&h, index, ctx)?, None),
             FeedForward::Sparse(moe) => {
@@ -378,7 +378,7 @@ impl Model {
     }
 
     /// The final norm and the language-model head over the rows `logits` asks for, in f32.
-    fn head(&self, x: &Tensor, batch: &Batch, logits: Logits, invariant: bool) -> Result<Tensor> {
+    fn head(&self, x: &Tensor, batch: &Batch, logits: Logits, k: Kernels) -> Result<Tensor> {
         let x = match logits {
             Logits::All => x.clone(),
             Logits::Last => {
@@ -392,11 +392,8 @@ impl Model {
                 x.index_select(&idx, 0)?
             }
         };
-        let x = self.norm.forward(&x)?;
-        Ok(self
-            .lm_head
-            .forward_mode(&x, invariant)?
-            .to_dtype(DType::F32)?)
+        let x = self.norm.forward(&x, k)?;
+        Ok(self.lm_head.forward(&x, k)?.to_dtype(DType::F32)?)
     }
 
     /// The additive attention mask of each sequence, `(new, past + new)`, in the model's dtype.

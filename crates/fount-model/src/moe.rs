@@ -6,7 +6,8 @@ use candle_core::{DType, Tensor};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::layers::{softmax_last_dim, Linear, Mlp};
+use crate::layers::{Linear, Mlp};
+use crate::ops::{softmax_last_dim, Kernels};
 use crate::weights::Weights;
 
 /// One sparse MoE feed-forward layer.
@@ -49,7 +50,10 @@ impl SparseMoe {
     /// - `x`: `(tokens, hidden)` → `(tokens, hidden)`, router logits `(tokens, experts)`
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = x.dim(0)?;
-        let router_logits = self.gate.forward(x)?.to_dtype(DType::F32)?; // (n, experts)
+        // experts run on the rows routed to them, however many: the batch-dependent kernels (an
+        // MoE model's tokens are not batch-invariant in the engine)
+        let kernels = Kernels::of(x);
+        let router_logits = self.gate.forward(x, kernels)?.to_dtype(DType::F32)?; // (n, experts)
         let probs = softmax_last_dim(&router_logits)?;
         let choice = top_k_rows(&probs.to_vec2::<f32>()?, self.top_k);
         let k = self.top_k;
@@ -75,7 +79,7 @@ impl SparseMoe {
             let m = rows.len();
             let rows = Tensor::from_vec(rows, m, x.device())?;
             let slots = Tensor::from_vec(slots, m, x.device())?;
-            let y = expert.forward(&x.index_select(&rows, 0)?)?; // (m, hidden)
+            let y = expert.forward(&x.index_select(&rows, 0)?, kernels)?; // (m, hidden)
             let w = weights.index_select(&slots, 0)?.reshape((m, 1))?;
             out = out.index_add(&rows, &y.broadcast_mul(&w)?, 0)?;
         }

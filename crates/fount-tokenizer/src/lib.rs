@@ -149,7 +149,7 @@ fn pre_tokenize(tok: &mut Tokenizer) -> std::result::Result<(), tokenizers::Erro
     let bytes = ByteLevel::default()
         .add_prefix_space(false)
         .use_regex(false);
-    tok.with_normalizer(Some(NFC));
+    tok.with_normalizer(Some(NFC))?;
     tok.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), bytes.into()])));
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `fount`: the command line of the fount platform.
 //!
-//! Each subcommand is one step of the flow in `DESIGN.md`; this binary parses arguments, adds
+//! Each subcommand is one step of the flow in `docs/architecture.md`; this binary parses arguments, adds
 //! context to errors, and prints the error chain with a non-zero exit code.
 
 use std::process::ExitCode;

@@ -169,7 +169,7 @@ pub enum Event {
 
 /// Runs the pipeline. Returns `None` when `max_parts` stopped it before the end.
 ///
-/// The phases, each in its own module: [`filter`] (1), [`dedup`] (2 and 3), [`shards`] (4 and
+/// The phases, each in its own module: `filter.rs` (1), `dedup.rs` (2 and 3), `shards.rs` (4 and
 /// 5), then the manifest, written last.
 pub fn run(opts: &RunOptions, progress: &(dyn Fn(Event) + Sync)) -> Result<Option<Manifest>> {
     let cfg = &opts.config;

@@ -331,6 +331,131 @@ impl Gen {
         }
         words.join(" ")
     }
+
+    /// A Chinese page: mostly articles (some with personal data planted), some a repeated
+    /// slogan, some too short. Returns its kind, its text and the planted personal data.
+    fn zh_page(&mut self) -> (&'static str, String, Vec<Value>) {
+        let mut pii = Vec::new();
+        let mut t = self.zh_article();
+        if self.chance(0.15) {
+            pii = self.plant_pii(&mut t, true);
+        }
+        let kind = if self.chance(0.1) {
+            // A Chinese page that is mostly a repeated slogan.
+            let line = self.zh_sentence();
+            t = std::iter::repeat_n(line, 12).collect::<Vec<_>>().join("\n");
+            "zh_repetition"
+        } else if self.chance(0.08) {
+            t = self.zh_sentence();
+            "zh_short"
+        } else {
+            "zh_article"
+        };
+        (kind, t, pii)
+    }
+
+    /// An English page of one of the kinds the filters must keep or catch (articles, some with
+    /// personal data planted, boilerplate, lists, spam, code, tables, …). Returns its kind, its
+    /// text and the planted personal data.
+    fn en_page(&mut self) -> (&'static str, String, Vec<Value>) {
+        let mut pii = Vec::new();
+        let (kind, text) = match self.rng.random_range(0..100) {
+            0..=54 => {
+                let mut t = self.article();
+                if self.chance(0.18) {
+                    pii = self.plant_pii(&mut t, false);
+                }
+                ("article", t)
+            }
+            55..=64 => {
+                let mut lines: Vec<String> = (0..self.rng.random_range(2..6))
+                    .map(|_| self.pick(NAV).to_string())
+                    .collect();
+                lines.push(self.article());
+                for _ in 0..self.rng.random_range(1..3) {
+                    lines.push(self.pick(POLICY).to_string());
+                }
+                for _ in 0..self.rng.random_range(1..6) {
+                    lines.push(self.pick(NAV).to_string());
+                }
+                ("boilerplate", lines.join("\n"))
+            }
+            65..=69 => {
+                let mut lines = vec![format!("{}:", self.pick(TOPICS))];
+                let bullet = if self.chance(0.5) { "- " } else { "• " };
+                for _ in 0..self.rng.random_range(4..14) {
+                    lines.push(format!("{bullet}{}", self.sentence()));
+                }
+                ("list", lines.join("\n"))
+            }
+            70..=74 => ("short", self.sentence()),
+            75..=79 => {
+                let mut words = Vec::new();
+                for _ in 0..self.rng.random_range(60..200) {
+                    let w = self.pick(SPAM);
+                    words.push(if self.chance(0.3) {
+                        format!("#{w}")
+                    } else {
+                        w.to_string()
+                    });
+                }
+                ("spam", words.join(" "))
+            }
+            80..=82 => {
+                let mut t = self.paragraph(3);
+                t.push_str("\n\nfunction init() { var x = document.getElementById('app'); x.innerHTML = 'ready'; }\n\n");
+                t.push_str(&self.paragraph(3));
+                ("code", t)
+            }
+            83..=84 => {
+                let mut t = self.paragraph(2);
+                t.push_str("\n\nLorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\n\n");
+                t.push_str(&self.paragraph(4));
+                ("lorem_ipsum", t)
+            }
+            85..=89 => {
+                let line = self.sentence();
+                let mut lines = Vec::new();
+                for _ in 0..self.rng.random_range(6..16) {
+                    if self.chance(0.6) {
+                        lines.push(line.clone());
+                    } else {
+                        lines.push(self.sentence());
+                    }
+                }
+                ("repeated_lines", lines.join("\n"))
+            }
+            90..=93 => {
+                let mut lines = Vec::new();
+                for _ in 0..self.rng.random_range(8..30) {
+                    let cells: Vec<String> = (0..self.rng.random_range(2..6))
+                        .map(|_| format!("{:.2}", self.rng.random_range(0.0..1000.0)))
+                        .collect();
+                    lines.push(cells.join(" | "));
+                }
+                ("table", lines.join("\n"))
+            }
+            94..=96 => {
+                let mut lines = Vec::new();
+                for _ in 0..self.rng.random_range(5..20) {
+                    lines.push(format!(
+                        "{}...",
+                        self.sentence().trim_end_matches(['.', '?'])
+                    ));
+                }
+                ("ellipsis", lines.join("\n"))
+            }
+            _ => {
+                let mut t = String::new();
+                for _ in 0..self.rng.random_range(3..8) {
+                    t.push_str(&self.paragraph(1));
+                    t.push('\n');
+                }
+                ("one_line_paragraphs", t)
+            }
+        };
+        (kind, text, pii)
+    }
 }
 
 /// Writes a synthetic corpus to `out/corpus/` and a chat dataset to `out/chat/`.
@@ -371,115 +496,13 @@ pub fn synth_corpus(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
             dup_of = Value::String(src);
             ("near_duplicate", g.perturb(&t))
         } else if zh {
-            let mut t = g.zh_article();
-            if g.chance(0.15) {
-                pii = g.plant_pii(&mut t, true);
-            }
-            let kind = if g.chance(0.1) {
-                // A Chinese page that is mostly a repeated slogan.
-                let line = g.zh_sentence();
-                t = std::iter::repeat_n(line, 12).collect::<Vec<_>>().join("\n");
-                "zh_repetition"
-            } else if g.chance(0.08) {
-                t = g.zh_sentence();
-                "zh_short"
-            } else {
-                "zh_article"
-            };
+            let (kind, t, planted) = g.zh_page();
+            pii = planted;
             (kind, t)
         } else {
-            match g.rng.random_range(0..100) {
-                0..=54 => {
-                    let mut t = g.article();
-                    if g.chance(0.18) {
-                        pii = g.plant_pii(&mut t, false);
-                    }
-                    ("article", t)
-                }
-                55..=64 => {
-                    let mut lines: Vec<String> = (0..g.rng.random_range(2..6))
-                        .map(|_| g.pick(NAV).to_string())
-                        .collect();
-                    lines.push(g.article());
-                    for _ in 0..g.rng.random_range(1..3) {
-                        lines.push(g.pick(POLICY).to_string());
-                    }
-                    for _ in 0..g.rng.random_range(1..6) {
-                        lines.push(g.pick(NAV).to_string());
-                    }
-                    ("boilerplate", lines.join("\n"))
-                }
-                65..=69 => {
-                    let mut lines = vec![format!("{}:", g.pick(TOPICS))];
-                    let bullet = if g.chance(0.5) { "- " } else { "• " };
-                    for _ in 0..g.rng.random_range(4..14) {
-                        lines.push(format!("{bullet}{}", g.sentence()));
-                    }
-                    ("list", lines.join("\n"))
-                }
-                70..=74 => ("short", g.sentence()),
-                75..=79 => {
-                    let mut words = Vec::new();
-                    for _ in 0..g.rng.random_range(60..200) {
-                        let w = g.pick(SPAM);
-                        words.push(if g.chance(0.3) {
-                            format!("#{w}")
-                        } else {
-                            w.to_string()
-                        });
-                    }
-                    ("spam", words.join(" "))
-                }
-                80..=82 => {
-                    let mut t = g.paragraph(3);
-                    t.push_str("\n\nfunction init() { var x = document.getElementById('app'); x.innerHTML = 'ready'; }\n\n");
-                    t.push_str(&g.paragraph(3));
-                    ("code", t)
-                }
-                83..=84 => {
-                    let mut t = g.paragraph(2);
-                    t.push_str("\n\nLorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\n\n");
-                    t.push_str(&g.paragraph(4));
-                    ("lorem_ipsum", t)
-                }
-                85..=89 => {
-                    let line = g.sentence();
-                    let mut lines = Vec::new();
-                    for _ in 0..g.rng.random_range(6..16) {
-                        if g.chance(0.6) {
-                            lines.push(line.clone());
-                        } else {
-                            lines.push(g.sentence());
-                        }
-                    }
-                    ("repeated_lines", lines.join("\n"))
-                }
-                90..=93 => {
-                    let mut lines = Vec::new();
-                    for _ in 0..g.rng.random_range(8..30) {
-                        let cells: Vec<String> = (0..g.rng.random_range(2..6))
-                            .map(|_| format!("{:.2}", g.rng.random_range(0.0..1000.0)))
-                            .collect();
-                        lines.push(cells.join(" | "));
-                    }
-                    ("table", lines.join("\n"))
-                }
-                94..=96 => {
-                    let mut lines = Vec::new();
-                    for _ in 0..g.rng.random_range(5..20) {
-                        lines.push(format!("{}...", g.sentence().trim_end_matches(['.', '?'])));
-                    }
-                    ("ellipsis", lines.join("\n"))
-                }
-                _ => {
-                    let mut t = String::new();
-                    for _ in 0..g.rng.random_range(3..8) {
-                        t.push_str(&g.paragraph(1));
-                        t.push('\n');
-                    }
-                    ("one_line_paragraphs", t)
-                }
-            }
+            let (kind, t, planted) = g.en_page();
+            pii = planted;
+            (kind, t)
         };
         if dup_of.is_null() && (kind == "article" || kind == "zh_article") && pool.len() < 200 {
             pool.push((id.clone(), text.clone()));

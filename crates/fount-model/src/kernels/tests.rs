@@ -239,7 +239,7 @@ fn composed_attention(t: &[Tensor], shape: &AttnShape) -> candle_core::Result<Te
             }
             None => scores,
         };
-        let p = crate::layers::softmax_last_dim(&scores)
+        let p = crate::ops::softmax_last_dim(&scores)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let out = p.matmul(&v)?.reshape((h, len, d))?.transpose(0, 1)?;
         outs.push(out.reshape((len, h * d))?);

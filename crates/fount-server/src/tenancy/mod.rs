@@ -2,12 +2,12 @@
 //! admission, and one usage record per request written through a batched writer.
 //!
 //! - here: [`Tenancy`] (the store, the caches, the usage writer) and authentication ([`Caller`]);
-//! - [`quota`]: every quota rule a request is held to, in one place ([`Tenancy::admit`]);
-//! - [`metering`]: one request's meter and its usage record ([`Metering`]);
-//! - [`prices`]: the price table, cached.
+//! - `quota.rs`: every quota rule a request is held to, in one place ([`Tenancy::admit`]);
+//! - `metering.rs`: one request's meter and its usage record ([`Metering`]);
+//! - `prices.rs`: the price table, cached.
 //!
 //! Metering is exact by construction: the engine counts a request's tokens in its
-//! [`RequestMeter`], whose final callback runs once nothing can count any more (the request
+//! [`fount_engine::RequestMeter`], whose final callback runs once nothing can count any more (the request
 //! finished, failed, or was abandoned and cancelled). The callback settles the quota
 //! reservation and hands the record to the writer; a handler waits for its record's commit
 //! before the response ends, so a request a client saw complete is on disk. The writer commits

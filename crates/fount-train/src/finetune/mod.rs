@@ -117,8 +117,8 @@ fn dropout_seed(seed: u64, step: u64) -> u64 {
 /// and ends with the weights an uninterrupted run would have. `on_step` sees every step; `stop`
 /// ends the run early with a checkpoint.
 ///
-/// The phases: [`prepare`] (the frozen base, the examples and the held-out split), the adapter
-/// and optimizer (fresh, or restored by [`resume_from`]), the epochs of [`train_step`]s with
+/// The phases: `prepare` (the frozen base, the examples and the held-out split), the adapter
+/// and optimizer (fresh, or restored by `resume_from`), the epochs of `train_step`s with
 /// checkpoints, the evaluation, and the adapter published in `out`.
 pub fn finetune(
     base: &Path,

@@ -234,10 +234,10 @@ fn validate(model: &Model, cfg: &TrainConfig, val: &ShardSet) -> Result<Option<f
 /// Runs (or, with `resume`, continues) the pretraining run of `cfg`. Stops early, writing a
 /// checkpoint, once `stop` is set.
 ///
-/// The phases: [`open_run`] (shards, model, optimizer and data position, fresh or from the newest
-/// checkpoint), the metrics log, then per step [`forward_backward`] over every micro-batch, the
-/// all-reduce, clipping and the AdamW update, validation and metrics, and checkpoints; last the
-/// final model, published whole.
+/// The phases: `open_run` (shards, model, optimizer and data position, fresh or from the newest
+/// checkpoint), the metrics log, then per step `Stepper::step` (forward and backward over every
+/// micro-batch, the all-reduce, clipping and the AdamW update, validation), its metrics, and
+/// checkpoints; last the final model, published whole.
 pub fn train(
     cfg: &TrainConfig,
     resume: bool,
@@ -290,14 +290,18 @@ pub fn train(
         None
     };
 
-    let peak = matmul_peak()?;
-    let per_token = flops_per_token(&model, &params, cfg.seq_len);
     let world = comm.world();
-    let per_step_windows = cfg.micro_batch * cfg.accumulation * world;
-    let vocab = model.config().vocab_size;
-    let started = Instant::now();
+    let stepper = Stepper {
+        cfg,
+        comm,
+        model: &model,
+        params: &params,
+        val_set: val_set.as_ref(),
+        peak: matmul_peak()?,
+        per_token: flops_per_token(&model, &params, cfg.seq_len),
+        started: Instant::now(),
+    };
     let mut grads = Grads::default();
-    let mut window = Vec::new();
     let mut last_loss = f64::NAN;
     let mut last_val = None;
     observer.start(start, cfg.steps);
@@ -342,62 +346,12 @@ pub fn train(
                 loss: last_loss,
             });
         }
-        let t0 = Instant::now();
-        grads.clear();
-        // every process draws the step's windows in the same order and keeps its own share
-        let mut all: Vec<Vec<u32>> = Vec::with_capacity(per_step_windows);
-        for _ in 0..per_step_windows {
-            sampler.next_window(&mut window);
-            if let Some(&t) = window.iter().find(|&&t| t as usize >= vocab) {
-                return Err(Error::Input {
-                    path: cfg.data.clone(),
-                    reason: format!("token id {t} in the shards is outside the model's vocabulary of {vocab}: the model and the shards were made with different tokenizers"),
-                });
-            }
-            all.push(window.clone());
+        let m = stepper.step(step, &mut sampler, &mut opt, &mut grads)?;
+        step = m.step;
+        last_loss = m.loss;
+        if m.val_loss.is_some() {
+            last_val = m.val_loss;
         }
-        let losses = forward_backward(&model, &params, cfg, comm, &all, &mut grads)?;
-        for (_, g) in grads.iter_mut() {
-            comm.all_reduce_sum(g)?;
-        }
-        let micro = (cfg.accumulation * world) as f64;
-        let loss = comm.sum_f64(losses.ce)? / micro;
-        let grad_norm = if cfg.clip > 0.0 {
-            grads.clip(cfg.clip)
-        } else {
-            grads.norm()
-        };
-        let lr = learning_rate(step, cfg.lr, cfg.min_lr(), cfg.warmup(), cfg.steps);
-        opt.update(&params, &grads, lr)?;
-        step += 1;
-        last_loss = loss;
-        let val_loss = match &val_set {
-            Some(v) if step == cfg.steps || (cfg.eval_every > 0 && step % cfg.eval_every == 0) => {
-                validate(&model, cfg, v)?
-            }
-            _ => None,
-        };
-        if val_loss.is_some() {
-            last_val = val_loss;
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let tokens = (per_step_windows * cfg.seq_len) as f64;
-        let moe = model.config().moe.is_some();
-        let acc = cfg.accumulation as f64;
-        let m = StepMetrics {
-            step,
-            loss,
-            aux_loss: moe.then_some(losses.aux / acc),
-            z_loss: (moe && cfg.moe.z_loss_coef > 0.0).then_some(losses.z / acc),
-            expert_load: losses.load.map(|l| l.iter().map(|x| x / acc).collect()),
-            dropped_tokens: moe.then_some(0),
-            lr,
-            grad_norm,
-            tokens_per_s: tokens / secs,
-            mfu: tokens * per_token / secs / (peak * world as f64),
-            val_loss,
-            elapsed_s: started.elapsed().as_secs_f64(),
-        };
         if let Some(f) = metrics.as_mut() {
             writeln!(f, "{}", serde_json::to_string(&m).unwrap_or_default())?;
             f.flush()?;
@@ -424,6 +378,95 @@ pub fn train(
         val_loss: last_val,
         loss: last_loss,
     })
+}
+
+/// What every step of a run reads: its settings, the processes, the model, and the measures
+/// its metrics are relative to.
+struct Stepper<'a> {
+    cfg: &'a TrainConfig,
+    comm: &'a dyn Collective,
+    model: &'a Model,
+    params: &'a Params,
+    val_set: Option<&'a ShardSet>,
+    /// The machine's matmul peak (FLOP/s, one process).
+    peak: f64,
+    /// Training FLOPs per token.
+    per_token: f64,
+    /// When the run (or its resumption) started.
+    started: Instant,
+}
+
+impl Stepper<'_> {
+    /// Optimizer step `step + 1`: the step's windows drawn (every process draws all of them in
+    /// the same order and keeps its share), forward and backward over them, the all-reduce,
+    /// clipping and the AdamW update, validation on the steps that measure it; its metrics.
+    fn step(
+        &self,
+        step: u64,
+        sampler: &mut Sampler,
+        opt: &mut AdamW,
+        grads: &mut Grads,
+    ) -> Result<StepMetrics> {
+        let (cfg, comm) = (self.cfg, self.comm);
+        let world = comm.world();
+        let per_step_windows = cfg.micro_batch * cfg.accumulation * world;
+        let vocab = self.model.config().vocab_size;
+        let t0 = Instant::now();
+        grads.clear();
+        let mut all: Vec<Vec<u32>> = Vec::with_capacity(per_step_windows);
+        let mut window = Vec::new();
+        for _ in 0..per_step_windows {
+            sampler.next_window(&mut window);
+            if let Some(&t) = window.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::Input {
+                    path: cfg.data.clone(),
+                    reason: format!("token id {t} in the shards is outside the model's vocabulary of {vocab}: the model and the shards were made with different tokenizers"),
+                });
+            }
+            all.push(window.clone());
+        }
+        let losses = forward_backward(self.model, self.params, cfg, comm, &all, grads)?;
+        for (_, g) in grads.iter_mut() {
+            comm.all_reduce_sum(g)?;
+        }
+        let micro = (cfg.accumulation * world) as f64;
+        let loss = comm.sum_f64(losses.ce)? / micro;
+        let grad_norm = if cfg.clip > 0.0 {
+            grads.clip(cfg.clip)
+        } else {
+            grads.norm()
+        };
+        let lr = learning_rate(step, cfg.lr, cfg.min_lr(), cfg.warmup(), cfg.steps);
+        opt.update(self.params, grads, lr)?;
+        let step = step + 1;
+        let val_loss = match self.val_set {
+            Some(v)
+                if step == cfg.steps
+                    || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) =>
+            {
+                validate(self.model, cfg, v)?
+            }
+            _ => None,
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        let tokens = (per_step_windows * cfg.seq_len) as f64;
+        let moe = self.model.config().moe.is_some();
+        let acc = cfg.accumulation as f64;
+        Ok(StepMetrics {
+            step,
+            loss,
+            aux_loss: moe.then_some(losses.aux / acc),
+            z_loss: (moe && cfg.moe.z_loss_coef > 0.0).then_some(losses.z / acc),
+            expert_load: losses.load.map(|l| l.iter().map(|x| x / acc).collect()),
+            dropped_tokens: moe.then_some(0),
+            lr,
+            grad_norm,
+            tokens_per_s: tokens / secs,
+            mfu: tokens * self.per_token / secs / (self.peak * world as f64),
+            val_loss,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 /// What a run starts from: the model, its parameters, the optimizer and the data position.

@@ -231,69 +231,114 @@ pub fn run(a: AdminArgs) -> Result<()> {
             .await
             .context("opening the store")?;
         match a.command {
-            AdminCommand::Tenant(TenantCommand::Create { name }) => {
-                let t = store.create_tenant(&name).await?;
-                println!("{}\t{}", t.id, t.name);
+            AdminCommand::Tenant(c) => tenants(&store, c).await?,
+            AdminCommand::Key(c) => keys(&store, c).await?,
+            AdminCommand::Quota(c) => quotas(&store, c).await?,
+            AdminCommand::Price(c) => prices(&store, c).await?,
+            AdminCommand::Usage(c) => usage(&store, c).await?,
+        }
+        store.close().await;
+        Ok(())
+    })
+}
+
+/// `fount admin tenant …`: create and list tenants.
+async fn tenants(store: &Store, command: TenantCommand) -> Result<()> {
+    match command {
+        TenantCommand::Create { name } => {
+            let t = store.create_tenant(&name).await?;
+            println!("{}\t{}", t.id, t.name);
+        }
+        TenantCommand::List => {
+            for t in store.tenants().await? {
+                println!("{}\t{}\t{}", t.id, t.name, t.created_at);
             }
-            AdminCommand::Tenant(TenantCommand::List) => {
-                for t in store.tenants().await? {
-                    println!("{}\t{}\t{}", t.id, t.name, t.created_at);
-                }
-            }
-            AdminCommand::Key(KeyCommand::Create {
-                tenant,
-                name,
-                scopes,
-                expires_in_days,
-            }) => {
-                let id = tenant_id(&store, &tenant).await?;
-                let scopes = scopes
-                    .iter()
-                    .map(|s| {
-                        Scope::parse(s).with_context(|| {
-                            format!("unknown scope {s:?} (inference, admin, files, fine_tuning)")
-                        })
+        }
+    }
+    Ok(())
+}
+
+/// `fount admin key …`: create (shown once), list and revoke API keys.
+async fn keys(store: &Store, command: KeyCommand) -> Result<()> {
+    match command {
+        KeyCommand::Create {
+            tenant,
+            name,
+            scopes,
+            expires_in_days,
+        } => {
+            let id = tenant_id(store, &tenant).await?;
+            let scopes = scopes
+                .iter()
+                .map(|s| {
+                    Scope::parse(s).with_context(|| {
+                        format!("unknown scope {s:?} (inference, admin, files, fine_tuning)")
                     })
-                    .collect::<Result<Vec<_>>>()?;
-                let expires =
-                    expires_in_days.map(|d| fount_store::now_ms() / 1000 + i64::from(d) * 86_400);
-                let (key, info) = store.create_key(&id, &name, &scopes, expires).await?;
-                eprintln!(
-                    "key {} for tenant {tenant} (shown once; store it now):",
-                    info.prefix
-                );
-                println!("{}", key.expose());
-            }
-            AdminCommand::Key(KeyCommand::List { tenant }) => {
-                let id = match tenant {
-                    Some(t) => Some(tenant_id(&store, &t).await?),
-                    None => None,
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let expires =
+                expires_in_days.map(|d| fount_store::now_ms() / 1000 + i64::from(d) * 86_400);
+            let (key, info) = store.create_key(&id, &name, &scopes, expires).await?;
+            eprintln!(
+                "key {} for tenant {tenant} (shown once; store it now):",
+                info.prefix
+            );
+            println!("{}", key.expose());
+        }
+        KeyCommand::List { tenant } => {
+            let id = match tenant {
+                Some(t) => Some(tenant_id(store, &t).await?),
+                None => None,
+            };
+            for k in store.keys(id.as_deref()).await? {
+                let scopes: Vec<&str> = k.scopes.iter().map(|s| s.name()).collect();
+                let state = match (k.revoked_at, k.expires_at) {
+                    (Some(_), _) => "revoked",
+                    (None, Some(e)) if e <= fount_store::now_ms() / 1000 => "expired",
+                    _ => "active",
                 };
-                for k in store.keys(id.as_deref()).await? {
-                    let scopes: Vec<&str> = k.scopes.iter().map(|s| s.name()).collect();
-                    let state = match (k.revoked_at, k.expires_at) {
-                        (Some(_), _) => "revoked",
-                        (None, Some(e)) if e <= fount_store::now_ms() / 1000 => "expired",
-                        _ => "active",
-                    };
-                    println!(
-                        "{}\t{}\t{}\t{}\t{}\t{state}",
-                        k.id,
-                        k.prefix,
-                        k.tenant_id,
-                        k.name,
-                        scopes.join(",")
-                    );
-                }
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{state}",
+                    k.id,
+                    k.prefix,
+                    k.tenant_id,
+                    k.name,
+                    scopes.join(",")
+                );
             }
-            AdminCommand::Key(KeyCommand::Revoke { key }) => {
-                if !store.revoke_key(&key).await? {
-                    bail!("no active key {key:?}");
-                }
-                eprintln!("revoked {key}");
+        }
+        KeyCommand::Revoke { key } => {
+            if !store.revoke_key(&key).await? {
+                bail!("no active key {key:?}");
             }
-            AdminCommand::Quota(QuotaCommand::Set {
-                who,
+            eprintln!("revoked {key}");
+        }
+    }
+    Ok(())
+}
+
+/// `fount admin quota …`: set and show a tenant's or a key's quota.
+async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
+    match command {
+        QuotaCommand::Set {
+            who,
+            requests_per_minute,
+            tokens_per_minute,
+            tokens_per_day,
+            tokens_per_month,
+            concurrent_requests,
+            max_context,
+            models,
+            weight,
+        } => {
+            let (is_tenant, id) = subject_id(store, &who).await?;
+            if weight.is_some() && !is_tenant {
+                bail!("--weight is a tenant's share; a key has none");
+            }
+            if weight.is_some_and(|w| w < 1) {
+                bail!("--weight must be at least 1");
+            }
+            let q = Quota {
                 requests_per_minute,
                 tokens_per_minute,
                 tokens_per_day,
@@ -302,104 +347,99 @@ pub fn run(a: AdminArgs) -> Result<()> {
                 max_context,
                 models,
                 weight,
-            }) => {
-                let (is_tenant, id) = subject_id(&store, &who).await?;
-                if weight.is_some() && !is_tenant {
-                    bail!("--weight is a tenant's share; a key has none");
-                }
-                if weight.is_some_and(|w| w < 1) {
-                    bail!("--weight must be at least 1");
-                }
-                let q = Quota {
-                    requests_per_minute,
-                    tokens_per_minute,
-                    tokens_per_day,
-                    tokens_per_month,
-                    concurrent_requests,
-                    max_context,
-                    models,
-                    weight,
-                };
-                let subject = if is_tenant {
-                    Subject::Tenant(&id)
-                } else {
-                    Subject::Key(&id)
-                };
-                store.set_quota(subject, &q).await?;
-                eprintln!("quota of {id} set");
-            }
-            AdminCommand::Quota(QuotaCommand::Show { who }) => {
-                let (is_tenant, id) = subject_id(&store, &who).await?;
-                let subject = if is_tenant {
-                    Subject::Tenant(&id)
-                } else {
-                    Subject::Key(&id)
-                };
-                println!("{:#?}", store.quota(subject).await?);
-            }
-            AdminCommand::Price(PriceCommand::Set {
-                model,
+            };
+            let subject = if is_tenant {
+                Subject::Tenant(&id)
+            } else {
+                Subject::Key(&id)
+            };
+            store.set_quota(subject, &q).await?;
+            eprintln!("quota of {id} set");
+        }
+        QuotaCommand::Show { who } => {
+            let (is_tenant, id) = subject_id(store, &who).await?;
+            let subject = if is_tenant {
+                Subject::Tenant(&id)
+            } else {
+                Subject::Key(&id)
+            };
+            println!("{:#?}", store.quota(subject).await?);
+        }
+    }
+    Ok(())
+}
+
+/// `fount admin price …`: set and list prices per model.
+async fn prices(store: &Store, command: PriceCommand) -> Result<()> {
+    match command {
+        PriceCommand::Set {
+            model,
+            input,
+            cached_input,
+            output,
+        } => {
+            let input = price_arg("input", &input)?;
+            let price = Price {
                 input,
-                cached_input,
-                output,
-            }) => {
-                let input = price_arg("input", &input)?;
-                let price = Price {
-                    input,
-                    cached_input: match cached_input {
-                        Some(c) => price_arg("cached-input", &c)?,
-                        None => input,
-                    },
-                    output: price_arg("output", &output)?,
-                };
-                store.set_price(&model, &price).await?;
-                eprintln!("price of {model} set");
-            }
-            AdminCommand::Price(PriceCommand::List) => {
-                println!("model\tinput\tcached_input\toutput (dollars per million tokens)");
-                for (model, p) in store.prices().await? {
-                    let d = |micro: i64| fount_store::dollars(i128::from(micro) * 1_000_000, 6);
-                    println!(
-                        "{model}\t{}\t{}\t{}",
-                        d(p.input),
-                        d(p.cached_input),
-                        d(p.output)
-                    );
-                }
-            }
-            AdminCommand::Usage(UsageCommand::Export {
-                format,
-                from,
-                to,
-                tenant,
-            }) => {
-                let from_ms = from.as_deref().map(day_start_ms).transpose()?.unwrap_or(0);
-                let to_ms = match to.as_deref() {
-                    Some(d) => day_start_ms(d)? + 86_400_000,
-                    None => i64::MAX,
-                };
-                let id = match tenant {
-                    Some(t) => Some(tenant_id(&store, &t).await?),
-                    None => None,
-                };
-                let records = store.usage(id.as_deref(), from_ms, to_ms).await?;
-                match format.as_str() {
-                    "csv" => {
-                        println!("{}", UsageRecord::CSV_HEADER);
-                        for r in records {
-                            println!("{}", r.csv_row());
-                        }
-                    }
-                    "json" => {
-                        for r in records {
-                            println!("{}", r.to_json());
-                        }
-                    }
-                    other => bail!("unknown --format {other:?} (csv, json)"),
-                }
+                cached_input: match cached_input {
+                    Some(c) => price_arg("cached-input", &c)?,
+                    None => input,
+                },
+                output: price_arg("output", &output)?,
+            };
+            store.set_price(&model, &price).await?;
+            eprintln!("price of {model} set");
+        }
+        PriceCommand::List => {
+            println!("model\tinput\tcached_input\toutput (dollars per million tokens)");
+            for (model, p) in store.prices().await? {
+                let d = |micro: i64| fount_store::dollars(i128::from(micro) * 1_000_000, 6);
+                println!(
+                    "{model}\t{}\t{}\t{}",
+                    d(p.input),
+                    d(p.cached_input),
+                    d(p.output)
+                );
             }
         }
-        store.close().await;
-        Ok(())
-    })
+    }
+    Ok(())
+}
+
+/// `fount admin usage export`: usage records as CSV or JSON lines.
+async fn usage(store: &Store, command: UsageCommand) -> Result<()> {
+    match command {
+        UsageCommand::Export {
+            format,
+            from,
+            to,
+            tenant,
+        } => {
+            let from_ms = from.as_deref().map(day_start_ms).transpose()?.unwrap_or(0);
+            let to_ms = match to.as_deref() {
+                Some(d) => day_start_ms(d)? + 86_400_000,
+                None => i64::MAX,
+            };
+            let id = match tenant {
+                Some(t) => Some(tenant_id(store, &t).await?),
+                None => None,
+            };
+            let records = store.usage(id.as_deref(), from_ms, to_ms).await?;
+            match format.as_str() {
+                "csv" => {
+                    println!("{}", UsageRecord::CSV_HEADER);
+                    for r in records {
+                        println!("{}", r.csv_row());
+                    }
+                }
+                "json" => {
+                    for r in records {
+                        println!("{}", r.to_json());
+                    }
+                }
+                other => bail!("unknown --format {other:?} (csv, json)"),
+            }
+        }
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ use clap::{Args, ValueEnum};
 use fount_data::manifest::Manifest;
 use fount_data::synth::{synth_corpus, SynthOptions};
 use fount_model::init::{init_model, InitOptions, Shape};
+use fount_model::publish::Staged;
 use fount_model::Arch;
 use fount_store::{ApiKey, Scope, Store};
 use fount_train::finetune::{chat_accuracy, FinetuneConfig};
@@ -122,7 +123,7 @@ fn write_config(path: &Path, text: &str) -> Result<()> {
     }
 }
 
-/// Runs `fount demo`.
+/// Runs `fount demo`: four steps, each leaving a finished artefact that a later run reuses.
 pub fn run(a: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let dir = &a.dir;
@@ -135,8 +136,24 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "fount demo in {} (stop with Ctrl-C at any point; run it again to continue)",
         dir.display()
     );
+    let (synth, data) = step_data(dir)?;
+    let Some(base) = step_pretrain(dir, &data, &stop)? else {
+        return Ok(());
+    };
+    let Some(adapters) = step_finetune(dir, &a, &synth, &base, &stop, started)? else {
+        return Ok(());
+    };
+    if a.no_serve || stop.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    // from here on Ctrl-C belongs to the server: it drains and exits
+    signals.store(false, Ordering::SeqCst);
+    step_serve(dir, &a, base, adapters)
+}
 
-    // 1. data
+/// Step 1: the synthetic corpus, curated into token shards; returns the synthetic data's and
+/// the curated data's directories.
+fn step_data(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     header(
         1,
         "data: a corpus curated into token shards",
@@ -175,7 +192,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     print_manifest(&manifest_path)?;
 
-    // 2. pretraining
+    Ok((synth, data))
+}
+
+/// Step 2: a model initialised for the curated tokenizer and pretrained on the shards; returns
+/// the final model, or `None` when the run was stopped (it resumes next time).
+fn step_pretrain(dir: &Path, data: &Path, stop: &Arc<AtomicBool>) -> Result<Option<PathBuf>> {
     header(
         2,
         "pretrain: a small Qwen2-style model learns the corpus",
@@ -186,21 +208,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if init.join("DONE").exists() {
         reused(&init);
     } else {
-        let tmp = dir.join("init.partial");
-        if tmp.exists() {
-            fs_err::remove_dir_all(&tmp)?;
-        }
+        let staged = Staged::begin(&init)?;
         let opts = InitOptions {
             tokenizer: Some(data.join("tokenizer.json")),
             ..InitOptions::default()
         };
-        init_model(Arch::Qwen2, &shape()?, &opts, &tmp)
-            .with_context(|| format!("initialising {}", tmp.display()))?;
+        init_model(Arch::Qwen2, &shape()?, &opts, staged.path())
+            .with_context(|| format!("initialising {}", staged.path().display()))?;
         if init.exists() {
             fs_err::remove_dir_all(&init)?;
         }
-        fs_err::rename(&tmp, &init)?;
-        fs_err::write(init.join("DONE"), b"done\n")?;
+        staged.commit(Some("DONE"))?;
     }
     let run_dir = dir.join("pretrain");
     let base = run_dir.join("final");
@@ -222,12 +240,24 @@ pub fn run(a: DemoArgs) -> Result<()> {
             println!("      {n} parameters, {} steps", cfg.steps);
         }
         // resuming with no checkpoint starts afresh, so every start can ask to resume
-        if super::train::pretrain(&cfg, true, &stop, "fount demo")?.is_none() {
-            return Ok(());
+        if super::train::pretrain(&cfg, true, stop, "fount demo")?.is_none() {
+            return Ok(None);
         }
     }
 
-    // 3. fine-tuning
+    Ok(Some(base))
+}
+
+/// Step 3: the adapter fine-tuned on the chat task and measured against the base on held-out
+/// prompts; returns the adapters' directory, or `None` when the run was stopped.
+fn step_finetune(
+    dir: &Path,
+    a: &DemoArgs,
+    synth: &Path,
+    base: &Path,
+    stop: &Arc<AtomicBool>,
+    started: Instant,
+) -> Result<Option<PathBuf>> {
     header(
         3,
         "fine-tune: a LoRA adapter learns a task the base model cannot do",
@@ -244,9 +274,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let cfg_path = dir.join("finetune.toml");
         write_config(&cfg_path, FINETUNE)?;
         let cfg = FinetuneConfig::from_file(&cfg_path)?;
-        let outcome = super::finetune::fine_tune(&base, &chat_train, &adapter, &cfg, true, &stop)?;
+        let outcome = super::finetune::fine_tune(base, &chat_train, &adapter, &cfg, true, stop)?;
         if outcome.interrupted {
-            return Ok(());
+            return Ok(None);
         }
     }
     let eval_path = dir.join("eval.json");
@@ -255,8 +285,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             .with_context(|| format!("{} is corrupt; delete it", eval_path.display()))?,
         Err(_) => {
             let n = a.size.eval_prompts();
-            let (base_ok, total) = chat_accuracy(&base, None, &chat_test, n)?;
-            let (adapter_ok, _) = chat_accuracy(&base, Some(&adapter), &chat_test, n)?;
+            let (base_ok, total) = chat_accuracy(base, None, &chat_test, n)?;
+            let (adapter_ok, _) = chat_accuracy(base, Some(&adapter), &chat_test, n)?;
             let v =
                 json!({"prompts": total, "base_correct": base_ok, "adapter_correct": adapter_ok});
             fs_err::write(&eval_path, serde_json::to_vec_pretty(&v)?)?;
@@ -274,13 +304,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!(
         "      ready in {:.0}s; loss curve {}",
         started.elapsed().as_secs_f64(),
-        run_dir.join("loss.png").display()
+        dir.join("pretrain/loss.png").display()
     );
-    if a.no_serve || stop.load(Ordering::SeqCst) {
-        return Ok(());
-    }
+    Ok(Some(adapters))
+}
 
-    // 4. serving
+/// Step 4: the base and the adapter served, metered, until Ctrl-C.
+fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Result<()> {
     header(
         4,
         "serve: the base and the adapter as a metered, OpenAI-compatible API",
@@ -289,8 +319,6 @@ pub fn run(a: DemoArgs) -> Result<()> {
     );
     let store_dir = dir.join("store");
     let key = demo_key(&store_dir, &dir.join("demo-key"))?;
-    // from here on Ctrl-C belongs to the server: it drains and exits
-    signals.store(false, Ordering::SeqCst);
     let args = super::serve::ServeArgs {
         model: base,
         model_name: Some(BASE_NAME.into()),
