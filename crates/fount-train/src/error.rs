@@ -89,5 +89,15 @@ pub enum Error {
     Collective(String),
 }
 
+impl Error {
+    /// A setting whose value cannot run: `field` and the rest of the sentence, `reason`.
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Error {
+        Error::Config {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -151,33 +151,27 @@ impl FinetuneConfig {
 
     /// Checks values that parse but cannot run.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field, reason: &str| {
-            Err(Error::Config {
-                field,
-                reason: reason.to_string(),
-            })
-        };
         if self.r == 0 {
-            return bad("r", "must be at least 1");
+            return Err(Error::config("r", "must be at least 1"));
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return bad("lora_alpha", "must be positive");
+            return Err(Error::config("lora_alpha", "must be positive"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad("lora_dropout", "must be in [0, 1)");
+            return Err(Error::config("lora_dropout", "must be in [0, 1)"));
         }
         if self.keep_checkpoints == 0 {
-            return bad("keep_checkpoints", "must be at least 1");
+            return Err(Error::config("keep_checkpoints", "must be at least 1"));
         }
         let positive = |v: f64| v.is_finite() && v > 0.0;
         if !positive(self.lr) || !positive(self.epochs) {
-            return bad("lr", "and epochs must be positive");
+            return Err(Error::config("lr", "and epochs must be positive"));
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
-            return bad("eval_fraction", "must be in [0, 1)");
+            return Err(Error::config("eval_fraction", "must be in [0, 1)"));
         }
         if self.tokens_per_step < 2 {
-            return bad("tokens_per_step", "must be at least 2");
+            return Err(Error::config("tokens_per_step", "must be at least 2"));
         }
         self.target_modules.resolve()?;
         Ok(())

@@ -141,39 +141,39 @@ impl TrainConfig {
 
     /// Checks values that parse but cannot run.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field, reason: &str| {
-            Err(Error::Config {
-                field,
-                reason: reason.to_string(),
-            })
-        };
         if self.steps == 0 {
-            return bad("steps", "must be at least 1");
+            return Err(Error::config("steps", "must be at least 1"));
         }
         if self.seq_len < 2 || self.micro_batch == 0 || self.accumulation == 0 {
-            return bad(
+            return Err(Error::config(
                 "seq_len",
                 "must be at least 2, micro_batch and accumulation at least 1",
-            );
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", &format!("must be positive, not {}", self.lr));
+            return Err(Error::config(
+                "lr",
+                format!("must be positive, not {}", self.lr),
+            ));
         }
         if self
             .min_lr
             .is_some_and(|m| !(m.is_finite() && m >= 0.0 && m <= self.lr))
         {
-            return bad("min_lr", "must be between 0 and lr");
+            return Err(Error::config("min_lr", "must be between 0 and lr"));
         }
         if !(self.clip.is_finite() && self.clip >= 0.0) {
-            return bad("clip", "must be 0 (off) or positive");
+            return Err(Error::config("clip", "must be 0 (off) or positive"));
         }
         let a = &self.adamw;
         if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) || a.eps <= 0.0 {
-            return bad("adamw", "betas must be in [0, 1) and eps positive");
+            return Err(Error::config(
+                "adamw",
+                "betas must be in [0, 1) and eps positive",
+            ));
         }
         if self.keep_checkpoints == 0 {
-            return bad("keep_checkpoints", "must be at least 1");
+            return Err(Error::config("keep_checkpoints", "must be at least 1"));
         }
         Ok(())
     }
