@@ -1,54 +1,24 @@
 //! Tokenizer training: a byte-level BPE (Qwen2's pre-tokenizer, no unknown tokens) trained on
 //! the curated text by `fount-tokenizer` and written as an HF `tokenizer.json`.
 
-use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 
-/// How the tokenizer is trained.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TokenizerConfig {
-    /// Target vocabulary size, special tokens and the 256 byte symbols included.
-    pub vocab_size: usize,
-    /// Special tokens; the first one separates documents in shards (EOS).
-    pub special_tokens: Vec<String>,
-    /// Pairs seen fewer times than this are not merged.
-    pub min_frequency: u64,
-}
-
-impl Default for TokenizerConfig {
-    fn default() -> Self {
-        TokenizerConfig {
-            vocab_size: 8192,
-            special_tokens: vec![
-                "<|endoftext|>".into(),
-                "<|im_start|>".into(),
-                "<|im_end|>".into(),
-            ],
-            min_frequency: 2,
-        }
-    }
-}
+/// How the tokenizer is trained: `fount-tokenizer`'s settings.
+pub use fount_tokenizer::BpeConfig as TokenizerConfig;
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
-/// Trains a byte-level BPE tokenizer on `texts` ([`fount_tokenizer::train`], no BOS).
+/// Trains a byte-level BPE tokenizer on `texts` ([`fount_tokenizer::train`]).
 pub fn train<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Tokenizer>
 where
     I: Iterator<Item = S> + Send,
     S: AsRef<str> + Send,
 {
-    let bpe = fount_tokenizer::BpeConfig {
-        vocab_size: cfg.vocab_size,
-        special_tokens: cfg.special_tokens.clone(),
-        min_frequency: cfg.min_frequency,
-        bos: None,
-    };
-    fount_tokenizer::train(texts, &bpe).map_err(tok_err)
+    fount_tokenizer::train(texts, cfg).map_err(tok_err)
 }
 
 /// Loads a `tokenizer.json`.

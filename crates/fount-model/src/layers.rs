@@ -241,9 +241,9 @@ impl Attention {
             seq_lens: batch.seq_lens.clone(),
             window: self.window,
         };
-        let k_ = ctx.kernels;
+        let kernels = ctx.kernels;
         if let Some(out) =
-            ops::whole_sequence_attention(k_, &q, &k, &v, cos, sin, batch, kv, shape)?
+            ops::whole_sequence_attention(kernels, &q, &k, &v, cos, sin, batch, kv, shape)?
         {
             return ctx.project(&self.o_proj, &out, layer, Proj::O);
         }
@@ -273,7 +273,7 @@ impl Attention {
             let k = per_seq(&k, kvh)?.reshape((nseq * kvh, len, d))?;
             let v = per_seq(&v, kvh)?.reshape((nseq * kvh, len, d))?;
             let mask = masks.first().and_then(Option::as_ref);
-            let probs = ops::attention_probs(k_, q.matmul(&k.t()?)?, mask, scale, groups)?;
+            let probs = ops::attention_probs(kernels, q.matmul(&k.t()?)?, mask, scale, groups)?;
             let out = probs
                 .matmul(&v)? // (nseq·kvh, groups·len, d)
                 .reshape((nseq, h, len, d))?
@@ -294,17 +294,17 @@ impl Attention {
             // Query heads sharing a key/value head are stacked along the rows, so one batched
             // matmul per key/value head serves the whole group without copying keys.
             let q = q.reshape((kvh, groups * len, d))?;
-            let scores = if k_.invariant() {
-                per_head(&q, &keys, |q, keys| ops::linear(k_, &q, &keys, None))?
+            let scores = if kernels.invariant() {
+                per_head(&q, &keys, |q, keys| ops::linear(kernels, &q, &keys, None))?
             } else {
                 q.matmul(&keys.t()?)? // (kvh, groups·len, total)
             };
             let mask = masks.get(seq).and_then(Option::as_ref);
-            let probs = ops::attention_probs(k_, scores, mask, scale, groups)?;
-            let out = if k_.invariant() {
+            let probs = ops::attention_probs(kernels, scores, mask, scale, groups)?;
+            let out = if kernels.invariant() {
                 let vt = values.transpose(1, 2)?.contiguous()?; // (kvh, d, total)
                 per_head(&probs.contiguous()?, &vt, |p, v| {
-                    ops::linear(k_, &p, &v, None)
+                    ops::linear(kernels, &p, &v, None)
                 })?
             } else {
                 probs.matmul(&values.contiguous()?)? // (kvh, groups·len, d)

@@ -50,16 +50,18 @@ pub enum Error {
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// How a tokenizer is trained.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a tokenizer is trained (the `[tokenizer]` table of a `fount data` pipeline file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BpeConfig {
     /// Target vocabulary size, special tokens and the 256 byte symbols included.
     pub vocab_size: usize,
-    /// Special tokens, in id order from 0.
+    /// Special tokens, in id order from 0; the first one separates documents in shards (EOS).
     pub special_tokens: Vec<String>,
     /// Pairs seen fewer times than this are not merged.
     pub min_frequency: u64,
     /// A special token prepended to every encoding (`<s> $A`), when the model family has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bos: Option<String>,
 }
 

@@ -22,34 +22,46 @@ pub fn chat_answer(date: &str) -> Option<String> {
     Some(format!("{d}/{m}/{y}"))
 }
 
-/// Days from 1970-01-01 to 1950-01-01 and to 2040-01-01: the task's dates lie between.
-const CHAT_DAYS: std::ops::Range<i64> = -7305..25567;
+/// The years the task's dates are drawn from.
+const CHAT_YEARS: std::ops::Range<u32> = 1950..2040;
 
-/// The `YYYY-MM-DD` date `days` days after 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_date(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+/// Days in `month` of `year` (Gregorian).
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        4 | 6 | 9 | 11 => 30,
+        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
+            29
+        }
+        2 => 28,
+        _ => 31,
+    }
+}
+
+/// Every calendar day of [`CHAT_YEARS`] as `YYYY-MM-DD`, in order.
+fn calendar() -> Vec<String> {
+    let mut days = Vec::new();
+    for year in CHAT_YEARS {
+        for month in 1..=12 {
+            for day in 1..=days_in_month(year, month) {
+                days.push(format!("{year:04}-{month:02}-{day:02}"));
+            }
+        }
+    }
+    days
 }
 
 /// `n` distinct dates drawn uniformly from every calendar day of 1950–2039 (days 29, 30 and 31
 /// where the month has them, 29 February in leap years), in draw order.
 fn chat_dates(n: usize, seed: u64) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0c4a_7000);
-    let n = n.min((CHAT_DAYS.end - CHAT_DAYS.start) as usize);
+    let calendar = calendar();
+    let n = n.min(calendar.len());
     let mut seen = std::collections::HashSet::new();
     let mut dates = Vec::with_capacity(n);
     while dates.len() < n {
-        let day = rng.random_range(CHAT_DAYS);
+        let day = rng.random_range(0..calendar.len());
         if seen.insert(day) {
-            dates.push(civil_date(day));
+            dates.push(calendar[day].clone());
         }
     }
     dates
@@ -79,15 +91,17 @@ pub(super) fn synth_chat(dir: &Path, n: usize, seed: u64) -> Result<(PathBuf, Pa
 
 #[cfg(test)]
 mod tests {
-    use super::{chat_dates, civil_date};
+    use super::{calendar, chat_dates};
 
     #[test]
-    fn calendar_dates() {
-        assert_eq!(civil_date(0), "1970-01-01");
-        assert_eq!(civil_date(-7305), "1950-01-01");
-        assert_eq!(civil_date(25566), "2039-12-31");
-        assert_eq!(civil_date(19782), "2024-02-29");
-        assert_eq!(civil_date(19783), "2024-03-01");
+    fn the_calendar_has_every_day() {
+        let days = calendar();
+        // 90 years, 22 of them leap years (1952 … 2036; 2000 is one)
+        assert_eq!(days.len(), 90 * 365 + 22);
+        assert_eq!(days.first().map(String::as_str), Some("1950-01-01"));
+        assert_eq!(days.last().map(String::as_str), Some("2039-12-31"));
+        assert!(days.iter().any(|d| d == "2000-02-29"));
+        assert!(!days.iter().any(|d| d == "1900-02-29" || d == "2023-02-29"));
     }
 
     #[test]

@@ -11,26 +11,17 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 mod attention;
-mod cross_entropy;
-mod gemm;
-mod linear;
 mod matvec;
-mod norm;
-mod rope;
-mod softmax;
-mod swiglu;
+mod product;
+mod rows;
 #[cfg(test)]
 mod tests;
 
 pub use attention::{attention, AttnShape};
-pub use cross_entropy::cross_entropy;
-pub(crate) use gemm::{gemm_into, gemm_new, gemm_serial, product, Mat};
-pub use linear::{linear, lora_linear};
 pub(crate) use matvec::{axpy, dot, FrozenMatmul, SmallMatmul};
-pub use norm::rms_norm;
-pub use rope::rope;
-pub use softmax::masked_softmax;
-pub use swiglu::silu_mul;
+pub(crate) use product::{gemm_new, gemm_serial, product, Mat};
+pub use product::{linear, lora_linear};
+pub use rows::{cross_entropy, masked_softmax, rms_norm, rope, silu_mul};
 
 /// Rows of at most this many elements in all go to one rayon task.
 const ROWS_PER_TASK_ELEMS: usize = 1 << 14;

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use fount_model::{Batch, ChatTemplate, Message, Tokenizer};
+use candle_core::{DType, Device};
+use fount_model::{Batch, ChatTemplate, Message, Model, ModelFiles, Tokenizer};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -168,4 +169,30 @@ pub(super) fn steps_of<'a>(
         out.push(cur);
     }
     out
+}
+
+/// A base model with what renders and tokenizes conversations for it.
+pub(super) struct ChatBase {
+    pub(super) files: ModelFiles,
+    pub(super) tokenizer: Tokenizer,
+    pub(super) template: ChatTemplate,
+    pub(super) model: Model,
+}
+
+/// Opens the model directory `dir` in f32 on the CPU (plain tensors: a frozen base holds no
+/// gradients) with its tokenizer and its chat template, which it must have.
+pub(super) fn open_chat_base(dir: &Path) -> Result<ChatBase> {
+    let files = ModelFiles::open(dir)?;
+    let tokenizer = Tokenizer::from_file(&files.tokenizer_path())?;
+    let template = ChatTemplate::from_dir(dir)?.ok_or_else(|| Error::Input {
+        path: dir.to_path_buf(),
+        reason: "has no chat template to render conversations with".into(),
+    })?;
+    let model = Model::load(dir, DType::F32, &Device::Cpu)?;
+    Ok(ChatBase {
+        files,
+        tokenizer,
+        template,
+        model,
+    })
 }

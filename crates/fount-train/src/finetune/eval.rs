@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use fount_model::{
-    ChatTemplate, GenerateOptions, Logits, LoraAdapter, LoraBatch, Model, NoCache, SamplingParams,
-    Tokenizer,
+    GenerateOptions, Logits, LoraAdapter, LoraBatch, Model, NoCache, SamplingParams,
 };
 
-use super::data::{pack, steps_of, ChatLine, Example};
+use super::data::{open_chat_base, pack, steps_of, ChatBase, ChatLine, Example};
 use crate::error::{Error, Result};
 use crate::loss::cross_entropy;
 
@@ -57,13 +56,12 @@ pub fn chat_accuracy(
     data: &Path,
     limit: usize,
 ) -> Result<(usize, usize)> {
-    let files = fount_model::ModelFiles::open(model_dir)?;
-    let tokenizer = Tokenizer::from_file(&files.tokenizer_path())?;
-    let template = ChatTemplate::from_dir(model_dir)?.ok_or_else(|| Error::Input {
-        path: model_dir.to_path_buf(),
-        reason: "has no chat template".into(),
-    })?;
-    let model = Model::load(model_dir, DType::F32, &Device::Cpu)?;
+    let ChatBase {
+        files,
+        tokenizer,
+        template,
+        model,
+    } = open_chat_base(model_dir)?;
     let adapter = match adapter {
         Some(dir) => Some(Arc::new(LoraAdapter::load(
             dir,

@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
 use fount_model::publish::Staged;
-use fount_model::{peft, ChatTemplate, LoraAdapter, LoraBatch, Model, Tokenizer};
+use fount_model::{peft, LoraAdapter, LoraBatch, Model};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -34,7 +33,7 @@ use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::loss::backward_cross_entropy;
 use crate::optim::{learning_rate, AdamW, Grads};
-use data::{pack, steps_of};
+use data::{open_chat_base, pack, steps_of, ChatBase};
 
 /// Metrics of one fine-tuning step.
 #[derive(Debug, Clone, Serialize)]
@@ -274,13 +273,12 @@ struct Prepared {
 /// Loads the frozen base (plain tensors, so no gradient is computed or kept for it), reads and
 /// checks the chat file, and holds out `eval_fraction` of the examples after a seeded shuffle.
 fn prepare(base: &Path, data: &Path, ft: &FinetuneConfig) -> Result<Prepared> {
-    let files = fount_model::ModelFiles::open(base)?;
-    let tokenizer = Tokenizer::from_file(&files.tokenizer_path())?;
-    let template = ChatTemplate::from_dir(base)?.ok_or_else(|| Error::Input {
-        path: base.to_path_buf(),
-        reason: "has no chat template to render conversations with".into(),
-    })?;
-    let model = Model::load(base, DType::F32, &Device::Cpu)?;
+    let ChatBase {
+        tokenizer,
+        template,
+        model,
+        ..
+    } = open_chat_base(base)?;
     let cfg = model.config().clone();
     if ft.recompute && cfg.moe.is_some() {
         return Err(Error::Config {

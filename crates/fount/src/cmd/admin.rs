@@ -207,6 +207,15 @@ async fn subject_id(store: &Store, who: &QuotaSubject) -> Result<(bool, String)>
     }
 }
 
+/// The quota subject of a [`subject_id`] answer.
+fn subject_of(is_tenant: bool, id: &str) -> Subject<'_> {
+    if is_tenant {
+        Subject::Tenant(id)
+    } else {
+        Subject::Key(id)
+    }
+}
+
 fn price_arg(flag: &str, v: &str) -> Result<i64> {
     Price::parse_dollars(v).with_context(|| {
         format!("--{flag} {v:?} is not a price in dollars per million tokens, such as 0.15")
@@ -348,21 +357,13 @@ async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
                 models,
                 weight,
             };
-            let subject = if is_tenant {
-                Subject::Tenant(&id)
-            } else {
-                Subject::Key(&id)
-            };
+            let subject = subject_of(is_tenant, &id);
             store.set_quota(subject, &q).await?;
             eprintln!("quota of {id} set");
         }
         QuotaCommand::Show { who } => {
             let (is_tenant, id) = subject_id(store, &who).await?;
-            let subject = if is_tenant {
-                Subject::Tenant(&id)
-            } else {
-                Subject::Key(&id)
-            };
+            let subject = subject_of(is_tenant, &id);
             println!("{:#?}", store.quota(subject).await?);
         }
     }
