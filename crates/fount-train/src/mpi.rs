@@ -5,7 +5,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
 use crate::error::{Error, Result};
-use crate::run::Collective;
+use crate::pretrain::Collective;
 
 /// The processes `mpirun` (or `srun --mpi=pmix`) started.
 pub struct Mpi {
