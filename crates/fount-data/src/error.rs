@@ -63,6 +63,9 @@ pub enum Error {
     /// Tokenizer training or loading failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Training the tokenizer failed.
+    #[error("tokenizer: {0}")]
+    TokenizerTraining(#[from] fount_tokenizer::Error),
     /// A shard file that is not in the documented format.
     #[error("{path}: not a fount token shard: {reason}")]
     Shard {

@@ -8,17 +8,11 @@ use crate::error::{Error, Result};
 /// How the tokenizer is trained: `fount-tokenizer`'s settings.
 pub use fount_tokenizer::BpeConfig as TokenizerConfig;
 
+/// Trains a byte-level BPE tokenizer on texts.
+pub use fount_tokenizer::train;
+
 fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
-}
-
-/// Trains a byte-level BPE tokenizer on `texts` ([`fount_tokenizer::train`]).
-pub fn train<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Tokenizer>
-where
-    I: Iterator<Item = S> + Send,
-    S: AsRef<str> + Send,
-{
-    fount_tokenizer::train(texts, cfg).map_err(tok_err)
 }
 
 /// Loads a `tokenizer.json`.

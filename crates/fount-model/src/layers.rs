@@ -197,24 +197,8 @@ impl Attention {
     ///   [`Model::forward`](crate::Model::forward), or `None` when nothing is masked
     /// - `cos`, `sin`: `(tokens, head_dim / 2)`
     /// - returns `(tokens, hidden)`
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        batch: &Batch,
-        masks: &[Option<Tensor>],
-        cos: &Tensor,
-        sin: &Tensor,
-        kv: &mut dyn KvView,
-    ) -> Result<Tensor> {
-        let none = LoraBatch::none();
-        let ctx = LayerCtx {
-            lora: &none,
-            kernels: Kernels::of(x),
-        };
-        self.forward_ctx(x, batch, masks, cos, sin, kv, &ctx)
-    }
-
-    /// [`Attention::forward`] with the adapters and kernels of `ctx`.
+    ///
+    /// Each projection runs with the adapters of its rows and the kernels of `ctx`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_ctx(
         &self,

@@ -138,19 +138,7 @@ impl AppState {
         Ok(state)
     }
 
-    /// State over a running engine.
-    pub fn new(
-        engine: Engine,
-        tokenizer: Tokenizer,
-        template: Option<ChatTemplate>,
-        config: Config,
-        dtype: candle_core::DType,
-        cfg: ServerConfig,
-    ) -> Arc<AppState> {
-        let shares = FairShares::default();
-        AppState::build(engine, tokenizer, template, config, dtype, cfg, shares)
-    }
-
+    /// State over a running engine whose admission is the fair queue over `shares`.
     fn build(
         engine: Engine,
         tokenizer: Tokenizer,

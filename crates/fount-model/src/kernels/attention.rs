@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{gemm_serial, values, with_values, Mat};
+use super::{gemm_into, values, with_values, Mat, Threads};
 
 /// What an [`attention`] computes over.
 #[derive(Debug, Clone)]
@@ -174,13 +174,12 @@ impl Attention {
     /// masked entries are 0.
     fn probs(&self, qr: &[f32], kr: &[f32], len: usize, p: &mut [f32]) -> candle_core::Result<()> {
         let d = self.shape.head_dim;
-        gemm_serial(
+        gemm_into(
             p,
             (len, len, d),
             false,
-            Mat::rows(qr, d),
-            Mat::transposed(kr, d),
-            self.scale,
+            (Mat::rows(qr, d), Mat::transposed(kr, d), self.scale),
+            Threads::Caller,
         )?;
         for (i, row) in p.chunks_exact_mut(len).enumerate() {
             let first = self.first_key(i);
@@ -234,7 +233,13 @@ impl Attention {
             let q = &inputs.q[t.start * h * d + (t.kv * groups + g) * d..];
             self.rotate(q, h * d, t.start, inputs, false, &mut qr);
             self.probs(&qr, &kr, len, &mut p)?;
-            gemm_serial(o, (len, d, len), false, Mat::rows(&p, len), v, 1.0)?;
+            gemm_into(
+                o,
+                (len, d, len),
+                false,
+                (Mat::rows(&p, len), v, 1.0),
+                Threads::Caller,
+            )?;
         }
         Ok(out)
     }
@@ -278,15 +283,20 @@ impl Attention {
                 col_stride: 1,
             };
             // dv += pᵀ dout; dp = dout vᵀ
-            gemm_serial(
+            gemm_into(
                 &mut dv,
                 (len, d, len),
                 g > 0,
-                Mat::transposed(&p, len),
-                dout,
-                1.0,
+                (Mat::transposed(&p, len), dout, 1.0),
+                Threads::Caller,
             )?;
-            gemm_serial(&mut ds, (len, len, d), false, dout, v, 1.0)?;
+            gemm_into(
+                &mut ds,
+                (len, len, d),
+                false,
+                (dout, v, 1.0),
+                Threads::Caller,
+            )?;
             // ds = scale · p ⊙ (dp − Σ dp ⊙ p), row by row over the keys each query sees
             for (i, (dsr, pr)) in ds
                 .chunks_exact_mut(len)
@@ -304,21 +314,19 @@ impl Attention {
                 }
             }
             // dqr = ds kr; dkr += dsᵀ qr
-            gemm_serial(
+            gemm_into(
                 &mut dqr,
                 (len, d, len),
                 false,
-                Mat::rows(&ds, len),
-                Mat::rows(&kr, d),
-                1.0,
+                (Mat::rows(&ds, len), Mat::rows(&kr, d), 1.0),
+                Threads::Caller,
             )?;
-            gemm_serial(
+            gemm_into(
                 &mut dkr,
                 (len, d, len),
                 g > 0,
-                Mat::transposed(&ds, len),
-                Mat::rows(&qr, d),
-                1.0,
+                (Mat::transposed(&ds, len), Mat::rows(&qr, d), 1.0),
+                Threads::Caller,
             )?;
             self.rotate(&dqr, d, t.start, inputs, true, dq);
         }

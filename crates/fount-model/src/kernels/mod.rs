@@ -19,7 +19,7 @@ mod tests;
 
 pub use attention::{attention, AttnShape};
 pub(crate) use matvec::{axpy, dot, FrozenMatmul, SmallMatmul};
-pub(crate) use product::{gemm_new, gemm_serial, product, Mat};
+pub(crate) use product::{gemm_into, gemm_new, product, Mat, Threads};
 pub use product::{linear, lora_linear};
 pub use rows::{cross_entropy, masked_softmax, rms_norm, rope, silu_mul};
 

@@ -53,30 +53,29 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// Where a product's work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Split over the rayon pool.
+    Pool,
+    /// On the calling thread alone, for products inside a task of a parallel loop.
+    Caller,
+}
+
 /// `dst = [dst +] beta · lhs · rhs` for a row-major `dst` of `(m, n)`, `lhs` `(m, k)` and `rhs`
-/// `(k, n)`, with `gemm` (the kernels candle's own matmul runs) on the rayon pool.
+/// `(k, n)`, with `gemm` (the kernels candle's own matmul runs), on `threads`.
 pub(crate) fn gemm_into(
     dst: &mut [f32],
     dims: (usize, usize, usize),
     accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
+    (lhs, rhs, beta): (Mat, Mat, f32),
+    threads: Threads,
 ) -> candle_core::Result<()> {
-    gemm_checked(dst, dims, accumulate, (lhs, rhs, beta), pool())
-}
-
-/// [`gemm_into`] on the calling thread alone, for products inside a task of a parallel loop.
-pub(crate) fn gemm_serial(
-    dst: &mut [f32],
-    dims: (usize, usize, usize),
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
-) -> candle_core::Result<()> {
-    let serial = ::gemm::Parallelism::None;
-    gemm_checked(dst, dims, accumulate, (lhs, rhs, beta), serial)
+    let parallelism = match threads {
+        Threads::Pool => pool(),
+        Threads::Caller => ::gemm::Parallelism::None,
+    };
+    gemm_checked(dst, dims, accumulate, (lhs, rhs, beta), parallelism)
 }
 
 fn gemm_checked(
@@ -378,9 +377,8 @@ impl CustomOp3 for LoraLinear {
             &mut y,
             (n, out, r),
             true,
-            Mat::rows(&xa, r),
-            Mat::rows(bt, out),
-            self.scale,
+            (Mat::rows(&xa, r), Mat::rows(bt, out), self.scale),
+            Threads::Pool,
         )?;
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }

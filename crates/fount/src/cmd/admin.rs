@@ -137,37 +137,59 @@ pub enum QuotaCommand {
     Set {
         #[command(flatten)]
         who: QuotaSubject,
-        /// Requests per minute.
-        #[arg(long)]
-        requests_per_minute: Option<i64>,
-        /// Tokens per minute.
-        #[arg(long)]
-        tokens_per_minute: Option<i64>,
-        /// Tokens per UTC day.
-        #[arg(long)]
-        tokens_per_day: Option<i64>,
-        /// Tokens per UTC month.
-        #[arg(long)]
-        tokens_per_month: Option<i64>,
-        /// Requests running at once.
-        #[arg(long)]
-        concurrent_requests: Option<i64>,
-        /// Largest prompt plus completion.
-        #[arg(long)]
-        max_context: Option<i64>,
-        /// Models and adapters it may use, comma-separated (default: all it can see).
-        #[arg(long, value_delimiter = ',')]
-        models: Option<Vec<String>>,
-        /// The tenant's share of the engine when tenants contend for it (default 1; tenants
-        /// only).
-        #[arg(long)]
-        weight: Option<i64>,
+        #[command(flatten)]
+        limits: QuotaLimits,
     },
     /// Shows a tenant's or a key's quota.
     Show {
         #[command(flatten)]
         who: QuotaSubject,
     },
+}
+
+/// The limits of `fount admin quota set`.
+#[derive(Debug, Args)]
+pub struct QuotaLimits {
+    /// Requests per minute.
+    #[arg(long)]
+    requests_per_minute: Option<i64>,
+    /// Tokens per minute.
+    #[arg(long)]
+    tokens_per_minute: Option<i64>,
+    /// Tokens per UTC day.
+    #[arg(long)]
+    tokens_per_day: Option<i64>,
+    /// Tokens per UTC month.
+    #[arg(long)]
+    tokens_per_month: Option<i64>,
+    /// Requests running at once.
+    #[arg(long)]
+    concurrent_requests: Option<i64>,
+    /// Largest prompt plus completion.
+    #[arg(long)]
+    max_context: Option<i64>,
+    /// Models and adapters it may use, comma-separated (default: all it can see).
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    /// The tenant's share of the engine when tenants contend for it (default 1; tenants
+    /// only).
+    #[arg(long)]
+    weight: Option<i64>,
+}
+
+impl From<QuotaLimits> for Quota {
+    fn from(l: QuotaLimits) -> Quota {
+        Quota {
+            requests_per_minute: l.requests_per_minute,
+            tokens_per_minute: l.tokens_per_minute,
+            tokens_per_day: l.tokens_per_day,
+            tokens_per_month: l.tokens_per_month,
+            concurrent_requests: l.concurrent_requests,
+            max_context: l.max_context,
+            models: l.models,
+            weight: l.weight,
+        }
+    }
 }
 
 /// `fount admin usage …`
@@ -329,34 +351,15 @@ async fn keys(store: &Store, command: KeyCommand) -> Result<()> {
 /// `fount admin quota …`: set and show a tenant's or a key's quota.
 async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
     match command {
-        QuotaCommand::Set {
-            who,
-            requests_per_minute,
-            tokens_per_minute,
-            tokens_per_day,
-            tokens_per_month,
-            concurrent_requests,
-            max_context,
-            models,
-            weight,
-        } => {
+        QuotaCommand::Set { who, limits } => {
             let (is_tenant, id) = subject_id(store, &who).await?;
-            if weight.is_some() && !is_tenant {
+            if limits.weight.is_some() && !is_tenant {
                 bail!("--weight is a tenant's share; a key has none");
             }
-            if weight.is_some_and(|w| w < 1) {
+            if limits.weight.is_some_and(|w| w < 1) {
                 bail!("--weight must be at least 1");
             }
-            let q = Quota {
-                requests_per_minute,
-                tokens_per_minute,
-                tokens_per_day,
-                tokens_per_month,
-                concurrent_requests,
-                max_context,
-                models,
-                weight,
-            };
+            let q = Quota::from(limits);
             let subject = subject_of(is_tenant, &id);
             store.set_quota(subject, &q).await?;
             eprintln!("quota of {id} set");

@@ -106,8 +106,13 @@ fn header(n: usize, title: &str, what: &str) {
     );
 }
 
-fn reused(path: &Path) {
-    println!("      done already: {}", path.display());
+/// Whether a step's artefact `what` is finished (its `marker` exists); says so when it is.
+fn done_already(marker: &Path, what: &Path) -> bool {
+    let done = marker.exists();
+    if done {
+        println!("      done already: {}", what.display());
+    }
+    done
 }
 
 /// Writes `text` to `path` unless it already holds exactly that; a different file is an error
@@ -163,9 +168,7 @@ fn step_data(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     );
     let synth = dir.join("synth");
     let synth_done = synth.join("DONE");
-    if synth_done.exists() {
-        reused(&synth);
-    } else {
+    if !done_already(&synth_done, &synth) {
         let opts = SynthOptions {
             docs: DOCS,
             seed: 1,
@@ -176,9 +179,7 @@ fn step_data(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     }
     let data = dir.join("data");
     let manifest_path = data.join("manifest.json");
-    if manifest_path.exists() {
-        reused(&data);
-    } else {
+    if !done_already(&manifest_path, &data) {
         super::data::run(super::data::DataCommand::Run(super::data::RunArgs {
             input: vec![synth.join("corpus")],
             out: data.clone(),
@@ -205,9 +206,7 @@ fn step_pretrain(dir: &Path, data: &Path, stop: &Arc<AtomicBool>) -> Result<Opti
          cosine decay; checkpoints are written as it goes and the loss curve is drawn at the end.",
     );
     let init = dir.join("init");
-    if init.join("DONE").exists() {
-        reused(&init);
-    } else {
+    if !done_already(&init.join("DONE"), &init) {
         let staged = Staged::begin(&init)?;
         let opts = InitOptions {
             tokenizer: Some(data.join("tokenizer.json")),
@@ -222,9 +221,7 @@ fn step_pretrain(dir: &Path, data: &Path, stop: &Arc<AtomicBool>) -> Result<Opti
     }
     let run_dir = dir.join("pretrain");
     let base = run_dir.join("final");
-    if base.join("model.safetensors").exists() {
-        reused(&base);
-    } else {
+    if !done_already(&base.join("model.safetensors"), &base) {
         let cfg_path = dir.join("pretrain.toml");
         let text = format!(
             "model = {:?}\ndata = {:?}\nout = {:?}\n{}",
@@ -268,9 +265,7 @@ fn step_finetune(
     let adapter = adapters.join(ADAPTER_NAME);
     let chat_train = synth.join("chat/train.jsonl");
     let chat_test = synth.join("chat/test.jsonl");
-    if adapter.join("adapter_config.json").exists() {
-        reused(&adapter);
-    } else {
+    if !done_already(&adapter.join("adapter_config.json"), &adapter) {
         let cfg_path = dir.join("finetune.toml");
         write_config(&cfg_path, FINETUNE)?;
         let cfg = FinetuneConfig::from_file(&cfg_path)?;
