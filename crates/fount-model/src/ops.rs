@@ -16,7 +16,7 @@
 //! | projection | few rows or invariant: per-row product; else candle's matmul | a product with an input-only backward; the adapter's pair fused in | a product whose weight gradient comes out in the weight's layout |
 //! | RMSNorm | candle's kernel | fused, with its backward | fused, with its backward |
 //! | SwiGLU gate | composed | fused | fused |
-//! | attention | per sequence through the KV view (per-head products when invariant) | whole sequences as one op that recomputes its probabilities backward | the same |
+//! | attention | per sequence through the KV view (per-head products when invariant); equal-length sequences with no cache in one batched product | whole sequences as one op that recomputes its probabilities backward | the same |
 //! | softmax | candle's kernel | fused masked softmax | fused masked softmax |
 //!
 //! On other devices and dtypes the composed, differentiable candle ops run instead of the fused
