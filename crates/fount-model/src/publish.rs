@@ -82,11 +82,6 @@ impl Staged {
         &self.tmp
     }
 
-    /// Where it will be published.
-    pub fn dest(&self) -> &Path {
-        &self.dest
-    }
-
     /// Syncs everything staged, writes `marker` (synced) last when given, renames the staging
     /// directory onto the destination (an empty directory there is replaced; anything else is
     /// an error that leaves the staging directory in place) and syncs the parent.
@@ -117,11 +112,5 @@ impl Staged {
         fs_err::remove_dir(&self.tmp)?;
         sync_dir(&self.dest)?;
         Ok(self.dest)
-    }
-
-    /// Gives up: removes the staging directory.
-    pub fn discard(self) -> Result<()> {
-        fs_err::remove_dir_all(&self.tmp)?;
-        Ok(())
     }
 }
