@@ -18,6 +18,10 @@ pub enum Error {
     /// A name or value that cannot be stored.
     #[error("{0}")]
     Invalid(String),
+    /// A change that the record's current state does not allow (or that another writer made
+    /// first).
+    #[error("{0}")]
+    Conflict(String),
     /// The tenant, key or record does not exist.
     #[error("{0} not found")]
     NotFound(String),

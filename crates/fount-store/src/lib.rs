@@ -1,4 +1,4 @@
-//! `fount-store`: tenants, API keys, quotas and usage records, on an embedded SQLite file (WAL
+//! `fount-store`: tenants, API keys, quotas, usage records and the pool's jobs, on an embedded SQLite file (WAL
 //! mode) or on PostgreSQL, through `sqlx` with versioned migrations.
 //!
 //! The same portable SQL runs on both; the server and `fount admin` open the store by data
@@ -16,6 +16,7 @@
 //! ```
 
 pub mod error;
+pub mod jobs;
 pub mod keys;
 mod store;
 #[cfg(feature = "testing")]
@@ -27,4 +28,5 @@ pub use error::{Error, Result};
 pub use keys::{ApiKey, Scope};
 pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};
 pub use time::{day_start, day_start_ms, month_start, now_ms, utc_day};
-pub use usage::{dollars, Price, UsageRecord, UsageSummary};
+pub use jobs::{Change, Job, JobEvent, JobFilter, JobQuota, JobState, NewJob, Priority, Stop, Transition};
+pub use usage::{dollars, Price, UsageKind, UsageRecord, UsageSummary};

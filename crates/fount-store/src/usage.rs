@@ -64,7 +64,35 @@ pub fn dollars(pico: i128, decimals: u32) -> String {
     )
 }
 
-/// One request's metering record.
+/// What a usage record meters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum UsageKind {
+    /// One API request: tokens.
+    #[default]
+    Inference,
+    /// One attempt of a pool job: slot time.
+    Training,
+}
+
+impl UsageKind {
+    /// The stored name.
+    pub fn name(self) -> &'static str {
+        match self {
+            UsageKind::Inference => "inference",
+            UsageKind::Training => "training",
+        }
+    }
+
+    fn parse(s: &str) -> UsageKind {
+        if s == "training" {
+            UsageKind::Training
+        } else {
+            UsageKind::Inference
+        }
+    }
+}
+
+/// One request's (or one job attempt's) metering record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
     /// The request id (`chatcmpl-…`): a record is written once per id.
@@ -91,6 +119,11 @@ pub struct UsageRecord {
     pub created_at_ms: i64,
     /// What it cost at the model's price when it was served, in picodollars.
     pub cost_picodollars: i64,
+    /// A request, or an attempt of a pool job (`request_id` is then `job-….N`, `model` the
+    /// command, `adapter` the job's name, `status` the exit status, `-1` when unknown).
+    pub kind: UsageKind,
+    /// Pool slot time, in milliseconds (0 for a request).
+    pub slot_ms: i64,
 }
 
 /// Usage of one tenant, day and model.
@@ -122,11 +155,11 @@ type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q
 /// The `INSERT` of `rows` usage records (up to [`USAGE_ROWS`]); a request id already recorded
 /// is skipped.
 fn usage_sql(rows: usize) -> String {
-    const COLUMNS: usize = 12;
+    const COLUMNS: usize = 14;
     let mut sql = String::from(
         "INSERT INTO usage_records (request_id, tenant_id, key_id, model, adapter, prompt_tokens, \
              cached_tokens, completion_tokens, status, latency_ms, created_at_ms, \
-             cost_picodollars) VALUES ",
+             cost_picodollars, kind, slot_ms) VALUES ",
     );
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -157,7 +190,9 @@ fn bind_usage<'q>(mut q: AnyQuery<'q>, records: &'q [UsageRecord]) -> AnyQuery<'
             .bind(r.status)
             .bind(r.latency_ms)
             .bind(r.created_at_ms)
-            .bind(r.cost_picodollars);
+            .bind(r.cost_picodollars)
+            .bind(r.kind.name())
+            .bind(r.slot_ms);
     }
     q
 }
@@ -240,13 +275,23 @@ impl Store {
             return Ok(q.execute(&self.pool).await?.rows_affected());
         }
         let mut tx = self.pool.begin().await?;
+        let written = self.record_usage_in(&mut tx, records).await?;
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    /// [`Store::record_usage`] inside the transaction `tx`.
+    pub(crate) async fn record_usage_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        records: &[UsageRecord],
+    ) -> Result<u64> {
         let mut written = 0;
         for chunk in records.chunks(USAGE_ROWS) {
             let sql = usage_sql(chunk.len());
             let q = bind_usage(sqlx::query(&sql), chunk);
-            written += q.execute(&mut *tx).await?.rows_affected();
+            written += q.execute(&mut **tx).await?.rows_affected();
         }
-        tx.commit().await?;
         Ok(written)
     }
 
@@ -259,7 +304,8 @@ impl Store {
     ) -> Result<Vec<UsageRecord>> {
         let rows = sqlx::query(
             "SELECT request_id, tenant_id, key_id, model, adapter, prompt_tokens, cached_tokens, \
-                    completion_tokens, status, latency_ms, created_at_ms, cost_picodollars \
+                    completion_tokens, status, latency_ms, created_at_ms, cost_picodollars, \
+                    kind, slot_ms \
              FROM usage_records \
              WHERE ($1 = '' OR tenant_id = $1) AND created_at_ms >= $2 AND created_at_ms < $3 \
              ORDER BY created_at_ms, request_id",
@@ -284,6 +330,8 @@ impl Store {
                     latency_ms: r.try_get("latency_ms")?,
                     created_at_ms: r.try_get("created_at_ms")?,
                     cost_picodollars: r.try_get("cost_picodollars")?,
+                    kind: UsageKind::parse(&r.try_get::<String, _>("kind")?),
+                    slot_ms: r.try_get("slot_ms")?,
                 })
             })
             .collect()
@@ -331,7 +379,7 @@ impl Store {
 impl UsageRecord {
     /// The header of [`UsageRecord::csv_row`].
     pub const CSV_HEADER: &'static str = "request_id,tenant_id,key_id,model,adapter,prompt_tokens,\
-cached_tokens,completion_tokens,status,latency_ms,created_at_ms,cost_usd";
+cached_tokens,completion_tokens,status,latency_ms,created_at_ms,cost_usd,kind,slot_seconds";
 
     /// The record as one CSV row (RFC 4180 quoting), cost in dollars.
     pub fn csv_row(&self) -> String {
@@ -343,7 +391,7 @@ cached_tokens,completion_tokens,status,latency_ms,created_at_ms,cost_usd";
             }
         };
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}.{:03}",
             field(&self.request_id),
             field(&self.tenant_id),
             field(&self.key_id),
@@ -356,6 +404,9 @@ cached_tokens,completion_tokens,status,latency_ms,created_at_ms,cost_usd";
             self.latency_ms,
             self.created_at_ms,
             dollars(i128::from(self.cost_picodollars), 12),
+            self.kind.name(),
+            self.slot_ms / 1000,
+            self.slot_ms % 1000,
         )
     }
 
@@ -368,6 +419,7 @@ cached_tokens,completion_tokens,status,latency_ms,created_at_ms,cost_usd";
             "completion_tokens": self.completion_tokens, "status": self.status,
             "latency_ms": self.latency_ms, "created_at_ms": self.created_at_ms,
             "cost_usd": dollars(i128::from(self.cost_picodollars), 12),
+            "kind": self.kind.name(), "slot_ms": self.slot_ms,
         })
     }
 }

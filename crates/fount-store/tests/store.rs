@@ -163,6 +163,8 @@ fn record(id: &str, tenant: &str, model: &str, at_ms: i64, completion: i64) -> U
         latency_ms: 5,
         created_at_ms: at_ms,
         cost_picodollars: completion * 1_000,
+        kind: fount_store::UsageKind::Inference,
+        slot_ms: 0,
     }
 }
 

@@ -125,6 +125,8 @@ impl Tenancy {
                 latency_ms: i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX),
                 created_at_ms,
                 cost_picodollars: cost,
+                kind: fount_store::UsageKind::Inference,
+                slot_ms: 0,
             };
             if let Some(f) = tenancy.on_record.get() {
                 f(&record);
