@@ -17,7 +17,7 @@
 //! use fount_pool::{executor::Local, Pool, PoolConfig};
 //! let store = fount_store::Store::open("data", None).await?;
 //! let exec = Box::new(Local::new("/usr/local/bin/fount".into()));
-//! let mut pool = Pool::new(store, exec, PoolConfig::default(), "data".into());
+//! let mut pool = Pool::new(store, exec, PoolConfig::default());
 //! pool.tick().await?;
 //! # Ok(()) }
 //! ```

@@ -131,12 +131,11 @@ pub struct Pool {
     reasons: HashMap<String, String>,
     tenants: HashMap<String, TenantView>,
     tenants_at: Option<Instant>,
-    dir: PathBuf,
 }
 
 impl Pool {
-    /// A pool acting on `store`'s jobs through `exec`; attempts run in `dir`.
-    pub fn new(store: Store, exec: Box<dyn Executor>, cfg: PoolConfig, dir: PathBuf) -> Pool {
+    /// A pool acting on `store`'s jobs through `exec`.
+    pub fn new(store: Store, exec: Box<dyn Executor>, cfg: PoolConfig) -> Pool {
         Pool {
             store,
             exec,
@@ -145,7 +144,6 @@ impl Pool {
             reasons: HashMap::new(),
             tenants: HashMap::new(),
             tenants_at: None,
-            dir,
         }
     }
 
@@ -501,7 +499,7 @@ impl Pool {
             attempt: running.attempts,
             args,
             log: PathBuf::from(&job.log_path),
-            cwd: self.dir.clone(),
+            cwd: PathBuf::from(&job.cwd),
         };
         match self.exec.start(&launch) {
             Ok(h) => {

@@ -7,6 +7,7 @@ CREATE TABLE jobs (
     priority BIGINT NOT NULL,
     kind TEXT NOT NULL,
     command TEXT NOT NULL,
+    cwd TEXT NOT NULL,
     out_dir TEXT NOT NULL,
     done_marker TEXT NOT NULL,
     time_limit_s BIGINT,

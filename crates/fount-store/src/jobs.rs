@@ -223,6 +223,8 @@ pub struct NewJob {
     pub kind: String,
     /// The `fount` command line, without `fount`.
     pub command: Vec<String>,
+    /// The working directory it runs in (relative paths in `command` are relative to it).
+    pub cwd: String,
     /// The directory it writes (absolute): no two live jobs may share one.
     pub out_dir: String,
     /// A file that exists once the command has finished its work.
@@ -248,6 +250,8 @@ pub struct Job {
     pub kind: String,
     /// The `fount` command line, without `fount`.
     pub command: Vec<String>,
+    /// The working directory it runs in.
+    pub cwd: String,
     /// The directory it writes.
     pub out_dir: String,
     /// The file that exists once the command has finished its work.
@@ -348,7 +352,7 @@ impl<'a> Change<'a> {
     }
 }
 
-const JOB_COLUMNS: &str = "id, tenant_id, name, priority, kind, command, out_dir, done_marker, \
+const JOB_COLUMNS: &str = "id, tenant_id, name, priority, kind, command, cwd, out_dir, done_marker, \
     time_limit_s, state, reason, attempts, stop, stop_at_ms, executor, handle, log_path, \
     checkpoint_step, slot_ms, started_at_ms, created_at_ms, finished_at_ms, error";
 
@@ -365,6 +369,7 @@ fn job(r: &AnyRow) -> Result<Job> {
         kind: r.try_get("kind")?,
         command: serde_json::from_str(&command)
             .map_err(|e| Error::Invalid(format!("stored command {command:?}: {e}")))?,
+        cwd: r.try_get("cwd")?,
         out_dir: r.try_get("out_dir")?,
         done_marker: r.try_get("done_marker")?,
         time_limit_s: r.try_get("time_limit_s")?,
@@ -421,8 +426,8 @@ impl Store {
             )));
         }
         sqlx::query(&format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', \
-             'submitted', 0, NULL, NULL, NULL, NULL, $10, NULL, 0, NULL, $11, NULL, NULL)"
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+             'queued', 'submitted', 0, NULL, NULL, NULL, NULL, $11, NULL, 0, NULL, $12, NULL, NULL)"
         ))
         .bind(&id)
         .bind(&new.tenant_id)
@@ -430,6 +435,7 @@ impl Store {
         .bind(new.priority.rank())
         .bind(&new.kind)
         .bind(&command)
+        .bind(&new.cwd)
         .bind(&new.out_dir)
         .bind(&new.done_marker)
         .bind(new.time_limit_s)

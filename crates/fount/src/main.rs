@@ -47,6 +47,11 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Tenants, API keys, quotas and usage.
     Admin(cmd::admin::AdminArgs),
+    /// Jobs on the compute pool: submit, list, show, cancel, logs, wait.
+    Jobs(cmd::jobs::JobsArgs),
+    /// The compute pool on its own (`fount serve` runs one inside by default).
+    #[command(subcommand)]
+    Pool(cmd::pool::PoolCommand),
     /// Measure speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -89,10 +94,17 @@ fn main() -> ExitCode {
         Command::Finetune(a) => cmd::finetune::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Admin(a) => cmd::admin::run(a),
+        Command::Jobs(a) => cmd::jobs::run(a),
+        Command::Pool(c) => cmd::pool::run(c),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // stopped by a signal after writing a checkpoint: the pool resumes it
+        Err(e) if e.is::<cmd::train::Checkpointed>() => {
+            eprintln!("{e}");
+            ExitCode::from(fount_pool::executor::EXIT_CHECKPOINTED as u8)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {

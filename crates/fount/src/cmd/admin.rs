@@ -145,6 +145,26 @@ pub enum QuotaCommand {
         #[command(flatten)]
         who: QuotaSubject,
     },
+    /// Sets a tenant's limits on the compute pool (unset limits are unlimited; the tenant's
+    /// `--weight` is its fair share of the pool too).
+    Jobs {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// Jobs running at once.
+        #[arg(long)]
+        running_jobs: Option<i64>,
+        /// Slot-seconds per UTC day (a hard budget: jobs wait, running ones stop at a
+        /// checkpoint).
+        #[arg(long)]
+        slot_seconds_per_day: Option<i64>,
+        /// Slot-seconds per UTC month.
+        #[arg(long)]
+        slot_seconds_per_month: Option<i64>,
+        /// The highest priority its jobs may ask for (low, normal, high).
+        #[arg(long)]
+        max_priority: Option<String>,
+    },
 }
 
 /// The limits of `fount admin quota set`.
@@ -368,6 +388,42 @@ async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
             let (is_tenant, id) = subject_id(store, &who).await?;
             let subject = subject_of(is_tenant, &id);
             println!("{:#?}", store.quota(subject).await?);
+            if is_tenant {
+                println!("{:#?}", store.job_quota(&id).await?);
+            }
+        }
+        QuotaCommand::Jobs {
+            tenant,
+            running_jobs,
+            slot_seconds_per_day,
+            slot_seconds_per_month,
+            max_priority,
+        } => {
+            let id = tenant_id(store, &tenant).await?;
+            let max_priority = match max_priority.as_deref() {
+                Some(p) => Some(
+                    fount_store::Priority::parse(p)
+                        .with_context(|| format!("--max-priority {p:?}: low, normal or high"))?,
+                ),
+                None => None,
+            };
+            for (flag, v) in [
+                ("running-jobs", running_jobs),
+                ("slot-seconds-per-day", slot_seconds_per_day),
+                ("slot-seconds-per-month", slot_seconds_per_month),
+            ] {
+                if v.is_some_and(|v| v < 0) {
+                    bail!("--{flag} cannot be negative");
+                }
+            }
+            let q = fount_store::JobQuota {
+                running_jobs,
+                slot_seconds_per_day,
+                slot_seconds_per_month,
+                max_priority,
+            };
+            store.set_job_quota(&id, &q).await?;
+            eprintln!("pool quota of {tenant} set");
         }
     }
     Ok(())

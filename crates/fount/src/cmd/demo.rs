@@ -329,6 +329,8 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
         data_dir: store_dir,
         database_url: None,
         no_auth: false,
+        no_pool: false,
+        pool: super::pool::PoolArgs::default(),
     };
     super::serve::run_with(args, |addr| {
         print_examples(&format!("http://{addr}"), key.expose());

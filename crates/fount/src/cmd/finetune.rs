@@ -74,7 +74,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     cfg.truncate |= a.truncate;
     let stop = Arc::new(AtomicBool::new(false));
     super::train::stop_on_signals(stop.clone())?;
-    fine_tune(&base, &data, &out, &cfg, a.resume, &stop)?;
+    if fine_tune(&base, &data, &out, &cfg, a.resume, &stop)?.interrupted {
+        return Err(super::train::Checkpointed("continue with --resume".into()).into());
+    }
     Ok(())
 }
 

@@ -11,7 +11,9 @@ pub mod data;
 pub mod demo;
 pub mod finetune;
 pub mod generate;
+pub mod jobs;
 pub mod model;
+pub mod pool;
 pub mod serve;
 pub mod train;
 

@@ -54,6 +54,12 @@ pub struct ServeArgs {
     /// Serve without API keys, quotas or metering (a single user on a trusted machine).
     #[arg(long, env = "FOUNT_NO_AUTH")]
     pub no_auth: bool,
+    /// Do not run the compute pool in this process (run `fount pool run` elsewhere on the same
+    /// store, or no pool at all).
+    #[arg(long, env = "FOUNT_NO_POOL")]
+    pub no_pool: bool,
+    #[command(flatten)]
+    pub pool: super::pool::PoolArgs,
 }
 
 /// Makes an admin key when the store has no usable one, and prints it once (to stderr, never
@@ -148,6 +154,15 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
+    let pool = if a.no_pool {
+        None
+    } else {
+        let store = super::admin::StoreArgs {
+            data_dir: a.data_dir.clone(),
+            database_url: a.database_url.clone(),
+        };
+        Some(super::pool::PoolThread::spawn(&store, &a.pool).context("starting the compute pool")?)
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fount-http")
@@ -185,8 +200,13 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             t.store().close().await;
         }
         tracing::info!("drained; exiting");
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    })?;
+    if let Some(p) = pool {
+        // running jobs keep running: the next pool adopts them
+        p.stop()?;
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -21,6 +21,20 @@ pub struct TrainArgs {
     pub resume: bool,
 }
 
+/// The error with which `fount train` and `fount finetune` end when a signal stopped them after
+/// a checkpoint: the binary exits with `EX_TEMPFAIL` (75), which the compute pool reads as
+/// "stopped at a checkpoint; resume me".
+#[derive(Debug)]
+pub struct Checkpointed(pub String);
+
+impl std::fmt::Display for Checkpointed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped by a signal after a checkpoint; {}", self.0)
+    }
+}
+
+impl std::error::Error for Checkpointed {}
+
 /// Sets `flag` on SIGTERM or SIGINT (a second signal exits at once). Returns the handler's
 /// switch: once it is cleared, signals are left to whoever else listens (a server that follows).
 pub fn stop_on_signals(flag: Arc<AtomicBool>) -> Result<Arc<AtomicBool>> {
@@ -120,7 +134,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone())?;
     let resume_hint = format!("fount train --config {} --resume", a.config.display());
-    pretrain(&cfg, a.resume, &stop, &resume_hint)?;
+    if pretrain(&cfg, a.resume, &stop, &resume_hint)?.is_none() {
+        return Err(Checkpointed(format!("continue with: {resume_hint}")).into());
+    }
     Ok(())
 }
 
