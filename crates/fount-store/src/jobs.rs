@@ -842,7 +842,7 @@ mod tests {
         }
         let mut seen = 0;
         walk(JobState::Queued, 6, &mut Vec::new(), &mut seen);
-        assert!(seen > 100, "{seen}");
+        assert!(seen > 10, "{seen}");
         let legal: usize = JobState::ALL
             .iter()
             .map(|&s| Transition::ALL.iter().filter(|&&t| next(s, t).is_some()).count())

@@ -3,4 +3,8 @@
 
 /// Tenants, keys (hashed, revocable, expiring), quotas, usage records.
 mod store;
+
+/// The pool's jobs: submit, the state machine against the database, attempts billed once,
+/// quotas, the lease.
+mod jobs;
 mod util;
