@@ -322,6 +322,8 @@ impl Pool {
             }
         };
         let after = self.store.transition_job(job, &c).await?;
+        // its slot time counts against its tenant's budgets from now on
+        self.tenants_at = None;
         tracing::info!("{}: {} ({})", job.id, after.state, c.reason);
         Ok(())
     }

@@ -386,11 +386,19 @@ mod tests {
     fn equal_classes_never_preempt_each_other() {
         use Priority::*;
         for p in Priority::ALL {
-            let s = snapshot(1, vec![waiting("w", "a", p, 9)], vec![active("r", "b", p, 1)]);
+            let s = snapshot(
+                1,
+                vec![waiting("w", "a", p, 9)],
+                vec![active("r", "b", p, 1)],
+            );
             assert!(stops(&decide(&s)).is_empty());
         }
         // a chain: high preempts normal; the preempted normal job cannot preempt back
-        let s = snapshot(1, vec![waiting("n", "a", Normal, 9)], vec![active("h", "b", High, 1)]);
+        let s = snapshot(
+            1,
+            vec![waiting("n", "a", Normal, 9)],
+            vec![active("h", "b", High, 1)],
+        );
         assert!(stops(&decide(&s)).is_empty());
     }
 
@@ -436,7 +444,11 @@ mod tests {
         let d = decide(&snapshot(4, w, vec![]));
         let st = starts(&d);
         assert_eq!(st.len(), 4);
-        assert_eq!(st.iter().filter(|j| j.starts_with('b')).count(), 2, "{st:?}");
+        assert_eq!(
+            st.iter().filter(|j| j.starts_with('b')).count(),
+            2,
+            "{st:?}"
+        );
     }
 
     #[test]

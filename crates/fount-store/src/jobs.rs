@@ -352,7 +352,8 @@ impl<'a> Change<'a> {
     }
 }
 
-const JOB_COLUMNS: &str = "id, tenant_id, name, priority, kind, command, cwd, out_dir, done_marker, \
+const JOB_COLUMNS: &str =
+    "id, tenant_id, name, priority, kind, command, cwd, out_dir, done_marker, \
     time_limit_s, state, reason, attempts, stop, stop_at_ms, executor, handle, log_path, \
     checkpoint_step, slot_ms, started_at_ms, created_at_ms, finished_at_ms, error";
 
@@ -377,10 +378,7 @@ fn job(r: &AnyRow) -> Result<Job> {
             .ok_or_else(|| Error::Invalid(format!("stored job state {state:?}")))?,
         reason: r.try_get("reason")?,
         attempts: r.try_get("attempts")?,
-        stop: stop
-            .as_deref()
-            .and_then(Stop::parse)
-            .map(|s| (s, stop_at)),
+        stop: stop.as_deref().and_then(Stop::parse).map(|s| (s, stop_at)),
         executor: r.try_get("executor")?,
         handle: r.try_get("handle")?,
         log_path: r.try_get("log_path")?,
@@ -411,23 +409,13 @@ impl Store {
         let command = serde_json::to_string(&new.command)
             .map_err(|e| Error::Invalid(format!("command: {e}")))?;
         let log_path = new.log_path.replace("{id}", &id);
+        // the first statement writes: a transaction that read first could not be upgraded to
+        // a writer once another process wrote (SQLite's WAL), and would fail instead of wait
         let mut tx = self.pool.begin().await?;
-        let clash = sqlx::query(&format!(
-            "SELECT id FROM jobs WHERE out_dir = $1 AND state IN {LIVE}"
-        ))
-        .bind(&new.out_dir)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(r) = clash {
-            let other: String = r.try_get("id")?;
-            return Err(Error::Invalid(format!(
-                "{other} already writes {}; wait for it or choose another output directory",
-                new.out_dir
-            )));
-        }
-        sqlx::query(&format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-             'queued', 'submitted', 0, NULL, NULL, NULL, NULL, $11, NULL, 0, NULL, $12, NULL, NULL)"
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+             'queued', 'submitted', 0, NULL, NULL, NULL, NULL, $11, NULL, 0, NULL, $12, NULL, NULL \
+             WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE out_dir = $8 AND state IN {LIVE})"
         ))
         .bind(&id)
         .bind(&new.tenant_id)
@@ -443,6 +431,22 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        if inserted.rows_affected() == 0 {
+            tx.rollback().await?;
+            let other = sqlx::query(&format!(
+                "SELECT id FROM jobs WHERE out_dir = $1 AND state IN {LIVE}"
+            ))
+            .bind(&new.out_dir)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get::<String, _>("id"))
+            .transpose()?
+            .unwrap_or_else(|| "another job".into());
+            return Err(Error::Invalid(format!(
+                "{other} already writes {}; wait for it or choose another output directory",
+                new.out_dir
+            )));
+        }
         sqlx::query(
             "INSERT INTO job_events (job_id, seq, state, at_ms, reason) \
              VALUES ($1, 0, 'queued', $2, 'submitted')",
@@ -751,9 +755,10 @@ impl Store {
         holder_gone: impl Fn(&str) -> bool,
     ) -> Result<bool> {
         let now = now_ms();
-        let current = sqlx::query("SELECT holder, expires_at_ms FROM pool_lease WHERE name = 'pool'")
-            .fetch_optional(&self.pool)
-            .await?;
+        let current =
+            sqlx::query("SELECT holder, expires_at_ms FROM pool_lease WHERE name = 'pool'")
+                .fetch_optional(&self.pool)
+                .await?;
         let done = match current {
             None => sqlx::query(
                 "INSERT INTO pool_lease (name, holder, expires_at_ms) VALUES ('pool', $1, $2) \
@@ -845,7 +850,12 @@ mod tests {
         assert!(seen > 10, "{seen}");
         let legal: usize = JobState::ALL
             .iter()
-            .map(|&s| Transition::ALL.iter().filter(|&&t| next(s, t).is_some()).count())
+            .map(|&s| {
+                Transition::ALL
+                    .iter()
+                    .filter(|&&t| next(s, t).is_some())
+                    .count()
+            })
             .sum();
         assert_eq!(legal, 8);
     }

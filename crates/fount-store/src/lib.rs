@@ -25,8 +25,10 @@ mod time;
 mod usage;
 
 pub use error::{Error, Result};
+pub use jobs::{
+    Change, Job, JobEvent, JobFilter, JobQuota, JobState, NewJob, Priority, Stop, Transition,
+};
 pub use keys::{ApiKey, Scope};
 pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};
 pub use time::{day_start, day_start_ms, month_start, now_ms, utc_day};
-pub use jobs::{Change, Job, JobEvent, JobFilter, JobQuota, JobState, NewJob, Priority, Stop, Transition};
 pub use usage::{dollars, Price, UsageKind, UsageRecord, UsageSummary};

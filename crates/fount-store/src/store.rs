@@ -126,7 +126,17 @@ impl Store {
                 let dir = data_dir.as_ref();
                 fs_err::create_dir_all(dir)?;
                 let file = dir.join("fount.db");
-                Store::connect(&format!("sqlite://{}?mode=rwc", file.display())).await
+                // SQLite has no lock around migrations: processes opening a new store at once
+                // (`fount serve` and `fount jobs submit`) take turns on a lock file instead
+                let lock = fs_err::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dir.join("fount.db.lock"))?;
+                lock.file().lock()?;
+                let store = Store::connect(&format!("sqlite://{}?mode=rwc", file.display())).await;
+                lock.file().unlock()?;
+                store
             }
         }
     }

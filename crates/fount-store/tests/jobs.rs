@@ -26,13 +26,19 @@ async fn jobs_are_submitted_once_per_output_and_refused_for_unknown_tenants() {
         let t = s.create_tenant("acme").await.unwrap();
         let j = s.submit_job(&new_job(&t.id, "/out/a")).await.unwrap();
         assert!(j.id.starts_with("job-"), "{}", j.id);
-        assert_eq!((j.state, j.attempts, j.reason.as_str()), (JobState::Queued, 0, "submitted"));
+        assert_eq!(
+            (j.state, j.attempts, j.reason.as_str()),
+            (JobState::Queued, 0, "submitted")
+        );
         assert_eq!(j.log_path, format!("/tmp/{}.log", j.id));
         assert_eq!(j.command, ["finetune", "--out", "/out/a"]);
         // another live job writing the same directory is refused, naming the first
         let e = s.submit_job(&new_job(&t.id, "/out/a")).await.unwrap_err();
         assert!(e.to_string().contains(&j.id), "{e}");
-        let e = s.submit_job(&new_job("ten_nope", "/out/b")).await.unwrap_err();
+        let e = s
+            .submit_job(&new_job("ten_nope", "/out/b"))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("not found"), "{e}");
         assert_eq!(s.jobs(&JobFilter::default()).await.unwrap().len(), 1);
         // once the first is over, the directory is free again
@@ -74,7 +80,11 @@ async fn an_attempt_is_billed_once_and_stale_changes_are_refused() {
         assert!(s.mark_job_signalled(&r.id, 1).await.unwrap());
         assert!(!s.mark_job_signalled(&r.id, 1).await.unwrap());
         let r = s.job(&r.id).await.unwrap().unwrap();
-        assert!(matches!(r.stop, Some((Stop::Preempt, Some(_)))), "{:?}", r.stop);
+        assert!(
+            matches!(r.stop, Some((Stop::Preempt, Some(_)))),
+            "{:?}",
+            r.stop
+        );
         let start = r.started_at_ms.unwrap();
         let p = s
             .transition_job(
@@ -87,7 +97,10 @@ async fn an_attempt_is_billed_once_and_stale_changes_are_refused() {
             )
             .await
             .unwrap();
-        assert_eq!((p.state, p.slot_ms, p.stop), (JobState::Preempted, 2_500, None));
+        assert_eq!(
+            (p.state, p.slot_ms, p.stop),
+            (JobState::Preempted, 2_500, None)
+        );
         // writing the same end again is refused and bills nothing more
         assert!(s
             .transition_job(&r, &Change::new(Transition::Preempt, "again"))
@@ -97,7 +110,10 @@ async fn an_attempt_is_billed_once_and_stale_changes_are_refused() {
         assert_eq!(usage.len(), 1, "{b:?}");
         let u = &usage[0];
         assert_eq!(u.request_id, format!("{}.1", p.id));
-        assert_eq!((u.kind, u.slot_ms, u.status), (UsageKind::Training, 2_500, 75));
+        assert_eq!(
+            (u.kind, u.slot_ms, u.status),
+            (UsageKind::Training, 2_500, 75)
+        );
         assert!(u.csv_row().ends_with(",training,2.500"), "{}", u.csv_row());
         assert_eq!(s.slot_ms_since(0).await.unwrap(), [(t.id.clone(), 2_500)]);
         // tokens budgets ignore slot time
@@ -114,7 +130,10 @@ async fn an_attempt_is_billed_once_and_stale_changes_are_refused() {
             .into_iter()
             .map(|e| e.state)
             .collect();
-        assert_eq!(history, [JobState::Queued, JobState::Running, JobState::Preempted]);
+        assert_eq!(
+            history,
+            [JobState::Queued, JobState::Running, JobState::Preempted]
+        );
     }
 }
 

@@ -17,6 +17,10 @@ mod serve;
 /// compute crates never link the database or the HTTP stack.
 mod layers;
 
+/// The compute pool: preemption to bit-identical weights, kill -9 soak, quotas and budgets,
+/// refusals, `fount serve` with the pool, and Slurm end to end.
+mod pool;
+
 /// `fount train`: learning on curated shards, SIGKILL and exact resumption, bad configs.
 mod train_cli;
 

@@ -37,10 +37,11 @@ fn quote(s: &str) -> String {
 
 /// Runs a Slurm client command; its stdout, or an error with its stderr.
 fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| err(format!("running {program}: {e} (is Slurm's client installed?)")))?;
+    let out = Command::new(program).args(args).output().map_err(|e| {
+        err(format!(
+            "running {program}: {e} (is Slurm's client installed?)"
+        ))
+    })?;
     if !out.status.success() {
         return Err(err(format!(
             "{program} {}: {}",

@@ -115,16 +115,25 @@ fn has_checkpoints(out: &Path) -> bool {
 /// Checks a job's command line as the command would, from `cwd`.
 pub fn check(command: &[String], cwd: &Path) -> Result<Checked> {
     use crate::Command;
-    let cli = crate::Cli::try_parse_from(std::iter::once("fount".to_string()).chain(command.iter().cloned()))
-        .map_err(|e| anyhow::anyhow!("the job's command line: {}", e.render().to_string().trim()))?;
+    let cli = crate::Cli::try_parse_from(
+        std::iter::once("fount".to_string()).chain(command.iter().cloned()),
+    )
+    .map_err(|e| anyhow::anyhow!("the job's command line: {}", e.render().to_string().trim()))?;
     match cli.command {
         Command::Finetune(a) if a.command.is_none() => {
             let (Some(base), Some(data), Some(out)) = (a.base, a.data, a.out) else {
                 bail!("fount finetune needs --base, --data and --out");
             };
-            let (base, data, out) = (absolute(cwd, &base), absolute(cwd, &data), absolute(cwd, &out));
+            let (base, data, out) = (
+                absolute(cwd, &base),
+                absolute(cwd, &data),
+                absolute(cwd, &out),
+            );
             if !base.join("config.json").is_file() {
-                bail!("--base {}: no config.json (not a model directory)", base.display());
+                bail!(
+                    "--base {}: no config.json (not a model directory)",
+                    base.display()
+                );
             }
             if !data.is_file() {
                 bail!("--data {}: no such file", data.display());
@@ -135,7 +144,10 @@ pub fn check(command: &[String], cwd: &Path) -> Result<Checked> {
             }
             let done = out.join(fount_model::peft::CONFIG_FILE);
             if done.exists() {
-                bail!("--out {} already holds an adapter; choose another", out.display());
+                bail!(
+                    "--out {} already holds an adapter; choose another",
+                    out.display()
+                );
             }
             if has_checkpoints(&out) && !a.resume {
                 bail!(
@@ -143,7 +155,11 @@ pub fn check(command: &[String], cwd: &Path) -> Result<Checked> {
                     out.display()
                 );
             }
-            Ok(Checked { kind: "finetune", out, done })
+            Ok(Checked {
+                kind: "finetune",
+                out,
+                done,
+            })
         }
         Command::Train(a) => {
             let cfg = fount_train::TrainConfig::from_file(&absolute(cwd, &a.config))
@@ -151,7 +167,10 @@ pub fn check(command: &[String], cwd: &Path) -> Result<Checked> {
             let out = absolute(cwd, &cfg.out);
             let done = out.join("final");
             if done.exists() {
-                bail!("{} already holds a finished run; choose another out", out.display());
+                bail!(
+                    "{} already holds a finished run; choose another out",
+                    out.display()
+                );
             }
             if has_checkpoints(&out) && !a.resume {
                 bail!(
@@ -159,7 +178,11 @@ pub fn check(command: &[String], cwd: &Path) -> Result<Checked> {
                     out.display()
                 );
             }
-            Ok(Checked { kind: "train", out, done })
+            Ok(Checked {
+                kind: "train",
+                out,
+                done,
+            })
         }
         Command::Data(super::data::DataCommand::Run(r)) => {
             for i in &r.input {
@@ -172,7 +195,11 @@ pub fn check(command: &[String], cwd: &Path) -> Result<Checked> {
                     .with_context(|| format!("--pipeline {}", p.display()))?;
             }
             let out = absolute(cwd, &r.out);
-            Ok(Checked { kind: "data", done: out.join("manifest.json"), out })
+            Ok(Checked {
+                kind: "data",
+                done: out.join("manifest.json"),
+                out,
+            })
         }
         _ => bail!(
             "only `train`, `finetune` and `data run` run as jobs, not `{}`",
@@ -208,14 +235,20 @@ async fn jobs(store: &Store, where_: &StoreArgs, command: JobsCommand) -> Result
             let job = submit(store, where_, tenant, &priority, name, time_limit, command).await?;
             println!("{}", job.id);
         }
-        JobsCommand::List { tenant, state, json } => {
+        JobsCommand::List {
+            tenant,
+            state,
+            json,
+        } => {
             let tenant_id = match &tenant {
                 Some(t) => Some(tenant_id(store, t).await?),
                 None => None,
             };
             let states = match &state {
                 Some(s) => vec![JobState::parse(s).with_context(|| {
-                    format!("--state {s:?}: queued, running, preempted, succeeded, failed or cancelled")
+                    format!(
+                        "--state {s:?}: queued, running, preempted, succeeded, failed or cancelled"
+                    )
                 })?],
                 None => vec![],
             };
@@ -277,7 +310,12 @@ async fn jobs(store: &Store, where_: &StoreArgs, command: JobsCommand) -> Result
                     bail!("{} {}", job.id, job.state);
                 }
                 if timeout.is_some_and(|t| started.elapsed().as_secs_f64() > t) {
-                    bail!("{} is still {} after {:.0} s", job.id, job.state, timeout.unwrap_or(0.0));
+                    bail!(
+                        "{} is still {} after {:.0} s",
+                        job.id,
+                        job.state,
+                        timeout.unwrap_or(0.0)
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -295,7 +333,11 @@ async fn tenant_id(store: &Store, name: &str) -> Result<String> {
 }
 
 async fn tenant_name(store: &Store, id: &str) -> Result<String> {
-    Ok(store.tenant(id).await?.map(|t| t.name).unwrap_or_else(|| id.to_string()))
+    Ok(store
+        .tenant(id)
+        .await?
+        .map(|t| t.name)
+        .unwrap_or_else(|| id.to_string()))
 }
 
 async fn find(store: &Store, id: &str) -> Result<Job> {
@@ -346,13 +388,18 @@ pub async fn submit(
                 bail!(
                     "this job can never fit: tenant {} has {b} slot-seconds per {period}{}",
                     tenant.name,
-                    time_limit.map(|t| format!(" and the job asks for {t}")).unwrap_or_default()
+                    time_limit
+                        .map(|t| format!(" and the job asks for {t}"))
+                        .unwrap_or_default()
                 );
             }
         }
     }
     if quota.running_jobs == Some(0) {
-        bail!("tenant {} may run no jobs (its running-jobs quota is 0)", tenant.name);
+        bail!(
+            "tenant {} may run no jobs (its running-jobs quota is 0)",
+            tenant.name
+        );
     }
     let cwd = std::env::current_dir().context("the current directory")?;
     let checked = check(&command, &cwd)?;
@@ -435,10 +482,19 @@ fn print_job(v: &serde_json::Value) {
         other => other.to_string(),
     };
     println!("{}  {}  ({})", s("id"), s("state"), s("reason"));
-    println!("  tenant {}  priority {}  attempts {}", s("tenant"), s("priority"), s("attempts"));
+    println!(
+        "  tenant {}  priority {}  attempts {}",
+        s("tenant"),
+        s("priority"),
+        s("attempts")
+    );
     let cmd: Vec<String> = v["command"]
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     println!("  command: fount {}", cmd.join(" "));
     println!(
@@ -467,7 +523,10 @@ async fn cancel(store: &Store, id: &str) -> Result<()> {
         match job.state {
             s if s.is_terminal() => bail!("{id} already {s}"),
             JobState::Running => {
-                if store.request_job_stop(&job.id, job.attempts, Stop::Cancel).await? {
+                if store
+                    .request_job_stop(&job.id, job.attempts, Stop::Cancel)
+                    .await?
+                {
                     eprintln!("{id}: cancelling (the pool stops it: SIGTERM, then SIGKILL after its grace period)");
                     return Ok(());
                 }
@@ -506,10 +565,12 @@ async fn logs(store: &Store, id: &str, follow: bool) -> Result<()> {
         } else if !follow {
             bail!("{id} has no log yet ({} not written)", path.display());
         }
-        if !follow || find(store, id).await?.state.is_terminal() && {
-            // the last bytes written before the end
-            fs_err::metadata(&path).map(|m| m.len()).unwrap_or(0) <= pos
-        } {
+        if !follow
+            || find(store, id).await?.state.is_terminal() && {
+                // the last bytes written before the end
+                fs_err::metadata(&path).map(|m| m.len()).unwrap_or(0) <= pos
+            }
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
