@@ -15,6 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fount-store", &[]),
     ("fount-train", &["fount-model", "fount-data"]),
     ("fount-engine", &["fount-model"]),
+    ("fount-pool", &["fount-store"]),
     (
         "fount-server",
         &["fount-engine", "fount-model", "fount-store"],
@@ -25,12 +26,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "fount-data",
             "fount-engine",
             "fount-model",
+            "fount-pool",
             "fount-server",
             "fount-store",
             "fount-train",
         ],
     ),
 ];
+
+/// A job is a `fount …` command line: the pool never links the training code or the tensors.
+const NOT_IN_POOL: &[&str] = &["fount-model", "fount-train", "fount-data", "candle-core"];
 
 /// Crates that must not reach these packages, even through others: compute never sees records
 /// (no database) or requests (no HTTP server).
@@ -130,5 +135,25 @@ fn compute_crates_link_no_database_and_no_http_server() {
                 "{krate} reaches {banned}; compute crates take paths and values, never records or requests"
             );
         }
+    }
+}
+
+#[test]
+fn the_pool_links_no_training_code() {
+    let g = graph();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec!["fount-pool".to_string()];
+    while let Some(n) = todo.pop() {
+        for d in &g[&n] {
+            if seen.insert(d.clone()) {
+                todo.push(d.clone());
+            }
+        }
+    }
+    for banned in NOT_IN_POOL {
+        assert!(
+            !seen.contains(*banned),
+            "fount-pool reaches {banned}; the pool runs `fount` command lines, it never links them"
+        );
     }
 }
