@@ -27,6 +27,8 @@ pub enum BenchCommand {
     Tenancy(super::bench_tenancy::TenancyBench),
     /// Training steps, full and LoRA: tokens/s, MFU and peak memory beside PyTorch.
     Train(super::bench_train::TrainBench),
+    /// The compute pool: scheduling decisions, submit to start, job overhead, preemption.
+    Pool(super::bench_pool::PoolBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -68,6 +70,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Serve(a) => super::bench_serve::bench_serve(a, threads),
         BenchCommand::Tenancy(a) => super::bench_tenancy::bench_tenancy(a, threads),
         BenchCommand::Train(a) => super::bench_train::bench_train(a, threads),
+        BenchCommand::Pool(a) => super::bench_pool::bench_pool(a, threads),
     }
 }
 
