@@ -174,11 +174,7 @@ impl Pool {
             return Ok(false);
         }
         let live = self
-            .store
-            .jobs(&JobFilter {
-                tenant_id: None,
-                states: &[JobState::Running, JobState::Preempted],
-            })
+            .jobs_in(&[JobState::Running, JobState::Preempted])
             .await?;
         for job in live {
             if let Err(e) = self.follow(job).await {
@@ -187,6 +183,17 @@ impl Pool {
         }
         self.schedule().await?;
         Ok(true)
+    }
+
+    /// Every job in `states`, of all tenants.
+    async fn jobs_in(&self, states: &[JobState]) -> Result<Vec<Job>> {
+        Ok(self
+            .store
+            .jobs(&JobFilter {
+                tenant_id: None,
+                states,
+            })
+            .await?)
     }
 
     /// Follows one running (or preempted) job.
@@ -297,13 +304,22 @@ impl Pool {
                     ..change(Transition::Fail, "time limit")
                 }
             }
-            (_, Some(Stop::Preempt)) => change(
+            (Some(EXIT_CHECKPOINTED), Some(Stop::Preempt)) => change(
                 Transition::Preempt,
                 "preempted by a job of higher priority; checkpointed",
             ),
-            (_, Some(Stop::Budget)) => change(
+            (_, Some(Stop::Preempt)) => change(
+                Transition::Preempt,
+                "preempted by a job of higher priority; it wrote no checkpoint on the signal \
+                 (killed after the grace period, or a command without one) and resumes from its last",
+            ),
+            (Some(EXIT_CHECKPOINTED), Some(Stop::Budget)) => change(
                 Transition::Preempt,
                 "stopped at a checkpoint: its tenant's slot-second budget is spent",
+            ),
+            (_, Some(Stop::Budget)) => change(
+                Transition::Preempt,
+                "stopped: its tenant's slot-second budget is spent; resumes from its last checkpoint",
             ),
             (Some(EXIT_CHECKPOINTED), None) => change(
                 Transition::Preempt,
@@ -384,20 +400,8 @@ impl Pool {
 
     /// Decides and acts: starts, stops, and the reasons of the jobs that wait.
     async fn schedule(&mut self) -> Result<()> {
-        let queued = self
-            .store
-            .jobs(&JobFilter {
-                tenant_id: None,
-                states: &[JobState::Queued],
-            })
-            .await?;
-        let running = self
-            .store
-            .jobs(&JobFilter {
-                tenant_id: None,
-                states: &[JobState::Running],
-            })
-            .await?;
+        let queued = self.jobs_in(&[JobState::Queued]).await?;
+        let running = self.jobs_in(&[JobState::Running]).await?;
         if queued.is_empty() && running.is_empty() {
             return Ok(());
         }

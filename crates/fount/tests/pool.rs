@@ -311,6 +311,60 @@ fn a_twice_preempted_finetune_ends_bit_identical() {
     );
 }
 
+/// A job that does not stop within the grace period (here: stopped with SIGSTOP, so it cannot
+/// answer SIGTERM) is killed, and resumes from its last complete periodic checkpoint to the same
+/// weights.
+#[test]
+fn a_job_that_ignores_its_stop_is_killed_after_the_grace_period_and_still_matches() {
+    let f = fixture();
+    let d = scratch("grace");
+    let store = d.join("store");
+    let _pool = PoolProcess::start(&store, &["--pool-slots", "1", "--preempt-grace", "1"], &[]);
+    let low_out = d.join("low");
+    let low = submit(
+        &store,
+        &["--priority", "low"],
+        &f.finetune("long", &low_out),
+    );
+    let v = until(&store, &low, "checkpointing", 60, |v| {
+        v["state"] == "running" && v["checkpoint_step"].as_i64().unwrap_or(0) > 0
+    });
+    let pid = v["handle"]
+        .as_str()
+        .and_then(|h| h.split(':').next())
+        .unwrap_or("")
+        .to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .is_ok_and(|st| st.success()));
+    let stopped = Instant::now();
+    let high_out = d.join("high");
+    let high = submit(
+        &store,
+        &["--priority", "high"],
+        &f.finetune("short", &high_out),
+    );
+    let h = until(&store, &high, "started", 30, |v| v["attempts"] == 1);
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(1),
+        "started before the grace period: {h:#}"
+    );
+    wait_ok(&store, &high, 60);
+    wait_ok(&store, &low, 120);
+    let v = show(&store, &low);
+    assert_eq!(v["attempts"], 2, "{v:#}");
+    let log = std::fs::read_to_string(v["log"].as_str().unwrap_or("")).unwrap_or_default();
+    assert!(
+        !log.contains("signal received"),
+        "the stopped process answered its signal:\n{log}"
+    );
+    assert!(
+        adapter(&low_out) == f.reference("long"),
+        "killed run's weights differ"
+    );
+}
+
 /// Processes whose environment names a pool job, by job: more than one at a time for a job
 /// is a double run.
 fn job_processes() -> HashMap<String, HashSet<u32>> {
@@ -346,13 +400,14 @@ fn job_processes() -> HashMap<String, HashSet<u32>> {
     out
 }
 
-/// 50 jobs of three tenants, some cancelled, while the pool is killed with SIGKILL at random
-/// moments and restarted: no job is lost, none ever runs twice at once, every job ends
-/// succeeded (or cancelled), and every adapter equals the one run directly.
+/// 50 fine-tunes (about 1.5 s each) of three tenants and random priorities, some cancelled,
+/// while the pool is killed with SIGKILL at random moments and restarted: no job is lost, none
+/// ever runs twice at once, every job ends succeeded (or cancelled), and every adapter equals
+/// the one run directly, whether its attempts were adopted, preempted or resumed.
 #[test]
 fn fifty_jobs_survive_the_pool_killed_at_random_moments() {
     let f = fixture();
-    let reference = f.reference("short");
+    let reference = f.reference("ft");
     let d = scratch("soak");
     let store = d.join("store");
     for t in ["a", "b"] {
@@ -382,20 +437,25 @@ fn fifty_jobs_survive_the_pool_killed_at_random_moments() {
     let mut last_kill = Instant::now();
     for i in 0..50 {
         let tenant = ["a", "b", "default"][i % 3];
-        let priority = ["low", "normal", "high"][rng.random_range(0..3)];
+        // every fifth job is urgent: it finds the slots taken by lower ones and preempts one
+        let priority = if i % 5 == 4 {
+            "high"
+        } else {
+            ["low", "normal"][rng.random_range(0..2)]
+        };
         let out = d.join(format!("out-{i:02}"));
         let mut opts = vec!["--priority", priority];
         if tenant != "default" {
             opts.extend(["--tenant", tenant]);
         }
-        ids.push((submit(&store, &opts, &f.finetune("short", &out)), out));
+        ids.push((submit(&store, &opts, &f.finetune("ft", &out)), out));
         if i % 9 == 4 {
             let (id, _) = &ids[rng.random_range(0..ids.len())];
             if jobs(&store, &["cancel", id]).status.success() {
                 cancelled.insert(id.clone());
             }
         }
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..150)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..300)));
         if last_kill.elapsed() > Duration::from_millis(rng.random_range(300..1500)) {
             pool.kill();
             kills += 1;
@@ -433,7 +493,7 @@ fn fifty_jobs_survive_the_pool_killed_at_random_moments() {
     assert!(kills >= 20, "only {kills} kills");
     let all = list(&store);
     assert_eq!(all.len(), 50, "jobs lost");
-    let mut resumed = 0;
+    let (mut resumed, mut preempted) = (0, 0);
     for (id, out) in &ids {
         let v = show(&store, id);
         let state = v["state"].as_str().unwrap_or("");
@@ -445,11 +505,29 @@ fn fifty_jobs_survive_the_pool_killed_at_random_moments() {
         if v["attempts"].as_i64().unwrap_or(0) > 1 {
             resumed += 1;
         }
+        preempted += states(&v).iter().filter(|s| *s == "preempted").count();
     }
     eprintln!(
-        "{kills} kills; {resumed} jobs resumed; {} cancelled",
+        "{kills} kills; {preempted} preemptions; {resumed} jobs resumed; {} cancelled",
         cancelled.len()
     );
+    // the trace exercised what it is for: preemptions across restarts
+    assert!(preempted >= 3 && resumed >= 3, "{preempted} preemptions");
+}
+
+/// Sets acme's pool quota on `store` to `limits`.
+fn quota_jobs(store: &str, limits: &[&str]) {
+    let mut args = vec![
+        "admin",
+        "--data-dir",
+        store,
+        "quota",
+        "jobs",
+        "--tenant",
+        "acme",
+    ];
+    args.extend_from_slice(limits);
+    fount_ok(&args);
 }
 
 /// Quotas, budgets, fair waiting with reasons, failures with their log, cancel, usage billed
@@ -461,19 +539,7 @@ fn quotas_budgets_failures_and_refusals() {
     let store = d.join("store");
     let st = s(&store);
     fount_ok(&["admin", "--data-dir", &st, "tenant", "create", "acme"]);
-    fount_ok(&[
-        "admin",
-        "--data-dir",
-        &st,
-        "quota",
-        "jobs",
-        "--tenant",
-        "acme",
-        "--running-jobs",
-        "1",
-        "--max-priority",
-        "normal",
-    ]);
+    quota_jobs(&st, &["--running-jobs", "1", "--max-priority", "normal"]);
 
     // refusals: nothing is queued by any of them
     let ok = f.finetune("ft", &d.join("x"));
@@ -567,19 +633,7 @@ fn quotas_budgets_failures_and_refusals() {
     assert_eq!(v["state"], "queued");
 
     // a budget crossed while running stops the job at a checkpoint; it waits with the reason
-    fount_ok(&[
-        "admin",
-        "--data-dir",
-        &st,
-        "quota",
-        "jobs",
-        "--tenant",
-        "acme",
-        "--running-jobs",
-        "1",
-        "--slot-seconds-per-day",
-        "2",
-    ]);
+    quota_jobs(&st, &["--running-jobs", "1", "--slot-seconds-per-day", "2"]);
     let v = until(&store, &a1, "stopped by its budget", 30, |v| {
         v["state"] == "queued" && v["attempts"] == 1
     });
@@ -596,17 +650,7 @@ fn quotas_budgets_failures_and_refusals() {
     );
     assert!(e.contains("can never fit"), "{e}");
     // raised, it resumes and ends as if never stopped
-    fount_ok(&[
-        "admin",
-        "--data-dir",
-        &st,
-        "quota",
-        "jobs",
-        "--tenant",
-        "acme",
-        "--running-jobs",
-        "1",
-    ]);
+    quota_jobs(&st, &["--running-jobs", "1"]);
     wait_ok(&store, &a1, 120);
     wait_ok(&store, &a2, 60);
     assert!(adapter(&d.join("a1")) == f.reference("long"));

@@ -264,7 +264,8 @@ fn price_arg(flag: &str, v: &str) -> Result<i64> {
     })
 }
 
-async fn tenant_id(store: &Store, name: &str) -> Result<String> {
+/// The id of the tenant named `name`, or an error that says how to list them.
+pub async fn tenant_id(store: &Store, name: &str) -> Result<String> {
     Ok(store
         .tenant_by_name(name)
         .await?

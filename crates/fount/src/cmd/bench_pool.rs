@@ -316,6 +316,14 @@ fn jobs_on_a_pool(a: &PoolBench, dir: &Path, runtime: &tokio::runtime::Runtime) 
     let pool = PoolThread::spawn(&store_args, &pool_args)?;
     let result = runtime.block_on(async {
         let store = Store::open(&store_args.data_dir, None).await?;
+        let submit = |priority: &str, command: Vec<String>| {
+            let a = super::jobs::SubmitArgs {
+                priority: priority.into(),
+                command,
+                ..Default::default()
+            };
+            super::jobs::submit(&store, &store_args, a)
+        };
         let until = |id: String, what: fn(&fount_store::Job) -> bool| {
             let store = store.clone();
             async move {
@@ -339,16 +347,7 @@ fn jobs_on_a_pool(a: &PoolBench, dir: &Path, runtime: &tokio::runtime::Runtime) 
         println!("\n== submit to start, idle local pool ({} jobs)", a.starts);
         let mut waits = Vec::new();
         for i in 0..a.starts {
-            let job = super::jobs::submit(
-                &store,
-                &store_args,
-                None,
-                "normal",
-                None,
-                None,
-                finetune(&dir.join(format!("start-{i}")), &short),
-            )
-            .await?;
+            let job = submit("normal", finetune(&dir.join(format!("start-{i}")), &short)).await?;
             let r = until(job.id.clone(), |j| j.started_at_ms.is_some()).await?;
             waits.push((r.started_at_ms.unwrap_or(0) - r.created_at_ms) as f64 / 1e3);
             until(job.id, |j| j.state == JobState::Succeeded).await?;
@@ -362,16 +361,7 @@ fn jobs_on_a_pool(a: &PoolBench, dir: &Path, runtime: &tokio::runtime::Runtime) 
         );
 
         println!("\n== overhead: the fine-tune as a job against the same command run directly");
-        let job = super::jobs::submit(
-            &store,
-            &store_args,
-            None,
-            "normal",
-            None,
-            None,
-            finetune(&dir.join("as-job"), &cfg),
-        )
-        .await?;
+        let job = submit("normal", finetune(&dir.join("as-job"), &cfg)).await?;
         let r = until(job.id, |j| j.state == JobState::Succeeded).await?;
         let as_job = (r.finished_at_ms.unwrap_or(0) - r.created_at_ms) as f64 / 1e3;
         let same = fs_err::read(dir.join("as-job/adapter_model.safetensors"))?
@@ -384,28 +374,10 @@ fn jobs_on_a_pool(a: &PoolBench, dir: &Path, runtime: &tokio::runtime::Runtime) 
         );
 
         println!("\n== preemption: a high-priority job arrives while a low-priority fine-tune runs");
-        let low = super::jobs::submit(
-            &store,
-            &store_args,
-            None,
-            "low",
-            None,
-            None,
-            finetune(&dir.join("low"), &cfg),
-        )
-        .await?;
+        let low = submit("low", finetune(&dir.join("low"), &cfg)).await?;
         until(low.id.clone(), |j| j.state == JobState::Running).await?;
         tokio::time::sleep(Duration::from_secs_f64(direct / 3.0)).await;
-        let high = super::jobs::submit(
-            &store,
-            &store_args,
-            None,
-            "high",
-            None,
-            None,
-            finetune(&dir.join("high"), &short),
-        )
-        .await?;
+        let high = submit("high", finetune(&dir.join("high"), &short)).await?;
         let h = until(high.id.clone(), |j| j.started_at_ms.is_some()).await?;
         let latency = (h.started_at_ms.unwrap_or(0) - h.created_at_ms) as f64 / 1e3;
         // the checkpoint the low job will resume from, as the pool saw it when it ended

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use fount_store::{Change, Job, JobFilter, JobState, NewJob, Priority, Stop, Store, Transition};
 use serde_json::json;
 
-use super::admin::StoreArgs;
+use super::admin::{tenant_id, StoreArgs};
 
 /// Arguments of `fount jobs`.
 #[derive(Debug, Args)]
@@ -29,23 +29,7 @@ pub struct JobsArgs {
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Queues a job and prints its id: `fount jobs submit -- finetune --base B --data F --out O`.
-    Submit {
-        /// The tenant it runs for (default: the `default` tenant, created on first use).
-        #[arg(long)]
-        tenant: Option<String>,
-        /// `low`, `normal` or `high`: a higher class preempts a lower one when no slot is free.
-        #[arg(long, default_value = "normal")]
-        priority: String,
-        /// A label.
-        #[arg(long)]
-        name: Option<String>,
-        /// Seconds an attempt may run before it is stopped as failed.
-        #[arg(long)]
-        time_limit: Option<i64>,
-        /// The command line, after `--`: `train …`, `finetune …` or `data run …`.
-        #[arg(last = true, required = true, num_args = 1..)]
-        command: Vec<String>,
-    },
+    Submit(SubmitArgs),
     /// Lists jobs, oldest first.
     List {
         /// One tenant's jobs.
@@ -87,6 +71,26 @@ pub enum JobsCommand {
         #[arg(long)]
         timeout: Option<f64>,
     },
+}
+
+/// Arguments of `fount jobs submit`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SubmitArgs {
+    /// The tenant it runs for (default: the `default` tenant, created on first use).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// `low`, `normal` or `high`: a higher class preempts a lower one when no slot is free.
+    #[arg(long, default_value = "normal")]
+    pub priority: String,
+    /// A label.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Seconds an attempt may run before it is stopped as failed.
+    #[arg(long)]
+    pub time_limit: Option<i64>,
+    /// The command line, after `--`: `train …`, `finetune …` or `data run …`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
 }
 
 /// What submit learns by checking a command line.
@@ -225,14 +229,8 @@ pub fn run(a: JobsArgs) -> Result<()> {
 
 async fn jobs(store: &Store, where_: &StoreArgs, command: JobsCommand) -> Result<()> {
     match command {
-        JobsCommand::Submit {
-            tenant,
-            priority,
-            name,
-            time_limit,
-            command,
-        } => {
-            let job = submit(store, where_, tenant, &priority, name, time_limit, command).await?;
+        JobsCommand::Submit(a) => {
+            let job = submit(store, where_, a).await?;
             println!("{}", job.id);
         }
         JobsCommand::List {
@@ -324,14 +322,6 @@ async fn jobs(store: &Store, where_: &StoreArgs, command: JobsCommand) -> Result
     Ok(())
 }
 
-async fn tenant_id(store: &Store, name: &str) -> Result<String> {
-    Ok(store
-        .tenant_by_name(name)
-        .await?
-        .with_context(|| format!("no tenant named {name:?} (fount admin tenant list)"))?
-        .id)
-}
-
 async fn tenant_name(store: &Store, id: &str) -> Result<String> {
     Ok(store
         .tenant(id)
@@ -348,16 +338,15 @@ async fn find(store: &Store, id: &str) -> Result<Job> {
 }
 
 /// Checks and queues a job.
-pub async fn submit(
-    store: &Store,
-    where_: &StoreArgs,
-    tenant: Option<String>,
-    priority: &str,
-    name: Option<String>,
-    time_limit: Option<i64>,
-    command: Vec<String>,
-) -> Result<Job> {
-    let priority = Priority::parse(priority)
+pub async fn submit(store: &Store, where_: &StoreArgs, a: SubmitArgs) -> Result<Job> {
+    let SubmitArgs {
+        tenant,
+        priority,
+        name,
+        time_limit,
+        command,
+    } = a;
+    let priority = Priority::parse(&priority)
         .with_context(|| format!("--priority {priority:?}: low, normal or high"))?;
     let tenant = match tenant {
         Some(t) => store

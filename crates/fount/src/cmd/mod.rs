@@ -21,6 +21,17 @@ pub mod train;
 use anyhow::{bail, Result};
 use candle_core::DType;
 
+/// Logs to stderr at the level of `FOUNT_LOG` (default `info`), for the long-running commands.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FOUNT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Parses a dtype name as the command line spells it.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     Ok(match s {

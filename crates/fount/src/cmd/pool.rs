@@ -158,13 +158,7 @@ impl PoolThread {
 /// Runs `fount pool`.
 pub fn run(c: PoolCommand) -> Result<()> {
     let PoolCommand::Run { store, pool } = c;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FOUNT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    super::init_tracing();
     let stop = Arc::new(AtomicBool::new(false));
     super::train::stop_on_signals(stop.clone())?;
     let thread = PoolThread::spawn(&store, &pool)?;

@@ -121,13 +121,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
 
 /// [`run`], calling `on_listen` with the bound address once the server accepts connections.
 pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FOUNT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    super::init_tracing();
     let model_name = match &a.model_name {
         Some(n) => n.clone(),
         None => a
