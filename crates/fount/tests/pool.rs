@@ -254,6 +254,11 @@ fn a_twice_preempted_finetune_ends_bit_identical() {
         &["--priority", "low", "--name", "low"],
         &f.finetune("long", &low_out),
     );
+    let follow = Command::new(env!("CARGO_BIN_EXE_fount"))
+        .args(["jobs", "--data-dir", &s(&store), "logs", &low, "--follow"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("fount jobs logs: {e}"));
     let mut highs = Vec::new();
     for round in 1..=2 {
         // it runs (again) and has written a checkpoint in this attempt
@@ -305,6 +310,13 @@ fn a_twice_preempted_finetune_ends_bit_identical() {
         "{log}"
     );
     assert!(v["slot_seconds"].as_f64().unwrap_or(0.0) > 0.0);
+    // `logs --follow` printed the whole log as it grew and ended with the job
+    let followed = follow
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("fount jobs logs: {e}"));
+    let followed = String::from_utf8_lossy(&followed.stdout);
+    assert_eq!(followed.matches("signal received").count(), 2, "{followed}");
+    assert!(followed.contains("adapter written"), "{followed}");
     assert!(
         adapter(&low_out) == f.reference("long"),
         "preempted run's weights differ"
@@ -363,6 +375,108 @@ fn a_job_that_ignores_its_stop_is_killed_after_the_grace_period_and_still_matche
         adapter(&low_out) == f.reference("long"),
         "killed run's weights differ"
     );
+}
+
+/// The other two kinds of job: a `data run` as a job writes the same shards and tokenizer as
+/// run directly, and a `train` job preempted by a fine-tune (and resumed with `--resume`) ends
+/// with the same final weights as the same run never preempted.
+#[test]
+fn a_pooled_data_run_and_a_preempted_train_job_match_their_direct_runs() {
+    let f = fixture();
+    let d = scratch("train");
+    let store = d.join("store");
+    fount_ok(&[
+        "data",
+        "synth",
+        "--out",
+        &s(&d.join("synth")),
+        "--docs",
+        "400",
+        "--seed",
+        "3",
+    ]);
+    let curate = |out: &Path| -> Vec<String> {
+        [
+            "data",
+            "run",
+            "--input",
+            &s(&d.join("synth/corpus")),
+            "--out",
+            &s(out),
+            "--vocab-size",
+            "512",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let direct: Vec<String> = curate(&d.join("curated-direct"));
+    fount_ok(&direct.iter().map(String::as_str).collect::<Vec<_>>());
+    let _pool = PoolProcess::start(&store, &["--pool-slots", "1", "--preempt-grace", "60"], &[]);
+    let data = submit(&store, &[], &curate(&d.join("curated")));
+    wait_ok(&store, &data, 120);
+    assert_eq!(show(&store, &data)["state"], "succeeded");
+    for f in [
+        "tokenizer.json",
+        "shards/train-00000.bin",
+        "shards/validation-00000.bin",
+    ] {
+        let a = std::fs::read(d.join("curated").join(f)).unwrap_or_default();
+        let b = std::fs::read(d.join("curated-direct").join(f)).unwrap_or_default();
+        assert!(!a.is_empty() && a == b, "{f} differs");
+    }
+
+    let model = d.join("model");
+    fount_ok(&[
+        "model",
+        "init",
+        "--arch",
+        "qwen2",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        &s(&d.join("curated/tokenizer.json")),
+        "--out",
+        &s(&model),
+    ]);
+    let config = |name: &str| {
+        let path = d.join(format!("{name}.toml"));
+        let text = format!(
+            "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 400\nseq_len = 32\nmicro_batch = 4\n\
+             lr = 3e-3\neval_every = 0\ncheckpoint_every = 25\nkeep_checkpoints = 2\n",
+            s(&model),
+            s(&d.join("curated/shards")),
+            s(&d.join(name))
+        );
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        path
+    };
+    fount_ok(&["train", "--config", &s(&config("direct"))]);
+    let cmd = ["train", "--config", &s(&config("pooled"))].map(str::to_string);
+    let train = submit(&store, &["--priority", "low"], &cmd);
+    until(&store, &train, "checkpointing", 60, |v| {
+        v["state"] == "running" && v["checkpoint_step"].as_i64().unwrap_or(0) > 0
+    });
+    let high = submit(
+        &store,
+        &["--priority", "high"],
+        &f.finetune("short", &d.join("high")),
+    );
+    wait_ok(&store, &high, 60);
+    wait_ok(&store, &train, 180);
+    let v = show(&store, &train);
+    assert_eq!(v["attempts"], 2, "{v:#}");
+    assert!(v["command"]
+        .as_array()
+        .is_some_and(|c| !c.iter().any(|a| a == "--resume")));
+    let a = std::fs::read(d.join("direct/final/model.safetensors")).unwrap_or_default();
+    let b = std::fs::read(d.join("pooled/final/model.safetensors")).unwrap_or_default();
+    assert!(
+        !a.is_empty() && a == b,
+        "preempted training's weights differ"
+    );
+    // a finished run's directory is refused as a new job's output
+    let e = refused(&store, &[], &cmd);
+    assert!(e.contains("already holds a finished run"), "{e}");
 }
 
 /// Processes whose environment names a pool job, by job: more than one at a time for a job
@@ -692,6 +806,31 @@ fn quotas_budgets_failures_and_refusals() {
     let out = jobs(&store, &["cancel", &c1]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already cancelled"));
     assert!(!jobs(&store, &["show", "job-nope"]).status.success());
+    let out = jobs(&store, &["list", "--state", "cancelled", "--json"]);
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let ids: Vec<&str> = listed.iter().filter_map(|j| j["id"].as_str()).collect();
+    assert_eq!(ids, [c1.as_str(), c2.as_str()]);
+    let e = jobs(&store, &["list", "--state", "paused"]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--state \"paused\""));
+
+    // a time limit stops an attempt that runs past it: failed, saying so
+    let t = submit(
+        &store,
+        &["--time-limit", "1"],
+        &f.finetune("long", &d.join("t")),
+    );
+    assert!(!jobs(&store, &["wait", &t, "--timeout", "60"])
+        .status
+        .success());
+    let v = show(&store, &t);
+    assert_eq!(v["state"], "failed", "{v:#}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("time limit of 1 s"),
+        "{v:#}"
+    );
 
     // every attempt is billed as training slot time
     let (csv, _) = fount_ok(&[

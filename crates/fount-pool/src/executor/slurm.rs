@@ -1,5 +1,6 @@
 //! The Slurm executor: each attempt is one Slurm batch job, submitted with `sbatch`, followed
-//! with `scontrol show job` (and `squeue`), stopped with `scancel --signal=TERM --batch` and
+//! with `scontrol show job` (and `sacct` once slurmctld has forgotten it; `squeue` finds an
+//! attempt by name), stopped with `scancel --signal=TERM --batch` and
 //! killed with `scancel`.
 //!
 //! The batch script `exec`s `fount`, so the batch step *is* the command and Slurm's signal
@@ -66,6 +67,32 @@ pub fn parse_show_job(line: &str) -> Option<(String, Option<i32>)> {
         (sig == 0).then_some(code)
     });
     Some((state, exit))
+}
+
+/// A job's state and exit status from `sacct -n -P -X -o State,ExitCode` output
+/// (`FAILED|75:0`; a state may carry a reason: `CANCELLED by 0`).
+pub fn parse_sacct(out: &str) -> Option<(String, Option<i32>)> {
+    let line = out.lines().find(|l| !l.trim().is_empty())?;
+    let (state, exit) = line.trim().split_once('|')?;
+    let state = state.split_whitespace().next()?.to_string();
+    let exit = exit.split_once(':').and_then(|(code, sig)| {
+        let (code, sig): (i32, i32) = (code.parse().ok()?, sig.parse().ok()?);
+        (sig == 0).then_some(code)
+    });
+    Some((state, exit))
+}
+
+/// The job's state from the accounting database; `None` when there is none or it does not
+/// know the job.
+fn sacct(id: &str) -> Option<(String, Option<i32>)> {
+    let out = Command::new("sacct")
+        .args(["-j", id, "-n", "-P", "-X", "-o", "State,ExitCode"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_sacct(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// How a Slurm state reads for the pool.
@@ -165,8 +192,12 @@ impl Executor for Slurm {
     fn status(&mut self, handle: &str) -> Result<Status> {
         Ok(match self.show(handle)? {
             Some((state, exit)) => status_of(&state, exit),
-            // Slurm forgot it (MinJobAge passed): the pool judges by the job's outputs
-            None => Status::Exited(None),
+            // slurmctld forgot it (MinJobAge passed): the accounting database, when there is
+            // one, still knows; else the pool judges by the job's outputs
+            None => match sacct(handle) {
+                Some((state, exit)) => status_of(&state, exit),
+                None => Status::Exited(None),
+            },
         })
     }
 
@@ -215,5 +246,14 @@ mod tests {
         assert_eq!(status_of("PENDING", None), Status::Running);
         assert_eq!(status_of("COMPLETED", Some(0)), Status::Exited(Some(0)));
         assert_eq!(quote("it's"), r"'it'\''s'");
+        assert_eq!(
+            parse_sacct("FAILED|75:0\n"),
+            Some(("FAILED".into(), Some(75)))
+        );
+        assert_eq!(
+            parse_sacct("CANCELLED by 0|0:15\n"),
+            Some(("CANCELLED".into(), None))
+        );
+        assert_eq!(parse_sacct(""), None);
     }
 }
