@@ -28,6 +28,9 @@ CREATE TABLE jobs (
 );
 
 CREATE INDEX jobs_by_state ON jobs (state, created_at_ms);
+-- no two live jobs write one directory, whoever submits them at once
+CREATE UNIQUE INDEX jobs_live_out_dir ON jobs (out_dir)
+    WHERE state IN ('queued', 'running', 'preempted');
 CREATE INDEX jobs_by_tenant ON jobs (tenant_id, created_at_ms);
 
 CREATE TABLE job_events (

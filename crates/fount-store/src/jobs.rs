@@ -430,8 +430,14 @@ impl Store {
         .bind(&log_path)
         .bind(now)
         .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
+        .await;
+        // a submit racing this one past the check meets the unique index instead
+        let clash = match inserted {
+            Ok(done) => done.rows_affected() == 0,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => true,
+            Err(e) => return Err(e.into()),
+        };
+        if clash {
             tx.rollback().await?;
             let other = sqlx::query(&format!(
                 "SELECT id FROM jobs WHERE out_dir = $1 AND state IN {LIVE}"

@@ -20,9 +20,10 @@ fn new_job(tenant: &str, out: &str) -> NewJob {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_are_submitted_once_per_output_and_refused_for_unknown_tenants() {
     for (s, _dir) in stores("jobs-submit").await {
+        let b = s.backend();
         let t = s.create_tenant("acme").await.unwrap();
         let j = s.submit_job(&new_job(&t.id, "/out/a")).await.unwrap();
         assert!(j.id.starts_with("job-"), "{}", j.id);
@@ -46,6 +47,21 @@ async fn jobs_are_submitted_once_per_output_and_refused_for_unknown_tenants() {
             .await
             .unwrap();
         s.submit_job(&new_job(&t.id, "/out/a")).await.unwrap();
+        // eight submits of one directory at once: exactly one is queued
+        let racing: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, job) = (s.clone(), new_job(&t.id, "/out/race"));
+                tokio::spawn(async move { s.submit_job(&job).await })
+            })
+            .collect();
+        let mut queued = 0;
+        for r in racing {
+            match r.await.unwrap() {
+                Ok(_) => queued += 1,
+                Err(e) => assert!(e.to_string().contains("already writes"), "{b:?}: {e}"),
+            }
+        }
+        assert_eq!(queued, 1, "{b:?}");
     }
 }
 

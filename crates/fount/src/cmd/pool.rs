@@ -127,7 +127,7 @@ impl PoolThread {
         let thread = std::thread::Builder::new()
             .name("fount-pool".into())
             .spawn(move || {
-                runtime.block_on(async move {
+                let r = runtime.block_on(async move {
                     let store = fount_store::Store::open(&dir, url.as_deref())
                         .await
                         .context("opening the store (--data-dir / --database-url)")?;
@@ -140,7 +140,12 @@ impl PoolThread {
                     pool.run(&flag).await?;
                     store.close().await;
                     Ok(())
-                })
+                });
+                // a server goes on serving without its pool: say so when it happens
+                if let Err(e) = &r {
+                    tracing::error!("the compute pool stopped: {e:#}");
+                }
+                r
             })?;
         Ok(PoolThread { stop, thread })
     }
