@@ -109,6 +109,28 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+/// Data directories whose jobs live in PostgreSQL: the database URL every command on them
+/// gets.
+fn database_of(store: &Path) -> Option<String> {
+    DATABASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(store)
+        .cloned()
+}
+
+static DATABASES: std::sync::Mutex<std::collections::BTreeMap<PathBuf, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The `--data-dir` (and `--database-url`) arguments of a store.
+fn store_args(store: &Path) -> Vec<String> {
+    let mut a = vec!["--data-dir".to_string(), s(store)];
+    if let Some(url) = database_of(store) {
+        a.extend(["--database-url".to_string(), url]);
+    }
+    a
+}
+
 /// `fount pool run` on a data directory, killed (SIGKILL) when dropped.
 struct PoolProcess {
     child: Child,
@@ -122,7 +144,8 @@ impl PoolProcess {
             .open(store.with_extension("pool.log"))
             .unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new(env!("CARGO_BIN_EXE_fount"))
-            .args(["pool", "run", "--data-dir", &s(store)])
+            .args(["pool", "run"])
+            .args(store_args(store))
             .args(args)
             .envs(env.iter().copied())
             .env("FOUNT_THREADS", "1")
@@ -148,7 +171,8 @@ impl Drop for PoolProcess {
 /// Runs `fount jobs … --data-dir store`.
 fn jobs(store: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fount"))
-        .args(["jobs", "--data-dir", &s(store)])
+        .arg("jobs")
+        .args(store_args(store))
         .args(args)
         .env("FOUNT_THREADS", "1")
         .output()
@@ -905,6 +929,50 @@ fn serve_runs_the_pool() {
     let _ = serve.kill();
     let _ = serve.wait();
     assert!(adapter(&out) == f.reference("short"));
+}
+
+/// The same on PostgreSQL: jobs live in the database (logs in the data directory); a fine-tune
+/// preempted by another ends bit-identical, and its attempts are billed there.
+#[test]
+fn on_postgresql_a_preempted_finetune_matches() {
+    let f = fixture();
+    let d = scratch("postgres");
+    let store = d.join("store");
+    let url = fount_store::testing::postgres_url("pool");
+    DATABASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(store.clone(), url.clone());
+    let _pool = PoolProcess::start(&store, &["--pool-slots", "1"], &[]);
+    let low_out = d.join("low");
+    let low = submit(
+        &store,
+        &["--priority", "low"],
+        &f.finetune("long", &low_out),
+    );
+    until(&store, &low, "checkpointing", 60, |v| {
+        v["state"] == "running" && v["checkpoint_step"].as_i64().unwrap_or(0) > 0
+    });
+    let high = submit(
+        &store,
+        &["--priority", "high"],
+        &f.finetune("short", &d.join("high")),
+    );
+    wait_ok(&store, &high, 60);
+    wait_ok(&store, &low, 120);
+    assert_eq!(show(&store, &low)["attempts"], 2);
+    assert!(
+        adapter(&low_out) == f.reference("long"),
+        "preempted run's weights differ"
+    );
+    // nothing went to a SQLite file, and the attempts are billed in PostgreSQL
+    assert!(!store.join("fount.db").exists());
+    let (csv, _) = fount_ok(&["admin", "--database-url", &url, "usage", "export"]);
+    assert_eq!(
+        csv.lines().filter(|l| l.contains(",training,")).count(),
+        3,
+        "{csv}"
+    );
 }
 
 /// A one-node Slurm cluster (`tools/slurm/cluster`), stopped when dropped.
