@@ -345,6 +345,54 @@ fn a_twice_preempted_finetune_ends_bit_identical() {
         adapter(&low_out) == f.reference("long"),
         "preempted run's weights differ"
     );
+
+    // what `show` prints, with ids, times, paths and timings masked
+    let mut names = vec![(low.clone(), "[low]".to_string())];
+    for (i, (h, _)) in highs.iter().enumerate() {
+        names.push((h.clone(), format!("[high{}]", i + 1)));
+    }
+    let mask = |text: &str| {
+        let mut t = text
+            .replace(&s(&d), "[DIR]")
+            .replace(&s(&f.dir), "[FIXTURE]")
+            .replace(env!("CARGO_MANIFEST_DIR"), "[CRATE]");
+        for (id, name) in &names {
+            t = t.replace(id.as_str(), name);
+        }
+        t
+    };
+    let mut v = show(&store, &low);
+    for k in [
+        "handle",
+        "slot_seconds",
+        "checkpoint_step",
+        "created_at",
+        "finished_at",
+    ] {
+        v[k] = "[varies]".into();
+    }
+    for h in v["history"].as_array_mut().into_iter().flatten() {
+        h["at"] = "[time]".into();
+    }
+    insta::assert_snapshot!(
+        "show_json",
+        mask(&serde_json::to_string_pretty(&v).unwrap_or_default())
+    );
+    let text = String::from_utf8_lossy(&jobs(&store, &["show", &low]).stdout).into_owned();
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.contains("checkpoint step") {
+                "  [checkpoint step, slot-seconds, log]".to_string()
+            } else if l.trim_start().starts_with("20") {
+                // a history line: its time, then the state and the reason
+                format!("    [time]{}", l.trim_start().get(24..).unwrap_or(""))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    insta::assert_snapshot!("show_text", mask(&text.join("\n")));
 }
 
 /// A job that does not stop within the grace period (here: stopped with SIGSTOP, so it cannot
