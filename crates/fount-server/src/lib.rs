@@ -13,8 +13,9 @@
 //!    JSON answer or server-sent events chunked as OpenAI chunks them.
 //! 5. [`error::ApiError`] is the one place an error becomes an OpenAI error object and a status.
 //!
-//! Around them: `/v1/models`, the adapter admin routes, `/health`, Prometheus `/metrics`, and the
-//! OpenAPI document at `/openapi.json` (generated from the handlers' annotations).
+//! Around them: `/v1/models`, the adapter admin routes, OpenAI's Files API ([`files`]: the data
+//! tenants fine-tune on, private to each), `/health`, Prometheus `/metrics`, and the OpenAPI
+//! document at `/openapi.json` (generated from the handlers' annotations).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,6 +35,7 @@ pub mod admin;
 pub mod answer;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod metrics;
 pub mod protocol;
 pub mod routes;
@@ -68,6 +70,11 @@ pub use state::{AppState, ServerConfig, SetupError};
         routes::register_adapter,
         routes::delete_adapter,
         routes::usage,
+        files::upload,
+        files::list,
+        files::retrieve,
+        files::content,
+        files::delete,
         admin::list_tenants,
         admin::create_tenant,
         admin::create_key,
@@ -104,6 +111,22 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/adapters", post(routes::register_adapter))
         .route("/v1/adapters/{id}", delete(routes::delete_adapter))
         .route("/v1/usage", get(routes::usage))
+        .route(
+            "/v1/files",
+            get(files::list)
+                .post(files::upload)
+                // uploads have their own limit (--max-file), far above a request's
+                .layer(DefaultBodyLimit::max(
+                    state
+                        .files()
+                        .map_or(limit, |f| f.max_bytes.saturating_add(64 * 1024)),
+                )),
+        )
+        .route(
+            "/v1/files/{file_id}",
+            get(files::retrieve).delete(files::delete),
+        )
+        .route("/v1/files/{file_id}/content", get(files::content))
         .route(
             "/admin/v1/tenants",
             get(admin::list_tenants).post(admin::create_tenant),

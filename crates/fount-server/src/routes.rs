@@ -424,8 +424,17 @@ pub async fn authenticate(
             if admin && !caller.is_admin() {
                 return ApiError::Forbidden("admin").into_response();
             }
-            if !(caller.key.scopes.contains(&Scope::Inference) || caller.is_admin()) {
-                return ApiError::Forbidden("inference").into_response();
+            // each API needs its own scope; an admin key has them all
+            let path = req.uri().path();
+            let (scope, name) = if path.starts_with("/v1/files") {
+                (Scope::Files, "files")
+            } else if path.starts_with("/v1/fine_tuning") {
+                (Scope::FineTuning, "fine_tuning")
+            } else {
+                (Scope::Inference, "inference")
+            };
+            if !(admin || caller.key.scopes.contains(&scope) || caller.is_admin()) {
+                return ApiError::Forbidden(name).into_response();
             }
             req.extensions_mut().insert(caller);
             next.run(req).await

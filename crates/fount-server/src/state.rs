@@ -75,6 +75,7 @@ pub struct AppState {
     draining: AtomicBool,
     in_flight: AtomicUsize,
     tenancy: std::sync::OnceLock<Arc<crate::tenancy::Tenancy>>,
+    files: std::sync::OnceLock<crate::files::FilesConfig>,
     /// Tenant weights of the engine's fair queue (when the engine runs one).
     shares: FairShares,
 }
@@ -161,6 +162,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             tenancy: std::sync::OnceLock::new(),
+            files: std::sync::OnceLock::new(),
             shares,
         })
     }
@@ -175,6 +177,16 @@ impl AppState {
                 tenancy
             })
             .clone()
+    }
+
+    /// Keeps tenants' files (OpenAI's Files API) in `cfg.dir` (once; later calls keep the first).
+    pub fn enable_files(&self, cfg: crate::files::FilesConfig) {
+        let _ = self.files.set(cfg);
+    }
+
+    /// Where files are kept, when the Files API is on.
+    pub fn files(&self) -> Option<&crate::files::FilesConfig> {
+        self.files.get()
     }
 
     /// The tenancy layer, when on.

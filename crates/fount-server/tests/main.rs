@@ -3,6 +3,8 @@
 
 /// Requests and their validation: status codes, OpenAI error objects, the `param` at fault.
 mod errors;
+/// OpenAI's Files API: upload, pages, content, delete, tenants' isolation, scopes, bad uploads.
+mod files;
 /// Answers and streams: JSON and server-sent events, snapshotted with ids and times masked.
 mod generation;
 /// Models, adapters, health, metrics and the OpenAPI document.

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod error;
+mod files;
 pub mod jobs;
 pub mod keys;
 mod store;
@@ -25,6 +26,7 @@ mod time;
 mod usage;
 
 pub use error::{Error, Result};
+pub use files::{FilePage, FileRecord};
 pub use jobs::{
     Change, Job, JobEvent, JobFilter, JobQuota, JobState, NewJob, Priority, Stop, Transition,
 };

@@ -326,6 +326,7 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
         adapter_memory: "64MiB".into(),
         max_model_len: None,
         max_body: "4MiB".into(),
+        max_file: "512MiB".into(),
         data_dir: store_dir,
         database_url: None,
         no_auth: false,

@@ -44,6 +44,9 @@ pub struct ServeArgs {
     /// Largest request body.
     #[arg(long, env = "FOUNT_MAX_BODY", default_value = "4MiB")]
     pub max_body: String,
+    /// Largest file a tenant may upload (`POST /v1/files`).
+    #[arg(long, env = "FOUNT_MAX_FILE", default_value = "512MiB")]
+    pub max_file: String,
     /// Data directory: tenants, keys, quotas and usage (`fount.db`, SQLite) unless
     /// --database-url is given.
     #[arg(long, env = "FOUNT_DATA_DIR", default_value = "fount-data")]
@@ -145,6 +148,7 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
     };
     let state = AppState::load(&a.model, a.adapters.as_deref(), engine_cfg, cfg)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    let max_file = parse_size(&a.max_file).context("--max-file")?;
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("--host {} --port {} is not an address", a.host, a.port))?;
@@ -174,6 +178,10 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
                 .await
                 .context("opening the store (--data-dir / --database-url)")?;
             bootstrap_admin(&store).await?;
+            state.enable_files(fount_server::files::FilesConfig {
+                dir: a.data_dir.join("files"),
+                max_bytes: max_file,
+            });
             Some(state.enable_tenancy(store))
         };
         let bound = listener.local_addr()?;
