@@ -155,9 +155,24 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(e.to_string())
 }
 
-/// Removes a partly written upload; a failure to do so only leaves a stray file.
+/// Removes a file; a failure to do so only leaves a stray file.
 async fn discard(path: &Path) {
     let _ = tokio::fs::remove_file(path).await;
+}
+
+/// An upload being written: removed when dropped before it is kept, so an upload refused, failed
+/// or abandoned by its client (the handler is then dropped mid-stream) leaves nothing behind.
+struct Partial {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = fs_err::remove_file(&self.path);
+        }
+    }
 }
 
 /// `POST /v1/files`: uploads a file.
@@ -185,7 +200,10 @@ pub async fn upload(
     let id = format!("file-{}", hex(&rand::random::<[u8; 12]>()));
     let dir = cfg.dir.join(&caller.tenant.id);
     tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
-    let partial = dir.join(format!("{id}.partial"));
+    let mut partial = Partial {
+        path: dir.join(format!("{id}.partial")),
+        kept: false,
+    };
     let mut purpose = None;
     let mut upload: Option<(String, i64, String)> = None;
     let field_error = |e: axum::extract::multipart::MultipartError| {
@@ -208,7 +226,9 @@ pub async fn upload(
                         return Err(ApiError::invalid("file", "one file per upload"));
                     }
                     let name = field.file_name().unwrap_or("").to_string();
-                    let mut out = tokio::fs::File::create(&partial).await.map_err(internal)?;
+                    let mut out = tokio::fs::File::create(&partial.path)
+                        .await
+                        .map_err(internal)?;
                     let mut hash = Sha256::new();
                     let mut bytes = 0usize;
                     while let Some(chunk) = field.chunk().await.map_err(field_error)? {
@@ -231,10 +251,7 @@ pub async fn upload(
         Ok(())
     }
     .await;
-    if let Err(e) = result {
-        discard(&partial).await;
-        return Err(e);
-    }
+    result?;
     let checked = (|| {
         let purpose = purpose
             .clone()
@@ -256,16 +273,11 @@ pub async fn upload(
         }
         Ok((purpose, name, bytes, sha))
     })();
-    let (purpose, filename, bytes, sha256) = match checked {
-        Ok(v) => v,
-        Err(e) => {
-            discard(&partial).await;
-            return Err(e);
-        }
-    };
-    tokio::fs::rename(&partial, dir.join(&id))
+    let (purpose, filename, bytes, sha256) = checked?;
+    tokio::fs::rename(&partial.path, dir.join(&id))
         .await
         .map_err(internal)?;
+    partial.kept = true;
     let record = fount_store::FileRecord {
         id,
         tenant_id: caller.tenant.id.clone(),
@@ -275,7 +287,10 @@ pub async fn upload(
         sha256,
         created_at_ms: fount_store::now_ms(),
     };
-    store.insert_file(&record).await.map_err(internal)?;
+    if let Err(e) = store.insert_file(&record).await {
+        discard(&dir.join(&record.id)).await;
+        return Err(internal(e));
+    }
     Ok(Json(object(&record)))
 }
 
