@@ -457,9 +457,10 @@ impl Pool {
                 Decision::Stop { id, attempt, why } => {
                     if self.store.request_job_stop(&id, attempt, why).await? {
                         tracing::info!("{id}: asked to stop ({})", why.name());
-                        if let Some(job) = self.store.job(&id).await? {
+                        // the record read for this decision has the handle: signal it now
+                        if let Some(job) = by_id.get(id.as_str()) {
                             if let Some(h) = &job.handle {
-                                self.signal(&job, h).await?;
+                                self.signal(job, h).await?;
                             }
                         }
                     }

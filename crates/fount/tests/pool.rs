@@ -240,6 +240,13 @@ fn until(store: &Path, id: &str, what: &str, secs: u64, done: impl Fn(&Value) ->
     }
 }
 
+/// Polls until `id` runs and has written a checkpoint.
+fn until_checkpointed(store: &Path, id: &str) -> Value {
+    until(store, id, "checkpointing", 60, |v| {
+        v["state"] == "running" && v["checkpoint_step"].as_i64().unwrap_or(0) > 0
+    })
+}
+
 fn wait_ok(store: &Path, id: &str, secs: u64) {
     let out = jobs(store, &["wait", id, "--timeout", &secs.to_string()]);
     assert!(
@@ -410,9 +417,7 @@ fn a_job_that_ignores_its_stop_is_killed_after_the_grace_period_and_still_matche
         &["--priority", "low"],
         &f.finetune("long", &low_out),
     );
-    let v = until(&store, &low, "checkpointing", 60, |v| {
-        v["state"] == "running" && v["checkpoint_step"].as_i64().unwrap_or(0) > 0
-    });
+    let v = until_checkpointed(&store, &low);
     let pid = v["handle"]
         .as_str()
         .and_then(|h| h.split(':').next())
@@ -525,9 +530,7 @@ fn a_pooled_data_run_and_a_preempted_train_job_match_their_direct_runs() {
     fount_ok(&["train", "--config", &s(&config("direct"))]);
     let cmd = ["train", "--config", &s(&config("pooled"))].map(str::to_string);
     let train = submit(&store, &["--priority", "low"], &cmd);
-    until(&store, &train, "checkpointing", 60, |v| {
-        v["state"] == "running" && v["checkpoint_step"].as_i64().unwrap_or(0) > 0
-    });
+    until_checkpointed(&store, &train);
     let high = submit(
         &store,
         &["--priority", "high"],
@@ -998,9 +1001,7 @@ fn on_postgresql_a_preempted_finetune_matches() {
         &["--priority", "low"],
         &f.finetune("long", &low_out),
     );
-    until(&store, &low, "checkpointing", 60, |v| {
-        v["state"] == "running" && v["checkpoint_step"].as_i64().unwrap_or(0) > 0
-    });
+    until_checkpointed(&store, &low);
     let high = submit(
         &store,
         &["--priority", "high"],
