@@ -293,6 +293,13 @@ impl Pool {
             (Some(0), _) => change(Transition::Succeed, "finished"),
             (None, None) if done => change(Transition::Succeed, "finished while unobserved"),
             (_, Some(Stop::Cancel)) => change(Transition::Cancel, "cancelled"),
+            (Some(EXIT_CHECKPOINTED), Some(Stop::Pause)) => {
+                change(Transition::Pause, "paused by its owner; checkpointed")
+            }
+            (_, Some(Stop::Pause)) => change(
+                Transition::Pause,
+                "paused by its owner; it wrote no checkpoint on the signal and resumes from its last",
+            ),
             (_, Some(Stop::TimeLimit)) => {
                 error = format!(
                     "ran past its time limit of {} s\n{}",

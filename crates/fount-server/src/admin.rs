@@ -157,6 +157,9 @@ pub struct PriceView {
     pub cached_input: Option<String>,
     /// Per million generated tokens.
     pub output: String,
+    /// Per million trained tokens of fine-tuning jobs on this base model (default: 0).
+    #[serde(default)]
+    pub training: Option<String>,
 }
 
 /// A model and its price.
@@ -471,6 +474,7 @@ pub async fn list_prices(State(state): State<Arc<AppState>>) -> ApiResult<Json<P
                     input: d(p.input),
                     cached_input: Some(d(p.cached_input)),
                     output: d(p.output),
+                    training: Some(d(p.training)),
                 },
             })
             .collect(),
@@ -505,6 +509,10 @@ pub async fn set_price(
             None => input,
         },
         output: parse("output", &p.output)?,
+        training: match &p.training {
+            Some(t) => parse("training", t)?,
+            None => 0,
+        },
     };
     tenancy(&state)?
         .store()

@@ -674,12 +674,14 @@ async fn records_carry_their_cost_at_the_models_price() {
             input: 500_000,
             cached_input: 250_000,
             output: 2_000_000,
+            training: 0,
         };
         store.set_price("tiny", &base).await.unwrap();
         let own = Price {
             input: 1_000_000,
             cached_input: 1_000_000,
             output: 3_000_000,
+            training: 0,
         };
         store.set_price("priced", &own).await.unwrap();
         s.register_adapter("priced", adapter_dir("priced", 6));

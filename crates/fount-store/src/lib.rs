@@ -17,6 +17,7 @@
 
 pub mod error;
 mod files;
+mod finetuning;
 pub mod jobs;
 pub mod keys;
 mod store;
@@ -27,8 +28,9 @@ mod usage;
 
 pub use error::{Error, Result};
 pub use files::{FilePage, FileRecord};
+pub use finetuning::{ft_id, FtCheckpoint, FtEvent, FtJob, FtModel, FtStatus, FtUpdate};
 pub use jobs::{
-    Change, Job, JobEvent, JobFilter, JobQuota, JobState, NewJob, Priority, Stop, Transition,
+    Ask, Change, Job, JobEvent, JobFilter, JobQuota, JobState, NewJob, Priority, Stop, Transition,
 };
 pub use keys::{ApiKey, Scope};
 pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};

@@ -17,6 +17,9 @@ pub struct Price {
     pub cached_input: i64,
     /// Per million generated tokens.
     pub output: i64,
+    /// Per million trained tokens (fine-tuning jobs: the tokens of the training file times the
+    /// epochs).
+    pub training: i64,
 }
 
 impl Price {
@@ -26,6 +29,11 @@ impl Price {
             + i128::from(cached) * i128::from(self.cached_input)
             + i128::from(completion) * i128::from(self.output);
         i64::try_from(p).unwrap_or(i64::MAX)
+    }
+
+    /// The cost of training on `tokens` tokens, in picodollars.
+    pub fn training_cost(&self, tokens: i64) -> i64 {
+        i64::try_from(i128::from(tokens) * i128::from(self.training)).unwrap_or(i64::MAX)
     }
 
     /// Parses a price in dollars per million tokens (`"0.15"`) into micro-dollars.
@@ -200,20 +208,24 @@ fn bind_usage<'q>(mut q: AnyQuery<'q>, records: &'q [UsageRecord]) -> AnyQuery<'
 impl Store {
     /// Sets `model`'s price (a model or adapter name, as clients pass it).
     pub async fn set_price(&self, model: &str, p: &Price) -> Result<()> {
-        if [p.input, p.cached_input, p.output].iter().any(|&v| v < 0) {
+        if [p.input, p.cached_input, p.output, p.training]
+            .iter()
+            .any(|&v| v < 0)
+        {
             return Err(Error::Invalid("prices cannot be negative".into()));
         }
         sqlx::query(
-            "INSERT INTO prices (model, input, cached_input, output, updated_at) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO prices (model, input, cached_input, output, training, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (model) DO UPDATE SET input = excluded.input, \
                cached_input = excluded.cached_input, output = excluded.output, \
-               updated_at = excluded.updated_at",
+               training = excluded.training, updated_at = excluded.updated_at",
         )
         .bind(model)
         .bind(p.input)
         .bind(p.cached_input)
         .bind(p.output)
+        .bind(p.training)
         .bind(now_ms() / 1000)
         .execute(&self.pool)
         .await?;
@@ -223,7 +235,9 @@ impl Store {
     /// Every price set, by model name.
     pub async fn prices(&self) -> Result<Vec<(String, Price)>> {
         let rows =
-            sqlx::query("SELECT model, input, cached_input, output FROM prices ORDER BY model")
+            sqlx::query(
+                "SELECT model, input, cached_input, output, training FROM prices ORDER BY model",
+            )
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter()
@@ -234,6 +248,7 @@ impl Store {
                         input: r.try_get("input")?,
                         cached_input: r.try_get("cached_input")?,
                         output: r.try_get("output")?,
+                        training: r.try_get("training")?,
                     },
                 ))
             })

@@ -132,6 +132,7 @@ async fn prices_and_costs() {
         input: 150_000,
         cached_input: 75_000,
         output: 600_000,
+        training: 3_000_000,
     };
     let cost = p.cost(1000, 400, 100);
     assert_eq!(cost, 600 * 150_000 + 400 * 75_000 + 100 * 600_000);

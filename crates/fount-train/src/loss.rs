@@ -64,9 +64,31 @@ pub fn row_weights(mask: &[bool]) -> Result<Vec<f32>> {
     Ok(mask.iter().map(|&m| if m { share } else { 0.0 }).collect())
 }
 
+/// Rows of `logits` `(N, vocab)` whose most likely token is the target, among those `mask`
+/// counts.
+pub fn correct_tokens(logits: &Tensor, targets: &[u32], mask: &[bool]) -> Result<usize> {
+    let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    Ok(pred
+        .iter()
+        .zip(targets)
+        .zip(mask)
+        .filter(|((p, t), m)| **m && p == t)
+        .count())
+}
+
+/// What one forward and backward pass measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepLoss {
+    /// The mean cross-entropy over the counted tokens.
+    pub loss: f64,
+    /// The fraction of counted tokens whose most likely prediction was the target, when
+    /// asked for (it costs an argmax over the logits).
+    pub accuracy: Option<f64>,
+}
+
 /// A dense model's forward and backward for the cross-entropy of `batch` (with `lora`'s
 /// adapters), with activation recomputation or without, handing each store of gradients to
-/// `on_grads`. Returns the loss.
+/// `on_grads`. Returns the loss, and the token accuracy when `accuracy` asks for it.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_cross_entropy(
     model: &Model,
@@ -75,25 +97,44 @@ pub fn backward_cross_entropy(
     targets: &[u32],
     mask: &[bool],
     recompute: bool,
+    accuracy: bool,
     on_grads: &mut dyn FnMut(&GradStore) -> Result<()>,
-) -> Result<f64> {
+) -> Result<StepLoss> {
+    let counted = mask.iter().filter(|&&m| m).count().max(1) as f64;
     if recompute {
         let weights = row_weights(mask)?;
-        return model.backward_checkpointed(
+        let mut correct = 0;
+        let loss = model.backward_checkpointed(
             batch,
             lora,
             &mut |logits, rows| {
+                if accuracy {
+                    let (t, m) = (&targets[rows.clone()], &mask[rows.clone()]);
+                    correct += correct_tokens(&logits.detach(), t, m)?;
+                }
                 weighted_cross_entropy(logits, &targets[rows.clone()], &weights[rows])
             },
             on_grads,
-        );
+        )?;
+        return Ok(StepLoss {
+            loss,
+            accuracy: accuracy.then(|| correct as f64 / counted),
+        });
     }
     let logits = model
         .forward_lora(batch, &mut NoCache, Logits::All, lora, false)?
         .logits;
+    let correct = if accuracy {
+        Some(correct_tokens(&logits.detach(), targets, mask)?)
+    } else {
+        None
+    };
     let (loss, _) = cross_entropy(&logits, targets, mask)?;
     on_grads(&loss.backward()?)?;
-    Ok(f64::from(loss.to_scalar::<f32>()?))
+    Ok(StepLoss {
+        loss: f64::from(loss.to_scalar::<f32>()?),
+        accuracy: correct.map(|c| c as f64 / counted),
+    })
 }
 
 /// The load-balancing auxiliary loss of Switch Transformers as HF transformers'

@@ -12,8 +12,11 @@
 //! ```text
 //! queued ──start──▶ running ──succeed──▶ succeeded
 //!   ▲                 │ │ └──fail──────▶ failed
-//!   │                 │ └────cancel────▶ cancelled ◀──cancel── queued, preempted
+//!   │                 │ └────cancel────▶ cancelled ◀──cancel── queued, preempted, paused
 //!   └──requeue── preempted ◀──preempt──┘
+//!   ▲                 │
+//!   │                 └──pause──▶ paused ◀──pause── queued, preempted
+//!   └──────────resume───────────────┘
 //! ```
 
 //!
@@ -26,6 +29,8 @@ use std::fmt;
 mod pool;
 mod records;
 
+pub use records::Ask;
+
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobState {
@@ -35,6 +40,8 @@ pub enum JobState {
     Running,
     /// Its attempt was stopped to make room (or its process was lost); it is requeued next.
     Preempted,
+    /// Held by its owner (at a checkpoint when it was running) until resumed.
+    Paused,
     /// The command exited 0.
     Succeeded,
     /// The command failed; the record carries the error and the last lines of its log.
@@ -45,10 +52,11 @@ pub enum JobState {
 
 impl JobState {
     /// Every state.
-    pub const ALL: [JobState; 6] = [
+    pub const ALL: [JobState; 7] = [
         JobState::Queued,
         JobState::Running,
         JobState::Preempted,
+        JobState::Paused,
         JobState::Succeeded,
         JobState::Failed,
         JobState::Cancelled,
@@ -60,6 +68,7 @@ impl JobState {
             JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Preempted => "preempted",
+            JobState::Paused => "paused",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Cancelled => "cancelled",
@@ -101,17 +110,23 @@ pub enum Transition {
     Requeue,
     /// The owner cancelled it.
     Cancel,
+    /// The owner holds it (a running attempt ends at a checkpoint first).
+    Pause,
+    /// The owner lets a paused job wait for a slot again.
+    Resume,
 }
 
 impl Transition {
     /// Every transition.
-    pub const ALL: [Transition; 6] = [
+    pub const ALL: [Transition; 8] = [
         Transition::Start,
         Transition::Succeed,
         Transition::Fail,
         Transition::Preempt,
         Transition::Requeue,
         Transition::Cancel,
+        Transition::Pause,
+        Transition::Resume,
     ];
 }
 
@@ -126,7 +141,9 @@ pub fn next(from: JobState, t: Transition) -> Option<JobState> {
         (Running, Fail) => Some(Failed),
         (Running, Preempt) => Some(Preempted),
         (Preempted, Requeue) => Some(Queued),
-        (Queued | Running | Preempted, Cancel) => Some(Cancelled),
+        (Queued | Running | Preempted | Paused, Cancel) => Some(Cancelled),
+        (Queued | Running | Preempted, Pause) => Some(Paused),
+        (Paused, Resume) => Some(Queued),
         _ => None,
     }
 }
@@ -190,6 +207,8 @@ pub enum Stop {
     Cancel,
     /// It ran past its time limit: it fails.
     TimeLimit,
+    /// Its owner paused it: it checkpoints and waits, held, until resumed.
+    Pause,
 }
 
 impl Stop {
@@ -200,11 +219,18 @@ impl Stop {
             Stop::Budget => "budget",
             Stop::Cancel => "cancel",
             Stop::TimeLimit => "time_limit",
+            Stop::Pause => "pause",
         }
     }
 
     fn parse(s: &str) -> Option<Stop> {
-        [Stop::Preempt, Stop::Budget, Stop::Cancel, Stop::TimeLimit]
+        [
+            Stop::Preempt,
+            Stop::Budget,
+            Stop::Cancel,
+            Stop::TimeLimit,
+            Stop::Pause,
+        ]
             .into_iter()
             .find(|k| k.name() == s)
     }
@@ -358,7 +384,7 @@ mod tests {
 
     /// Every sequence of transitions up to length 6 from `queued`: each step is legal exactly
     /// when [`next`] says so, terminal states accept nothing, and the only ways back to
-    /// `queued` pass through `preempted`.
+    /// `queued` pass through `preempted` (requeued) or `paused` (resumed).
     #[test]
     fn every_sequence_follows_the_machine() {
         fn walk(state: JobState, depth: usize, path: &mut Vec<Transition>, seen: &mut usize) {
@@ -371,7 +397,14 @@ mod tests {
                     Some(to) => {
                         assert!(!state.is_terminal(), "{path:?}: {state} -> {to}");
                         if to == JobState::Queued {
-                            assert_eq!(state, JobState::Preempted, "{path:?}");
+                            assert!(
+                                matches!(
+                                    (state, t),
+                                    (JobState::Preempted, Transition::Requeue)
+                                        | (JobState::Paused, Transition::Resume)
+                                ),
+                                "{path:?}"
+                            );
                         }
                         if to == JobState::Running {
                             assert_eq!((state, t), (JobState::Queued, Transition::Start));
@@ -389,7 +422,12 @@ mod tests {
                                     | (JobState::Running, Transition::Fail)
                                     | (JobState::Running, Transition::Preempt)
                                     | (JobState::Preempted, Transition::Requeue)
+                                    | (JobState::Paused, Transition::Resume)
                                     | (_, Transition::Cancel)
+                                    | (
+                                        JobState::Queued | JobState::Running | JobState::Preempted,
+                                        Transition::Pause
+                                    )
                             ),
                         "{path:?}: {state} refused {t:?}"
                     ),
@@ -408,7 +446,7 @@ mod tests {
                     .count()
             })
             .sum();
-        assert_eq!(legal, 8);
+        assert_eq!(legal, 13);
     }
 
     #[test]
@@ -420,6 +458,6 @@ mod tests {
             assert_eq!(Priority::parse(p.name()), Some(p));
             assert_eq!(Priority::from_rank(p.rank()), p);
         }
-        assert_eq!(JobState::parse("paused"), None);
+        assert_eq!(JobState::parse("held"), None);
     }
 }

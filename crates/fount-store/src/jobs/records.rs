@@ -50,7 +50,7 @@ fn job(r: &AnyRow) -> Result<Job> {
 }
 
 /// The states in which a job still owns its output directory.
-const LIVE: &str = "('queued', 'running', 'preempted')";
+const LIVE: &str = "('queued', 'running', 'preempted', 'paused')";
 
 impl Store {
     /// Queues a job; its record and first history entry are committed before this returns.
@@ -296,13 +296,14 @@ impl Store {
     }
 
     /// Asks the running attempt `attempt` of `id` to stop (the pool signals it); a stop already
-    /// asked is kept, except that a cancel replaces the others. Returns whether the request is
-    /// now recorded.
+    /// asked is kept, except that a cancel replaces the others and a pause replaces a
+    /// preemption (both end at a checkpoint). Returns whether the request is now recorded.
     pub async fn request_job_stop(&self, id: &str, attempt: i64, stop: Stop) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE jobs SET stop = $1 \
              WHERE id = $2 AND attempts = $3 AND state = 'running' \
-               AND (stop IS NULL OR $1 = 'cancel')",
+               AND (stop IS NULL OR $1 = 'cancel' \
+                    OR ($1 = 'pause' AND stop IN ('preempt', 'budget')))",
         )
         .bind(stop.name())
         .bind(id)
@@ -326,5 +327,83 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// What the owner of `id` asks: to cancel it, pause it or resume it. A job waiting
+    /// (queued, preempted, or paused) changes at once; a running one is asked to stop, and the
+    /// pool signals it and records the change when its attempt ends (at a checkpoint for a
+    /// pause). Returns the job as it is now and whether it already changed; refuses with
+    /// [`Error::Conflict`] what cannot happen from its state.
+    pub async fn ask_job(&self, id: &str, ask: Ask) -> Result<(Job, bool)> {
+        for _ in 0..20 {
+            let job = self
+                .job(id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+            let (transition, stop) = match ask {
+                Ask::Cancel => (Transition::Cancel, Stop::Cancel),
+                Ask::Pause => (Transition::Pause, Stop::Pause),
+                Ask::Resume => (Transition::Resume, Stop::Pause),
+            };
+            if next(job.state, transition).is_none() {
+                return Err(Error::Conflict(format!(
+                    "{id} is {}: it cannot be {}",
+                    job.state,
+                    ask.done()
+                )));
+            }
+            if job.state == JobState::Running {
+                if let Some((other, _)) = job
+                    .stop
+                    .filter(|&(s, _)| s != stop && matches!(s, Stop::Cancel | Stop::TimeLimit))
+                {
+                    return Err(Error::Conflict(format!(
+                        "{id} is stopping already ({})",
+                        other.name()
+                    )));
+                }
+                if job.stop.is_some_and(|(s, _)| s == stop)
+                    || self.request_job_stop(id, job.attempts, stop).await?
+                {
+                    let now = self.job(id).await?.unwrap_or(job);
+                    return Ok((now, false));
+                }
+            } else {
+                match self
+                    .transition_job(&job, &super::Change::new(transition, ask.done()))
+                    .await
+                {
+                    Ok(now) => return Ok((now, true)),
+                    Err(Error::Conflict(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // it changed under us: read it again
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        Err(Error::Conflict(format!(
+            "{id} keeps changing state; try again"
+        )))
+    }
+}
+
+/// What a job's owner can ask of it ([`Store::ask_job`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// End it for good.
+    Cancel,
+    /// Hold it (at a checkpoint when it runs).
+    Pause,
+    /// Let a paused job wait for a slot again.
+    Resume,
+}
+
+impl Ask {
+    fn done(self) -> &'static str {
+        match self {
+            Ask::Cancel => "cancelled",
+            Ask::Pause => "paused",
+            Ask::Resume => "resumed",
+        }
     }
 }

@@ -76,6 +76,10 @@ pub struct FinetuneConfig {
     /// Tokens per step: examples are packed into a forward pass up to this many.
     #[serde(default = "default_tokens")]
     pub tokens_per_step: usize,
+    /// Examples per step instead (OpenAI's `batch_size`): each step takes this many examples,
+    /// whatever their length, and `tokens_per_step` only bounds the evaluation's passes.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
     /// Longest example in tokens (default: the model's context).
     #[serde(default)]
     pub max_len: Option<usize>,
@@ -85,6 +89,14 @@ pub struct FinetuneConfig {
     /// Fraction of examples held out for validation loss and token accuracy.
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
+    /// A chat file to measure validation loss and token accuracy on instead of holding out
+    /// examples (OpenAI's `validation_file`).
+    #[serde(default)]
+    pub validation_file: Option<std::path::PathBuf>,
+    /// A checkpoint, and the validation figures, at the end of every epoch but the last (as
+    /// OpenAI's fine-tuning jobs make them).
+    #[serde(default)]
+    pub epoch_checkpoints: bool,
     /// Largest global gradient norm.
     #[serde(default = "default_clip")]
     pub clip: f64,
@@ -124,9 +136,12 @@ impl Default for FinetuneConfig {
             warmup: None,
             epochs: default_epochs(),
             tokens_per_step: default_tokens(),
+            batch_size: None,
             max_len: None,
             truncate: false,
             eval_fraction: default_eval_fraction(),
+            validation_file: None,
+            epoch_checkpoints: false,
             clip: default_clip(),
             seed: 0,
             adamw: default_adamw(),
@@ -169,6 +184,9 @@ impl FinetuneConfig {
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
             return Err(Error::config("eval_fraction", "must be in [0, 1)"));
+        }
+        if self.batch_size == Some(0) {
+            return Err(Error::config("batch_size", "must be at least 1"));
         }
         if self.tokens_per_step < 2 {
             return Err(Error::config("tokens_per_step", "must be at least 2"));

@@ -11,7 +11,7 @@ use fount_model::{
 
 use super::data::{open_chat_base, pack, steps_of, ChatBase, ChatLine, Example};
 use crate::error::{Error, Result};
-use crate::loss::cross_entropy;
+use crate::loss::{correct_tokens, cross_entropy};
 
 /// Validation loss and token accuracy on held-out examples.
 pub fn evaluate(
@@ -33,13 +33,7 @@ pub fn evaluate(
         let (loss, n) = cross_entropy(&logits, &targets, &mask)?;
         loss_sum += f64::from(loss.to_scalar::<f32>()?) * n as f64;
         counted += n;
-        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-        correct += pred
-            .iter()
-            .zip(&targets)
-            .zip(&mask)
-            .filter(|((p, t), m)| **m && p == t)
-            .count();
+        correct += correct_tokens(&logits, &targets, &mask)?;
     }
     if counted == 0 {
         return Err(Error::Batch("no held-out tokens to evaluate".into()));

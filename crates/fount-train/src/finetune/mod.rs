@@ -44,6 +44,15 @@ pub struct FinetuneStep {
     pub steps: u64,
     /// Mean loss over the step's assistant tokens.
     pub loss: f64,
+    /// The fraction of those tokens the model predicted (its most likely token).
+    pub accuracy: f64,
+    /// The epoch the step belongs to (0-based).
+    pub epoch: u64,
+    /// Validation loss and token accuracy, when measured after this step (the end of an epoch
+    /// with `epoch_checkpoints`).
+    pub eval: Option<(f64, f64)>,
+    /// Whether a checkpoint was written after this step.
+    pub checkpoint: bool,
     /// Learning rate used.
     pub lr: f64,
     /// Gradient norm before clipping.
@@ -163,12 +172,7 @@ pub fn finetune(
             (AdamW::new(ft.adamw, &sizes), 0, 0, 0)
         }
     };
-    let per_epoch = steps_of(
-        &examples,
-        &(0..examples.len()).collect::<Vec<_>>(),
-        ft.tokens_per_step,
-    )
-    .len();
+    let per_epoch = groups_of(&examples, &(0..examples.len()).collect::<Vec<_>>(), ft).len();
     let total = ((per_epoch as f64) * ft.epochs).ceil().max(1.0) as u64;
     let warmup = ft.warmup.unwrap_or(total / 20);
     let min_lr = ft.min_lr.unwrap_or(ft.lr / 10.0);
@@ -197,7 +201,7 @@ pub fn finetune(
         let mut order: Vec<usize> = (0..examples.len()).collect();
         let mut erng = rand_chacha::ChaCha8Rng::seed_from_u64(ft.seed.wrapping_add(epoch));
         order.shuffle(&mut erng);
-        let groups = steps_of(&examples, &order, ft.tokens_per_step);
+        let groups = groups_of(&examples, &order, ft);
         for (i, group) in groups.iter().enumerate().skip(skip) {
             if step >= total {
                 break 'outer;
@@ -214,22 +218,42 @@ pub fn finetune(
                     interrupted: true,
                 });
             }
-            let (loss, grad_norm, tokens) =
+            let (measured, grad_norm, tokens) =
                 train_step(&model, &lora, &adapter, ft, group, step, &mut grads)?;
             let lr = learning_rate(step, ft.lr, min_lr, warmup, total);
             opt.update(&lora.params, &grads, lr)?;
             step += 1;
+            let epoch_end = i + 1 == groups.len() && ft.epoch_checkpoints && step < total;
+            let eval = match epoch_end && !eval_set.is_empty() {
+                true => Some(evaluate(
+                    &model,
+                    Some(&adapter),
+                    &eval_set,
+                    ft.tokens_per_step,
+                )?),
+                false => None,
+            };
+            let checkpoint = epoch_end
+                || ft.checkpoint_every > 0 && step % ft.checkpoint_every == 0 && step < total;
+            if checkpoint {
+                if epoch_end {
+                    save(step, epoch + 1, 0, &opt)?;
+                } else {
+                    save(step, epoch, i + 1, &opt)?;
+                }
+            }
             on_step(&FinetuneStep {
                 step,
                 steps: total,
-                loss,
+                loss: measured.loss,
+                accuracy: measured.accuracy.unwrap_or(0.0),
+                epoch,
+                eval,
+                checkpoint,
                 lr,
                 grad_norm,
                 tokens,
             });
-            if ft.checkpoint_every > 0 && step % ft.checkpoint_every == 0 && step < total {
-                save(step, epoch, i + 1, &opt)?;
-            }
         }
         skip = 0;
         epoch += 1;
@@ -305,9 +329,14 @@ fn prepare(base: &Path, data: &Path, ft: &FinetuneConfig) -> Result<Prepared> {
     // held out: every k-th example after a seeded shuffle
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ft.seed ^ 0x5f7);
     examples.shuffle(&mut rng);
-    let held = ((examples.len() as f64) * ft.eval_fraction).round() as usize;
-    let held = held.min(examples.len().saturating_sub(1));
-    let eval_set: Vec<Example> = examples.drain(..held).collect();
+    let eval_set: Vec<Example> = match &ft.validation_file {
+        Some(v) => read_chat_file(v, &template, &tokenizer, max_len, ft.truncate)?.0,
+        None => {
+            let held = ((examples.len() as f64) * ft.eval_fraction).round() as usize;
+            let held = held.min(examples.len().saturating_sub(1));
+            examples.drain(..held).collect()
+        }
+    };
     Ok(Prepared {
         model,
         examples,
@@ -360,7 +389,7 @@ fn train_step(
     group: &[&Example],
     step: u64,
     grads: &mut Grads,
-) -> Result<(f64, f64, usize)> {
+) -> Result<(crate::loss::StepLoss, f64, usize)> {
     let (batch, targets, mask) = pack(group);
     let this = if ft.lora_dropout > 0.0 {
         let plain = LoraAdapter::clone(adapter);
@@ -378,6 +407,7 @@ fn train_step(
         &targets,
         &mask,
         ft.recompute,
+        true,
         &mut |store| grads.accumulate(&lora.params, store, 1.0),
     )?;
     let grad_norm = if ft.clip > 0.0 {
@@ -386,4 +416,20 @@ fn train_step(
         grads.norm()
     };
     Ok((loss, grad_norm, batch.len()))
+}
+
+/// One epoch's steps in `order`: `batch_size` examples each when set (OpenAI's batches),
+/// otherwise packed up to `tokens_per_step` tokens.
+fn groups_of<'a>(
+    examples: &'a [Example],
+    order: &[usize],
+    ft: &FinetuneConfig,
+) -> Vec<Vec<&'a Example>> {
+    match ft.batch_size {
+        Some(b) => order
+            .chunks(b.max(1))
+            .map(|c| c.iter().map(|&i| &examples[i]).collect())
+            .collect(),
+        None => steps_of(examples, order, ft.tokens_per_step),
+    }
 }

@@ -67,7 +67,8 @@ pub struct QuotaSubject {
 /// `fount admin price …`
 #[derive(Debug, Subcommand)]
 pub enum PriceCommand {
-    /// Sets a model's (or adapter's) price, in dollars per million tokens.
+    /// Sets a model's (or adapter's) prices, in dollars per million tokens; a price not given
+    /// keeps its value (0 for a model without prices).
     Set {
         /// The model or adapter name clients pass (an adapter without a price costs what its
         /// base model does).
@@ -75,13 +76,17 @@ pub enum PriceCommand {
         model: String,
         /// Per million prompt tokens, e.g. `0.15`.
         #[arg(long)]
-        input: String,
+        input: Option<String>,
         /// Per million prompt tokens served from the prefix cache (default: as `--input`).
         #[arg(long)]
         cached_input: Option<String>,
         /// Per million generated tokens.
         #[arg(long)]
-        output: String,
+        output: Option<String>,
+        /// Per million trained tokens of a fine-tuning job on this base model (the training
+        /// file's tokens times the epochs, as OpenAI bills them).
+        #[arg(long)]
+        training: Option<String>,
     },
     /// Lists prices.
     List,
@@ -438,28 +443,51 @@ async fn prices(store: &Store, command: PriceCommand) -> Result<()> {
             input,
             cached_input,
             output,
+            training,
         } => {
-            let input = price_arg("input", &input)?;
+            if [&input, &cached_input, &output, &training]
+                .iter()
+                .all(|v| v.is_none())
+            {
+                bail!("give at least one of --input, --cached-input, --output, --training");
+            }
+            let old = store
+                .prices()
+                .await?
+                .into_iter()
+                .find(|(m, _)| *m == model)
+                .map(|(_, p)| p)
+                .unwrap_or_default();
+            let get = |flag: &str, v: Option<String>, old: i64| match v {
+                Some(v) => price_arg(flag, &v),
+                None => Ok(old),
+            };
+            let new_input = get("input", input.clone(), old.input)?;
             let price = Price {
-                input,
-                cached_input: match cached_input {
-                    Some(c) => price_arg("cached-input", &c)?,
-                    None => input,
+                input: new_input,
+                cached_input: match (cached_input, input) {
+                    (Some(c), _) => price_arg("cached-input", &c)?,
+                    (None, Some(_)) => new_input,
+                    (None, None) => old.cached_input,
                 },
-                output: price_arg("output", &output)?,
+                output: get("output", output, old.output)?,
+                training: get("training", training, old.training)?,
             };
             store.set_price(&model, &price).await?;
             eprintln!("price of {model} set");
         }
         PriceCommand::List => {
-            println!("model\tinput\tcached_input\toutput (dollars per million tokens)");
+            println!(
+                "model\tinput\tcached_input\toutput\ttraining (dollars per million tokens)"
+            );
             for (model, p) in store.prices().await? {
                 let d = |micro: i64| fount_store::dollars(i128::from(micro) * 1_000_000, 6);
                 println!(
-                    "{model}\t{}\t{}\t{}",
+                    "{model}\t{}\t{}\t{}\t{}",
                     d(p.input),
                     d(p.cached_input),
-                    d(p.output)
+                    d(p.output),
+                    d(p.training)
                 );
             }
         }

@@ -116,6 +116,7 @@ async fn server(dir: &Path, store: Option<Store>) -> Result<(String, Option<Stri
                 input: 150_000,
                 cached_input: 75_000,
                 output: 600_000,
+                training: 0,
             };
             store.set_price("bench", &price).await?;
             state.enable_tenancy(store);

@@ -231,6 +231,7 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
                     &targets,
                     &mask,
                     recompute,
+                    false,
                     &mut |store| grads.accumulate(&params, store, 1.0),
                 )?;
                 grads.clip(1.0);
@@ -265,6 +266,7 @@ fn child(dir: &Path, mode: &str, a: &TrainBench) -> Result<()> {
                     &targets,
                     &mask,
                     recompute,
+                    false,
                     &mut |store| grads.accumulate(&lora.params, store, 1.0),
                 )?;
                 grads.clip(1.0);

@@ -35,6 +35,11 @@ pub struct FinetuneArgs {
     /// Continue from the newest complete checkpoint in `OUT/checkpoints`.
     #[arg(long)]
     pub resume: bool,
+    /// Append each step's figures to this CSV, in the columns of OpenAI's results files
+    /// (`step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`); a resumed run
+    /// appends again from its checkpoint's step, so a reader keeps the last row of each step.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
 }
 
 /// `fount finetune …` subcommands.
@@ -74,7 +79,11 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     cfg.truncate |= a.truncate;
     let stop = Arc::new(AtomicBool::new(false));
     super::train::stop_on_signals(stop.clone())?;
-    if fine_tune(&base, &data, &out, &cfg, a.resume, &stop)?.interrupted {
+    let mut metrics = match &a.metrics {
+        Some(p) => Some(MetricsCsv::open(p)?),
+        None => None,
+    };
+    if fine_tune(&base, &data, &out, &cfg, a.resume, &stop, metrics.as_mut())?.interrupted {
         return Err(super::train::Checkpointed("continue with --resume".into()).into());
     }
     Ok(())
@@ -88,6 +97,7 @@ pub fn fine_tune(
     cfg: &FinetuneConfig,
     resume: bool,
     stop: &AtomicBool,
+    mut metrics: Option<&mut MetricsCsv>,
 ) -> Result<FinetuneOutcome> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -96,13 +106,29 @@ pub fn fine_tune(
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let mut last = None;
+    let mut failed_write = None;
     let outcome = finetune(base, data, out, cfg, resume, stop, &mut |s| {
         bar.set_length(s.steps);
         bar.set_position(s.step);
         bar.set_message(format!("loss {:.3} lr {:.2e}", s.loss, s.lr));
+        if let Some(m) = metrics.as_deref_mut() {
+            // the last step's row waits for the final validation figures
+            if s.step == s.steps {
+                last = Some((s.step, s.loss, s.accuracy));
+            } else if let Err(e) = m.row(s.step, s.loss, s.accuracy, s.eval) {
+                failed_write.get_or_insert(e);
+            }
+        }
     })
     .with_context(|| format!("fine-tuning {} on {}", base.display(), data.display()))?;
     bar.finish();
+    if let (Some(m), Some((step, loss, acc))) = (metrics, last) {
+        m.row(step, loss, acc, outcome.eval)?;
+    }
+    if let Some(e) = failed_write {
+        return Err(e);
+    }
     let d = &outcome.data;
     eprintln!(
         "{} examples ({} truncated, {} assistant tokens), {} held out; {} steps{}",
@@ -133,4 +159,42 @@ pub fn fine_tune(
         eprintln!("adapter written to {}", outcome.adapter.display());
     }
     Ok(outcome)
+}
+
+/// The per-step figures of a fine-tuning run as CSV, in the columns of OpenAI's results files.
+#[derive(Debug)]
+pub struct MetricsCsv {
+    file: fs_err::File,
+}
+
+impl MetricsCsv {
+    /// The header of the file.
+    pub const HEADER: &'static str =
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy";
+
+    /// Opens `path` for appending, writing the header when it is new.
+    pub fn open(path: &Path) -> Result<MetricsCsv> {
+        use std::io::Write;
+        let new = !path.exists();
+        let mut file = fs_err::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        if new {
+            writeln!(file, "{}", Self::HEADER)?;
+        }
+        Ok(MetricsCsv { file })
+    }
+
+    /// Appends one step's row (the validation columns empty when not measured).
+    pub fn row(&mut self, step: u64, loss: f64, acc: f64, eval: Option<(f64, f64)>) -> Result<()> {
+        use std::io::Write;
+        let (vl, va) = match eval {
+            Some((l, a)) => (format!("{l:.6}"), format!("{a:.6}")),
+            None => (String::new(), String::new()),
+        };
+        writeln!(self.file, "{step},{loss:.6},{acc:.6},{vl},{va}")?;
+        self.file.flush()?;
+        Ok(())
+    }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fount_store::{Change, Job, JobFilter, JobState, NewJob, Priority, Stop, Store, Transition};
+use fount_store::{Ask, Job, JobFilter, JobState, NewJob, Priority, Store};
 use serde_json::json;
 
 use super::admin::{tenant_id, StoreArgs};
@@ -35,7 +35,7 @@ pub enum JobsCommand {
         /// One tenant's jobs.
         #[arg(long)]
         tenant: Option<String>,
-        /// Jobs in this state (queued, running, preempted, succeeded, failed, cancelled).
+        /// Jobs in this state (queued, running, preempted, paused, succeeded, failed, cancelled).
         #[arg(long)]
         state: Option<String>,
         /// One JSON object per job, as `show --json` prints it, in a JSON array.
@@ -52,6 +52,16 @@ pub enum JobsCommand {
     },
     /// Cancels a job; a running one is stopped (SIGTERM, then SIGKILL after the grace period).
     Cancel {
+        /// The job's id.
+        id: String,
+    },
+    /// Holds a job until `resume`: a running one stops at a checkpoint, as when preempted.
+    Pause {
+        /// The job's id.
+        id: String,
+    },
+    /// Lets a paused job wait for a slot again; it resumes from its checkpoint.
+    Resume {
         /// The job's id.
         id: String,
     },
@@ -245,7 +255,7 @@ async fn jobs(store: &Store, where_: &StoreArgs, command: JobsCommand) -> Result
             let states = match &state {
                 Some(s) => vec![JobState::parse(s).with_context(|| {
                     format!(
-                        "--state {s:?}: queued, running, preempted, succeeded, failed or cancelled"
+                        "--state {s:?}: queued, running, preempted, paused, succeeded, failed or cancelled"
                     )
                 })?],
                 None => vec![],
@@ -291,7 +301,9 @@ async fn jobs(store: &Store, where_: &StoreArgs, command: JobsCommand) -> Result
                 print_job(&v);
             }
         }
-        JobsCommand::Cancel { id } => cancel(store, &id).await?,
+        JobsCommand::Cancel { id } => ask(store, &id, Ask::Cancel).await?,
+        JobsCommand::Pause { id } => ask(store, &id, Ask::Pause).await?,
+        JobsCommand::Resume { id } => ask(store, &id, Ask::Resume).await?,
         JobsCommand::Logs { id, follow } => logs(store, &id, follow).await?,
         JobsCommand::Wait { id, timeout } => {
             let started = Instant::now();
@@ -506,36 +518,18 @@ fn print_job(v: &serde_json::Value) {
     }
 }
 
-async fn cancel(store: &Store, id: &str) -> Result<()> {
-    for _ in 0..5 {
-        let job = find(store, id).await?;
-        match job.state {
-            s if s.is_terminal() => bail!("{id} already {s}"),
-            JobState::Running => {
-                if store
-                    .request_job_stop(&job.id, job.attempts, Stop::Cancel)
-                    .await?
-                {
-                    eprintln!("{id}: cancelling (the pool stops it: SIGTERM, then SIGKILL after its grace period)");
-                    return Ok(());
-                }
-            }
-            _ => match store
-                .transition_job(&job, &Change::new(Transition::Cancel, "cancelled"))
-                .await
-            {
-                Ok(_) => {
-                    eprintln!("{id}: cancelled");
-                    return Ok(());
-                }
-                Err(fount_store::Error::Conflict(_)) => {}
-                Err(e) => return Err(e.into()),
-            },
-        }
-        // it changed under us: read it again
-        tokio::time::sleep(Duration::from_millis(50)).await;
+async fn ask(store: &Store, id: &str, what: Ask) -> Result<()> {
+    find(store, id).await?;
+    match store.ask_job(id, what).await {
+        Ok((job, true)) => eprintln!("{id}: {}", job.state),
+        Ok((_, false)) => eprintln!(
+            "{id}: stopping (the pool signals it: SIGTERM, a checkpoint, then SIGKILL after its \
+             grace period)"
+        ),
+        Err(fount_store::Error::Conflict(why)) => bail!("{why}"),
+        Err(e) => return Err(e.into()),
     }
-    bail!("{id} keeps changing state; try again")
+    Ok(())
 }
 
 async fn logs(store: &Store, id: &str, follow: bool) -> Result<()> {
