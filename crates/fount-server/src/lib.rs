@@ -14,7 +14,8 @@
 //! 5. [`error::ApiError`] is the one place an error becomes an OpenAI error object and a status.
 //!
 //! Around them: `/v1/models`, the adapter admin routes, OpenAI's Files API ([`files`]: the data
-//! tenants fine-tune on, private to each), `/health`, Prometheus `/metrics`, and the OpenAPI
+//! tenants fine-tune on, private to each) and Fine-tuning API ([`finetuning`]: jobs on the
+//! compute pool whose `ft:` models this server serves as soon as they succeed), `/health`, Prometheus `/metrics`, and the OpenAPI
 //! document at `/openapi.json` (generated from the handlers' annotations).
 //!
 //! ```no_run
@@ -36,6 +37,7 @@ pub mod answer;
 pub mod error;
 pub mod extract;
 pub mod files;
+pub mod finetuning;
 pub mod metrics;
 pub mod protocol;
 pub mod routes;
@@ -75,6 +77,14 @@ pub use state::{AppState, ServerConfig, SetupError};
         files::retrieve,
         files::content,
         files::delete,
+        finetuning::create,
+        finetuning::list,
+        finetuning::retrieve,
+        finetuning::cancel,
+        finetuning::pause,
+        finetuning::resume,
+        finetuning::events,
+        finetuning::checkpoints,
         admin::list_tenants,
         admin::create_tenant,
         admin::create_key,
@@ -127,6 +137,34 @@ pub fn app(state: Arc<AppState>) -> Router {
             get(files::retrieve).delete(files::delete),
         )
         .route("/v1/files/{file_id}/content", get(files::content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            get(finetuning::list).post(finetuning::create),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}",
+            get(finetuning::retrieve),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel",
+            post(finetuning::cancel),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause",
+            post(finetuning::pause),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume",
+            post(finetuning::resume),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+            get(finetuning::events),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints",
+            get(finetuning::checkpoints),
+        )
         .route(
             "/admin/v1/tenants",
             get(admin::list_tenants).post(admin::create_tenant),

@@ -584,9 +584,12 @@ pub struct UsageReport {
 pub struct UsageRow {
     /// `YYYY-MM-DD`, UTC.
     pub day: String,
-    /// The model as requested.
+    /// The model as requested (for training: the base model of a fine-tuning job, or the
+    /// pool job's kind, `finetune`, for its slot time).
     pub model: String,
-    /// Requests.
+    /// `inference` (requests) or `training` (pool job attempts and fine-tuning jobs).
+    pub kind: String,
+    /// Requests (job attempts and fine-tuning jobs for training).
     pub requests: i64,
     /// Prompt tokens.
     pub prompt_tokens: i64,
@@ -594,6 +597,10 @@ pub struct UsageRow {
     pub cached_tokens: i64,
     /// Generated tokens.
     pub completion_tokens: i64,
+    /// Tokens trained on by fine-tuning jobs (billed at the model's training price).
+    pub trained_tokens: i64,
+    /// Slot time of pool jobs, in seconds.
+    pub slot_seconds: f64,
     /// What it cost in US dollars, as a decimal string with six places (exact).
     pub cost_usd: String,
 }

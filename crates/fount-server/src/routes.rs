@@ -474,14 +474,20 @@ pub async fn usage(
         object: "list",
         data: rows
             .into_iter()
-            .map(|r| crate::protocol::UsageRow {
-                day: r.day,
-                model: r.model,
-                requests: r.requests,
-                prompt_tokens: r.prompt_tokens,
-                cached_tokens: r.cached_tokens,
-                completion_tokens: r.completion_tokens,
-                cost_usd: fount_store::dollars(i128::from(r.cost_picodollars), 6),
+            .map(|r| {
+                let training = r.kind == fount_store::UsageKind::Training;
+                crate::protocol::UsageRow {
+                    day: r.day,
+                    model: r.model,
+                    kind: r.kind.name().into(),
+                    requests: r.requests,
+                    prompt_tokens: if training { 0 } else { r.prompt_tokens },
+                    cached_tokens: r.cached_tokens,
+                    completion_tokens: r.completion_tokens,
+                    trained_tokens: if training { r.prompt_tokens } else { 0 },
+                    slot_seconds: r.slot_ms as f64 / 1000.0,
+                    cost_usd: fount_store::dollars(i128::from(r.cost_picodollars), 6),
+                }
             })
             .collect(),
     }))

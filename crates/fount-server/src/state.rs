@@ -76,6 +76,7 @@ pub struct AppState {
     in_flight: AtomicUsize,
     tenancy: std::sync::OnceLock<Arc<crate::tenancy::Tenancy>>,
     files: std::sync::OnceLock<crate::files::FilesConfig>,
+    fine_tuning: std::sync::OnceLock<crate::finetuning::FineTuningConfig>,
     /// Tenant weights of the engine's fair queue (when the engine runs one).
     shares: FairShares,
 }
@@ -163,6 +164,7 @@ impl AppState {
             in_flight: AtomicUsize::new(0),
             tenancy: std::sync::OnceLock::new(),
             files: std::sync::OnceLock::new(),
+            fine_tuning: std::sync::OnceLock::new(),
             shares,
         })
     }
@@ -187,6 +189,17 @@ impl AppState {
     /// Where files are kept, when the Files API is on.
     pub fn files(&self) -> Option<&crate::files::FilesConfig> {
         self.files.get()
+    }
+
+    /// Turns on OpenAI's Fine-tuning API (once; later calls keep the first). It needs tenancy
+    /// and files; [`crate::finetuning::follow::run`] moves the jobs along.
+    pub fn enable_fine_tuning(&self, cfg: crate::finetuning::FineTuningConfig) {
+        let _ = self.fine_tuning.set(cfg);
+    }
+
+    /// How fine-tuning jobs run, when the API is on.
+    pub fn fine_tuning(&self) -> Option<&crate::finetuning::FineTuningConfig> {
+        self.fine_tuning.get()
     }
 
     /// The tenancy layer, when on.

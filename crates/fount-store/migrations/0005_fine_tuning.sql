@@ -25,6 +25,9 @@ CREATE TABLE ft_jobs (
     pool_job_id TEXT REFERENCES jobs (id),
     out_dir TEXT NOT NULL,
     fine_tuned_model TEXT,
+    -- the training file's tokens times the epochs, and the steps, once validated
+    billable_tokens BIGINT,
+    total_steps BIGINT,
     trained_tokens BIGINT,
     result_file TEXT,
     created_at_ms BIGINT NOT NULL,

@@ -102,7 +102,11 @@ pub struct FtJob {
     pub out_dir: String,
     /// `ft:…`, once succeeded.
     pub fine_tuned_model: Option<String>,
-    /// Billable tokens (the training file's tokens times the epochs).
+    /// The training file's tokens times the epochs, once validated.
+    pub billable_tokens: Option<i64>,
+    /// Optimizer steps the run takes, once validated.
+    pub total_steps: Option<i64>,
+    /// Billable tokens trained on, once succeeded.
     pub trained_tokens: Option<i64>,
     /// The results file's id, once succeeded.
     pub result_file: Option<String>,
@@ -125,6 +129,10 @@ pub struct FtUpdate {
     pub pool_job_id: Option<String>,
     /// The model.
     pub fine_tuned_model: Option<String>,
+    /// The file's tokens times the epochs.
+    pub billable_tokens: Option<i64>,
+    /// Steps of the run.
+    pub total_steps: Option<i64>,
     /// Billable tokens.
     pub trained_tokens: Option<i64>,
     /// The results file.
@@ -187,8 +195,8 @@ pub struct FtModel {
 }
 
 const JOB_COLUMNS: &str = "id, tenant_id, model, training_file, validation_file, suffix, seed, \
-    method, metadata, status, error, pool_job_id, out_dir, fine_tuned_model, trained_tokens, \
-    result_file, created_at_ms, finished_at_ms";
+    method, metadata, status, error, pool_job_id, out_dir, fine_tuned_model, billable_tokens, \
+    total_steps, trained_tokens, result_file, created_at_ms, finished_at_ms";
 
 fn ft_job(r: &AnyRow) -> Result<FtJob> {
     let status: String = r.try_get("status")?;
@@ -208,6 +216,8 @@ fn ft_job(r: &AnyRow) -> Result<FtJob> {
         pool_job_id: r.try_get("pool_job_id")?,
         out_dir: r.try_get("out_dir")?,
         fine_tuned_model: r.try_get("fine_tuned_model")?,
+        billable_tokens: r.try_get("billable_tokens")?,
+        total_steps: r.try_get("total_steps")?,
         trained_tokens: r.try_get("trained_tokens")?,
         result_file: r.try_get("result_file")?,
         created_at_ms: r.try_get("created_at_ms")?,
@@ -257,7 +267,8 @@ impl Store {
     pub async fn insert_ft_job(&self, j: &FtJob) -> Result<()> {
         sqlx::query(&format!(
             "INSERT INTO ft_jobs ({JOB_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+              $19, $20)"
         ))
         .bind(&j.id)
         .bind(&j.tenant_id)
@@ -273,6 +284,8 @@ impl Store {
         .bind(&j.pool_job_id)
         .bind(&j.out_dir)
         .bind(&j.fine_tuned_model)
+        .bind(j.billable_tokens)
+        .bind(j.total_steps)
         .bind(j.trained_tokens)
         .bind(&j.result_file)
         .bind(j.created_at_ms)
@@ -347,8 +360,10 @@ impl Store {
                fine_tuned_model = COALESCE($5, fine_tuned_model), \
                trained_tokens = COALESCE($6, trained_tokens), \
                result_file = COALESCE($7, result_file), \
-               finished_at_ms = COALESCE($8, finished_at_ms) \
-             WHERE id = $9 AND status = $10",
+               finished_at_ms = COALESCE($8, finished_at_ms), \
+               billable_tokens = COALESCE($9, billable_tokens), \
+               total_steps = COALESCE($10, total_steps) \
+             WHERE id = $11 AND status = $12",
         )
         .bind(to.name())
         .bind(&u.method)
@@ -358,6 +373,8 @@ impl Store {
         .bind(u.trained_tokens)
         .bind(&u.result_file)
         .bind(finished)
+        .bind(u.billable_tokens)
+        .bind(u.total_steps)
         .bind(id)
         .bind(from.name())
         .execute(&mut *tx)

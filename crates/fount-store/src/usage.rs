@@ -143,9 +143,12 @@ pub struct UsageSummary {
     pub day: String,
     /// The model.
     pub model: String,
-    /// Requests.
+    /// What was metered: requests, or training (pool jobs' attempts and fine-tuning jobs'
+    /// trained tokens).
+    pub kind: UsageKind,
+    /// Requests (job attempts and finished fine-tuning jobs for training).
     pub requests: i64,
-    /// Prompt tokens.
+    /// Prompt tokens (trained tokens for training).
     pub prompt_tokens: i64,
     /// Cached prompt tokens.
     pub cached_tokens: i64,
@@ -153,6 +156,8 @@ pub struct UsageSummary {
     pub completion_tokens: i64,
     /// Cost, in picodollars.
     pub cost_picodollars: i64,
+    /// Slot time of pool jobs, in milliseconds.
+    pub slot_ms: i64,
 }
 
 /// Usage records per `INSERT` statement.
@@ -365,7 +370,9 @@ impl Store {
             let day = utc_day(r.created_at_ms);
             match out
                 .iter_mut()
-                .find(|s| s.tenant_id == r.tenant_id && s.day == day && s.model == r.model)
+                .find(|s| {
+                    s.tenant_id == r.tenant_id && s.day == day && s.model == r.model && s.kind == r.kind
+                })
             {
                 Some(s) => {
                     s.requests += 1;
@@ -373,20 +380,30 @@ impl Store {
                     s.cached_tokens += r.cached_tokens;
                     s.completion_tokens += r.completion_tokens;
                     s.cost_picodollars = s.cost_picodollars.saturating_add(r.cost_picodollars);
+                    s.slot_ms += r.slot_ms;
                 }
                 None => out.push(UsageSummary {
                     tenant_id: r.tenant_id,
                     day,
                     model: r.model,
+                    kind: r.kind,
                     requests: 1,
                     prompt_tokens: r.prompt_tokens,
                     cached_tokens: r.cached_tokens,
                     completion_tokens: r.completion_tokens,
                     cost_picodollars: r.cost_picodollars,
+                    slot_ms: r.slot_ms,
                 }),
             }
         }
-        out.sort_by(|a, b| (&a.tenant_id, &a.day, &a.model).cmp(&(&b.tenant_id, &b.day, &b.model)));
+        out.sort_by(|a, b| {
+            (&a.tenant_id, &a.day, &a.model, a.kind.name()).cmp(&(
+                &b.tenant_id,
+                &b.day,
+                &b.model,
+                b.kind.name(),
+            ))
+        });
         Ok(out)
     }
 }

@@ -218,6 +218,41 @@ fn the_openai_sdk_uploads_pages_reads_and_deletes_files() {
 }
 
 #[test]
+fn the_openai_sdk_fine_tunes_and_calls_the_model_the_moment_the_job_succeeds() {
+    let (model, _) = model_with_adapter("finetuning");
+    let server = Server::start(&model, &[]);
+    let a = tenant_key(&model, "acme", "files,fine_tuning,inference");
+    let b = tenant_key(&model, "other", "files,fine_tuning,inference");
+    let work = model.with_extension("work");
+    crate::util::fount_ok(&[
+        "data",
+        "synth",
+        "--out",
+        &work.join("synth").display().to_string(),
+        "--docs",
+        "10",
+        "--chat-examples",
+        "40",
+    ]);
+    let out = python(&[
+        &python_script("finetuning_client.py").display().to_string(),
+        &format!("{}/v1", server.url()),
+        &a,
+        &b,
+        env!("CARGO_BIN_EXE_fount"),
+        &model.with_extension("data").display().to_string(),
+        &model.display().to_string(),
+        &work.join("synth/chat/train.jsonl").display().to_string(),
+        &work.display().to_string(),
+    ]);
+    assert!(
+        out.contains("fine-tuning: all checks passed"),
+        "{out}\n{}",
+        server.log()
+    );
+}
+
+#[test]
 fn the_openai_sdk_works_against_fount_serve_and_sigterm_drains() {
     let (model, adapters) = model_with_adapter("sdk");
     let mut server = Server::start(&model, &["--adapters", &adapters.display().to_string()]);

@@ -39,7 +39,9 @@ pub fn tokenize_chat(
     // each assistant turn's text: from after the generation prompt to the end of its message
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        if m.role != "assistant" {
+        // OpenAI's `weight`: an assistant message of weight 0 is context, not a target
+        let weight = m.extra.get("weight").and_then(|w| w.as_i64());
+        if m.role != "assistant" || weight == Some(0) {
             continue;
         }
         let before = template.render(&messages[..i], true)?;

@@ -182,7 +182,19 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
                 dir: a.data_dir.join("files"),
                 max_bytes: max_file,
             });
-            Some(state.enable_tenancy(store))
+            let tenancy = state.enable_tenancy(store);
+            // fine-tuning jobs run on the pool: this process's (or `fount pool run`'s, with
+            // --no-pool), which reads the paths of their commands as written here
+            let data_dir = a.data_dir.canonicalize().context("--data-dir")?;
+            let base_dir = a.model.canonicalize().context("--model")?;
+            state.enable_fine_tuning(fount_server::finetuning::FineTuningConfig {
+                dir: data_dir.join("fine_tuning"),
+                base_dir,
+                priority: fount_store::Priority::Normal,
+                every: std::time::Duration::from_millis(100),
+            });
+            tokio::spawn(fount_server::finetuning::follow::run(state.clone()));
+            Some(tenancy)
         };
         let bound = listener.local_addr()?;
         let adapters = state.engine().adapters().list().len();
