@@ -544,7 +544,7 @@ async fn the_admin_api_manages_tenants_keys_and_quotas() {
         let r = put(
             &admin,
             "/admin/v1/prices/tiny",
-            json!({"input": "0.5", "output": "2"}),
+            json!({"input": "0.5", "output": "2", "training": "3"}),
         )
         .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -567,7 +567,7 @@ async fn the_admin_api_manages_tenants_keys_and_quotas() {
             .json();
         assert_eq!(
             prices["data"],
-            json!([{"model": "tiny", "input": "0.500000", "cached_input": "0.500000", "output": "2.000000"}])
+            json!([{"model": "tiny", "input": "0.500000", "cached_input": "0.500000", "output": "2.000000", "training": "3.000000"}])
         );
         let r = call_as(
             &s,

@@ -239,12 +239,11 @@ impl Store {
 
     /// Every price set, by model name.
     pub async fn prices(&self) -> Result<Vec<(String, Price)>> {
-        let rows =
-            sqlx::query(
-                "SELECT model, input, cached_input, output, training FROM prices ORDER BY model",
-            )
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT model, input, cached_input, output, training FROM prices ORDER BY model",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -368,12 +367,9 @@ impl Store {
         let mut out: Vec<UsageSummary> = Vec::new();
         for r in self.usage(tenant_id, from_ms, to_ms).await? {
             let day = utc_day(r.created_at_ms);
-            match out
-                .iter_mut()
-                .find(|s| {
-                    s.tenant_id == r.tenant_id && s.day == day && s.model == r.model && s.kind == r.kind
-                })
-            {
+            match out.iter_mut().find(|s| {
+                s.tenant_id == r.tenant_id && s.day == day && s.model == r.model && s.kind == r.kind
+            }) {
                 Some(s) => {
                     s.requests += 1;
                     s.prompt_tokens += r.prompt_tokens;

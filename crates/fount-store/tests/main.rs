@@ -7,4 +7,8 @@ mod store;
 /// The pool's jobs: submit, the state machine against the database, attempts billed once,
 /// quotas, the lease.
 mod jobs;
+
+/// Fine-tuning jobs, their events and checkpoints; owners pausing, resuming and cancelling
+/// pool jobs.
+mod finetuning;
 mod util;

@@ -222,7 +222,11 @@ impl Follower {
         let mut copies = Vec::new();
         for (which, id, name) in [
             (Which::Training, Some(&job.training_file), "train.jsonl"),
-            (Which::Validation, job.validation_file.as_ref(), "valid.jsonl"),
+            (
+                Which::Validation,
+                job.validation_file.as_ref(),
+                "valid.jsonl",
+            ),
         ] {
             let Some(id) = id else { continue };
             let dest = dir.join(name);
@@ -268,7 +272,13 @@ impl Follower {
                         Which::Validation => "validation_file",
                     },
                 })?;
-                reports.push(validate::check(&text, *which, template, &st.tokenizer, context)?);
+                reports.push(validate::check(
+                    &text,
+                    *which,
+                    template,
+                    &st.tokenizer,
+                    context,
+                )?);
             }
             Ok(reports)
         })
@@ -479,7 +489,10 @@ impl Follower {
                             .checkpoint_step
                             .map(|s| format!(" from its checkpoint at step {s}"))
                             .unwrap_or_default();
-                        ("info", format!("Fine-tuning job resumed{from} (attempt {starts})"))
+                        (
+                            "info",
+                            format!("Fine-tuning job resumed{from} (attempt {starts})"),
+                        )
                     }
                 }
                 JobState::Preempted => {
@@ -504,8 +517,16 @@ impl Follower {
                 JobState::Cancelled => ("info", "Training stopped: cancelled".to_string()),
                 JobState::Succeeded => ("info", "Training finished".to_string()),
             };
-            event_at(store, &job.id, &format!("pool:{k}"), Some(h.at_ms), level, &message, None)
-                .await;
+            event_at(
+                store,
+                &job.id,
+                &format!("pool:{k}"),
+                Some(h.at_ms),
+                level,
+                &message,
+                None,
+            )
+            .await;
         }
         if pool.state == JobState::Queued && !matches!(pool.reason.as_str(), "submitted" | "") {
             let a = match ahead {
@@ -549,7 +570,15 @@ impl Follower {
             }
             let mut data = metrics(Some(row), *step);
             data["total_steps"] = json!(total);
-            event(store, &job.id, &format!("step:{step}"), "info", &message, Some(data)).await;
+            event(
+                store,
+                &job.id,
+                &format!("step:{step}"),
+                "info",
+                &message,
+                Some(data),
+            )
+            .await;
         }
         *seen = rows;
     }
@@ -792,11 +821,12 @@ async fn write_results(
     job: &FtJob,
     rows: &BTreeMap<i64, Row>,
 ) -> Result<String, String> {
-    let mut csv = String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
+    let mut csv =
+        String::from("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n");
     for r in rows.values() {
-        let (vl, va) = r
-            .valid
-            .map_or((String::new(), String::new()), |(l, a)| (l.to_string(), a.to_string()));
+        let (vl, va) = r.valid.map_or((String::new(), String::new()), |(l, a)| {
+            (l.to_string(), a.to_string())
+        });
         csv += &format!("{},{},{},{vl},{va}\n", r.step, r.loss, r.acc);
     }
     let bytes = base64::engine::general_purpose::STANDARD.encode(csv);
@@ -841,7 +871,16 @@ async fn write_results(
     match store.insert_file(&record).await {
         Ok(()) => Ok(id),
         // written meanwhile by another follower
-        Err(_) if store.file(&job.tenant_id, &id).await.ok().flatten().is_some() => Ok(id),
+        Err(_)
+            if store
+                .file(&job.tenant_id, &id)
+                .await
+                .ok()
+                .flatten()
+                .is_some() =>
+        {
+            Ok(id)
+        }
         Err(e) => Err(e.to_string()),
     }
 }

@@ -335,7 +335,10 @@ fn hyper(v: &Value, name: &str, lo: f64, hi: f64, integer: bool) -> ApiResult<Op
 fn asked_hyperparameters(body: &CreateJob) -> ApiResult<Value> {
     let mut from_method = None;
     if let Some(m) = body.method.as_ref().filter(|m| !m.is_null()) {
-        let kind = m.get("type").and_then(Value::as_str).unwrap_or("supervised");
+        let kind = m
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("supervised");
         if kind != "supervised" {
             return Err(ApiError::invalid(
                 "method.type",
@@ -347,17 +350,16 @@ fn asked_hyperparameters(body: &CreateJob) -> ApiResult<Value> {
             .and_then(|s| s.get("hyperparameters"))
             .cloned();
     }
-    let h = match (from_method, &body.hyperparameters) {
-        (Some(_), Some(h)) if !h.is_null() => {
-            return Err(ApiError::invalid(
+    let h =
+        match (from_method, &body.hyperparameters) {
+            (Some(_), Some(h)) if !h.is_null() => return Err(ApiError::invalid(
                 "hyperparameters",
                 "give the hyperparameters under method.supervised, or at the top level, not both",
-            ))
-        }
-        (Some(h), _) => h,
-        (None, Some(h)) => h.clone(),
-        (None, None) => json!({}),
-    };
+            )),
+            (Some(h), _) => h,
+            (None, Some(h)) => h.clone(),
+            (None, None) => json!({}),
+        };
     if h.is_null() {
         return Ok(json!({}));
     }
@@ -452,10 +454,7 @@ pub async fn create(
         ("validation_file", body.validation_file.as_ref()),
     ] {
         let Some(id) = id else { continue };
-        let f = store
-            .file(&caller.tenant.id, id)
-            .await
-            .map_err(internal)?;
+        let f = store.file(&caller.tenant.id, id).await.map_err(internal)?;
         match f {
             Some(f) if f.purpose == "fine-tune" => {}
             Some(_) => {
@@ -498,10 +497,21 @@ pub async fn create(
     };
     store.insert_ft_job(&job).await.map_err(internal)?;
     let files = match &job.validation_file {
-        Some(v) => format!("Validating training file: {} and validation file: {v}", job.training_file),
+        Some(v) => format!(
+            "Validating training file: {} and validation file: {v}",
+            job.training_file
+        ),
         None => format!("Validating training file: {}", job.training_file),
     };
-    follow::event(store, &job.id, "created", "info", &format!("Created fine-tuning job: {id}"), None).await;
+    follow::event(
+        store,
+        &job.id,
+        "created",
+        "info",
+        &format!("Created fine-tuning job: {id}"),
+        None,
+    )
+    .await;
     follow::event(store, &job.id, "validating", "info", &files, None).await;
     Ok(Json(object(&job)))
 }
@@ -618,7 +628,10 @@ async fn act(
             .map_err(internal)?;
         if changed {
             let (key, message) = match what {
-                Act::Cancel => ("cancelled".to_string(), "The job has been cancelled".to_string()),
+                Act::Cancel => (
+                    "cancelled".to_string(),
+                    "The job has been cancelled".to_string(),
+                ),
                 Act::Pause => (
                     format!("pause:{}", fount_store::now_ms()),
                     "The job has been paused; it stops at a checkpoint and resumes from it".into(),

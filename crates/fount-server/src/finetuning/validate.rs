@@ -167,7 +167,9 @@ pub fn check(
             parsed.push(msg);
         }
         if !messages.iter().any(|m| m["role"] == "assistant") {
-            return Err(invalid(format!("Example {n} is missing an assistant message")));
+            return Err(invalid(format!(
+                "Example {n} is missing an assistant message"
+            )));
         }
         if !trained {
             return Err(invalid(format!(

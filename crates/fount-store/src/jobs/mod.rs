@@ -231,8 +231,8 @@ impl Stop {
             Stop::TimeLimit,
             Stop::Pause,
         ]
-            .into_iter()
-            .find(|k| k.name() == s)
+        .into_iter()
+        .find(|k| k.name() == s)
     }
 }
 

@@ -477,9 +477,7 @@ async fn prices(store: &Store, command: PriceCommand) -> Result<()> {
             eprintln!("price of {model} set");
         }
         PriceCommand::List => {
-            println!(
-                "model\tinput\tcached_input\toutput\ttraining (dollars per million tokens)"
-            );
+            println!("model\tinput\tcached_input\toutput\ttraining (dollars per million tokens)");
             for (model, p) in store.prices().await? {
                 let d = |micro: i64| fount_store::dollars(i128::from(micro) * 1_000_000, 6);
                 println!(

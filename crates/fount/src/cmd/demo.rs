@@ -269,7 +269,8 @@ fn step_finetune(
         let cfg_path = dir.join("finetune.toml");
         write_config(&cfg_path, FINETUNE)?;
         let cfg = FinetuneConfig::from_file(&cfg_path)?;
-        let outcome = super::finetune::fine_tune(base, &chat_train, &adapter, &cfg, true, stop, None)?;
+        let outcome =
+            super::finetune::fine_tune(base, &chat_train, &adapter, &cfg, true, stop, None)?;
         if outcome.interrupted {
             return Ok(None);
         }
