@@ -29,6 +29,9 @@ pub enum BenchCommand {
     Train(super::bench_train::TrainBench),
     /// The compute pool: scheduling decisions, submit to start, job overhead, preemption.
     Pool(super::bench_pool::PoolBench),
+    /// The Fine-tuning API: from `succeeded` to the first answer, a job against a direct run,
+    /// every tenant's `ft:` model in one batch against the base.
+    Finetuning(super::bench_finetuning::FinetuningBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -71,6 +74,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Tenancy(a) => super::bench_tenancy::bench_tenancy(a, threads),
         BenchCommand::Train(a) => super::bench_train::bench_train(a, threads),
         BenchCommand::Pool(a) => super::bench_pool::bench_pool(a, threads),
+        BenchCommand::Finetuning(a) => super::bench_finetuning::bench_finetuning(a, threads),
     }
 }
 

@@ -51,14 +51,14 @@ pub struct ServeBench {
 
 /// One run of `n` streams.
 #[derive(Debug, Clone, Copy)]
-struct Figures {
-    tokens_per_s: f64,
-    ttft_p50: Duration,
+pub(super) struct Figures {
+    pub(super) tokens_per_s: f64,
+    pub(super) ttft_p50: Duration,
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub(super) type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-fn prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+pub(super) fn prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| {
@@ -122,9 +122,36 @@ async fn over_http(
     max: usize,
     logprobs: bool,
 ) -> Result<Figures> {
+    let reqs = prompts
+        .into_iter()
+        .map(|p| Stream {
+            key: None,
+            model: model.to_string(),
+            prompt: p,
+        })
+        .collect();
+    streams(client, base, reqs, max, logprobs).await
+}
+
+/// One stream of [`streams`]: its API key, its model, its prompt.
+#[derive(Debug, Clone)]
+pub(super) struct Stream {
+    pub(super) key: Option<String>,
+    pub(super) model: String,
+    pub(super) prompt: serde_json::Value,
+}
+
+/// Streams every request at once through an OpenAI-compatible `/v1/completions`.
+pub(super) async fn streams(
+    client: &HttpClient,
+    base: &str,
+    reqs: Vec<Stream>,
+    max: usize,
+    logprobs: bool,
+) -> Result<Figures> {
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for p in prompts {
+    for Stream { key, model, prompt: p } in reqs {
         let mut body = serde_json::json!({
             "model": model, "prompt": p, "max_tokens": max, "temperature": 0,
             "stream": true, "stream_options": {"include_usage": true},
@@ -134,9 +161,12 @@ async fn over_http(
             // character), so the first chunk is the first token
             body["logprobs"] = 0.into();
         }
-        let req = hyper::Request::post(format!("{base}/completions"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))?;
+        let mut req = hyper::Request::post(format!("{base}/completions"))
+            .header("content-type", "application/json");
+        if let Some(k) = &key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string())))?;
         let client = client.clone();
         let url = format!("{base}/completions");
         tasks.push(tokio::spawn(async move {
