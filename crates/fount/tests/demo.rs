@@ -147,6 +147,26 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
         assert_eq!(Some(metered), r["tokens"][model].as_u64(), "{row}");
     }
 
+    // the fine-tuning example the demo prints runs as printed: a tenant's own model, served
+    let marker = "# fine-tune your own model";
+    let snippet = out
+        .split_once(marker)
+        .and_then(|(_, rest)| rest.split_once("python3 -c '"))
+        .and_then(|(_, rest)| rest.split_once("\n'\n"))
+        .map(|(code, _)| code.to_string())
+        .unwrap_or_else(|| panic!("no fine-tuning example in:\n{out}"));
+    let ft = Command::new("python3")
+        .args(["-c", &snippet])
+        .output()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let text = String::from_utf8_lossy(&ft.stdout).into_owned();
+    assert!(
+        ft.status.success() && text.contains("succeeded ft:fount-demo:demo:mine:"),
+        "{text}{}",
+        String::from_utf8_lossy(&ft.stderr)
+    );
+    eprintln!("the printed fine-tuning example: {}", text.trim());
+
     // Ctrl-C: the server drains and the demo exits cleanly
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -147,6 +147,10 @@ fn metrics(row: Option<&Row>, step: i64) -> Value {
 /// jobs' directories).
 #[derive(Debug, Default)]
 pub struct Follower {
+    /// `{job}/{key}` of the events known written (a job's are read once, then kept here).
+    emitted: HashSet<String>,
+    /// Jobs whose written events were read.
+    keys_read: HashSet<String>,
     registered: HashSet<String>,
     models_since: i64,
     rows: HashMap<String, BTreeMap<i64, Row>>,
@@ -177,6 +181,28 @@ impl Follower {
             }
         }
         Ok(())
+    }
+
+    /// Writes the event `key` of `job` unless it is known written.
+    #[allow(clippy::too_many_arguments)]
+    async fn emit(
+        &mut self,
+        store: &Store,
+        job: &str,
+        key: &str,
+        at: Option<i64>,
+        level: &str,
+        message: &str,
+        data: Option<Value>,
+    ) {
+        if self.emitted.insert(format!("{job}/{key}")) {
+            event_at(store, job, key, at, level, message, data).await;
+        }
+    }
+
+    /// Whether the event `key` of `job` is written.
+    fn has(&self, job: &str, key: &str) -> bool {
+        self.emitted.contains(&format!("{job}/{key}"))
     }
 
     /// Registers every fine-tuned model and checkpoint not yet served here.
@@ -424,6 +450,15 @@ impl Follower {
         let Some(pool_id) = &job.pool_job_id else {
             return Ok(());
         };
+        if self.keys_read.insert(job.id.clone()) {
+            for key in store
+                .ft_event_keys(&job.id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                self.emitted.insert(format!("{}/{key}", job.id));
+            }
+        }
         let pool = store
             .job(pool_id)
             .await
@@ -471,7 +506,12 @@ impl Follower {
     }
 
     /// The pool job's history and waiting reason as events.
-    async fn history_events(&self, store: &Store, job: &FtJob, pool: &Job) -> Result<(), String> {
+    async fn history_events(
+        &mut self,
+        store: &Store,
+        job: &FtJob,
+        pool: &Job,
+    ) -> Result<(), String> {
         let history = store
             .job_history(&pool.id)
             .await
@@ -496,13 +536,7 @@ impl Follower {
                     }
                 }
                 JobState::Preempted => {
-                    let key = format!("pool:{k}");
-                    if store
-                        .ft_event_keys(&job.id)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .contains(&key)
-                    {
+                    if self.has(&job.id, &format!("pool:{k}")) {
                         continue;
                     }
                     if ahead.is_none() {
@@ -517,31 +551,22 @@ impl Follower {
                 JobState::Cancelled => ("info", "Training stopped: cancelled".to_string()),
                 JobState::Succeeded => ("info", "Training finished".to_string()),
             };
-            event_at(
-                store,
-                &job.id,
-                &format!("pool:{k}"),
-                Some(h.at_ms),
-                level,
-                &message,
-                None,
-            )
-            .await;
+            let key = format!("pool:{k}");
+            self.emit(store, &job.id, &key, Some(h.at_ms), level, &message, None)
+                .await;
         }
-        if pool.state == JobState::Queued && !matches!(pool.reason.as_str(), "submitted" | "") {
+        let wait = format!("wait:{}", history.len());
+        if pool.state == JobState::Queued
+            && !matches!(pool.reason.as_str(), "submitted" | "")
+            && !self.has(&job.id, &wait)
+        {
             let a = match ahead {
                 Some(a) => a,
                 None => ahead_of(store, job, pool).await?,
             };
-            event(
-                store,
-                &job.id,
-                &format!("wait:{}", history.len()),
-                "info",
-                &format!("Waiting for a slot: {}{a}", pool.reason),
-                None,
-            )
-            .await;
+            let message = format!("Waiting for a slot: {}{a}", pool.reason);
+            self.emit(store, &job.id, &wait, None, "info", &message, None)
+                .await;
         }
         Ok(())
     }
@@ -552,7 +577,7 @@ impl Follower {
             return;
         };
         let rows = parse_rows(&text);
-        let seen = self.rows.entry(job.id.clone()).or_default();
+        let seen = self.rows.get(&job.id).cloned().unwrap_or_default();
         let total = job.total_steps.unwrap_or(0);
         // at most about a hundred metrics events a job: the first step, every `every`-th,
         // the epochs' ends (with validation figures) and the last
@@ -570,17 +595,11 @@ impl Follower {
             }
             let mut data = metrics(Some(row), *step);
             data["total_steps"] = json!(total);
-            event(
-                store,
-                &job.id,
-                &format!("step:{step}"),
-                "info",
-                &message,
-                Some(data),
-            )
-            .await;
+            let key = format!("step:{step}");
+            self.emit(store, &job.id, &key, None, "info", &message, Some(data))
+                .await;
         }
-        *seen = rows;
+        self.rows.insert(job.id.clone(), rows);
     }
 
     /// Each complete checkpoint of the trainer as a model of its own (its adapter linked into

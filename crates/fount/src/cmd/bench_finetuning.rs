@@ -118,7 +118,10 @@ async fn call(
     let status = res.status();
     let text = res.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!("{method} {url}: HTTP {status}: {}", String::from_utf8_lossy(&text));
+        bail!(
+            "{method} {url}: HTTP {status}: {}",
+            String::from_utf8_lossy(&text)
+        );
     }
     Ok(serde_json::from_slice(&text)?)
 }
@@ -131,19 +134,37 @@ async fn upload(client: &HttpClient, base: &str, key: &str, text: &str) -> Resul
          Content-Type: application/jsonl\r\n\r\n{text}\r\n--{boundary}--\r\n"
     );
     let ct = format!("multipart/form-data; boundary={boundary}");
-    let v = call(client, "POST", &format!("{base}/files"), key, Some((&ct, body.into_bytes()))).await?;
+    let v = call(
+        client,
+        "POST",
+        &format!("{base}/files"),
+        key,
+        Some((&ct, body.into_bytes())),
+    )
+    .await?;
     Ok(v["id"].as_str().unwrap_or_default().to_string())
 }
 
-/// Creates a job and polls it every 5 ms until it succeeds; returns the job, the time from
-/// creation to `succeeded`, and the time from reading `succeeded` to the `ft:` model's answer.
+/// What one job measured.
+struct Measured {
+    job: Value,
+    /// From creation to reading `succeeded`.
+    took: Duration,
+    /// From reading `succeeded` to the `ft:` model's answer.
+    answer: Duration,
+    /// The same request to the base model, right after.
+    base_answer: Duration,
+}
+
+/// Creates a job and polls it every `poll` until it succeeds, then calls its model and the base.
 async fn job(
     client: &HttpClient,
     base: &str,
     key: &str,
     file: &str,
     suffix: &str,
-) -> Result<(Value, Duration, Duration)> {
+    poll: Duration,
+) -> Result<Measured> {
     let body = json!({"model": "bench", "training_file": file, "suffix": suffix, "seed": 1,
         "method": {"type": "supervised", "supervised": {"hyperparameters":
             {"n_epochs": 1, "batch_size": 10}}}});
@@ -158,31 +179,50 @@ async fn job(
     .await?;
     let id = created["id"].as_str().unwrap_or_default().to_string();
     let done = loop {
-        let j = call(client, "GET", &format!("{base}/fine_tuning/jobs/{id}"), key, None).await?;
+        let j = call(
+            client,
+            "GET",
+            &format!("{base}/fine_tuning/jobs/{id}"),
+            key,
+            None,
+        )
+        .await?;
         match j["status"].as_str() {
             Some("succeeded") => break j,
             Some("failed" | "cancelled") => bail!("{id} did not succeed: {j}"),
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => tokio::time::sleep(poll).await,
         }
         if start.elapsed() > Duration::from_secs(1800) {
             bail!("{id} did not finish in 30 minutes");
         }
     };
     let took = start.elapsed();
-    let seen = Instant::now();
-    let model = done["fine_tuned_model"].as_str().unwrap_or_default();
-    let chat = json!({"model": model, "max_tokens": 1,
-        "messages": [{"role": "user", "content": "Rewrite the date 1999-01-02."}]});
-    call(
-        client,
-        "POST",
-        &format!("{base}/chat/completions"),
-        key,
-        Some(("application/json", chat.to_string().into_bytes())),
-    )
-    .await
-    .with_context(|| format!("the first call of {model}"))?;
-    Ok((done, took, seen.elapsed()))
+    let model = done["fine_tuned_model"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut times = Vec::new();
+    for m in [model.as_str(), "bench"] {
+        let t = Instant::now();
+        let chat = json!({"model": m, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "Rewrite the date 1999-01-02."}]});
+        call(
+            client,
+            "POST",
+            &format!("{base}/chat/completions"),
+            key,
+            Some(("application/json", chat.to_string().into_bytes())),
+        )
+        .await
+        .with_context(|| format!("the first call of {m}"))?;
+        times.push(t.elapsed());
+    }
+    Ok(Measured {
+        job: done,
+        took,
+        answer: times[0],
+        base_answer: times[1],
+    })
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -205,17 +245,43 @@ pub fn bench_finetuning(a: FinetuningBench, threads: Option<usize>) -> Result<()
         let name = format!("t{t:02}");
         fount_out(&["admin", "--data-dir", &d, "tenant", "create", &name])?;
         keys.push(fount_out(&[
-            "admin", "--data-dir", &d, "key", "create", "--tenant", &name, "--scopes",
+            "admin",
+            "--data-dir",
+            &d,
+            "key",
+            "create",
+            "--tenant",
+            &name,
+            "--scopes",
             "files,fine_tuning,inference",
         ])?);
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let threads_s = threads.to_string();
     let child = fount()?
-        .args(["--threads", &threads_s, "serve", "--model", &s(&model), "--model-name", "bench"])
-        .args(["--data-dir", &d, "--port", &port.to_string(), "--kv-memory", "2GiB"])
+        .args([
+            "--threads",
+            &threads_s,
+            "serve",
+            "--model",
+            &s(&model),
+            "--model-name",
+            "bench",
+        ])
+        .args([
+            "--data-dir",
+            &d,
+            "--port",
+            &port.to_string(),
+            "--kv-memory",
+            "2GiB",
+        ])
         .stdout(Stdio::null())
-        .stderr(Stdio::from(fs_err::File::create(dir.join("serve.log"))?.into_parts().0))
+        .stderr(Stdio::from(
+            fs_err::File::create(dir.join("serve.log"))?.into_parts().0,
+        ))
         .spawn()
         .context("starting fount serve")?;
     let server = Server {
@@ -261,41 +327,81 @@ async fn run(
     // every tenant fine-tunes; each job is polled until `succeeded`, then its model is called
     let text = training_file();
     let mut files = Vec::new();
-    let (mut answers, mut jobs, mut models) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut answers, mut base_answers, mut jobs, mut models) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, key) in keys.iter().enumerate() {
         let file = upload(&client, base, key, &text).await?;
-        let (done, took, answer) = job(&client, base, key, &file, &format!("t{i:02}")).await?;
-        models.push(done["fine_tuned_model"].as_str().unwrap_or_default().to_string());
-        jobs.push((done, took));
-        answers.push(answer);
+        let m = job(
+            &client,
+            base,
+            key,
+            &file,
+            &format!("t{i:02}"),
+            Duration::from_millis(5),
+        )
+        .await?;
+        models.push(
+            m.job["fine_tuned_model"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        answers.push(m.answer);
+        base_answers.push(m.base_answer);
+        jobs.push(m.job);
         files.push(file);
     }
     let (p50, p99) = (pct(&mut answers.clone(), 0.5), pct(&mut answers, 0.99));
+    let (b50, b99) = (
+        pct(&mut base_answers.clone(), 0.5),
+        pct(&mut base_answers, 0.99),
+    );
     println!(
-        "from succeeded to the ft: model's first answer: p50 {:.1} ms, p99 {:.1} ms (over {} jobs)",
+        "from succeeded to the ft: model's first answer (one token): p50 {:.1} ms, p99 {:.1} ms \
+         over {} jobs; the same request to the base model right after: p50 {:.1} ms, p99 {:.1} ms",
         ms(p50),
         ms(p99),
-        keys.len()
+        keys.len(),
+        ms(b50),
+        ms(b99)
     );
     // a job through the API against the same run of `fount finetune`, alternating
-    let first = &jobs[0].0;
-    let job_dir = dir.join("data/fine_tuning").join(first["id"].as_str().unwrap_or_default());
+    let first = &jobs[0];
+    let job_dir = dir
+        .join("data/fine_tuning")
+        .join(first["id"].as_str().unwrap_or_default());
     let (mut api, mut direct) = (Vec::new(), Vec::new());
     for round in 0..a.rounds {
         let out = dir.join(format!("direct-{round}"));
         let run_direct = || -> Result<f64> {
             let t = Instant::now();
             fount_out(&[
-                "finetune", "--base", &s(model), "--data", &s(&job_dir.join("train.jsonl")),
-                "--out", &s(&out), "--config", &s(&job_dir.join("config.toml")),
+                "finetune",
+                "--base",
+                &s(model),
+                "--data",
+                &s(&job_dir.join("train.jsonl")),
+                "--out",
+                &s(&out),
+                "--config",
+                &s(&job_dir.join("config.toml")),
             ])?;
             Ok(t.elapsed().as_secs_f64())
         };
         if round % 2 == 0 {
             direct.push(run_direct()?);
         }
-        let (_, took, _) = job(&client, base, &keys[0], &files[0], "again").await?;
-        api.push(took.as_secs_f64());
+        // polled every 100 ms here: a tight poll would take CPU from the job it times
+        let m = job(
+            &client,
+            base,
+            &keys[0],
+            &files[0],
+            "again",
+            Duration::from_millis(100),
+        )
+        .await?;
+        api.push(m.took.as_secs_f64());
         if round % 2 == 1 {
             direct.push(run_direct()?);
         }
@@ -309,7 +415,10 @@ async fn run(
         a.rounds
     );
     // every tenant's ft: model in one batch against the base model alone, alternating
-    let vocab = 30_000;
+    // ids the tokenizer can spell (and the model embeds)
+    let vocab = fount_model::Tokenizer::from_file(&model.join("tokenizer.json"))?
+        .vocab_size()
+        .min(30_000);
     let mut seed = 1000;
     let mut batch = |ft: bool| {
         seed += 1;
@@ -318,7 +427,11 @@ async fn run(
             .enumerate()
             .map(|(i, p)| Stream {
                 key: Some(keys[i].clone()),
-                model: if ft { models[i].clone() } else { "bench".into() },
+                model: if ft {
+                    models[i].clone()
+                } else {
+                    "bench".into()
+                },
                 prompt: json!(p),
             })
             .collect::<Vec<_>>()
@@ -329,11 +442,27 @@ async fn run(
     for round in 0..a.rounds {
         let (f, b) = (batch(true), batch(false));
         if round % 2 == 0 {
-            with_ft.push(streams(&client, base, f, a.decode_tokens, false).await?.tokens_per_s);
-            base_only.push(streams(&client, base, b, a.decode_tokens, false).await?.tokens_per_s);
+            with_ft.push(
+                streams(&client, base, f, a.decode_tokens, false)
+                    .await?
+                    .tokens_per_s,
+            );
+            base_only.push(
+                streams(&client, base, b, a.decode_tokens, false)
+                    .await?
+                    .tokens_per_s,
+            );
         } else {
-            base_only.push(streams(&client, base, b, a.decode_tokens, false).await?.tokens_per_s);
-            with_ft.push(streams(&client, base, f, a.decode_tokens, false).await?.tokens_per_s);
+            base_only.push(
+                streams(&client, base, b, a.decode_tokens, false)
+                    .await?
+                    .tokens_per_s,
+            );
+            with_ft.push(
+                streams(&client, base, f, a.decode_tokens, false)
+                    .await?
+                    .tokens_per_s,
+            );
         }
     }
     let (ft, b) = (median(with_ft), median(base_only));

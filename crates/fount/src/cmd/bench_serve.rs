@@ -56,7 +56,8 @@ pub(super) struct Figures {
     pub(super) ttft_p50: Duration,
 }
 
-pub(super) type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub(super) type HttpClient =
+    Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 pub(super) fn prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -151,7 +152,12 @@ pub(super) async fn streams(
 ) -> Result<Figures> {
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for Stream { key, model, prompt: p } in reqs {
+    for Stream {
+        key,
+        model,
+        prompt: p,
+    } in reqs
+    {
         let mut body = serde_json::json!({
             "model": model, "prompt": p, "max_tokens": max, "temperature": 0,
             "stream": true, "stream_options": {"include_usage": true},

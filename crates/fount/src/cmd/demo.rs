@@ -334,8 +334,9 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
         no_pool: false,
         pool: super::pool::PoolArgs::default(),
     };
+    let train = dir.join("synth/chat/train.jsonl");
     super::serve::run_with(args, |addr| {
-        print_examples(&format!("http://{addr}"), key.expose());
+        print_examples(&format!("http://{addr}"), key.expose(), &train);
     })
 }
 
@@ -387,9 +388,12 @@ fn demo_key(store_dir: &Path, key_file: &Path) -> Result<ApiKey> {
             .with_context(|| format!("opening the store in {}", store_dir.display()))?;
         if let Ok(text) = fs_err::read_to_string(key_file) {
             let key = ApiKey::from_secret(text.trim());
-            if store.authenticate(&key).await?.is_some() {
-                store.close().await;
-                return Ok(key);
+            // a key of an earlier demo without the fine-tuning scopes is replaced
+            if let Some((info, _)) = store.authenticate(&key).await? {
+                if info.scopes.contains(&Scope::FineTuning) {
+                    store.close().await;
+                    return Ok(key);
+                }
             }
         }
         let tenant = match store.tenant_by_name(TENANT).await? {
@@ -397,7 +401,12 @@ fn demo_key(store_dir: &Path, key_file: &Path) -> Result<ApiKey> {
             None => store.create_tenant(TENANT).await?,
         };
         let (key, _) = store
-            .create_key(&tenant.id, "demo", &[Scope::Inference], None)
+            .create_key(
+                &tenant.id,
+                "demo",
+                &[Scope::Inference, Scope::Files, Scope::FineTuning],
+                None,
+            )
             .await?;
         store.close().await;
         write_secret(key_file, key.expose())?;
@@ -419,7 +428,8 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
     Ok(())
 }
 
-fn print_examples(url: &str, key: &str) {
+fn print_examples(url: &str, key: &str, train: &Path) {
+    let train = train.display();
     use std::io::Write;
     let prompt = fount_data::synth::chat_prompt("2024-03-15");
     println!(
@@ -441,6 +451,23 @@ for model in ["{BASE_NAME}", "{ADAPTER_NAME}"]:
     r = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
         messages=[{{"role": "user", "content": "{prompt}"}}])
     print(model, "->", r.choices[0].message.content, r.usage.total_tokens, "tokens")
+'
+
+# fine-tune your own model on the demo's chat examples, then call it (docs/finetuning.md):
+python3 -c '
+import time
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key="{key}")
+f = client.files.create(file=open("{train}", "rb"), purpose="fine-tune")
+job = client.fine_tuning.jobs.create(model="{BASE_NAME}", training_file=f.id, suffix="mine",
+                                     hyperparameters={{"n_epochs": 1, "batch_size": 32}})
+while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+    time.sleep(2)
+print(job.status, job.fine_tuned_model, job.trained_tokens, "trained tokens")
+print([e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=5)])
+r = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=16, temperature=0,
+    messages=[{{"role": "user", "content": "{prompt}"}}])
+print(job.fine_tuned_model, "->", r.choices[0].message.content)
 '
 
 curl {url}/v1/usage -H "Authorization: Bearer {key}"    # what the tenant was metered

@@ -282,4 +282,61 @@ check(any(m.startswith("Fine-tuning job resumed") for m in msgs), msgs)
 check(adapter(j.id) == reference, "a preempted job ends with another adapter")
 print(f"preemption: ok (by {urgent})")
 
+# --- every response, success or error, as the committed OpenAPI document describes it ---
+import re
+import urllib.error
+
+import jsonschema_rs
+
+ROOT = BASE[: -len("/v1")]
+doc = json.load(urllib.request.urlopen(ROOT + "/openapi.json"))
+
+
+def raw(method, path, key=KEY_A, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(ROOT + path, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def conforms(method, path, key=KEY_A, body=None):
+    status, value = raw(method, path, key, body)
+    template = next(t for t in doc["paths"] if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", t), path.split("?")[0]))
+    op = doc["paths"][template][method.lower()]
+    check(str(status) in op["responses"], f"{method} {path}: undocumented status {status}")
+    schema = op["responses"][str(status)]["content"]["application/json"]["schema"]
+    v = jsonschema_rs.validator_for({**schema, "components": doc["components"]})
+    errors = [str(e) for e in v.iter_errors(value)]
+    check(not errors, f"{method} {path} ({status}): {errors}")
+    return status
+
+
+checked = [
+    conforms("GET", f"/v1/fine_tuning/jobs/{job.id}"),
+    conforms("GET", "/v1/fine_tuning/jobs?limit=2"),
+    conforms("GET", f"/v1/fine_tuning/jobs/{job.id}/events?limit=3"),
+    conforms("GET", f"/v1/fine_tuning/jobs/{job.id}/checkpoints"),
+    conforms("GET", f"/v1/fine_tuning/jobs/{failed[0][0]}"),
+    conforms("POST", f"/v1/fine_tuning/jobs/{job.id}/pause"),
+    conforms("POST", f"/v1/fine_tuning/jobs/{job.id}/cancel"),
+    conforms("GET", f"/v1/fine_tuning/jobs/{job.id}", key=KEY_B),
+    conforms("GET", "/v1/fine_tuning/jobs/ftjob-nope/events"),
+    conforms("GET", "/v1/fine_tuning/jobs?limit=0"),
+    conforms("POST", "/v1/fine_tuning/jobs", body={"model": "nope", "training_file": train.id}),
+    conforms("POST", "/v1/fine_tuning/jobs", body={"model": "tiny", "training_file": train.id, "seed": "x"}),
+    conforms("GET", f"/v1/files/{done.result_files[0]}"),
+    conforms("GET", "/v1/usage"),
+]
+j = a.fine_tuning.jobs.create(model="tiny", training_file=train.id, method=LONG)
+checked += [
+    conforms("POST", f"/v1/fine_tuning/jobs/{j.id}/resume"),
+    conforms("POST", f"/v1/fine_tuning/jobs/{j.id}/cancel"),
+]
+check(sorted(set(checked)) == [200, 400, 404], checked)
+print(f"openapi: ok ({len(checked)} responses conform)")
+
 print("fine-tuning: all checks passed")
