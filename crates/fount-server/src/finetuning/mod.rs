@@ -291,6 +291,18 @@ async fn find(store: &Store, caller: &Caller, id: &str) -> ApiResult<FtJob> {
         .ok_or_else(|| no_such_job(id))
 }
 
+/// A page that could not be read: `after` names nothing of the job's (404), or the store failed.
+fn page_error(e: fount_store::Error, job: &str) -> ApiError {
+    match e {
+        fount_store::Error::NotFound(what) => ApiError::NotFound {
+            message: format!("no {what} in {job}"),
+            param: Some("after".into()),
+            code: "not_found",
+        },
+        e => internal(e),
+    }
+}
+
 fn limit(q: &PageQuery, default: i64) -> ApiResult<i64> {
     match q.limit.as_deref() {
         None => Ok(default),
@@ -727,17 +739,10 @@ pub async fn events(
     let q = query(q)?;
     let limit = limit(&q, 20)?;
     let job = find(store, caller, &id).await?;
-    let (events, has_more) = match store.ft_events(&job.id, q.after.as_deref(), limit).await {
-        Ok(r) => r,
-        Err(fount_store::Error::NotFound(what)) => {
-            return Err(ApiError::NotFound {
-                message: format!("no {what} in {id}"),
-                param: Some("after".into()),
-                code: "not_found",
-            })
-        }
-        Err(e) => return Err(internal(e)),
-    };
+    let (events, has_more) = store
+        .ft_events(&job.id, q.after.as_deref(), limit)
+        .await
+        .map_err(|e| page_error(e, &id))?;
     Ok(Json(EventList {
         object: "list".into(),
         data: events
@@ -776,20 +781,10 @@ pub async fn checkpoints(
     let q = query(q)?;
     let limit = limit(&q, 10)?;
     let job = find(store, caller, &id).await?;
-    let (ckpts, has_more) = match store
+    let (ckpts, has_more) = store
         .ft_checkpoints(&job.id, q.after.as_deref(), limit)
         .await
-    {
-        Ok(r) => r,
-        Err(fount_store::Error::NotFound(what)) => {
-            return Err(ApiError::NotFound {
-                message: format!("no {what} in {id}"),
-                param: Some("after".into()),
-                code: "not_found",
-            })
-        }
-        Err(e) => return Err(internal(e)),
-    };
+        .map_err(|e| page_error(e, &id))?;
     let data: Vec<CheckpointObject> = ckpts
         .into_iter()
         .map(|c| CheckpointObject {
