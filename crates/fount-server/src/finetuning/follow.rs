@@ -171,15 +171,22 @@ impl Follower {
         let store = tenancy.store().clone();
         self.register_models(state, &store).await?;
         let jobs = store.live_ft_jobs().await.map_err(|e| e.to_string())?;
-        for job in jobs {
+        for job in &jobs {
             let r = match job.status {
-                FtStatus::ValidatingFiles => self.validate(state, cfg, &store, &job).await,
-                _ => self.follow(state, cfg, &store, &job).await,
+                FtStatus::ValidatingFiles => self.validate(state, cfg, &store, job).await,
+                _ => self.follow(state, cfg, &store, job).await,
             };
             if let Err(e) = r {
                 tracing::warn!("{}: {e}", job.id);
             }
         }
+        // what is remembered of jobs that ended is forgotten
+        let live: HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let of = |k: &str| k.split('/').next().unwrap_or("").to_string();
+        self.emitted.retain(|k| live.contains(of(k).as_str()));
+        self.keys_read.retain(|k| live.contains(k.as_str()));
+        self.rows.retain(|k, _| live.contains(k.as_str()));
+        self.checkpoints.retain(|(k, _)| live.contains(k.as_str()));
         Ok(())
     }
 
