@@ -406,6 +406,52 @@ fn a_twice_preempted_finetune_ends_bit_identical() {
 /// answer SIGTERM) is killed, and resumes from its last complete periodic checkpoint to the same
 /// weights.
 #[test]
+fn paused_by_its_owner_a_finetune_holds_at_a_checkpoint_and_resumes_bit_identical() {
+    let f = fixture();
+    let d = scratch("pause");
+    let store = d.join("store");
+    let _pool = PoolProcess::start(&store, &["--pool-slots", "1"], &[]);
+    let out = d.join("long");
+    let id = submit(&store, &["--name", "paused"], &f.finetune("long", &out));
+    until_checkpointed(&store, &id);
+    let paused = jobs(&store, &["pause", &id]);
+    assert!(paused.status.success(), "{paused:?}");
+    let v = until(&store, &id, "paused", 60, |v| v["state"] == "paused");
+    let step = v["checkpoint_step"].as_i64().unwrap_or(0);
+    assert!(step > 0, "{v:#}");
+    // held: nothing runs it while paused, and it cannot be paused twice
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = show(&store, &id);
+    assert_eq!(
+        (v["state"].as_str(), v["attempts"].as_i64()),
+        (Some("paused"), Some(1)),
+        "{v:#}"
+    );
+    assert!(!jobs(&store, &["pause", &id]).status.success());
+    let resumed = jobs(&store, &["resume", &id]);
+    assert!(resumed.status.success(), "{resumed:?}");
+    wait_ok(&store, &id, 120);
+    let v = show(&store, &id);
+    assert_eq!(
+        states(&v),
+        [
+            "queued",
+            "running",
+            "paused",
+            "queued",
+            "running",
+            "succeeded"
+        ],
+        "{v:#}"
+    );
+    assert!(
+        adapter(&out) == f.reference("long"),
+        "the resumed adapter differs"
+    );
+    assert!(!jobs(&store, &["resume", &id]).status.success());
+}
+
+#[test]
 fn a_job_that_ignores_its_stop_is_killed_after_the_grace_period_and_still_matches() {
     let f = fixture();
     let d = scratch("grace");
