@@ -935,8 +935,11 @@ fn quotas_budgets_failures_and_refusals() {
     let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let ids: Vec<&str> = listed.iter().filter_map(|j| j["id"].as_str()).collect();
     assert_eq!(ids, [c1.as_str(), c2.as_str()]);
-    let e = jobs(&store, &["list", "--state", "paused"]);
-    assert!(String::from_utf8_lossy(&e.stderr).contains("--state \"paused\""));
+    let e = jobs(&store, &["list", "--state", "held"]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--state \"held\""));
+    assert!(jobs(&store, &["list", "--state", "paused"])
+        .status
+        .success());
 
     // a time limit stops an attempt that runs past it: failed, saying so
     let t = submit(

@@ -345,6 +345,9 @@ impl Store {
                 Ask::Pause => (Transition::Pause, Stop::Pause),
                 Ask::Resume => (Transition::Resume, Stop::Pause),
             };
+            if job.state.is_terminal() {
+                return Err(Error::Conflict(format!("{id} already {}", job.state)));
+            }
             if next(job.state, transition).is_none() {
                 return Err(Error::Conflict(format!(
                     "{id} is {}: it cannot be {}",

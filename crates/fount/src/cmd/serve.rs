@@ -185,6 +185,8 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             let tenancy = state.enable_tenancy(store);
             // fine-tuning jobs run on the pool: this process's (or `fount pool run`'s, with
             // --no-pool), which reads the paths of their commands as written here
+            // (with --database-url nothing else has created it yet)
+            fs_err::create_dir_all(&a.data_dir).context("--data-dir")?;
             let data_dir = a.data_dir.canonicalize().context("--data-dir")?;
             let base_dir = a.model.canonicalize().context("--model")?;
             state.enable_fine_tuning(fount_server::finetuning::FineTuningConfig {
