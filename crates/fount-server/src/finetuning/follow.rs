@@ -297,16 +297,16 @@ impl Follower {
             };
             let mut reports = Vec::new();
             for (which, path) in &copies {
-                let text = fs_err::read_to_string(path).map_err(|e| validate::Refusal {
+                let file = fs_err::File::open(path).map_err(|e| validate::Refusal {
                     code: "invalid_file_format",
-                    message: format!("The file is not UTF-8 text: {e}"),
+                    message: format!("The file cannot be read: {e}"),
                     param: match which {
                         Which::Training => "training_file",
                         Which::Validation => "validation_file",
                     },
                 })?;
                 reports.push(validate::check(
-                    &text,
+                    std::io::BufReader::new(file),
                     *which,
                     template,
                     &st.tokenizer,

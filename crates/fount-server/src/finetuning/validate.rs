@@ -61,10 +61,11 @@ impl Which {
 const ROLES: &[&str] = &["system", "developer", "user", "assistant"];
 const KEYS: &[&str] = &["role", "content", "name", "weight"];
 
-/// Checks `text` (a JSONL file) for fine-tuning the model whose chat `template` and `tokenizer`
-/// are given, with examples of at most `context` tokens.
+/// Checks a JSONL file, read a line at a time from `reader` (a file of any size is never held
+/// whole), for fine-tuning the model whose chat `template` and `tokenizer` are given, with
+/// examples of at most `context` tokens.
 pub fn check(
-    text: &str,
+    reader: impl std::io::BufRead,
     which: Which,
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
@@ -90,12 +91,17 @@ pub fn check(
         param: which.param(),
     };
     let mut report = FileReport::default();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in reader.lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| {
+            format(format!(
+                "Example {n} cannot be read as UTF-8 text: {e} (line {n})"
+            ))
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let n = i + 1;
-        let v: Value = serde_json::from_str(line).map_err(|e| {
+        let v: Value = serde_json::from_str(&line).map_err(|e| {
             format(format!(
                 "Example {n} cannot be parsed. Error: line contains invalid json: {e} (line {n})"
             ))

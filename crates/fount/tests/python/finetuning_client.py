@@ -185,6 +185,11 @@ for label, (lines_, code, text) in cases.items():
     f = a.files.create(file=open(p, "rb"), purpose="fine-tune")
     j = a.fine_tuning.jobs.create(model="tiny", training_file=f.id)
     failed.append((j.id, label, code, text))
+p = WORK / "binary.jsonl"
+p.write_bytes(("\n".join(good) + "\n").encode() + b"\xff\xfe not text\n")
+f = a.files.create(file=open(p, "rb"), purpose="fine-tune")
+j = a.fine_tuning.jobs.create(model="tiny", training_file=f.id)
+failed.append((j.id, "binary", "invalid_file_format", "Example 11 cannot be read as UTF-8 text"))
 for jid, label, code, text in failed:
     j = wait(jid, FINAL)
     check(j.status == "failed", (label, j))
@@ -220,7 +225,7 @@ j = a.fine_tuning.jobs.create(model="tiny", training_file=f.id, hyperparameters=
 j = wait(j.id, FINAL)
 check(j.status == "succeeded", j)
 check(any("1 example(s) are longer than the context" in e.message and e.level == "warn" for e in events(j.id)), "no truncation event")
-print(f"validation: ok ({len(cases)} refusals)")
+print(f"validation: ok ({len(failed)} refusals)")
 
 # --- cancel a running job ---
 j = a.fine_tuning.jobs.create(model="tiny", training_file=train.id, method=LONG)
