@@ -634,6 +634,13 @@ impl Follower {
             }
         }
         steps.sort();
+        // the trainer writes a step's metrics row just after its checkpoint: a checkpoint is
+        // recorded once its row is read, so that its metrics are there
+        let newest_row = self
+            .rows
+            .get(&job.id)
+            .and_then(|r| r.keys().next_back().copied())
+            .unwrap_or(0);
         for (step, adapter) in steps {
             if self.checkpoints.contains(&(job.id.clone(), step)) {
                 continue;
@@ -641,6 +648,9 @@ impl Follower {
             let keep = dir.join(format!("ckpt-step-{step}"));
             if link_adapter(&adapter, &keep).await.is_err() {
                 // pruned by the trainer before it was seen
+                continue;
+            }
+            if newest_row < step {
                 continue;
             }
             self.checkpoint(state, store, job, step, &keep).await?;
