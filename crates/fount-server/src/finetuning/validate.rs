@@ -43,10 +43,19 @@ pub enum Which {
 }
 
 impl Which {
-    fn param(self) -> &'static str {
+    /// The request field naming the file.
+    pub fn param(self) -> &'static str {
         match self {
             Which::Training => "training_file",
             Which::Validation => "validation_file",
+        }
+    }
+
+    /// The code of a refusal of the file's contents (`invalid_training_file`, …).
+    pub fn invalid(self) -> &'static str {
+        match self {
+            Which::Training => "invalid_training_file",
+            Which::Validation => "invalid_validation_file",
         }
     }
 
@@ -80,10 +89,7 @@ pub fn check(
         param: which.param(),
     };
     let invalid = |msg: String| Refusal {
-        code: match which {
-            Which::Training => "invalid_training_file",
-            Which::Validation => "invalid_validation_file",
-        },
+        code: which.invalid(),
         message: format!(
             "The job failed due to an invalid {} file. Invalid file format. {msg}",
             which.name()
