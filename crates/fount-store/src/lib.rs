@@ -20,6 +20,7 @@ mod files;
 mod finetuning;
 pub mod jobs;
 pub mod keys;
+mod ledger;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -33,6 +34,7 @@ pub use jobs::{
     Ask, Change, Job, JobEvent, JobFilter, JobQuota, JobState, NewJob, Priority, Stop, Transition,
 };
 pub use keys::{ApiKey, Scope};
+pub use ledger::{LedgerEntry, LedgerTx, NodeId, UsageCommit};
 pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};
 pub use time::{day_start, day_start_ms, month_start, now_ms, utc_day};
 pub use usage::{dollars, Price, UsageKind, UsageRecord, UsageSummary};

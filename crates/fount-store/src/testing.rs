@@ -175,3 +175,9 @@ pub async fn stores(name: &str) -> Vec<(Store, Option<tempfile::TempDir>)> {
         .unwrap_or_else(|e| panic!("{e}"));
     vec![(sqlite, Some(dir)), (postgres_store(name).await, None)]
 }
+
+/// Runs one SQL statement as it is: tests that tamper with stored rows, as an operator with
+/// access to the database could.
+pub async fn execute(store: &Store, sql: &str) -> crate::Result<u64> {
+    Ok(sqlx::query(sql).execute(&store.pool).await?.rows_affected())
+}

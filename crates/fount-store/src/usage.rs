@@ -334,26 +334,7 @@ impl Store {
         .bind(to_ms)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageRecord {
-                    request_id: r.try_get("request_id")?,
-                    tenant_id: r.try_get("tenant_id")?,
-                    key_id: r.try_get("key_id")?,
-                    model: r.try_get("model")?,
-                    adapter: r.try_get("adapter")?,
-                    prompt_tokens: r.try_get("prompt_tokens")?,
-                    cached_tokens: r.try_get("cached_tokens")?,
-                    completion_tokens: r.try_get("completion_tokens")?,
-                    status: r.try_get("status")?,
-                    latency_ms: r.try_get("latency_ms")?,
-                    created_at_ms: r.try_get("created_at_ms")?,
-                    cost_picodollars: r.try_get("cost_picodollars")?,
-                    kind: UsageKind::parse(&r.try_get::<String, _>("kind")?),
-                    slot_ms: r.try_get("slot_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(usage_row).collect()
     }
 
     /// Usage summed by tenant, UTC day and model over `[from_ms, to_ms)`.
@@ -450,4 +431,29 @@ cached_tokens,completion_tokens,status,latency_ms,created_at_ms,cost_usd,kind,sl
             "kind": self.kind.name(), "slot_ms": self.slot_ms,
         })
     }
+}
+
+/// The columns [`usage_row`] reads.
+pub(crate) const USAGE_COLUMNS: &str = "request_id, tenant_id, key_id, model, adapter, \
+    prompt_tokens, cached_tokens, completion_tokens, status, latency_ms, created_at_ms, \
+    cost_picodollars, kind, slot_ms";
+
+/// A usage record from a row of [`USAGE_COLUMNS`].
+pub(crate) fn usage_row(r: &sqlx::any::AnyRow) -> Result<UsageRecord> {
+    Ok(UsageRecord {
+        request_id: r.try_get("request_id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        key_id: r.try_get("key_id")?,
+        model: r.try_get("model")?,
+        adapter: r.try_get("adapter")?,
+        prompt_tokens: r.try_get("prompt_tokens")?,
+        cached_tokens: r.try_get("cached_tokens")?,
+        completion_tokens: r.try_get("completion_tokens")?,
+        status: r.try_get("status")?,
+        latency_ms: r.try_get("latency_ms")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+        cost_picodollars: r.try_get("cost_picodollars")?,
+        kind: UsageKind::parse(&r.try_get::<String, _>("kind")?),
+        slot_ms: r.try_get("slot_ms")?,
+    })
 }
