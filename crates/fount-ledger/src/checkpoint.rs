@@ -22,7 +22,12 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The body as signed.
     pub fn text(&self) -> String {
-        let mut s = format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root));
+        let mut s = format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.root)
+        );
         for e in &self.extensions {
             s.push_str(e);
             s.push('\n');
@@ -37,7 +42,10 @@ impl Checkpoint {
             .strip_suffix('\n')
             .ok_or_else(|| bad("the body ends in a newline"))?;
         let mut lines = body.split('\n');
-        let origin = lines.next().filter(|o| !o.is_empty()).ok_or_else(|| bad("no origin line"))?;
+        let origin = lines
+            .next()
+            .filter(|o| !o.is_empty())
+            .ok_or_else(|| bad("no origin line"))?;
         let size = lines.next().ok_or_else(|| bad("no size line"))?;
         if size.is_empty() || (size.len() > 1 && size.starts_with('0')) {
             return Err(bad("the size is a decimal with no leading zeroes"));

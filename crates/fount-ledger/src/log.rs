@@ -65,8 +65,8 @@ pub fn load_or_create_key(path: &Path, origin: Option<&str>) -> Result<Signer> {
             }
             let tmp = path.with_extension(format!("key.{}.tmp", std::process::id()));
             {
-                use std::io::Write;
                 use fs_err::os::unix::fs::OpenOptionsExt;
+                use std::io::Write;
                 let mut f = fs_err::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -122,7 +122,9 @@ impl Appender<'_> {
         }
         let index = self.next_index();
         let known = &self.known;
-        let done = completed(index, leaf_hash(entry.as_bytes()), |n| known.get(&n).copied());
+        let done = completed(index, leaf_hash(entry.as_bytes()), |n| {
+            known.get(&n).copied()
+        });
         for (n, h) in done {
             self.known.insert(n, h);
             self.hashes.push((n, hex(&h)));
@@ -184,7 +186,10 @@ impl Ledger {
 
     /// The log in `store` with the key in `data_dir` (created when missing).
     pub fn open(store: Store, data_dir: &Path) -> Result<Ledger> {
-        Ok(Ledger::new(store, load_or_create_key(&key_path(data_dir), None)?))
+        Ok(Ledger::new(
+            store,
+            load_or_create_key(&key_path(data_dir), None)?,
+        ))
     }
 
     /// The store it lives in.
@@ -266,7 +271,11 @@ impl Ledger {
 
     /// The checkpoint signed at `size`, if one was.
     pub async fn checkpoint_at(&self, size: u64) -> Result<Option<String>> {
-        Ok(self.store.ledger_checkpoint(Some(size)).await?.map(|(_, n)| n))
+        Ok(self
+            .store
+            .ledger_checkpoint(Some(size))
+            .await?
+            .map(|(_, n)| n))
     }
 
     /// Reads a checkpoint note signed by this log.
@@ -373,7 +382,8 @@ impl Ledger {
                 let mut out = Vec::with_capacity(hashes.len() * 32);
                 for h in hashes {
                     out.extend_from_slice(
-                        &unhex(&h).ok_or_else(|| Error::Mismatch("a stored hash is not hex".into()))?,
+                        &unhex(&h)
+                            .ok_or_else(|| Error::Mismatch("a stored hash is not hex".into()))?,
                     );
                 }
                 Ok(Some(out))

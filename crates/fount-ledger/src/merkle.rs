@@ -75,7 +75,11 @@ pub fn frontier(size: u64) -> Vec<Node> {
 
 /// The stored hashes that appending the leaf hash `leaf` at index `index` completes, leaf first;
 /// `get` gives the left siblings (already stored or earlier in the same batch).
-pub fn completed(index: u64, leaf: Hash, mut get: impl FnMut(Node) -> Option<Hash>) -> Vec<(Node, Hash)> {
+pub fn completed(
+    index: u64,
+    leaf: Hash,
+    mut get: impl FnMut(Node) -> Option<Hash>,
+) -> Vec<(Node, Hash)> {
     let mut out = vec![((0, index), leaf)];
     let (mut level, mut k, mut h) = (0u8, index, leaf);
     while k & 1 == 1 {
@@ -285,7 +289,10 @@ impl MemoryTree {
         let index = self.size();
         let levels = &self.levels;
         let done = completed(index, leaf, |(l, k)| {
-            levels.get(usize::from(l)).and_then(|v| v.get(k as usize)).copied()
+            levels
+                .get(usize::from(l))
+                .and_then(|v| v.get(k as usize))
+                .copied()
         });
         for ((level, _), h) in done {
             let l = usize::from(level);
@@ -303,7 +310,10 @@ impl MemoryTree {
 
     /// A stored hash.
     pub fn node(&self, (level, index): Node) -> Option<Hash> {
-        self.levels.get(usize::from(level))?.get(index as usize).copied()
+        self.levels
+            .get(usize::from(level))?
+            .get(index as usize)
+            .copied()
     }
 
     /// The hash of leaves `[a, b)` (`b` at most the size).

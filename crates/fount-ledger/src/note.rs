@@ -294,7 +294,9 @@ impl Note {
                 .split_once(' ')
                 .ok_or_else(|| bad("a signature line is '— name signature'"))?;
             check_name(name)?;
-            let raw = B64.decode(b64).map_err(|_| bad("a signature is not base64"))?;
+            let raw = B64
+                .decode(b64)
+                .map_err(|_| bad("a signature is not base64"))?;
             if raw.len() < 5 {
                 return Err(bad("a signature is too short"));
             }

@@ -20,7 +20,9 @@ use crate::error::{Error, Result};
 use crate::log::{parse_tlog_proof, Ledger};
 use crate::merkle::{leaf_hash, verify_inclusion};
 use crate::note::{Note, Verifier};
-use crate::statement::{artifact_files, file_digest, statement, subjects_of, PROVENANCE_FILE};
+use crate::statement::{
+    artifact_files, file_digest, listing_digest, statement, subjects_of, PROVENANCE_FILE,
+};
 
 /// The contents of `provenance.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,16 +39,26 @@ pub struct Provenance {
     pub proof: String,
 }
 
-/// Logs the artifact directory `dir` (its files are the subjects) and writes its
-/// `provenance.json`. Returns the entry's index.
+/// Logs the artifact directory `dir` and writes its `provenance.json`; the subjects are its
+/// files, or those under the names or folders (`shards/`) in `only` when it is not empty.
+/// Returns the entry's index.
 pub async fn record_artifact(
     ledger: &Ledger,
     dir: &Path,
+    only: &[&str],
     kind: &str,
     predicate_type: &str,
     predicate: Value,
 ) -> Result<u64> {
-    let subjects = artifact_files(dir)?;
+    let subjects: Vec<_> = artifact_files(dir)?
+        .into_iter()
+        .filter(|f| {
+            only.is_empty()
+                || only
+                    .iter()
+                    .any(|o| f.name == *o || (o.ends_with('/') && f.name.starts_with(o)))
+        })
+        .collect();
     let st = statement(&subjects, predicate_type, predicate);
     let body = serde_json::to_string(&st)?;
     let index = ledger.append(&[(body.clone(), kind)]).await?.first;
@@ -75,7 +87,10 @@ pub fn read_provenance(dir: &Path) -> Result<Provenance> {
     let path = dir.join(PROVENANCE_FILE);
     let bytes = fs_err::read(&path)?;
     serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Mismatch(format!("{}: not a fount provenance file: {e}", path.display()))
+        Error::Mismatch(format!(
+            "{}: not a fount provenance file: {e}",
+            path.display()
+        ))
     })
 }
 
@@ -112,9 +127,8 @@ pub fn check_entry(p: &Provenance, log: &Verifier, what: &str) -> Result<(Value,
         )));
     }
     let note = Note::parse(&proof.checkpoint)?;
-    note.verify_by(log).map_err(|e| {
-        Error::Mismatch(format!("{what}: the checkpoint's signature: {e}"))
-    })?;
+    note.verify_by(log)
+        .map_err(|e| Error::Mismatch(format!("{what}: the checkpoint's signature: {e}")))?;
     let c = Checkpoint::parse(&note.text)?;
     if c.origin != log.name() {
         return Err(Error::Mismatch(format!(
@@ -177,7 +191,14 @@ fn verify_dir(
             Some(_) => {}
         }
     }
-    if let Some(extra) = now.iter().find(|f| !logged.iter().any(|s| s.name == f.name)) {
+    // a file added beside logged ones (a folder of the artifact's own) is a change; files in
+    // folders the entry does not cover (work files of a run) are not the artifact
+    let folder = |name: &str| name.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+    let covered: HashSet<String> = logged.iter().map(|s| folder(&s.name)).collect();
+    if let Some(extra) = now
+        .iter()
+        .find(|f| covered.contains(&folder(&f.name)) && !logged.iter().any(|s| s.name == f.name))
+    {
         return Err(Error::Mismatch(format!(
             "{what}/{}: not in entry {} (added after the artifact was logged)",
             extra.name, p.index
@@ -235,6 +256,29 @@ fn verify_input(
     report: &mut Report,
     seen: &mut HashSet<PathBuf>,
 ) -> Result<()> {
+    if path.is_dir() {
+        // a large input directory, logged as the digest of its listing
+        let files = artifact_files(path)?;
+        let got = listing_digest(&files);
+        if got != want {
+            return Err(Error::Mismatch(format!(
+                "{}: its {} files' listing hashes to {got}, entry {index} ({user}) used {want} (a file was changed, added or removed)",
+                path.display(),
+                files.len()
+            )));
+        }
+        // inside an artifact: that artifact's entry is checked next, and through it its inputs
+        if let Some((home, _)) = provenance_home(&path.join(PROVENANCE_FILE)) {
+            return verify_dir(&home, log, report, seen);
+        }
+        report.raw_inputs.push(path.to_path_buf());
+        report.lines.push(format!(
+            "ok  {}/: raw input, {} files match entry {index}",
+            path.display(),
+            files.len()
+        ));
+        return Ok(());
+    }
     if !path.is_file() {
         return Err(Error::Mismatch(format!(
             "{}: missing (an input of {user}, entry {index})",
@@ -266,9 +310,10 @@ fn verify_input(
     }
     if !report.raw_inputs.iter().any(|p| p == path) {
         report.raw_inputs.push(path.to_path_buf());
-        report
-            .lines
-            .push(format!("ok  {}: raw input, sha256 matches entry {index}", path.display()));
+        report.lines.push(format!(
+            "ok  {}: raw input, sha256 matches entry {index}",
+            path.display()
+        ));
     }
     Ok(())
 }

@@ -75,7 +75,9 @@ impl Tile {
             if digits.len() != 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            n = n.checked_mul(1000)?.checked_add(digits.parse::<u64>().ok()?)?;
+            n = n
+                .checked_mul(1000)?
+                .checked_add(digits.parse::<u64>().ok()?)?;
         }
         let tile = Tile {
             level,
@@ -95,13 +97,28 @@ mod tests {
     fn paths_group_digits_as_c2sp_writes_them() {
         assert_eq!(index_path(1234067), "x001/x234/067");
         assert_eq!(index_path(0), "000");
-        let t = Tile { level: Some(0), index: 1234067, width: 5 };
+        let t = Tile {
+            level: Some(0),
+            index: 1234067,
+            width: 5,
+        };
         assert_eq!(t.path(), "tile/0/x001/x234/067.p/5");
         assert_eq!(Tile::parse("0/x001/x234/067.p/5"), Some(t));
-        let e = Tile { level: None, index: 3, width: 256 };
+        let e = Tile {
+            level: None,
+            index: 3,
+            width: 256,
+        };
         assert_eq!(e.path(), "tile/entries/003");
         assert_eq!(Tile::parse("entries/003"), Some(e));
-        for bad in ["0/3", "0/x000/003", "0/003.p/0", "0/003.p/256", "00/003", "0/003.p/07"] {
+        for bad in [
+            "0/3",
+            "0/x000/003",
+            "0/003.p/0",
+            "0/003.p/256",
+            "00/003",
+            "0/003.p/07",
+        ] {
             assert_eq!(Tile::parse(bad), None, "{bad}");
         }
     }

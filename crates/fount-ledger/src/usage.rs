@@ -45,11 +45,16 @@ pub async fn commit_usage(ledger: &Ledger, before_ms: i64) -> Result<usize> {
     let mut groups: BTreeMap<(String, i64), Vec<UsageRecord>> = BTreeMap::new();
     for r in records {
         let hour = r.created_at_ms.div_euclid(HOUR_MS) * HOUR_MS;
-        groups.entry((r.tenant_id.clone(), hour)).or_default().push(r);
+        groups
+            .entry((r.tenant_id.clone(), hour))
+            .or_default()
+            .push(r);
     }
     let mut written = 0;
     for ((tenant, from), mut recs) in groups {
-        recs.sort_by(|x, y| (x.created_at_ms, &x.request_id).cmp(&(y.created_at_ms, &y.request_id)));
+        recs.sort_by(|x, y| {
+            (x.created_at_ms, &x.request_id).cmp(&(y.created_at_ms, &y.request_id))
+        });
         let root = hex(&usage_root(&recs));
         let sum = |f: fn(&UsageRecord) -> i64| recs.iter().map(f).sum::<i64>();
         let predicate = json!({

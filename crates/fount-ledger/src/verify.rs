@@ -102,7 +102,9 @@ pub async fn verify_log(ledger: &Ledger, log: &Verifier) -> Result<LogReport> {
         let count = size >> level;
         let mut at = 0u64;
         while at < count {
-            let stored = store.ledger_hash_run(level, at, BATCH.min(count - at)).await?;
+            let stored = store
+                .ledger_hash_run(level, at, BATCH.min(count - at))
+                .await?;
             if stored.is_empty() {
                 return Err(Error::Mismatch(format!(
                     "the tree's stored hash at level {level}, index {at} is missing"
@@ -148,7 +150,9 @@ pub async fn verify_log(ledger: &Ledger, log: &Verifier) -> Result<LogReport> {
         let root = hex(&usage_root(&records));
         let entry = ledger.entry(commit.entry_index).await?;
         let st: serde_json::Value = serde_json::from_str(&entry.body)?;
-        let logged = st["subject"][0]["digest"]["sha256"].as_str().unwrap_or_default();
+        let logged = st["subject"][0]["digest"]["sha256"]
+            .as_str()
+            .unwrap_or_default();
         if root != logged || root != commit.root {
             return Err(Error::Mismatch(format!(
                 "the usage records of tenant {} for the hour from {} no longer match entry {}: \

@@ -156,7 +156,10 @@ impl Witness {
                 .and_then(|h| Hash::try_from(h).ok())
                 .ok_or_else(|| refuse(500, "the witness's state is corrupt"))?;
             verify_consistency(old, c.size, &proof, &old_root, &c.root).map_err(|e| {
-                refuse(422, format!("not consistent with the size {old} cosigned before: {e}"))
+                refuse(
+                    422,
+                    format!("not consistent with the size {old} cosigned before: {e}"),
+                )
             })?;
         }
         let mut next = State {
@@ -196,7 +199,11 @@ pub fn add_checkpoint_body(old: u64, proof: &[Hash], checkpoint: &str) -> String
 }
 
 /// Checks a witness's response against its key; returns the cosignature lines to add.
-pub fn check_cosignatures(checkpoint: &str, response: &str, witness: &Verifier) -> Result<Vec<String>> {
+pub fn check_cosignatures(
+    checkpoint: &str,
+    response: &str,
+    witness: &Verifier,
+) -> Result<Vec<String>> {
     let n = Note::parse(checkpoint)?;
     let joined = format!("{}\n{response}", n.text);
     let resp = Note::parse(&joined)?;

@@ -17,7 +17,10 @@ fn entry(i: u64) -> String {
 }
 
 fn ledger(store: fount_store::Store) -> Ledger {
-    Ledger::new(store, Signer::generate("test.example/ledger", ED25519).unwrap())
+    Ledger::new(
+        store,
+        Signer::generate("test.example/ledger", ED25519).unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -41,17 +44,34 @@ async fn appends_proofs_and_tiles_match_a_tree_held_in_memory() {
             assert_eq!((c.size, c.root), (n, mem.root(n)), "{backend:?}");
         }
         assert_eq!(l.root(n).await.unwrap(), mem.root(n));
-        for (i, size) in [(0, 1), (0, n), (n - 1, n), (255, 256), (300, 513), (17, 100)] {
-            assert_eq!(l.inclusion_proof(i, size).await.unwrap(), mem.inclusion(i, size));
+        for (i, size) in [
+            (0, 1),
+            (0, n),
+            (n - 1, n),
+            (255, 256),
+            (300, 513),
+            (17, 100),
+        ] {
+            assert_eq!(
+                l.inclusion_proof(i, size).await.unwrap(),
+                mem.inclusion(i, size)
+            );
         }
         for (m, size) in [(1, n), (256, n), (100, 300), (n, n), (0, 5)] {
-            assert_eq!(l.consistency_proof(m, size).await.unwrap(), mem.consistency(m, size));
+            assert_eq!(
+                l.consistency_proof(m, size).await.unwrap(),
+                mem.consistency(m, size)
+            );
         }
         assert!(l.inclusion_proof(n, n).await.is_err());
         assert!(l.consistency_proof(5, 4).await.is_err());
         // tiles: level 0 holds leaf hashes, level 1 the hashes of 256-leaf subtrees
         let t0 = l
-            .tile(Tile { level: Some(0), index: 0, width: 256 })
+            .tile(Tile {
+                level: Some(0),
+                index: 0,
+                width: 256,
+            })
             .await
             .unwrap()
             .unwrap();
@@ -59,24 +79,40 @@ async fn appends_proofs_and_tiles_match_a_tree_held_in_memory() {
         assert_eq!(&t0[32 * 5..32 * 6], &mem.node((0, 5)).unwrap());
         let w = n % 256;
         let part = l
-            .tile(Tile { level: Some(0), index: n / 256, width: w })
+            .tile(Tile {
+                level: Some(0),
+                index: n / 256,
+                width: w,
+            })
             .await
             .unwrap()
             .unwrap();
         assert_eq!(&part[..32], &mem.node((0, n / 256 * 256)).unwrap());
         let t1 = l
-            .tile(Tile { level: Some(1), index: 0, width: (n / 256) })
+            .tile(Tile {
+                level: Some(1),
+                index: 0,
+                width: (n / 256),
+            })
             .await
             .unwrap()
             .unwrap();
         assert_eq!(&t1[..32], &mem.node((8, 0)).unwrap());
         assert!(l
-            .tile(Tile { level: Some(0), index: n / 256, width: w + 1 })
+            .tile(Tile {
+                level: Some(0),
+                index: n / 256,
+                width: w + 1
+            })
             .await
             .unwrap()
             .is_none());
         let bundle = l
-            .tile(Tile { level: None, index: 0, width: 3 })
+            .tile(Tile {
+                level: None,
+                index: 0,
+                width: 3,
+            })
             .await
             .unwrap()
             .unwrap();
@@ -86,7 +122,14 @@ async fn appends_proofs_and_tiles_match_a_tree_held_in_memory() {
         // a proof of an entry against the latest checkpoint
         let p = parse_tlog_proof(&l.proof(10).await.unwrap()).unwrap();
         let c = l.open_checkpoint(&p.checkpoint).unwrap();
-        verify_inclusion(&leaf_hash(entry(10).as_bytes()), 10, c.size, &p.path, &c.root).unwrap();
+        verify_inclusion(
+            &leaf_hash(entry(10).as_bytes()),
+            10,
+            c.size,
+            &p.path,
+            &c.root,
+        )
+        .unwrap();
         // an oversized entry is refused, nothing is written
         let big = "x".repeat(70_000);
         assert!(l.append(&[(big, "test")]).await.is_err());
@@ -159,43 +202,72 @@ async fn verify_log_names_a_changed_entry_a_truncation_and_a_changed_bill() {
             .unwrap();
         assert_eq!(usage::commit_usage(&l, h + 3_600_000).await.unwrap(), 2);
         assert_eq!(usage::commit_usage(&l, h + 3_600_000).await.unwrap(), 0);
-        store.record_usage(&[record("r5", "ten_a", h + 40, 1)]).await.unwrap();
+        store
+            .record_usage(&[record("r5", "ten_a", h + 40, 1)])
+            .await
+            .unwrap();
         assert_eq!(usage::commit_usage(&l, h + 7_200_000).await.unwrap(), 2);
-        let commits = store.ledger_usage_commits(Some("ten_a"), h, h + 3_600_000).await.unwrap();
-        assert_eq!(commits.iter().map(|c| c.records).collect::<Vec<_>>(), vec![2, 1]);
+        let commits = store
+            .ledger_usage_commits(Some("ten_a"), h, h + 3_600_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            commits.iter().map(|c| c.records).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
         let r = verify_log(&l, &l.verifier()).await.unwrap();
         assert_eq!((r.entries, r.usage_commits, r.usage_records), (44, 4, 5));
 
         // a record changed after its hour was committed
-        execute(&store, "UPDATE usage_records SET prompt_tokens = 30 WHERE request_id = 'r2'")
-            .await
-            .unwrap();
+        execute(
+            &store,
+            "UPDATE usage_records SET prompt_tokens = 30 WHERE request_id = 'r2'",
+        )
+        .await
+        .unwrap();
         let e = verify_log(&l, &l.verifier()).await.unwrap_err().to_string();
-        assert!(e.contains("usage records of tenant ten_a") && e.contains("no longer match"), "{e}");
-        execute(&store, "UPDATE usage_records SET prompt_tokens = 4 WHERE request_id = 'r2'")
-            .await
-            .unwrap();
+        assert!(
+            e.contains("usage records of tenant ten_a") && e.contains("no longer match"),
+            "{e}"
+        );
+        execute(
+            &store,
+            "UPDATE usage_records SET prompt_tokens = 4 WHERE request_id = 'r2'",
+        )
+        .await
+        .unwrap();
         verify_log(&l, &l.verifier()).await.unwrap();
 
         // one byte of a stored entry
-        execute(&store, "UPDATE ledger_entries SET body = REPLACE(body, '\"n\":7', '\"n\":8') WHERE idx = 7")
-            .await
-            .unwrap();
+        execute(
+            &store,
+            "UPDATE ledger_entries SET body = REPLACE(body, '\"n\":7', '\"n\":8') WHERE idx = 7",
+        )
+        .await
+        .unwrap();
         let e = verify_log(&l, &l.verifier()).await.unwrap_err().to_string();
         assert!(e.contains("entry 7 was changed"), "{e}");
-        execute(&store, "UPDATE ledger_entries SET body = REPLACE(body, '\"n\":8', '\"n\":7') WHERE idx = 7")
-            .await
-            .unwrap();
+        execute(
+            &store,
+            "UPDATE ledger_entries SET body = REPLACE(body, '\"n\":8', '\"n\":7') WHERE idx = 7",
+        )
+        .await
+        .unwrap();
         verify_log(&l, &l.verifier()).await.unwrap();
 
         // the log truncated
-        execute(&store, "DELETE FROM ledger_entries WHERE idx >= 30").await.unwrap();
+        execute(&store, "DELETE FROM ledger_entries WHERE idx >= 30")
+            .await
+            .unwrap();
         let e = verify_log(&l, &l.verifier()).await.unwrap_err().to_string();
         assert!(e.contains("truncated") || e.contains("missing"), "{e}");
 
         // a checkpoint signed by another key is refused
         let other = ledger(store.clone());
-        let e = verify_log(&other, &other.verifier()).await.unwrap_err().to_string();
+        let e = verify_log(&other, &other.verifier())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("signature") || e.contains("no signature"), "{e}");
     }
 }
@@ -209,14 +281,22 @@ async fn a_rewritten_history_fails_consistency_with_earlier_checkpoints() {
         }
         let old = store.ledger_checkpoint(Some(5)).await.unwrap().unwrap().1;
         // the operator rewrites from entry 3 on with its own key (a consistent-looking new log)
-        execute(&store, "DELETE FROM ledger_entries WHERE idx >= 3").await.unwrap();
+        execute(&store, "DELETE FROM ledger_entries WHERE idx >= 3")
+            .await
+            .unwrap();
         execute(&store, "DELETE FROM ledger_hashes WHERE idx >= 0 AND NOT (level = 0 AND idx < 3) AND NOT (level = 1 AND idx < 1)")
             .await
             .unwrap();
-        execute(&store, "DELETE FROM ledger_checkpoints WHERE size >= 3").await.unwrap();
-        execute(&store, "UPDATE ledger_head SET size = 3").await.unwrap();
+        execute(&store, "DELETE FROM ledger_checkpoints WHERE size >= 3")
+            .await
+            .unwrap();
+        execute(&store, "UPDATE ledger_head SET size = 3")
+            .await
+            .unwrap();
         for i in 0..7 {
-            l.append(&[(format!("{{\"rewritten\":{i}}}"), "test")]).await.unwrap();
+            l.append(&[(format!("{{\"rewritten\":{i}}}"), "test")])
+                .await
+                .unwrap();
         }
         verify_log(&l, &l.verifier()).await.unwrap();
         // a party who kept the old checkpoint of size 5 sees the rewrite
@@ -251,14 +331,23 @@ async fn an_artifact_verifies_back_to_its_raw_inputs_and_names_what_changed() {
         finished_on: "2026-12-06T12:00:01.000Z".into(),
     };
     let deps = dependencies(&[raw.clone()]).unwrap();
-    record_artifact(&l, &data, "dataset", SLSA_PROVENANCE, slsa(&run(deps))).await.unwrap();
+    record_artifact(&l, &data, &[], "dataset", SLSA_PROVENANCE, slsa(&run(deps)))
+        .await
+        .unwrap();
     let model = dir.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::write(model.join("weights"), [9u8; 100]).unwrap();
     let deps = dependencies(&[data.join("shards")]).unwrap();
-    let idx = record_artifact(&l, &model, "training", SLSA_PROVENANCE, slsa(&run(deps)))
-        .await
-        .unwrap();
+    let idx = record_artifact(
+        &l,
+        &model,
+        &[],
+        "training",
+        SLSA_PROVENANCE,
+        slsa(&run(deps)),
+    )
+    .await
+    .unwrap();
     assert_eq!(idx, 1);
     let report = verify_artifact(&model, &l.verifier()).unwrap();
     assert_eq!(report.artifacts.len(), 2);
@@ -266,29 +355,39 @@ async fn an_artifact_verifies_back_to_its_raw_inputs_and_names_what_changed() {
 
     // one byte of the raw data
     std::fs::write(raw.join("a.txt"), "raw dada\n").unwrap();
-    let e = verify_artifact(&model, &l.verifier()).unwrap_err().to_string();
+    let e = verify_artifact(&model, &l.verifier())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("a.txt: its sha256 is"), "{e}");
     std::fs::write(raw.join("a.txt"), "raw data\n").unwrap();
     // one byte of the model
     std::fs::write(model.join("weights"), [8u8; 100]).unwrap();
-    let e = verify_artifact(&model, &l.verifier()).unwrap_err().to_string();
+    let e = verify_artifact(&model, &l.verifier())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("weights: its sha256 is"), "{e}");
     std::fs::write(model.join("weights"), [9u8; 100]).unwrap();
     // a file slipped in
     std::fs::write(data.join("shards/1.bin"), [0u8]).unwrap();
-    let e = verify_artifact(&model, &l.verifier()).unwrap_err().to_string();
+    let e = verify_artifact(&model, &l.verifier())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("shards/1.bin: not in entry 0"), "{e}");
     std::fs::remove_file(data.join("shards/1.bin")).unwrap();
     // the statement edited in provenance.json
     let p = model.join("provenance.json");
     let text = std::fs::read_to_string(&p).unwrap();
     std::fs::write(&p, text.replace("fount.dev/data/v1", "fount.dev/data/v2")).unwrap();
-    let e = verify_artifact(&model, &l.verifier()).unwrap_err().to_string();
+    let e = verify_artifact(&model, &l.verifier())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("differs from the entry"), "{e}");
     std::fs::write(&p, &text).unwrap();
     // another log's key
     let other = Signer::generate("test.example/ledger", ED25519).unwrap();
-    let e = verify_artifact(&model, &other.verifier()).unwrap_err().to_string();
+    let e = verify_artifact(&model, &other.verifier())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("signature"), "{e}");
     verify_artifact(&model, &l.verifier()).unwrap();
     let _ = unhex;

@@ -46,7 +46,10 @@ fn every_inclusion_proof_verifies_and_any_flipped_bit_fails() {
             }
             if size > 1 {
                 let j = (i + 1) % size;
-                assert!(verify_inclusion(&leaf, j, size, &proof, &root).is_err() || t.node((0, j)) == Some(leaf));
+                assert!(
+                    verify_inclusion(&leaf, j, size, &proof, &root).is_err()
+                        || t.node((0, j)) == Some(leaf)
+                );
             }
             assert!(verify_inclusion(&leaf, size, size, &proof, &root).is_err());
         }

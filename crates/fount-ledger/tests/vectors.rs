@@ -43,7 +43,12 @@ fn roots_match_rfc6962_test_vectors() {
     ];
     let t = tree(&vectors());
     for (i, w) in want.iter().enumerate() {
-        assert_eq!(fount_ledger::statement::hex(&t.root(i as u64 + 1)), *w, "size {}", i + 1);
+        assert_eq!(
+            fount_ledger::statement::hex(&t.root(i as u64 + 1)),
+            *w,
+            "size {}",
+            i + 1
+        );
     }
     assert_eq!(
         fount_ledger::statement::hex(&empty_root()),
@@ -99,7 +104,11 @@ fn notes_sign_and_verify_as_go_sumdb_note_does() {
     let forged = want.replace("cryptography", "cryptografy");
     assert!(Note::parse(&forged).unwrap().verify_by(&v).is_err());
     let other = Signer::generate("someone.else", 1).unwrap();
-    assert!(Note::parse(&want).unwrap().verify(&[other.verifier()]).unwrap().is_empty());
+    assert!(Note::parse(&want)
+        .unwrap()
+        .verify(&[other.verifier()])
+        .unwrap()
+        .is_empty());
     // malformed keys and notes are refused
     for bad in [
         "PeterNeumann+c74f20a4+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW",

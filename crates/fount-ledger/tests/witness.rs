@@ -21,7 +21,12 @@ fn checkpoint(log: &Signer, t: &MemoryTree, size: u64) -> String {
 fn a_witness_cosigns_only_consistent_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let log = Signer::generate("test.example/log", ED25519).unwrap();
-    let w = Witness::open(dir.path(), Some("test.example/witness"), vec![log.verifier()]).unwrap();
+    let w = Witness::open(
+        dir.path(),
+        Some("test.example/witness"),
+        vec![log.verifier()],
+    )
+    .unwrap();
     let wkey = Verifier::parse(&w.verifier_key()).unwrap();
     assert!(wkey.is_cosigner());
     let mut t = MemoryTree::new();
@@ -30,19 +35,27 @@ fn a_witness_cosigns_only_consistent_checkpoints() {
     }
     // first contact: old 0, no proof
     let c10 = checkpoint(&log, &t, 10);
-    let sig = w.add_checkpoint(&add_checkpoint_body(0, &[], &c10), 1_800_000_000).unwrap();
+    let sig = w
+        .add_checkpoint(&add_checkpoint_body(0, &[], &c10), 1_800_000_000)
+        .unwrap();
     let lines = check_cosignatures(&c10, &sig, &wkey).unwrap();
     let cosigned = Note::parse(&c10).unwrap().with_signatures(&lines);
-    let ok = Note::parse(&cosigned).unwrap().verify(&[log.verifier(), wkey.clone()]).unwrap();
+    let ok = Note::parse(&cosigned)
+        .unwrap()
+        .verify(&[log.verifier(), wkey.clone()])
+        .unwrap();
     assert_eq!(ok.len(), 2);
     assert_eq!(ok[1].1, Some(1_800_000_000));
     // a stale old size: 409 with the witness's size
     let c20 = checkpoint(&log, &t, 20);
-    let r = w.add_checkpoint(&add_checkpoint_body(0, &[], &c20), 1).unwrap_err();
+    let r = w
+        .add_checkpoint(&add_checkpoint_body(0, &[], &c20), 1)
+        .unwrap_err();
     assert_eq!((r.status, r.body.as_str()), (409, "10\n"));
     // a consistent extension is cosigned
     let proof = t.consistency(10, 20);
-    w.add_checkpoint(&add_checkpoint_body(10, &proof, &c20), 2).unwrap();
+    w.add_checkpoint(&add_checkpoint_body(10, &proof, &c20), 2)
+        .unwrap();
     assert_eq!(w.cosigned_size("test.example/log"), Some(20));
     // a rewritten history: same size 20 with another root, or 25 not extending 20
     let mut forged = MemoryTree::new();
@@ -50,21 +63,38 @@ fn a_witness_cosigns_only_consistent_checkpoints() {
         forged.push(leaf_hash(&(i + 1).to_be_bytes()));
     }
     let f20 = checkpoint(&log, &forged, 20);
-    let r = w.add_checkpoint(&add_checkpoint_body(20, &[], &f20), 3).unwrap_err();
+    let r = w
+        .add_checkpoint(&add_checkpoint_body(20, &[], &f20), 3)
+        .unwrap_err();
     assert_eq!(r.status, 422);
     let f25 = checkpoint(&log, &forged, 25);
     let r = w
-        .add_checkpoint(&add_checkpoint_body(20, &forged.consistency(20, 25), &f25), 3)
+        .add_checkpoint(
+            &add_checkpoint_body(20, &forged.consistency(20, 25), &f25),
+            3,
+        )
         .unwrap_err();
     assert_eq!(r.status, 422, "{}", r.body);
     // unknown log: 404; a signature by another key: 403; shrinking: 400; garbage: 400
     let stranger = Signer::generate("other.example/log", ED25519).unwrap();
-    let r = w.add_checkpoint(&add_checkpoint_body(0, &[], &checkpoint(&stranger, &t, 3)), 1).unwrap_err();
+    let r = w
+        .add_checkpoint(
+            &add_checkpoint_body(0, &[], &checkpoint(&stranger, &t, 3)),
+            1,
+        )
+        .unwrap_err();
     assert_eq!(r.status, 404);
     let impostor = Signer::generate("test.example/log", ED25519).unwrap();
-    let r = w.add_checkpoint(&add_checkpoint_body(20, &[], &checkpoint(&impostor, &t, 20)), 1).unwrap_err();
+    let r = w
+        .add_checkpoint(
+            &add_checkpoint_body(20, &[], &checkpoint(&impostor, &t, 20)),
+            1,
+        )
+        .unwrap_err();
     assert_eq!(r.status, 403);
-    let r = w.add_checkpoint(&add_checkpoint_body(30, &[], &c20), 1).unwrap_err();
+    let r = w
+        .add_checkpoint(&add_checkpoint_body(30, &[], &c20), 1)
+        .unwrap_err();
     assert_eq!(r.status, 400);
     assert_eq!(w.add_checkpoint("old x\n\n", 1).unwrap_err().status, 400);
     // the state survives a restart

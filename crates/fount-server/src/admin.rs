@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::Json;
 use fount_store::{Price, Quota, Scope, Subject};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiResult};
@@ -297,6 +298,13 @@ pub async fn create_tenant(
         .create_tenant(&body.name)
         .await
         .map_err(store_err)?;
+    log_act(
+        &state,
+        "tenant.create",
+        &format!("tenant/{}", t.id),
+        json!({"name": t.name}),
+    )
+    .await;
     Ok(Json(TenantView {
         id: t.id,
         name: t.name,
@@ -344,6 +352,16 @@ pub async fn create_key(
         .create_key(&id, &name, &scopes, expires)
         .await
         .map_err(store_err)?;
+    // never the secret: the key's id, prefix and what it may do
+    let scope_names: Vec<&str> = info.scopes.iter().map(|s| s.name()).collect();
+    log_act(
+        &state,
+        "key.create",
+        &format!("key/{}", info.id),
+        json!({"tenant_id": info.tenant_id, "prefix": info.prefix, "name": info.name,
+               "scopes": scope_names, "expires_at": info.expires_at}),
+    )
+    .await;
     Ok(Json(CreatedKey {
         key: key.expose().to_string(),
         info: key_view(info),
@@ -394,6 +412,7 @@ pub async fn revoke_key(
             code: "not_found",
         });
     }
+    log_act(&state, "key.revoke", &format!("key/{id}"), json!({})).await;
     Ok(Json(crate::protocol::Deleted {
         id,
         object: "key",
@@ -418,6 +437,7 @@ pub async fn set_quota(
         .set_quota(Subject::Tenant(&id), &q.quota()?)
         .await
         .map_err(store_err)?;
+    log_act(&state, "quota.set", &format!("tenant/{id}"), json!(&q)).await;
     Ok(Json(q))
 }
 
@@ -454,6 +474,7 @@ pub async fn set_key_quota(
         .set_quota(Subject::Key(&key.id), &q.quota()?)
         .await
         .map_err(store_err)?;
+    log_act(&state, "quota.set", &format!("key/{}", key.id), json!(&q)).await;
     Ok(Json(q))
 }
 
@@ -519,6 +540,7 @@ pub async fn set_price(
         .set_price(&model, &price)
         .await
         .map_err(store_err)?;
+    log_act(&state, "price.set", &format!("model/{model}"), json!(&p)).await;
     Ok(Json(p))
 }
 
@@ -557,4 +579,15 @@ pub async fn export_usage(
         object: "list",
         data: records.iter().map(|r| r.to_json()).collect(),
     }))
+}
+
+/// Logs an administrative act to the ledger (when one is kept). The act is done already; a
+/// ledger that cannot be written is reported, not the request's failure.
+async fn log_act(state: &AppState, act: &str, subject: &str, details: serde_json::Value) {
+    if let Some(ledger) = state.ledger() {
+        let st = crate::ledger::admin_statement(act, subject, details);
+        if let Err(e) = ledger.log("admin", &st).await {
+            tracing::error!(act, "ledger: {e}");
+        }
+    }
 }

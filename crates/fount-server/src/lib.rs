@@ -38,6 +38,7 @@ pub mod error;
 pub mod extract;
 pub mod files;
 pub mod finetuning;
+pub mod ledger;
 pub mod metrics;
 pub mod protocol;
 pub mod routes;
@@ -72,6 +73,9 @@ pub use state::{AppState, ServerConfig, SetupError};
         routes::register_adapter,
         routes::delete_adapter,
         routes::usage,
+        ledger::usage_proof,
+        ledger::checkpoint,
+        ledger::tile,
         files::upload,
         files::list,
         files::retrieve,
@@ -188,6 +192,9 @@ pub fn app(state: Arc<AppState>) -> Router {
             axum::routing::put(admin::set_price),
         )
         .route("/admin/v1/usage", get(admin::export_usage))
+        .route("/v1/usage/proof", get(ledger::usage_proof))
+        .route("/ledger/checkpoint", get(ledger::checkpoint))
+        .route("/ledger/tile/{*path}", get(ledger::tile))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))

@@ -286,7 +286,8 @@ pub async fn register_adapter(
     check.map_err(|e| ApiError::invalid("path", format!("no usable adapter at {dir:?}: {e}")))?;
     // a tenant's adapters are its own; an admin key registers public ones
     let name = engine_name(caller.as_ref(), &body.name);
-    state.register_adapter(&name, dir);
+    state.register_adapter(&name, dir.clone());
+    crate::ledger::log_model(&state, &body.name, &dir, "adapter").await;
     Ok(Json(adapter_card(&state, &name, &body.name)))
 }
 
@@ -320,6 +321,16 @@ pub async fn delete_adapter(
     }
     if let Ok(mut t) = state.adapter_times.lock() {
         t.remove(&name);
+    }
+    if let Some(ledger) = state.ledger() {
+        let st = crate::ledger::admin_statement(
+            "adapter.remove",
+            &format!("model/{name}"),
+            serde_json::json!({}),
+        );
+        if let Err(e) = ledger.log("admin", &st).await {
+            tracing::error!("ledger: {e}");
+        }
     }
     Ok(Json(Deleted {
         id,

@@ -77,6 +77,7 @@ pub struct AppState {
     tenancy: std::sync::OnceLock<Arc<crate::tenancy::Tenancy>>,
     files: std::sync::OnceLock<crate::files::FilesConfig>,
     fine_tuning: std::sync::OnceLock<crate::finetuning::FineTuningConfig>,
+    ledger: std::sync::OnceLock<fount_ledger::Ledger>,
     /// Tenant weights of the engine's fair queue (when the engine runs one).
     shares: FairShares,
 }
@@ -165,6 +166,7 @@ impl AppState {
             tenancy: std::sync::OnceLock::new(),
             files: std::sync::OnceLock::new(),
             fine_tuning: std::sync::OnceLock::new(),
+            ledger: std::sync::OnceLock::new(),
             shares,
         })
     }
@@ -200,6 +202,17 @@ impl AppState {
     /// How fine-tuning jobs run, when the API is on.
     pub fn fine_tuning(&self) -> Option<&crate::finetuning::FineTuningConfig> {
         self.fine_tuning.get()
+    }
+
+    /// Keeps the ledger: what this server serves, admin acts and bills are logged to it, and it
+    /// is served at `/ledger/…`.
+    pub fn enable_ledger(&self, ledger: fount_ledger::Ledger) {
+        let _ = self.ledger.set(ledger);
+    }
+
+    /// The ledger, when kept.
+    pub fn ledger(&self) -> Option<&fount_ledger::Ledger> {
+        self.ledger.get()
     }
 
     /// The tenancy layer, when on.

@@ -93,7 +93,11 @@ where
         if i > 0 {
             sql.push_str(" OR ");
         }
-        sql.push_str(&format!("(level = ${} AND idx = ${})", 2 * i + 1, 2 * i + 2));
+        sql.push_str(&format!(
+            "(level = ${} AND idx = ${})",
+            2 * i + 1,
+            2 * i + 2
+        ));
     }
     let mut q = sqlx::query(&sql);
     for &(level, idx) in nodes {
@@ -145,7 +149,11 @@ impl LedgerTx {
             let base = start + (c * CHUNK) as u64;
             let mut q = sqlx::query(&sql);
             for (i, (body, kind)) in chunk.iter().enumerate() {
-                q = q.bind(i64_of(base + i as u64)?).bind(*body).bind(*kind).bind(now);
+                q = q
+                    .bind(i64_of(base + i as u64)?)
+                    .bind(*body)
+                    .bind(*kind)
+                    .bind(now);
             }
             q.execute(&mut *self.tx).await?;
         }
@@ -156,17 +164,22 @@ impl LedgerTx {
             );
             let mut q = sqlx::query(&sql);
             for ((level, idx), hash) in chunk {
-                q = q.bind(i32::from(*level)).bind(i64_of(*idx)?).bind(hash.as_str());
+                q = q
+                    .bind(i32::from(*level))
+                    .bind(i64_of(*idx)?)
+                    .bind(hash.as_str());
             }
             q.execute(&mut *self.tx).await?;
         }
         let size = start + entries.len() as u64;
-        sqlx::query("INSERT INTO ledger_checkpoints (size, note, created_at_ms) VALUES ($1, $2, $3)")
-            .bind(i64_of(size)?)
-            .bind(checkpoint)
-            .bind(now)
-            .execute(&mut *self.tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO ledger_checkpoints (size, note, created_at_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(i64_of(size)?)
+        .bind(checkpoint)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
         sqlx::query("UPDATE ledger_head SET size = $1 WHERE id = 1")
             .bind(i64_of(size)?)
             .execute(&mut *self.tx)
@@ -192,7 +205,11 @@ impl LedgerTx {
 
     /// Records that `request_ids` (of `commit.tenant_id`) are committed in entry
     /// `commit.entry_index`, appended in this same transaction.
-    pub async fn commit_usage(&mut self, commit: &UsageCommit, request_ids: &[String]) -> Result<()> {
+    pub async fn commit_usage(
+        &mut self,
+        commit: &UsageCommit,
+        request_ids: &[String],
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO ledger_usage_commits \
              (entry_idx, tenant_id, from_ms, to_ms, records, root) \
@@ -332,14 +349,17 @@ impl Store {
         let q = match size {
             Some(s) => sqlx::query("SELECT size, note FROM ledger_checkpoints WHERE size = $1")
                 .bind(i64_of(s)?),
-            None => sqlx::query(
-                "SELECT size, note FROM ledger_checkpoints ORDER BY size DESC LIMIT 1",
-            ),
+            None => {
+                sqlx::query("SELECT size, note FROM ledger_checkpoints ORDER BY size DESC LIMIT 1")
+            }
         };
         let Some(r) = q.fetch_optional(self.ledger_pool()).await? else {
             return Ok(None);
         };
-        Ok(Some((u64_of(r.try_get("size")?, "size")?, r.try_get("note")?)))
+        Ok(Some((
+            u64_of(r.try_get("size")?, "size")?,
+            r.try_get("note")?,
+        )))
     }
 
     /// Every checkpoint ever signed, smallest first.

@@ -47,6 +47,8 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Tenants, API keys, quotas and usage.
     Admin(cmd::admin::AdminArgs),
+    /// The ledger: verifier key, checkpoints, entries, verification, a witness.
+    Ledger(cmd::ledger::LedgerArgs),
     /// Jobs on the compute pool: submit, list, show, cancel, logs, wait.
     Jobs(cmd::jobs::JobsArgs),
     /// The compute pool on its own (`fount serve` runs one inside by default).
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Admin(a) => cmd::admin::run(a),
         Command::Jobs(a) => cmd::jobs::run(a),
+        Command::Ledger(a) => cmd::ledger::run(a),
         Command::Pool(c) => cmd::pool::run(c),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),
     };

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 pub struct Local {
     fount: PathBuf,
     children: HashMap<i32, Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Local {
@@ -28,7 +29,15 @@ impl Local {
         Local {
             fount,
             children: HashMap::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets these environment variables in every attempt (where the store is, so a job's run
+    /// is logged to the ledger it was submitted to).
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Local {
+        self.env = env;
+        self
     }
 }
 
@@ -105,6 +114,7 @@ impl Executor for Local {
         let child = Command::new(&self.fount)
             .args(&launch.args)
             .current_dir(&launch.cwd)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(JOB_ENV, format!("{}.{}", launch.job_id, launch.attempt))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.into_parts().0))

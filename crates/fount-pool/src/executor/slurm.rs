@@ -22,6 +22,7 @@ pub struct Slurm {
     fount: PathBuf,
     partition: Option<String>,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 fn err(message: impl Into<String>) -> Error {
@@ -117,7 +118,15 @@ impl Slurm {
             fount,
             partition,
             extra,
+            env: Vec::new(),
         }
+    }
+
+    /// Exports these environment variables to every batch job (where the store is, so a job's
+    /// run is logged to the ledger it was submitted to).
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Slurm {
+        self.env = env;
+        self
     }
 
     fn show(&self, id: &str) -> Result<Option<(String, Option<i32>)>> {
@@ -159,7 +168,10 @@ impl Executor for Slurm {
         let name = format!("{}.{}", launch.job_id, launch.attempt);
         let log = launch.log.display().to_string();
         let cwd = launch.cwd.display().to_string();
-        let export = format!("ALL,{JOB_ENV}={name}");
+        let mut export = format!("ALL,{JOB_ENV}={name}");
+        for (k, v) in &self.env {
+            export.push_str(&format!(",{k}={v}"));
+        }
         let script = script.display().to_string();
         let mut args = vec![
             "--parsable",

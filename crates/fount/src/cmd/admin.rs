@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use fount_store::{day_start_ms, Price, Quota, Scope, Store, Subject, UsageRecord};
+use serde_json::json;
 
 /// Where the store is.
 #[derive(Debug, Args)]
@@ -287,11 +288,15 @@ pub fn run(a: AdminArgs) -> Result<()> {
         let store = Store::open(&a.store.data_dir, a.store.database_url.as_deref())
             .await
             .context("opening the store")?;
+        let acts = Acts {
+            store: store.clone(),
+            dir: a.store.data_dir.clone(),
+        };
         match a.command {
-            AdminCommand::Tenant(c) => tenants(&store, c).await?,
-            AdminCommand::Key(c) => keys(&store, c).await?,
-            AdminCommand::Quota(c) => quotas(&store, c).await?,
-            AdminCommand::Price(c) => prices(&store, c).await?,
+            AdminCommand::Tenant(c) => tenants(&store, c, &acts).await?,
+            AdminCommand::Key(c) => keys(&store, c, &acts).await?,
+            AdminCommand::Quota(c) => quotas(&store, c, &acts).await?,
+            AdminCommand::Price(c) => prices(&store, c, &acts).await?,
             AdminCommand::Usage(c) => usage(&store, c).await?,
         }
         store.close().await;
@@ -299,11 +304,29 @@ pub fn run(a: AdminArgs) -> Result<()> {
     })
 }
 
+/// Where administrative acts are logged: the store's ledger.
+struct Acts {
+    store: Store,
+    dir: PathBuf,
+}
+
+impl Acts {
+    async fn log(&self, act: &str, subject: &str, details: serde_json::Value) -> Result<()> {
+        super::ledger::log_act(&self.store, &self.dir, act, subject, details).await
+    }
+}
+
 /// `fount admin tenant …`: create and list tenants.
-async fn tenants(store: &Store, command: TenantCommand) -> Result<()> {
+async fn tenants(store: &Store, command: TenantCommand, acts: &Acts) -> Result<()> {
     match command {
         TenantCommand::Create { name } => {
             let t = store.create_tenant(&name).await?;
+            acts.log(
+                "tenant.create",
+                &format!("tenant/{}", t.id),
+                json!({"name": t.name}),
+            )
+            .await?;
             println!("{}\t{}", t.id, t.name);
         }
         TenantCommand::List => {
@@ -316,7 +339,7 @@ async fn tenants(store: &Store, command: TenantCommand) -> Result<()> {
 }
 
 /// `fount admin key …`: create (shown once), list and revoke API keys.
-async fn keys(store: &Store, command: KeyCommand) -> Result<()> {
+async fn keys(store: &Store, command: KeyCommand, acts: &Acts) -> Result<()> {
     match command {
         KeyCommand::Create {
             tenant,
@@ -336,6 +359,15 @@ async fn keys(store: &Store, command: KeyCommand) -> Result<()> {
             let expires =
                 expires_in_days.map(|d| fount_store::now_ms() / 1000 + i64::from(d) * 86_400);
             let (key, info) = store.create_key(&id, &name, &scopes, expires).await?;
+            // never the secret
+            let scope_names: Vec<&str> = info.scopes.iter().map(|s| s.name()).collect();
+            acts.log(
+                "key.create",
+                &format!("key/{}", info.id),
+                json!({"tenant_id": info.tenant_id, "prefix": info.prefix, "name": info.name,
+                       "scopes": scope_names, "expires_at": info.expires_at}),
+            )
+            .await?;
             eprintln!(
                 "key {} for tenant {tenant} (shown once; store it now):",
                 info.prefix
@@ -368,6 +400,8 @@ async fn keys(store: &Store, command: KeyCommand) -> Result<()> {
             if !store.revoke_key(&key).await? {
                 bail!("no active key {key:?}");
             }
+            acts.log("key.revoke", &format!("key/{key}"), json!({}))
+                .await?;
             eprintln!("revoked {key}");
         }
     }
@@ -375,7 +409,7 @@ async fn keys(store: &Store, command: KeyCommand) -> Result<()> {
 }
 
 /// `fount admin quota …`: set and show a tenant's or a key's quota.
-async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
+async fn quotas(store: &Store, command: QuotaCommand, acts: &Acts) -> Result<()> {
     match command {
         QuotaCommand::Set { who, limits } => {
             let (is_tenant, id) = subject_id(store, &who).await?;
@@ -388,6 +422,12 @@ async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
             let q = Quota::from(limits);
             let subject = subject_of(is_tenant, &id);
             store.set_quota(subject, &q).await?;
+            acts.log(
+                "quota.set",
+                &format!("{}/{id}", if is_tenant { "tenant" } else { "key" }),
+                json!({"quota": format!("{q:?}")}),
+            )
+            .await?;
             eprintln!("quota of {id} set");
         }
         QuotaCommand::Show { who } => {
@@ -429,6 +469,12 @@ async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
                 max_priority,
             };
             store.set_job_quota(&id, &q).await?;
+            acts.log(
+                "job_quota.set",
+                &format!("tenant/{id}"),
+                json!({"quota": format!("{q:?}")}),
+            )
+            .await?;
             eprintln!("pool quota of {tenant} set");
         }
     }
@@ -436,7 +482,7 @@ async fn quotas(store: &Store, command: QuotaCommand) -> Result<()> {
 }
 
 /// `fount admin price …`: set and list prices per model.
-async fn prices(store: &Store, command: PriceCommand) -> Result<()> {
+async fn prices(store: &Store, command: PriceCommand, acts: &Acts) -> Result<()> {
     match command {
         PriceCommand::Set {
             model,
@@ -474,6 +520,12 @@ async fn prices(store: &Store, command: PriceCommand) -> Result<()> {
                 training: get("training", training, old.training)?,
             };
             store.set_price(&model, &price).await?;
+            acts.log(
+                "price.set",
+                &format!("model/{model}"),
+                json!({"price": format!("{price:?}")}),
+            )
+            .await?;
             eprintln!("price of {model} set");
         }
         PriceCommand::List => {

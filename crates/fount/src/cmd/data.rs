@@ -50,6 +50,9 @@ pub struct RunArgs {
     /// Finish at most this many input files in this invocation; run again to continue.
     #[arg(long)]
     pub max_files: Option<usize>,
+    /// Where the finished dataset is logged.
+    #[command(flatten)]
+    pub ledger: super::ledger::LedgerTarget,
 }
 
 /// Arguments of `fount data inspect`.
@@ -154,6 +157,7 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
     };
     let bar = std::sync::Mutex::new(None::<ProgressBar>);
     let start = std::time::Instant::now();
+    let started_ms = super::ledger::now_ms();
     let phases = std::sync::Mutex::new(Vec::<(&'static str, std::time::Instant)>::new());
     let filtered_docs = std::sync::atomic::AtomicU64::new(0);
     let progress = |e: Event| {
@@ -232,6 +236,29 @@ fn run_pipeline(a: RunArgs) -> Result<()> {
         println!("time: {}", times.join(", "));
     }
     println!("manifest: {}", a.out.join("manifest.json").display());
+    // the dataset: its manifest, tokenizer, pipeline and shards, from the inputs as they are now
+    let mut inputs = a.input.clone();
+    inputs.extend(a.pipeline.iter().cloned());
+    inputs.extend(a.tokenizer.iter().cloned());
+    let external = serde_json::json!({
+        "inputs": a.input.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "pipeline": serde_json::to_value(&opts.config)?,
+        "text_field": a.text_field,
+        "vocab_size": a.vocab_size,
+    });
+    let run = super::ledger::run_of("data", external, &inputs, started_ms)?;
+    super::ledger::record_run(
+        &a.ledger,
+        &a.out,
+        &[
+            "manifest.json",
+            "tokenizer.json",
+            "pipeline.toml",
+            "shards/",
+        ],
+        "dataset",
+        run,
+    )?;
     if let Some(mb) = peak_memory_mb() {
         println!("peak memory: {mb:.0} MB");
     }

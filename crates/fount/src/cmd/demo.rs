@@ -189,6 +189,7 @@ fn step_data(dir: &Path) -> Result<(PathBuf, PathBuf)> {
             text_field: None,
             skip_bad_records: false,
             max_files: None,
+            ledger: super::ledger::LedgerTarget::at(&dir.join("store")),
         }))?;
     }
     print_manifest(&manifest_path)?;
@@ -237,7 +238,8 @@ fn step_pretrain(dir: &Path, data: &Path, stop: &Arc<AtomicBool>) -> Result<Opti
             println!("      {n} parameters, {} steps", cfg.steps);
         }
         // resuming with no checkpoint starts afresh, so every start can ask to resume
-        if super::train::pretrain(&cfg, true, stop, "fount demo")?.is_none() {
+        let ledger = super::ledger::LedgerTarget::at(&dir.join("store"));
+        if super::train::pretrain(&cfg, true, stop, "fount demo", Some(&ledger))?.is_none() {
             return Ok(None);
         }
     }
@@ -269,11 +271,21 @@ fn step_finetune(
         let cfg_path = dir.join("finetune.toml");
         write_config(&cfg_path, FINETUNE)?;
         let cfg = FinetuneConfig::from_file(&cfg_path)?;
+        let started_ms = super::ledger::now_ms();
         let outcome =
             super::finetune::fine_tune(base, &chat_train, &adapter, &cfg, true, stop, None)?;
         if outcome.interrupted {
             return Ok(None);
         }
+        let ledger = super::ledger::LedgerTarget::at(&dir.join("store"));
+        super::finetune::record_adapter(
+            &ledger,
+            base,
+            &chat_train,
+            &outcome.adapter,
+            &cfg,
+            started_ms,
+        )?;
     }
     let eval_path = dir.join("eval.json");
     let eval: serde_json::Value = match fs_err::read(&eval_path) {
@@ -333,6 +345,8 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
         no_auth: false,
         no_pool: false,
         pool: super::pool::PoolArgs::default(),
+        witnesses: Vec::new(),
+        ledger_every: 60,
     };
     let train = dir.join("synth/chat/train.jsonl");
     super::serve::run_with(args, |addr| {

@@ -40,6 +40,9 @@ pub struct FinetuneArgs {
     /// appends again from its checkpoint's step, so a reader keeps the last row of each step.
     #[arg(long)]
     pub metrics: Option<PathBuf>,
+    /// Where the adapter is logged.
+    #[command(flatten)]
+    pub ledger: super::ledger::LedgerTarget,
 }
 
 /// `fount finetune …` subcommands.
@@ -83,10 +86,38 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         Some(p) => Some(MetricsCsv::open(p)?),
         None => None,
     };
-    if fine_tune(&base, &data, &out, &cfg, a.resume, &stop, metrics.as_mut())?.interrupted {
+    let started_ms = super::ledger::now_ms();
+    let outcome = fine_tune(&base, &data, &out, &cfg, a.resume, &stop, metrics.as_mut())?;
+    if outcome.interrupted {
         return Err(super::train::Checkpointed("continue with --resume".into()).into());
     }
-    Ok(())
+    record_adapter(&a.ledger, &base, &data, &outcome.adapter, &cfg, started_ms)
+}
+
+/// Logs a finished adapter: the base model's and the data's digests are its inputs.
+pub fn record_adapter(
+    target: &super::ledger::LedgerTarget,
+    base: &Path,
+    data: &Path,
+    adapter: &Path,
+    cfg: &FinetuneConfig,
+    started_ms: i64,
+) -> Result<()> {
+    let mut inputs = vec![base.to_path_buf(), data.to_path_buf()];
+    inputs.extend(cfg.validation_file.iter().cloned());
+    let external = serde_json::json!({
+        "base": base.display().to_string(),
+        "data": data.display().to_string(),
+        "config": serde_json::to_value(cfg)?,
+    });
+    let run = super::ledger::run_of("finetune", external, &inputs, started_ms)?;
+    super::ledger::record_run(
+        target,
+        adapter,
+        &["adapter_config.json", "adapter_model.safetensors"],
+        "finetuning",
+        run,
+    )
 }
 
 /// Fine-tunes with a progress bar and reports the held-out figures.

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod finetune;
 pub mod generate;
 pub mod jobs;
+pub mod ledger;
 pub mod model;
 pub mod pool;
 pub mod serve;

@@ -89,20 +89,32 @@ impl PoolArgs {
         })
     }
 
-    fn executor(&self) -> Result<Box<dyn Executor>> {
+    fn executor(&self, store: &StoreArgs) -> Result<Box<dyn Executor>> {
         let fount = std::env::current_exe().context("finding this binary's path")?;
+        // jobs log their runs to this store's ledger
+        let cwd = std::env::current_dir().context("the working directory")?;
+        let mut env = vec![(
+            "FOUNT_DATA_DIR".to_string(),
+            cwd.join(&store.data_dir).display().to_string(),
+        )];
+        if let Some(url) = &store.database_url {
+            env.push(("FOUNT_DATABASE_URL".into(), url.clone()));
+        }
         Ok(match self.pool_executor.as_str() {
-            "slurm" => Box::new(Slurm::new(
-                self.slurm_fount.clone().unwrap_or(fount),
-                self.slurm_partition.clone(),
-                self.slurm_sbatch
-                    .as_deref()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect(),
-            )),
-            _ => Box::new(Local::new(fount)),
+            "slurm" => Box::new(
+                Slurm::new(
+                    self.slurm_fount.clone().unwrap_or(fount),
+                    self.slurm_partition.clone(),
+                    self.slurm_sbatch
+                        .as_deref()
+                        .unwrap_or("")
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect(),
+                )
+                .with_env(env),
+            ),
+            _ => Box::new(Local::new(fount).with_env(env)),
         })
     }
 }
@@ -117,7 +129,7 @@ impl PoolThread {
     /// Starts the pool on the store at `store` (opened on the pool's own runtime).
     pub fn spawn(store: &StoreArgs, args: &PoolArgs) -> Result<PoolThread> {
         let cfg = args.config()?;
-        let exec = args.executor()?;
+        let exec = args.executor(store)?;
         let (dir, url) = (store.data_dir.clone(), store.database_url.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();

@@ -1,7 +1,7 @@
 //! `fount serve`: the OpenAI-compatible HTTP server over one base model and its adapters.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -63,11 +63,19 @@ pub struct ServeArgs {
     pub no_pool: bool,
     #[command(flatten)]
     pub pool: super::pool::PoolArgs,
+    /// A witness to take the ledger's checkpoints to, `URL=VERIFIER_KEY` (repeat for several);
+    /// the checkpoint served carries their cosignatures.
+    #[arg(long = "witness", env = "FOUNT_WITNESSES", value_delimiter = ',')]
+    pub witnesses: Vec<String>,
+    /// How often (seconds) the ledger's background work runs: committing finished hours of
+    /// usage and taking new checkpoints to the witnesses.
+    #[arg(long, default_value_t = 60)]
+    pub ledger_every: u64,
 }
 
 /// Makes an admin key when the store has no usable one, and prints it once (to stderr, never
 /// to the log).
-async fn bootstrap_admin(store: &fount_store::Store) -> Result<()> {
+async fn bootstrap_admin(store: &fount_store::Store, ledger_dir: Option<&Path>) -> Result<()> {
     use fount_store::Scope;
     let now = fount_store::now_ms() / 1000;
     let usable = store.keys(None).await?.into_iter().any(|k| {
@@ -82,7 +90,7 @@ async fn bootstrap_admin(store: &fount_store::Store) -> Result<()> {
         Some(t) => t,
         None => store.create_tenant("admin").await?,
     };
-    let (key, _) = store
+    let (key, info) = store
         .create_key(
             &tenant.id,
             "bootstrap",
@@ -90,6 +98,17 @@ async fn bootstrap_admin(store: &fount_store::Store) -> Result<()> {
             None,
         )
         .await?;
+    if let Some(dir) = ledger_dir {
+        super::ledger::log_act(
+            store,
+            dir,
+            "key.create",
+            &format!("key/{}", info.id),
+            serde_json::json!({"tenant_id": info.tenant_id, "prefix": info.prefix,
+                               "name": info.name, "scopes": ["admin", "inference"]}),
+        )
+        .await?;
+    }
     eprintln!("admin API key (shown once; store it now): {}", key.expose());
     Ok(())
 }
@@ -161,6 +180,20 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
         };
         Some(super::pool::PoolThread::spawn(&store, &a.pool).context("starting the compute pool")?)
     };
+    let witnesses = a
+        .witnesses
+        .iter()
+        .map(|w| {
+            let (url, key) = w
+                .split_once('=')
+                .with_context(|| format!("--witness {w:?}: give URL=VERIFIER_KEY"))?;
+            Ok(fount_server::ledger::WitnessConfig {
+                url: url.to_string(),
+                key: fount_ledger::note::Verifier::parse(key)
+                    .with_context(|| format!("--witness {w:?}"))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fount-http")
@@ -177,7 +210,11 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             let store = fount_store::Store::open(&a.data_dir, a.database_url.as_deref())
                 .await
                 .context("opening the store (--data-dir / --database-url)")?;
-            bootstrap_admin(&store).await?;
+            fs_err::create_dir_all(&a.data_dir).context("--data-dir")?;
+            let ledger = fount_ledger::Ledger::open(store.clone(), &a.data_dir)
+                .context("the ledger's key (--data-dir)")?;
+            bootstrap_admin(&store, Some(&a.data_dir)).await?;
+            state.enable_ledger(ledger.clone());
             state.enable_files(fount_server::files::FilesConfig {
                 dir: a.data_dir.join("files"),
                 max_bytes: max_file,
@@ -196,6 +233,15 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
                 every: std::time::Duration::from_millis(100),
             });
             tokio::spawn(fount_server::finetuning::follow::run(state.clone()));
+            let index = fount_server::ledger::log_deployment(&state, &a.model)
+                .await
+                .context("logging the deployment to the ledger")?;
+            tracing::info!(index, key = %ledger.verifier_key(), "ledger: deployment logged");
+            tokio::spawn(fount_server::ledger::run(
+                state.clone(),
+                witnesses,
+                std::time::Duration::from_secs(a.ledger_every.max(1)),
+            ));
             Some(tenancy)
         };
         let bound = listener.local_addr()?;
@@ -207,12 +253,14 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             "listening on http://{bound}"
         );
         on_listen(bound);
-        fount_server::serve(listener, state, shutdown_signal())
+        fount_server::serve(listener, state.clone(), shutdown_signal())
             .await
             .context("serving")?;
         if let Some(t) = tenancy {
             // abandoned requests' records may still be on their way
             t.flush().await;
+            // the bill so far: every record stored is committed before the store closes
+            fount_server::ledger::commit_all_usage(&state).await;
             t.store().close().await;
         }
         tracing::info!("drained; exiting");

@@ -19,6 +19,9 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint in the run's `out` directory.
     #[arg(long)]
     pub resume: bool,
+    /// Where the final model is logged.
+    #[command(flatten)]
+    pub ledger: super::ledger::LedgerTarget,
 }
 
 /// The error with which `fount train` and `fount finetune` end when a signal stopped them after
@@ -134,7 +137,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone())?;
     let resume_hint = format!("fount train --config {} --resume", a.config.display());
-    if pretrain(&cfg, a.resume, &stop, &resume_hint)?.is_none() {
+    if pretrain(&cfg, a.resume, &stop, &resume_hint, Some(&a.ledger))?.is_none() {
         return Err(Checkpointed(format!("continue with: {resume_hint}")).into());
     }
     Ok(())
@@ -147,7 +150,9 @@ pub fn pretrain(
     resume: bool,
     stop: &AtomicBool,
     resume_hint: &str,
+    ledger: Option<&super::ledger::LedgerTarget>,
 ) -> Result<Option<PathBuf>> {
+    let started_ms = super::ledger::now_ms();
     let bar = ProgressBar::new(cfg.steps);
     bar.set_style(
         ProgressStyle::with_template(
@@ -191,5 +196,15 @@ pub fn pretrain(
             .display(),
         plot.display()
     );
+    if let (Some(target), Some(dir)) = (ledger, &outcome.final_model) {
+        let external = serde_json::to_value(cfg)?;
+        let run = super::ledger::run_of(
+            "train",
+            external,
+            &[cfg.model.clone(), cfg.data.clone()],
+            started_ms,
+        )?;
+        super::ledger::record_run(target, dir, &[], "training", run)?;
+    }
     Ok(outcome.final_model)
 }
