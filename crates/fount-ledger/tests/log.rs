@@ -330,7 +330,7 @@ async fn an_artifact_verifies_back_to_its_raw_inputs_and_names_what_changed() {
         started_on: "2026-12-06T12:00:00.000Z".into(),
         finished_on: "2026-12-06T12:00:01.000Z".into(),
     };
-    let deps = dependencies(&[raw.clone()]).unwrap();
+    let deps = dependencies(std::slice::from_ref(&raw)).unwrap();
     record_artifact(&l, &data, &[], "dataset", SLSA_PROVENANCE, slsa(&run(deps)))
         .await
         .unwrap();

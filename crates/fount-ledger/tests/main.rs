@@ -1,5 +1,5 @@
 //! fount-ledger's tests: one binary (one PostgreSQL cluster for all of them).
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::disallowed_methods)]
 
 mod log;
 mod properties;

@@ -183,6 +183,7 @@ pub struct UsageProof {
     params(ProofQuery),
     responses(
         (status = 200, description = "The hour's records and their commitments", body = UsageProof),
+        (status = 400, description = "No hour, or not a number", body = crate::protocol::ErrorResponse),
         (status = 401, description = "No valid API key", body = crate::protocol::ErrorResponse),
         (status = 403, description = "Another tenant's bill without an admin key", body = crate::protocol::ErrorResponse),
         (status = 404, description = "Tenancy is off", body = crate::protocol::ErrorResponse),
@@ -191,9 +192,14 @@ pub struct UsageProof {
 pub async fn usage_proof(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
-    Query(q): Query<ProofQuery>,
+    q: Result<Query<ProofQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<UsageProof>> {
     let ledger = ledger_of(&state)?;
+    let Query(q) = q.map_err(|e| ApiError::Invalid {
+        message: format!("{} (hour is Unix seconds)", e.body_text()),
+        param: Some("hour".into()),
+        code: None,
+    })?;
     let Some(Extension(c)) = caller else {
         return Err(ApiError::NotFound {
             message: "bills are kept only with tenancy on".into(),

@@ -167,6 +167,20 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
     );
     eprintln!("the printed fine-tuning example: {}", text.trim());
 
+    // the ledger, checked live by Go's sumdb/tlog and sumdb/note: the checkpoint's signature,
+    // the tiles against its root, every entry's inclusion, and the served adapter's provenance
+    let store = dir.join("store");
+    let (vkey, _) = fount_ok(&["ledger", "--data-dir", &store.to_string_lossy(), "key"]);
+    let adapter_prov = dir.join("adapters/dates/provenance.json");
+    let go = crate::util::go_verify(&url, vkey.trim(), &[&adapter_prov]);
+    let go_out = String::from_utf8_lossy(&go.stdout).into_owned();
+    assert!(
+        go.status.success() && go_out.contains("every entry is included"),
+        "{go_out}{}",
+        String::from_utf8_lossy(&go.stderr)
+    );
+    eprintln!("Go verifier: {}", go_out.trim());
+
     // Ctrl-C: the server drains and the demo exits cleanly
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -185,6 +199,28 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
         err_log.join().unwrap_or_default()
     );
 
+    // the served adapter verifies back to the synthetic corpus; the whole log verifies, bills
+    // (committed at shutdown) included; the API's fine-tuned adapter was logged by its pool job
+    let st = store.to_string_lossy().into_owned();
+    let adapter = dir.join("adapters/dates").to_string_lossy().into_owned();
+    let (v, _) = fount_ok(&["ledger", "--data-dir", &st, "verify", &adapter]);
+    assert!(
+        v.contains("synth/corpus/part-00000.jsonl: raw input")
+            && v.contains("pretrain/final")
+            && v.contains("/data: "),
+        "{v}"
+    );
+    let (v, _) = fount_ok(&["ledger", "--data-dir", &st, "verify", "--log"]);
+    assert!(!v.contains(" 0 hourly bills"), "{v}");
+    let ft_prov = find_file(&store.join("fine_tuning"), "provenance.json")
+        .unwrap_or_else(|| panic!("the fine-tuning job's adapter has no provenance.json"));
+    let ft_dir = ft_prov
+        .parent()
+        .unwrap_or(&store)
+        .to_string_lossy()
+        .into_owned();
+    fount_ok(&["ledger", "--data-dir", &st, "verify", &ft_dir]);
+
     // a second run reuses every finished step
     let again = Instant::now();
     let (out, _) = fount_ok(&["demo", "--dir", &d, "--size", "small", "--no-serve"]);
@@ -197,4 +233,19 @@ fn the_demo_learns_the_task_serves_it_metered_and_reuses_its_steps() {
     // ...and refuses to mix sizes in one directory
     let e = fount_err(&["demo", "--dir", &d, "--size", "standard", "--no-serve"]);
     assert!(e.contains("another --size"), "{e}");
+}
+
+/// The first file named `name` under `dir`.
+fn find_file(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.map_while(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
 }

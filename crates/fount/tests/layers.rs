@@ -13,18 +13,20 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fount-model", &["fount-tokenizer"]),
     ("fount-data", &["fount-tokenizer"]),
     ("fount-store", &[]),
+    ("fount-ledger", &["fount-store"]),
     ("fount-train", &["fount-model", "fount-data"]),
     ("fount-engine", &["fount-model"]),
     ("fount-pool", &["fount-store"]),
     (
         "fount-server",
-        &["fount-engine", "fount-model", "fount-store"],
+        &["fount-engine", "fount-ledger", "fount-model", "fount-store"],
     ),
     (
         "fount",
         &[
             "fount-data",
             "fount-engine",
+            "fount-ledger",
             "fount-model",
             "fount-pool",
             "fount-server",
@@ -154,6 +156,29 @@ fn the_pool_links_no_training_code() {
         assert!(
             !seen.contains(*banned),
             "fount-pool reaches {banned}; the pool runs `fount` command lines, it never links them"
+        );
+    }
+}
+
+#[test]
+fn the_ledger_links_no_compute_and_no_http_server() {
+    let g = graph();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec!["fount-ledger".to_string()];
+    while let Some(n) = todo.pop() {
+        for d in &g[&n] {
+            if seen.insert(d.clone()) {
+                todo.push(d.clone());
+            }
+        }
+    }
+    for banned in NOT_IN_POOL
+        .iter()
+        .chain(["fount-engine", "axum", "hyper"].iter())
+    {
+        assert!(
+            !seen.contains(*banned),
+            "fount-ledger reaches {banned}; the log holds digests and names, never tensors or requests"
         );
     }
 }

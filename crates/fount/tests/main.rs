@@ -13,6 +13,10 @@ mod data_cli;
 /// `fount serve` with real clients: the `openai` package, overload, schema fuzzing, SIGTERM.
 mod serve;
 
+/// The ledger through `fount serve` and `fount ledger`: witnesses, Go's verifier, bills,
+/// tampering, kill -9.
+mod ledger;
+
 /// The crate graph: every internal dependency is one `docs/architecture.md` allows, and the
 /// compute crates never link the database or the HTTP stack.
 mod layers;

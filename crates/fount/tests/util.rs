@@ -8,6 +8,12 @@ pub fn fount(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fount"))
         .args(args)
         .env("FOUNT_THREADS", "1")
+        // runs are logged to a store of the tests' own unless a test names one
+        .env(
+            "FOUNT_DATA_DIR",
+            std::env::var("FOUNT_DATA_DIR")
+                .unwrap_or_else(|_| concat!(env!("CARGO_TARGET_TMPDIR"), "/fount-data").into()),
+        )
         .output()
         .unwrap_or_else(|e| panic!("running fount: {e}"))
 }
@@ -40,4 +46,45 @@ pub fn tiny_model(arch: &str, dir: &Path) {
         "--out",
         &dir.display().to_string(),
     ]);
+}
+
+/// Go's `sumdb/tlog` and `sumdb/note` in `tools/ledger/verify`, built once per test binary
+/// (GOPATH mode, offline, against Debian's `golang-golang-x-mod-dev`).
+pub fn go_verifier() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let out = tmp.join("ledger-verify");
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let built = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg("./tools/ledger/verify")
+                .current_dir(&root)
+                .env("GO111MODULE", "off")
+                .env("GOPATH", "/usr/share/gocode")
+                .env("GOCACHE", tmp.join("go-cache"))
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("go: {e} (scripts/test installs golang-go and golang-golang-x-mod-dev)")
+                });
+            assert!(
+                built.status.success(),
+                "building tools/ledger/verify:\n{}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+            out
+        })
+        .clone()
+}
+
+/// Runs the Go verifier against the server at `url` with the log's verifier `key`, checking
+/// the given provenance files too; returns its output.
+pub fn go_verify(url: &str, key: &str, provenance: &[&Path]) -> Output {
+    Command::new(go_verifier())
+        .args(["-url", url, "-key", key])
+        .args(provenance)
+        .output()
+        .unwrap_or_else(|e| panic!("ledger-verify: {e}"))
 }

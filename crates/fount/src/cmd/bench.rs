@@ -32,6 +32,9 @@ pub enum BenchCommand {
     /// The Fine-tuning API: from `succeeded` to the first answer, a job against a direct run,
     /// every tenant's `ft:` model in one batch against the base.
     Finetuning(super::bench_finetuning::FinetuningBench),
+    /// The ledger: batched appends against plain inserts, proofs at a million entries, the
+    /// hourly usage commitment.
+    Ledger(super::bench_ledger::LedgerBench),
 }
 
 /// Arguments of `fount bench generate`.
@@ -75,6 +78,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Train(a) => super::bench_train::bench_train(a, threads),
         BenchCommand::Pool(a) => super::bench_pool::bench_pool(a, threads),
         BenchCommand::Finetuning(a) => super::bench_finetuning::bench_finetuning(a, threads),
+        BenchCommand::Ledger(a) => super::bench_ledger::run(a),
     }
 }
 

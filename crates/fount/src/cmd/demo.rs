@@ -350,7 +350,7 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
     };
     let train = dir.join("synth/chat/train.jsonl");
     super::serve::run_with(args, |addr| {
-        print_examples(&format!("http://{addr}"), key.expose(), &train);
+        print_examples(&format!("http://{addr}"), key.expose(), &train, dir);
     })
 }
 
@@ -442,8 +442,12 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
     Ok(())
 }
 
-fn print_examples(url: &str, key: &str, train: &Path) {
+fn print_examples(url: &str, key: &str, train: &Path, dir: &Path) {
     let train = train.display();
+    let store = dir.join("store");
+    let store = store.display();
+    let adapter = dir.join("adapters").join(ADAPTER_NAME);
+    let adapter = adapter.display();
     use std::io::Write;
     let prompt = fount_data::synth::chat_prompt("2024-03-15");
     println!(
@@ -483,6 +487,11 @@ r = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=16, te
     messages=[{{"role": "user", "content": "{prompt}"}}])
 print(job.fine_tuned_model, "->", r.choices[0].message.content)
 '
+
+# where the adapter came from, checked back to the raw corpus (docs/ledger.md); the log's
+# signed checkpoint, and the key anyone checks it with:
+fount ledger --data-dir {store} verify {adapter}
+curl {url}/ledger/checkpoint; fount ledger --data-dir {store} key
 
 curl {url}/v1/usage -H "Authorization: Bearer {key}"    # what the tenant was metered
 "#

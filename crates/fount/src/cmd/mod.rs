@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_data;
 pub mod bench_engine;
 pub mod bench_finetuning;
+pub mod bench_ledger;
 pub mod bench_pool;
 pub mod bench_serve;
 pub mod bench_tenancy;
