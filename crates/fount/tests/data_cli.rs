@@ -149,6 +149,10 @@ fn a_killed_run_resumes_to_the_same_bytes() {
     // kill the run as soon as its first input file is finished
     let cut = dir.path().join("cut");
     let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
+        .env(
+            "FOUNT_DATA_DIR",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/fount-data"),
+        )
         .args([
             "--threads",
             "1",

@@ -113,6 +113,10 @@ fn kill_after(cfg: &Path, resume: bool, after: Duration, ckpts: &Path) -> bool {
         args.push("--resume".into());
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
+        .env(
+            "FOUNT_DATA_DIR",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/fount-data"),
+        )
         .args(&args)
         .env("FOUNT_THREADS", "1")
         .stdout(Stdio::null())
