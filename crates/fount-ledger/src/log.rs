@@ -42,6 +42,13 @@ pub fn key_path(data_dir: &Path) -> PathBuf {
 /// missing. Two processes creating it at once end up with the same key: the file appears whole
 /// or not at all.
 pub fn load_or_create_key(path: &Path, origin: Option<&str>) -> Result<Signer> {
+    key_file(path, origin, ED25519, "fount.local/ledger")
+}
+
+/// A private key file (mode 0600) of type `kind`, created when missing with the name given or
+/// `<default_name>-<8 hex>`.
+pub fn key_file(path: &Path, name: Option<&str>, kind: u8, default_name: &str) -> Result<Signer> {
+    let origin = name;
     match fs_err::read_to_string(path) {
         Ok(text) => {
             let signer = Signer::parse(&text)?;
@@ -57,9 +64,9 @@ pub fn load_or_create_key(path: &Path, origin: Option<&str>) -> Result<Signer> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let name = match origin {
                 Some(o) => o.to_string(),
-                None => format!("fount.local/ledger-{:08x}", rand::random::<u32>()),
+                None => format!("{default_name}-{:08x}", rand::random::<u32>()),
             };
-            let signer = Signer::generate(&name, ED25519)?;
+            let signer = Signer::generate(&name, kind)?;
             if let Some(dir) = path.parent() {
                 fs_err::create_dir_all(dir)?;
             }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::log::load_or_create_key;
+use crate::log::key_file;
 use crate::merkle::{empty_root, verify_consistency, Hash};
 use crate::note::{Note, Signer, Verifier, COSIGNATURE};
 
@@ -53,16 +53,15 @@ impl Witness {
     /// A witness keeping its key (`witness.key`, created when missing, named `name`) and state
     /// (`witness.json`) in `dir`, following the logs whose verifier keys are `logs`.
     pub fn open(dir: &Path, name: Option<&str>, logs: Vec<Verifier>) -> Result<Witness> {
-        let key_path = dir.join("witness.key");
-        let signer = if key_path.exists() {
-            load_or_create_key(&key_path, name)?
-        } else {
-            let name = name.unwrap_or("fount.local/witness");
-            let s = Signer::generate(name, COSIGNATURE)?;
-            fs_err::create_dir_all(dir)?;
-            fs_err::write(&key_path, format!("{}\n", s.private_key()))?;
-            s
-        };
+        let signer = key_file(
+            &dir.join("witness.key"),
+            name,
+            COSIGNATURE,
+            "fount.local/witness",
+        )?;
+        if !signer.verifier().is_cosigner() {
+            return Err(Error::Key("witness.key is not a cosignature key".into()));
+        }
         let state_path = dir.join("witness.json");
         let state = match fs_err::read(&state_path) {
             Ok(b) => serde_json::from_slice(&b)?,

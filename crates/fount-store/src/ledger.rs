@@ -10,7 +10,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::time::now_ms;
-use crate::usage::{usage_row, UsageRecord, USAGE_COLUMNS};
+use crate::usage::{placeholders, usage_row, UsageRecord, USAGE_COLUMNS};
 
 /// A node of the tree: the hash of leaves `index * 2^level .. (index + 1) * 2^level`.
 pub type NodeId = (u8, u64);
@@ -60,22 +60,6 @@ fn u64_of(v: i64, what: &str) -> Result<u64> {
 
 fn i64_of(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Invalid(format!("ledger index {v} is out of range")))
-}
-
-/// `$a, $b, …` groups: `rows` tuples of `cols` numbered placeholders from `$1`.
-fn placeholders(rows: usize, cols: usize) -> String {
-    let mut sql = String::new();
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for col in 0..cols {
-            if col > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("${}", row * cols + col + 1));
-        }
-        sql.push(')');
-    }
-    sql
 }
 
 /// Rows per INSERT: well under SQLite's 32,766 bound variables.

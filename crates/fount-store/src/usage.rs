@@ -167,23 +167,29 @@ type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q
 
 /// The `INSERT` of `rows` usage records (up to [`USAGE_ROWS`]); a request id already recorded
 /// is skipped.
+/// `($1, …, $cols), ($cols+1, …), …`: `rows` groups of `cols` numbered placeholders.
+pub(crate) fn placeholders(rows: usize, cols: usize) -> String {
+    let mut sql = String::new();
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for col in 0..cols {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * cols + col + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 fn usage_sql(rows: usize) -> String {
-    const COLUMNS: usize = 14;
     let mut sql = String::from(
         "INSERT INTO usage_records (request_id, tenant_id, key_id, model, adapter, prompt_tokens, \
              cached_tokens, completion_tokens, status, latency_ms, created_at_ms, \
              cost_picodollars, kind, slot_ms) VALUES ",
     );
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for col in 0..COLUMNS {
-            if col > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("${}", row * COLUMNS + col + 1));
-        }
-        sql.push(')');
-    }
+    sql.push_str(&placeholders(rows, 14));
     sql.push_str(" ON CONFLICT (request_id) DO NOTHING");
     sql
 }

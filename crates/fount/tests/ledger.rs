@@ -607,28 +607,29 @@ fn ledger_verify_names_what_changed_and_refuses_bad_input() {
             "want {needle:?}:\n{e}"
         );
     };
-    // one byte of the training data, of the base model, of the adapter
-    let bytes = std::fs::read(&raw).unwrap_or_default();
-    let mut changed = bytes.clone();
-    changed[20] ^= 1;
-    std::fs::write(&raw, &changed).unwrap_or_else(|e| panic!("{e}"));
-    fails(&out, "raw.jsonl: its sha256 is");
-    std::fs::write(&raw, &bytes).unwrap_or_else(|e| panic!("{e}"));
-    let w = model.join("model.safetensors");
-    let weights = std::fs::read(&w).unwrap_or_default();
-    let mut changed = weights.clone();
-    let last = changed.len() - 1;
-    changed[last] ^= 1;
-    std::fs::write(&w, &changed).unwrap_or_else(|e| panic!("{e}"));
-    fails(&out, "model.safetensors: its sha256 is");
-    std::fs::write(&w, &weights).unwrap_or_else(|e| panic!("{e}"));
-    let a = out.join("adapter_model.safetensors");
-    let ab = std::fs::read(&a).unwrap_or_default();
-    let mut changed = ab.clone();
-    changed[100] ^= 1;
-    std::fs::write(&a, &changed).unwrap_or_else(|e| panic!("{e}"));
-    fails(&out, "adapter_model.safetensors: its sha256 is");
-    std::fs::write(&a, &ab).unwrap_or_else(|e| panic!("{e}"));
+    // one byte of the training data, of the base model, of the adapter: each named, then put
+    // back
+    for (file, at, named) in [
+        (raw.clone(), 20, "raw.jsonl: its sha256 is"),
+        (
+            model.join("model.safetensors"),
+            usize::MAX,
+            "model.safetensors: its sha256 is",
+        ),
+        (
+            out.join("adapter_model.safetensors"),
+            100,
+            "adapter_model.safetensors: its sha256 is",
+        ),
+    ] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        let mut changed = bytes.clone();
+        let at = at.min(changed.len() - 1);
+        changed[at] ^= 1;
+        std::fs::write(&file, &changed).unwrap_or_else(|e| panic!("{e}"));
+        fails(&out, named);
+        std::fs::write(&file, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    }
     assert!(verify(&out).status.success());
 
     // no provenance; a key that is not the log's; nonsense; a missing entry index

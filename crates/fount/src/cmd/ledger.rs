@@ -136,17 +136,9 @@ pub async fn log_act(
 /// `fount ledger` arguments.
 #[derive(Debug, Args)]
 pub struct LedgerArgs {
-    /// Data directory (the store and `ledger.key`).
-    #[arg(
-        long,
-        env = "FOUNT_DATA_DIR",
-        default_value = "fount-data",
-        global = true
-    )]
-    pub data_dir: PathBuf,
-    /// PostgreSQL URL instead of the SQLite file.
-    #[arg(long, env = "FOUNT_DATABASE_URL", global = true)]
-    pub database_url: Option<String>,
+    /// The store, and the ledger's key (`ledger.key` in the data directory).
+    #[command(flatten)]
+    pub store: super::admin::StoreArgs,
     #[command(subcommand)]
     pub command: LedgerCommand,
 }
@@ -209,14 +201,14 @@ pub fn run(a: LedgerArgs) -> Result<()> {
     }
     if let LedgerCommand::Key { origin: Some(o) } = &a.command {
         let signer = fount_ledger::log::load_or_create_key(
-            &fount_ledger::log::key_path(&a.data_dir),
+            &fount_ledger::log::key_path(&a.store.data_dir),
             Some(o),
         )?;
         println!("{}", signer.verifier_key());
         return Ok(());
     }
     runtime()?.block_on(async {
-        let ledger = open(&a.data_dir, a.database_url.as_deref()).await?;
+        let ledger = open(&a.store.data_dir, a.store.database_url.as_deref()).await?;
         let out = command(&ledger, a.command).await;
         ledger.store().close().await;
         out
