@@ -445,6 +445,7 @@ fn serve_logs_witnesses_cosign_and_tampering_is_named() {
         .block_on(store.ledger_size())
         .unwrap_or_else(|e| panic!("{e}"));
     sql("DELETE FROM ledger_entries WHERE idx >= 3");
+    fails_with("truncated");
     sql("DELETE FROM ledger_hashes WHERE NOT ((level = 0 AND idx < 3) OR (level = 1 AND idx < 1))");
     sql("DELETE FROM ledger_checkpoints WHERE size >= 3");
     sql("UPDATE ledger_head SET size = 3");
