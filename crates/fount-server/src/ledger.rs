@@ -216,7 +216,14 @@ pub async fn usage_proof(
         }
         _ => c.tenant.id.clone(),
     };
-    let from = hour_of(q.hour.saturating_mul(1000));
+    // Unix seconds from 1970 to the year 5138: anything else is not an hour of this log
+    if !(0..=100_000_000_000).contains(&q.hour) {
+        return Err(ApiError::invalid(
+            "hour",
+            format!("{} is not an hour: give Unix seconds", q.hour),
+        ));
+    }
+    let from = hour_of(q.hour * 1000);
     let store = ledger.store();
     let commits = store
         .ledger_usage_commits(Some(&tenant), from, from + HOUR)

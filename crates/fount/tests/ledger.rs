@@ -391,6 +391,19 @@ fn serve_logs_witnesses_cosign_and_tampering_is_named() {
         verify_inclusion(&leaf_hash(&leaf), p.index, cp.size, &p.path, &cp.root)
             .unwrap_or_else(|e| panic!("{e}"));
     }
+    // an hour that is not one, no hour at all
+    for q in ["hour=-1", "hour=99999999999999", "hour=soon", ""] {
+        let (status, body) = http(
+            "GET",
+            &format!("{url}/v1/usage/proof?{q}"),
+            Some(&key),
+            None,
+        );
+        assert!(
+            status == 400 && body.contains("hour"),
+            "{q}: {status} {body}"
+        );
+    }
     // another tenant's bill needs an admin key
     let other = http(
         "GET",
