@@ -72,17 +72,11 @@ where
     if nodes.is_empty() {
         return Ok(Vec::new());
     }
-    let mut sql = String::from("SELECT level, idx, hash FROM ledger_hashes WHERE ");
-    for i in 0..nodes.len() {
-        if i > 0 {
-            sql.push_str(" OR ");
-        }
-        sql.push_str(&format!(
-            "(level = ${} AND idx = ${})",
-            2 * i + 1,
-            2 * i + 2
-        ));
-    }
+    // one lookup of the primary key by row value, on both databases
+    let sql = format!(
+        "SELECT level, idx, hash FROM ledger_hashes WHERE (level, idx) IN (VALUES {})",
+        placeholders(nodes.len(), 2)
+    );
     let mut q = sqlx::query(&sql);
     for &(level, idx) in nodes {
         q = q.bind(i32::from(level)).bind(i64_of(idx)?);

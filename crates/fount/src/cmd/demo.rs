@@ -412,9 +412,21 @@ fn demo_key(store_dir: &Path, key_file: &Path) -> Result<ApiKey> {
         }
         let tenant = match store.tenant_by_name(TENANT).await? {
             Some(t) => t,
-            None => store.create_tenant(TENANT).await?,
+            None => {
+                let t = store.create_tenant(TENANT).await?;
+                let details = serde_json::json!({"name": t.name});
+                super::ledger::log_act(
+                    &store,
+                    store_dir,
+                    "tenant.create",
+                    &format!("tenant/{}", t.id),
+                    details,
+                )
+                .await?;
+                t
+            }
         };
-        let (key, _) = store
+        let (key, info) = store
             .create_key(
                 &tenant.id,
                 "demo",
@@ -422,6 +434,17 @@ fn demo_key(store_dir: &Path, key_file: &Path) -> Result<ApiKey> {
                 None,
             )
             .await?;
+        // never the secret
+        let details = serde_json::json!({"tenant_id": info.tenant_id, "prefix": info.prefix,
+            "name": info.name, "scopes": ["inference", "files", "fine_tuning"]});
+        super::ledger::log_act(
+            &store,
+            store_dir,
+            "key.create",
+            &format!("key/{}", info.id),
+            details,
+        )
+        .await?;
         store.close().await;
         write_secret(key_file, key.expose())?;
         Ok(key)
