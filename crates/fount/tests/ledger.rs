@@ -674,6 +674,38 @@ fn ledger_verify_names_what_changed_and_refuses_bad_input() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no entry 99"));
     let o = fount(&["ledger", "--data-dir", &d, "verify"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--log"));
+    // a witness or a served log given keys that are not keys
+    let o = fount(&[
+        "ledger",
+        "witness",
+        "--dir",
+        &s(&tmp.path().join("w")),
+        "--log",
+        "nonsense",
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--log nonsense"));
+    let o = fount(&[
+        "serve",
+        "--model",
+        &s(&model),
+        "--data-dir",
+        &d,
+        "--witness",
+        "http://127.0.0.1:1",
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("URL=VERIFIER_KEY"));
+    let o = fount(&[
+        "ledger",
+        "--data-dir",
+        &d,
+        "key",
+        "--origin",
+        "another.example/log",
+    ]);
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("not \"another.example/log\"")
+    );
     // --no-ledger writes no provenance
     let out2 = tmp.path().join("adapter2");
     fount_ok(&[
