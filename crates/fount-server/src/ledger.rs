@@ -409,7 +409,7 @@ pub async fn run(state: Arc<AppState>, witnesses: Vec<WitnessConfig>, every: Dur
 }
 
 /// Takes the latest checkpoint to every witness (when it grew) and stores it with their
-/// cosignatures. Returns the size sent.
+/// cosignatures. Returns the size once every witness cosigned it.
 pub async fn cosign(
     ledger: &Ledger,
     witnesses: &[WitnessConfig],
@@ -423,20 +423,35 @@ pub async fn cosign(
     }
     let mut lines = Vec::new();
     for (w, have) in witnesses.iter().zip(sizes.iter_mut()) {
+        if *have == c.size {
+            continue;
+        }
         // one retry: a 409 says what size the witness holds
         for _ in 0..2 {
             let proof = ledger.consistency_proof(*have, c.size).await?;
             let body = add_checkpoint_body(*have, &proof, &note);
-            let (status, resp) = post(
+            // one witness down or misbehaving does not keep the others' cosignatures away
+            let (status, resp) = match post(
                 &format!("{}/add-checkpoint", w.url.trim_end_matches('/')),
                 body,
             )
             .await
-            .map_err(fount_ledger::Error::Note)?;
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(witness = %w.url, "the witness is unreachable: {e}");
+                    break;
+                }
+            };
             match status {
                 200 => {
-                    lines.extend(check_cosignatures(&note, &resp, &w.key)?);
-                    *have = c.size;
+                    match check_cosignatures(&note, &resp, &w.key) {
+                        Ok(l) => {
+                            lines.extend(l);
+                            *have = c.size;
+                        }
+                        Err(e) => tracing::error!(witness = %w.url, "a bad cosignature: {e}"),
+                    }
                     break;
                 }
                 409 => match resp.trim().parse::<u64>() {
@@ -453,11 +468,16 @@ pub async fn cosign(
             }
         }
     }
+    let all = witnesses
+        .iter()
+        .zip(sizes.iter())
+        .all(|(_, s)| *s == c.size);
     if !lines.is_empty() {
         let cosigned = Note::parse(&note)?.with_signatures(&lines);
         ledger.store().ledger_cosigned(c.size, &cosigned).await?;
     }
-    Ok(Some(c.size))
+    // a witness that did not cosign is asked again next round
+    Ok(all.then_some(c.size))
 }
 
 async fn post(url: &str, body: String) -> Result<(u16, String), String> {
