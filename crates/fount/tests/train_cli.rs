@@ -242,6 +242,11 @@ fn mpirun(ranks: usize, args: &[&str]) -> Command {
     .arg(env!("CARGO_BIN_EXE_fount"))
     .args(args)
     .env("FOUNT_THREADS", "1")
+    // the finished run is logged to the tests' store, not the source tree
+    .env(
+        "FOUNT_DATA_DIR",
+        concat!(env!("CARGO_TARGET_TMPDIR"), "/fount-data"),
+    )
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     c
