@@ -5,6 +5,7 @@ use base64::Engine as _;
 
 use crate::error::{Error, Result};
 use crate::merkle::Hash;
+use crate::note::{Note, Verifier};
 
 /// A checkpoint's body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,22 @@ impl Checkpoint {
             s.push('\n');
         }
         s
+    }
+
+    /// Opens a signed checkpoint of the log whose key is `log`: the note carries a valid
+    /// signature by it, and the origin is its name.
+    pub fn open(note: &str, log: &Verifier) -> Result<Checkpoint> {
+        let n = Note::parse(note)?;
+        n.verify_by(log)?;
+        let c = Checkpoint::parse(&n.text)?;
+        if c.origin != log.name() {
+            return Err(Error::Checkpoint(format!(
+                "it is of the log {:?}, not {:?}",
+                c.origin,
+                log.name()
+            )));
+        }
+        Ok(c)
     }
 
     /// Parses a body (a note's text).

@@ -14,7 +14,7 @@ use crate::merkle::{
     completed, consistency_ranges, empty_root, fold, frontier, inclusion_ranges, leaf_hash,
     range_nodes, Hash, Node,
 };
-use crate::note::{Note, Signer, Verifier, ED25519};
+use crate::note::{Signer, Verifier, ED25519};
 use crate::statement::hex;
 use crate::tiles::{Tile, HEIGHT, WIDTH};
 
@@ -287,17 +287,7 @@ impl Ledger {
 
     /// Reads a checkpoint note signed by this log.
     pub fn open_checkpoint(&self, note: &str) -> Result<Checkpoint> {
-        let n = Note::parse(note)?;
-        n.verify_by(&self.verifier())?;
-        let c = Checkpoint::parse(&n.text)?;
-        if c.origin != self.origin() {
-            return Err(Error::Checkpoint(format!(
-                "the checkpoint is of {:?}, not of this log ({:?})",
-                c.origin,
-                self.origin()
-            )));
-        }
-        Ok(c)
+        Checkpoint::open(note, &self.verifier())
     }
 
     async fn ranges(&self, ranges: &[(u64, u64)]) -> Result<Vec<Hash>> {
@@ -400,10 +390,20 @@ impl Ledger {
 
     /// A C2SP `tlog-proof` that entry `index` is in the log at its latest checkpoint.
     pub async fn proof(&self, index: u64) -> Result<String> {
-        let note = self.checkpoint().await?;
-        let c = self.open_checkpoint(&note)?;
+        self.proof_at(index, &self.checkpoint().await?).await
+    }
+
+    /// A C2SP `tlog-proof` that entry `index` is in the log at the signed `checkpoint`.
+    pub async fn proof_at(&self, index: u64, checkpoint: &str) -> Result<String> {
+        let c = self.open_checkpoint(checkpoint)?;
         let path = self.inclusion_proof(index, c.size).await?;
-        Ok(tlog_proof(index, &path, &note))
+        Ok(tlog_proof(index, &path, checkpoint))
+    }
+
+    /// Logs an administrative act ([`crate::statement::admin`]); returns the entry's index.
+    pub async fn log_admin(&self, act: &str, subject: &str, details: Value) -> Result<u64> {
+        self.log("admin", &crate::statement::admin(act, subject, details))
+            .await
     }
 }
 
@@ -416,14 +416,24 @@ fn missing((level, index): Node) -> Error {
 /// A C2SP `tlog-proof`: `c2sp.org/tlog-proof@v1`, `index N`, the inclusion proof's hashes, a
 /// blank line, the checkpoint.
 pub fn tlog_proof(index: u64, path: &[Hash], checkpoint: &str) -> String {
-    let mut s = format!("c2sp.org/tlog-proof@v1\nindex {index}\n");
-    for h in path {
-        s.push_str(&B64.encode(h));
-        s.push('\n');
-    }
-    s.push('\n');
-    s.push_str(checkpoint);
-    s
+    format!(
+        "c2sp.org/tlog-proof@v1\nindex {index}\n{}\n{checkpoint}",
+        hash_lines(path)
+    )
+}
+
+/// Hashes one per line in base64, each line ending in a newline: the proof lines of C2SP
+/// `tlog-proof` and `tlog-witness`.
+pub fn hash_lines(hashes: &[Hash]) -> String {
+    hashes
+        .iter()
+        .map(|h| format!("{}\n", B64.encode(h)))
+        .collect()
+}
+
+/// One base64 hash line (without its newline).
+pub fn parse_hash_line(line: &str) -> Option<Hash> {
+    B64.decode(line).ok().and_then(|h| Hash::try_from(h).ok())
 }
 
 /// A parsed `tlog-proof`.
@@ -456,12 +466,7 @@ pub fn parse_tlog_proof(text: &str) -> Result<TlogProof> {
         .and_then(|i| i.parse().ok())
         .ok_or_else(|| bad("no index line"))?;
     let path = lines
-        .map(|l| {
-            B64.decode(l)
-                .ok()
-                .and_then(|h| Hash::try_from(h).ok())
-                .ok_or_else(|| bad("a proof line is not a base64 hash"))
-        })
+        .map(|l| parse_hash_line(l).ok_or_else(|| bad("a proof line is not a base64 hash")))
         .collect::<Result<Vec<_>>>()?;
     Ok(TlogProof {
         index,

@@ -19,7 +19,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::log::{parse_tlog_proof, Ledger};
 use crate::merkle::{leaf_hash, verify_inclusion};
-use crate::note::{Note, Verifier};
+use crate::note::Verifier;
 use crate::statement::{
     artifact_files, file_digest, listing_digest, statement, subjects_of, PROVENANCE_FILE,
 };
@@ -61,13 +61,14 @@ pub async fn record_artifact(
         .collect();
     let st = statement(&subjects, predicate_type, predicate);
     let body = serde_json::to_string(&st)?;
-    let index = ledger.append(&[(body.clone(), kind)]).await?.first;
+    let appended = ledger.append(&[(body.clone(), kind)]).await?;
+    let index = appended.first;
     let p = Provenance {
         log: ledger.verifier_key(),
         index,
         leaf: B64.encode(body.as_bytes()),
         statement: st,
-        proof: ledger.proof(index).await?,
+        proof: ledger.proof_at(index, &appended.checkpoint).await?,
     };
     write_provenance(dir, &p)?;
     Ok(index)
@@ -126,17 +127,8 @@ pub fn check_entry(p: &Provenance, log: &Verifier, what: &str) -> Result<(Value,
             proof.index, p.index
         )));
     }
-    let note = Note::parse(&proof.checkpoint)?;
-    note.verify_by(log)
-        .map_err(|e| Error::Mismatch(format!("{what}: the checkpoint's signature: {e}")))?;
-    let c = Checkpoint::parse(&note.text)?;
-    if c.origin != log.name() {
-        return Err(Error::Mismatch(format!(
-            "{what}: the checkpoint is of the log {:?}, not {:?}",
-            c.origin,
-            log.name()
-        )));
-    }
+    let c = Checkpoint::open(&proof.checkpoint, log)
+        .map_err(|e| Error::Mismatch(format!("{what}: the checkpoint: {e}")))?;
     verify_inclusion(&leaf_hash(&leaf), p.index, c.size, &proof.path, &c.root).map_err(|e| {
         Error::Mismatch(format!(
             "{what}: entry {} is not proven in the checkpoint of size {}: {e}",

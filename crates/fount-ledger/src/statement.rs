@@ -221,6 +221,57 @@ pub fn rfc3339(ms: i64) -> String {
     )
 }
 
+/// An administrative act as an entry: the subject is what was acted on (`tenant/…`, `key/…`,
+/// `model/…`), its digest that of the act's details.
+pub fn admin(act: &str, subject: &str, details: Value) -> Value {
+    let predicate = json!({"act": act, "details": details, "at_ms": fount_store::now_ms()});
+    let digest = hex(&Sha256::digest(predicate.to_string().as_bytes()));
+    statement(
+        &[FileDigest {
+            name: subject.to_string(),
+            sha256: digest,
+        }],
+        ADMIN_PREDICATE,
+        predicate,
+    )
+}
+
+/// The act of creating tenant `t`: its subject and details.
+pub fn tenant_created(t: &fount_store::Tenant) -> (String, Value) {
+    (format!("tenant/{}", t.id), json!({"name": t.name}))
+}
+
+/// The act of creating a key: its subject and details (its id, prefix and scopes; never the
+/// secret).
+pub fn key_created(k: &fount_store::KeyInfo) -> (String, Value) {
+    let scopes: Vec<&str> = k.scopes.iter().map(|s| s.name()).collect();
+    (
+        format!("key/{}", k.id),
+        json!({"tenant_id": k.tenant_id, "prefix": k.prefix, "name": k.name,
+               "scopes": scopes, "expires_at": k.expires_at}),
+    )
+}
+
+/// A model or adapter made available to serve: its files' digests, and the index of its own
+/// provenance entry when it has one.
+pub fn model(name: &str, dir: &Path, role: &str) -> Result<Value> {
+    let files = artifact_files(dir)?;
+    let logged = crate::provenance::read_provenance(dir)
+        .ok()
+        .map(|p| p.index);
+    Ok(statement(
+        &files,
+        MODEL_PREDICATE,
+        json!({
+            "name": name,
+            "role": role,
+            "path": dir.display().to_string(),
+            "provenance_index": logged,
+            "at_ms": fount_store::now_ms(),
+        }),
+    ))
+}
+
 /// The subjects of a statement: `(name, sha256)`.
 pub fn subjects_of(statement: &Value) -> Result<Vec<FileDigest>> {
     let list = statement["subject"]

@@ -6,7 +6,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::log::{unhex, Ledger};
 use crate::merkle::{leaf_hash, verify_consistency, MemoryTree};
-use crate::note::{Note, Verifier};
+use crate::note::Verifier;
 use crate::statement::hex;
 use crate::usage::usage_root;
 
@@ -23,12 +23,6 @@ pub struct LogReport {
     pub usage_records: u64,
 }
 
-fn open(note: &str, log: &Verifier) -> Result<Checkpoint> {
-    let n = Note::parse(note)?;
-    n.verify_by(log)?;
-    Checkpoint::parse(&n.text)
-}
-
 /// Entries read per query.
 const BATCH: u64 = 10_000;
 
@@ -40,15 +34,8 @@ pub async fn verify_log(ledger: &Ledger, log: &Verifier) -> Result<LogReport> {
     let Some((_, latest_note)) = checkpoints.last() else {
         return Ok(report);
     };
-    let latest = open(latest_note, log)
+    let latest = Checkpoint::open(latest_note, log)
         .map_err(|e| Error::Mismatch(format!("the latest checkpoint: {e}")))?;
-    if latest.origin != log.name() {
-        return Err(Error::Mismatch(format!(
-            "the latest checkpoint is of {:?}, not {:?}",
-            latest.origin,
-            log.name()
-        )));
-    }
     let size = latest.size;
     // every entry, in order, against the stored leaf hashes
     let mut tree = MemoryTree::new();
@@ -129,7 +116,7 @@ pub async fn verify_log(ledger: &Ledger, log: &Verifier) -> Result<LogReport> {
     report.entries = size;
     // every checkpoint ever signed is a prefix of this one
     for (s, note) in &checkpoints {
-        let c = open(note, log)
+        let c = Checkpoint::open(note, log)
             .map_err(|e| Error::Mismatch(format!("the checkpoint of size {s}: {e}")))?;
         if c.size != *s || c.origin != latest.origin {
             return Err(Error::Mismatch(format!(

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::log::key_file;
+use crate::log::{hash_lines, key_file, parse_hash_line};
 use crate::merkle::{empty_root, verify_consistency, Hash};
 use crate::note::{Note, Signer, Verifier, COSIGNATURE};
 
@@ -101,10 +101,7 @@ impl Witness {
             .ok_or_else(|| refuse(400, "the first line is 'old <size>'"))?;
         let proof: Vec<Hash> = lines
             .map(|l| {
-                B64.decode(l)
-                    .ok()
-                    .and_then(|h| Hash::try_from(h).ok())
-                    .ok_or_else(|| refuse(400, "a proof line is not a base64 hash"))
+                parse_hash_line(l).ok_or_else(|| refuse(400, "a proof line is not a base64 hash"))
             })
             .collect::<Result<_, _>>()?;
         if proof.len() > 63 {
@@ -149,10 +146,7 @@ impl Witness {
                 return Err(refuse(422, "a proof from size 0 is empty"));
             }
         } else {
-            let old_root: Hash = B64
-                .decode(&root)
-                .ok()
-                .and_then(|h| Hash::try_from(h).ok())
+            let old_root = parse_hash_line(&root)
                 .ok_or_else(|| refuse(500, "the witness's state is corrupt"))?;
             verify_consistency(old, c.size, &proof, &old_root, &c.root).map_err(|e| {
                 refuse(
@@ -187,14 +181,7 @@ impl Witness {
 
 /// The body of an `add-checkpoint` request.
 pub fn add_checkpoint_body(old: u64, proof: &[Hash], checkpoint: &str) -> String {
-    let mut s = format!("old {old}\n");
-    for h in proof {
-        s.push_str(&B64.encode(h));
-        s.push('\n');
-    }
-    s.push('\n');
-    s.push_str(checkpoint);
-    s
+    format!("old {old}\n{}\n{checkpoint}", hash_lines(proof))
 }
 
 /// Checks a witness's response against its key; returns the cosignature lines to add.

@@ -12,7 +12,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
+use crate::ledger::log_act;
 use crate::state::AppState;
+use fount_ledger::statement;
 
 /// A tenant.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -298,13 +300,7 @@ pub async fn create_tenant(
         .create_tenant(&body.name)
         .await
         .map_err(store_err)?;
-    log_act(
-        &state,
-        "tenant.create",
-        &format!("tenant/{}", t.id),
-        json!({"name": t.name}),
-    )
-    .await;
+    log_act(&state, "tenant.create", statement::tenant_created(&t)).await;
     Ok(Json(TenantView {
         id: t.id,
         name: t.name,
@@ -352,16 +348,7 @@ pub async fn create_key(
         .create_key(&id, &name, &scopes, expires)
         .await
         .map_err(store_err)?;
-    // never the secret: the key's id, prefix and what it may do
-    let scope_names: Vec<&str> = info.scopes.iter().map(|s| s.name()).collect();
-    log_act(
-        &state,
-        "key.create",
-        &format!("key/{}", info.id),
-        json!({"tenant_id": info.tenant_id, "prefix": info.prefix, "name": info.name,
-               "scopes": scope_names, "expires_at": info.expires_at}),
-    )
-    .await;
+    log_act(&state, "key.create", statement::key_created(&info)).await;
     Ok(Json(CreatedKey {
         key: key.expose().to_string(),
         info: key_view(info),
@@ -412,7 +399,7 @@ pub async fn revoke_key(
             code: "not_found",
         });
     }
-    log_act(&state, "key.revoke", &format!("key/{id}"), json!({})).await;
+    log_act(&state, "key.revoke", (format!("key/{id}"), json!({}))).await;
     Ok(Json(crate::protocol::Deleted {
         id,
         object: "key",
@@ -437,7 +424,7 @@ pub async fn set_quota(
         .set_quota(Subject::Tenant(&id), &q.quota()?)
         .await
         .map_err(store_err)?;
-    log_act(&state, "quota.set", &format!("tenant/{id}"), json!(&q)).await;
+    log_act(&state, "quota.set", (format!("tenant/{id}"), json!(&q))).await;
     Ok(Json(q))
 }
 
@@ -474,7 +461,7 @@ pub async fn set_key_quota(
         .set_quota(Subject::Key(&key.id), &q.quota()?)
         .await
         .map_err(store_err)?;
-    log_act(&state, "quota.set", &format!("key/{}", key.id), json!(&q)).await;
+    log_act(&state, "quota.set", (format!("key/{}", key.id), json!(&q))).await;
     Ok(Json(q))
 }
 
@@ -540,7 +527,7 @@ pub async fn set_price(
         .set_price(&model, &price)
         .await
         .map_err(store_err)?;
-    log_act(&state, "price.set", &format!("model/{model}"), json!(&p)).await;
+    log_act(&state, "price.set", (format!("model/{model}"), json!(&p))).await;
     Ok(Json(p))
 }
 
@@ -579,15 +566,4 @@ pub async fn export_usage(
         object: "list",
         data: records.iter().map(|r| r.to_json()).collect(),
     }))
-}
-
-/// Logs an administrative act to the ledger (when one is kept). The act is done already; a
-/// ledger that cannot be written is reported, not the request's failure.
-async fn log_act(state: &AppState, act: &str, subject: &str, details: serde_json::Value) {
-    if let Some(ledger) = state.ledger() {
-        let st = crate::ledger::admin_statement(act, subject, details);
-        if let Err(e) = ledger.log("admin", &st).await {
-            tracing::error!(act, "ledger: {e}");
-        }
-    }
 }

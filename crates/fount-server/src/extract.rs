@@ -1,9 +1,11 @@
-//! A JSON body extractor whose failures are OpenAI error objects naming the field at fault.
+//! Extractors whose failures are OpenAI error objects: a JSON body naming the field at fault,
+//! and a query string.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
@@ -33,6 +35,25 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
             }
         })?;
         parse(&bytes).map(JsonBody)
+    }
+}
+
+/// A query string parsed as `T`; one that does not parse is a 400 with the parser's message.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(q) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::Invalid {
+                message: e.body_text(),
+                param: None,
+                code: None,
+            })?;
+        Ok(QueryParams(q))
     }
 }
 

@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Multipart, Path as UrlPath, Query, State};
+use axum::extract::{Multipart, Path as UrlPath, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -20,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiResult};
+use crate::extract::QueryParams;
 use crate::state::AppState;
 use crate::tenancy::Caller;
 
@@ -311,14 +311,9 @@ pub async fn upload(
 pub async fn list(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
-    query: Result<Query<FileQuery>, QueryRejection>,
+    QueryParams(q): QueryParams<FileQuery>,
 ) -> ApiResult<Json<FileList>> {
     let (caller, _, store) = context(&state, &caller)?;
-    let Query(q) = query.map_err(|e| ApiError::Invalid {
-        message: e.body_text(),
-        param: None,
-        code: None,
-    })?;
     let limit = match q.limit.as_deref() {
         None => 10_000,
         Some(l) => l

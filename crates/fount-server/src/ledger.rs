@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use fount_ledger::note::{Note, Verifier};
-use fount_ledger::statement::{self, hex, FileDigest};
+use fount_ledger::statement::{self, FileDigest};
 use fount_ledger::tiles::Tile;
 use fount_ledger::usage::{commit_usage, hour_of, usage_leaf, HOUR};
 use fount_ledger::witness::{add_checkpoint_body, check_cosignatures, Witness};
@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiResult};
+use crate::extract::QueryParams;
 use crate::state::AppState;
 use crate::tenancy::Caller;
 
@@ -134,9 +135,11 @@ pub async fn tile(
 
 /// `GET /v1/usage/proof` query.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ProofQuery {
     /// The hour: Unix seconds of any instant in it.
-    pub hour: i64,
+    #[param(value_type = i64, required = true)]
+    pub hour: Option<String>,
     /// With an admin key: whose bill (the caller's own otherwise).
     pub tenant: Option<String>,
 }
@@ -192,14 +195,18 @@ pub struct UsageProof {
 pub async fn usage_proof(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
-    q: Result<Query<ProofQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<ProofQuery>,
 ) -> ApiResult<Json<UsageProof>> {
     let ledger = ledger_of(&state)?;
-    let Query(q) = q.map_err(|e| ApiError::Invalid {
-        message: format!("{} (hour is Unix seconds)", e.body_text()),
-        param: Some("hour".into()),
-        code: None,
-    })?;
+    // Unix seconds from 1970 to the year 5138: anything else is not an hour of this log
+    let hour = q
+        .hour
+        .as_deref()
+        .and_then(|h| h.parse::<i64>().ok())
+        .filter(|h| (0..=100_000_000_000).contains(h))
+        .ok_or_else(|| {
+            ApiError::invalid("hour", "hour is the Unix seconds of an instant in the hour")
+        })?;
     let Some(Extension(c)) = caller else {
         return Err(ApiError::NotFound {
             message: "bills are kept only with tenancy on".into(),
@@ -216,19 +223,13 @@ pub async fn usage_proof(
         }
         _ => c.tenant.id.clone(),
     };
-    // Unix seconds from 1970 to the year 5138: anything else is not an hour of this log
-    if !(0..=100_000_000_000).contains(&q.hour) {
-        return Err(ApiError::invalid(
-            "hour",
-            format!("{} is not an hour: give Unix seconds", q.hour),
-        ));
-    }
-    let from = hour_of(q.hour * 1000);
+    let from = hour_of(hour * 1000);
     let store = ledger.store();
     let commits = store
         .ledger_usage_commits(Some(&tenant), from, from + HOUR)
         .await
         .map_err(internal)?;
+    let checkpoint = ledger.checkpoint().await.map_err(internal)?;
     let mut out = Vec::new();
     let mut committed = 0;
     for cm in commits {
@@ -244,7 +245,10 @@ pub async fn usage_proof(
             statement: serde_json::from_str(&entry.body).map_err(internal)?,
             leaf: base64::engine::general_purpose::STANDARD.encode(entry.body.as_bytes()),
             records: records.iter().map(usage_leaf).collect(),
-            proof: ledger.proof(cm.entry_index).await.map_err(internal)?,
+            proof: ledger
+                .proof_at(cm.entry_index, &checkpoint)
+                .await
+                .map_err(internal)?,
         });
     }
     let all = store
@@ -262,72 +266,39 @@ pub async fn usage_proof(
     }))
 }
 
-/// Appends `statement` in the background; a failure is logged, never a request's error.
-pub fn log_in_background(state: &AppState, kind: &'static str, statement: Value) {
-    let Some(ledger) = state.ledger().cloned() else {
-        return;
-    };
-    tokio::spawn(async move {
-        if let Err(e) = ledger.log(kind, &statement).await {
-            tracing::error!(kind, "ledger: {e}");
+/// Logs an administrative act (when a ledger is kept). The act is done already: a ledger that
+/// cannot be written is reported, not the request's failure.
+pub async fn log_act(state: &AppState, act: &str, (subject, details): (String, Value)) {
+    if let Some(ledger) = state.ledger() {
+        if let Err(e) = ledger.log_admin(act, &subject, details).await {
+            tracing::error!(act, "ledger: {e}");
         }
-    });
-}
-
-/// An administrative act as an entry: the subject is what was acted on, its digest that of the
-/// act's details.
-pub fn admin_statement(act: &str, subject: &str, details: Value) -> Value {
-    use sha2::{Digest, Sha256};
-    let predicate = json!({"act": act, "details": details, "at_ms": fount_store::now_ms()});
-    let digest = hex(&Sha256::digest(predicate.to_string().as_bytes()));
-    statement::statement(
-        &[FileDigest {
-            name: subject.to_string(),
-            sha256: digest,
-        }],
-        statement::ADMIN_PREDICATE,
-        predicate,
-    )
-}
-
-/// A model or adapter made available: its files' digests.
-pub fn model_statement(
-    name: &str,
-    dir: &std::path::Path,
-    role: &str,
-) -> fount_ledger::Result<Value> {
-    let files = statement::artifact_files(dir)?;
-    let logged = dir
-        .join(statement::PROVENANCE_FILE)
-        .exists()
-        .then(|| {
-            fount_ledger::provenance::read_provenance(dir)
-                .ok()
-                .map(|p| p.index)
-        })
-        .flatten();
-    Ok(statement::statement(
-        &files,
-        statement::MODEL_PREDICATE,
-        json!({
-            "name": name,
-            "role": role,
-            "path": dir.display().to_string(),
-            "provenance_index": logged,
-            "at_ms": fount_store::now_ms(),
-        }),
-    ))
+    }
 }
 
 /// Logs that model or adapter `name` (files in `dir`) is now served; a failure is reported, not
 /// returned (the model is registered already).
 pub async fn log_model(state: &AppState, name: &str, dir: &std::path::Path, role: &str) {
-    let Some(ledger) = state.ledger() else {
-        return;
-    };
-    let logged = match model_statement(name, dir, role) {
-        Ok(st) => ledger.log("model", &st).await.map(|_| ()),
-        Err(e) => Err(e),
+    if let Some(ledger) = state.ledger() {
+        model_entry(ledger.clone(), name, dir, role).await;
+    }
+}
+
+/// [`log_model`] on a task of its own, for a caller that does not wait.
+pub fn log_model_in_background(state: &AppState, name: &str, dir: &std::path::Path, role: &str) {
+    if let Some(ledger) = state.ledger().cloned() {
+        let (n, d, r) = (name.to_string(), dir.to_path_buf(), role.to_string());
+        tokio::spawn(async move { model_entry(ledger, &n, &d, &r).await });
+    }
+}
+
+async fn model_entry(ledger: Ledger, name: &str, dir: &std::path::Path, role: &str) {
+    // hashing the files reads them whole: off the async workers
+    let (n, d, r) = (name.to_string(), dir.to_path_buf(), role.to_string());
+    let logged = match tokio::task::spawn_blocking(move || statement::model(&n, &d, &r)).await {
+        Ok(Ok(st)) => ledger.log("model", &st).await.map(|_| ()),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(fount_ledger::Error::Entry(e.to_string())),
     };
     if let Err(e) = logged {
         tracing::error!(name, "ledger: {e}");

@@ -322,16 +322,12 @@ pub async fn delete_adapter(
     if let Ok(mut t) = state.adapter_times.lock() {
         t.remove(&name);
     }
-    if let Some(ledger) = state.ledger() {
-        let st = crate::ledger::admin_statement(
-            "adapter.remove",
-            &format!("model/{name}"),
-            serde_json::json!({}),
-        );
-        if let Err(e) = ledger.log("admin", &st).await {
-            tracing::error!("ledger: {e}");
-        }
-    }
+    crate::ledger::log_act(
+        &state,
+        "adapter.remove",
+        (format!("model/{name}"), serde_json::json!({})),
+    )
+    .await;
     Ok(Json(Deleted {
         id,
         object: "model",

@@ -124,8 +124,14 @@ fn http(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> (u16,
     }
     let body = body.unwrap_or("");
     if !body.is_empty() {
+        // the API takes JSON; a witness takes its text protocol
+        let ty = if body.starts_with('{') {
+            "application/json"
+        } else {
+            "text/plain"
+        };
         req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            "Content-Type: {ty}\r\nContent-Length: {}\r\n",
             body.len()
         ));
     }
@@ -283,10 +289,11 @@ fn serve_logs_witnesses_cosign_and_tampering_is_named() {
             200,
         );
     }
-    // entries: the bootstrap key, the deployment, the tenant, the key; the key's secret never
+    // entries: the admin tenant and its bootstrap key, the deployment, the tenant, the key; the
+    // keys' secrets never
     let (_, bundle) = http(
         "GET",
-        &format!("{url}/ledger/tile/entries/000.p/4"),
+        &format!("{url}/ledger/tile/entries/000.p/5"),
         None,
         None,
     );
@@ -314,7 +321,7 @@ fn serve_logs_witnesses_cosign_and_tampering_is_named() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let cosigned = loop {
         let (_, note) = http("GET", &format!("{url}/ledger/checkpoint"), None, None);
-        if note.contains("— test.fount/witness ") && note.lines().nth(1) == Some("4") {
+        if note.contains("— test.fount/witness ") && note.lines().nth(1) == Some("5") {
             break note;
         }
         assert!(
@@ -335,7 +342,7 @@ fn serve_logs_witnesses_cosign_and_tampering_is_named() {
     let go = go_verify(&url, &vkey, &[]);
     let out = String::from_utf8_lossy(&go.stdout).into_owned();
     assert!(
-        go.status.success() && out.contains("4 entries"),
+        go.status.success() && out.contains("5 entries"),
         "{out}{}",
         String::from_utf8_lossy(&go.stderr)
     );
@@ -447,9 +454,9 @@ fn serve_logs_witnesses_cosign_and_tampering_is_named() {
     sql("UPDATE usage_records SET completion_tokens = completion_tokens + 1 WHERE tenant_id <> ''");
     fails_with("no longer match");
     sql("UPDATE usage_records SET completion_tokens = completion_tokens - 1 WHERE tenant_id <> ''");
-    sql("UPDATE ledger_entries SET body = REPLACE(body, 'acme', 'acne') WHERE idx = 2");
-    fails_with("entry 2 was changed");
-    sql("UPDATE ledger_entries SET body = REPLACE(body, 'acne', 'acme') WHERE idx = 2");
+    sql("UPDATE ledger_entries SET body = REPLACE(body, 'acme', 'acne') WHERE idx = 3");
+    fails_with("entry 3 was changed");
+    sql("UPDATE ledger_entries SET body = REPLACE(body, 'acne', 'acme') WHERE idx = 3");
     assert!(verify_log().status.success());
 
     // a rewritten history: entries from 3 on replaced, re-signed with the log's own key; the
@@ -484,31 +491,14 @@ fn serve_logs_witnesses_cosign_and_tampering_is_named() {
         .block_on(ledger.consistency_proof(witness_size.min(forged.size), forged.size))
         .unwrap_or_else(|e| panic!("{e}"));
     let body = fount_ledger::witness::add_checkpoint_body(witness_size, &proof, &forged.checkpoint);
-    let (status, msg) = post_text(&format!("{}/add-checkpoint", witness.url()), &body);
+    let (status, msg) = http(
+        "POST",
+        &format!("{}/add-checkpoint", witness.url()),
+        None,
+        Some(&body),
+    );
     assert_eq!(status, 422, "{msg}");
     rt.block_on(store.close());
-}
-
-fn post_text(url: &str, body: &str) -> (u16, String) {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut s = TcpStream::connect(host).unwrap_or_else(|e| panic!("{url}: {e}"));
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, resp)
 }
 
 /// `kill -9` while batches are appended: every acknowledged entry is kept, and the log (entries,
@@ -586,19 +576,14 @@ fn ledger_verify_names_what_changed_and_refuses_bad_input() {
     let out = tmp.path().join("adapter");
     let cfg = tmp.path().join("ft.toml");
     std::fs::write(&cfg, "epochs = 1.0\nr = 2\n").unwrap_or_else(|e| panic!("{e}"));
-    fount_ok(&[
-        "finetune",
-        "--base",
-        &s(&model),
-        "--data",
-        &s(&raw),
-        "--out",
-        &s(&out),
-        "--config",
-        &s(&cfg),
-        "--data-dir",
-        &d,
-    ]);
+    let finetune = |out: &Path, extra: &[&str]| {
+        let (base, data, out, cfg) = (s(&model), s(&raw), s(out), s(&cfg));
+        let mut args = vec!["finetune", "--base", &base, "--data", &data, "--out", &out];
+        args.extend(["--config", &cfg, "--data-dir", &d]);
+        args.extend(extra);
+        fount_ok(&args);
+    };
+    finetune(&out, &[]);
     assert!(out.join("provenance.json").exists());
     let verify = |p: &Path| fount(&["ledger", "--data-dir", &d, "verify", &s(p)]);
     let ok = verify(&out);
@@ -708,20 +693,7 @@ fn ledger_verify_names_what_changed_and_refuses_bad_input() {
     );
     // --no-ledger writes no provenance
     let out2 = tmp.path().join("adapter2");
-    fount_ok(&[
-        "finetune",
-        "--base",
-        &s(&model),
-        "--data",
-        &s(&raw),
-        "--out",
-        &s(&out2),
-        "--config",
-        &s(&cfg),
-        "--data-dir",
-        &d,
-        "--no-ledger",
-    ]);
+    finetune(&out2, &["--no-ledger"]);
     assert!(!out2.join("provenance.json").exists());
     let (cp, _) = fount_ok(&["ledger", "--data-dir", &d, "checkpoint"]);
     assert_eq!(cp.lines().nth(1), Some("1"), "{cp}");

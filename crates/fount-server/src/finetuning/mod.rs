@@ -26,14 +26,13 @@ pub use objects::{
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::{Extension, Json};
 use fount_store::{FtJob, FtStatus, FtUpdate, Priority, Store};
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, QueryParams};
 use crate::state::AppState;
 use crate::tenancy::Caller;
 
@@ -106,14 +105,6 @@ fn limit(q: &PageQuery, default: i64) -> ApiResult<i64> {
             .filter(|l| (1..=100).contains(l))
             .ok_or_else(|| ApiError::invalid("limit", "limit is 1 to 100")),
     }
-}
-
-fn query(q: Result<Query<PageQuery>, QueryRejection>) -> ApiResult<PageQuery> {
-    q.map(|Query(q)| q).map_err(|e| ApiError::Invalid {
-        message: e.body_text(),
-        param: None,
-        code: None,
-    })
 }
 
 /// One hyperparameter: `"auto"` (or absent) is `None`; a number in range is kept.
@@ -334,10 +325,9 @@ pub async fn create(
 pub async fn list(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
-    q: Result<Query<PageQuery>, QueryRejection>,
+    QueryParams(q): QueryParams<PageQuery>,
 ) -> ApiResult<Json<JobList>> {
     let (caller, store, _) = context(&state, &caller)?;
-    let q = query(q)?;
     let limit = limit(&q, 20)?;
     let (jobs, has_more) = match store
         .ft_jobs(&caller.tenant.id, q.after.as_deref(), limit)
@@ -527,10 +517,9 @@ pub async fn events(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
     UrlPath(id): UrlPath<String>,
-    q: Result<Query<PageQuery>, QueryRejection>,
+    QueryParams(q): QueryParams<PageQuery>,
 ) -> ApiResult<Json<EventList>> {
     let (caller, store, _) = context(&state, &caller)?;
-    let q = query(q)?;
     let limit = limit(&q, 20)?;
     let job = find(store, caller, &id).await?;
     let (events, has_more) = store
@@ -569,10 +558,9 @@ pub async fn checkpoints(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
     UrlPath(id): UrlPath<String>,
-    q: Result<Query<PageQuery>, QueryRejection>,
+    QueryParams(q): QueryParams<PageQuery>,
 ) -> ApiResult<Json<CheckpointList>> {
     let (caller, store, _) = context(&state, &caller)?;
-    let q = query(q)?;
     let limit = limit(&q, 10)?;
     let job = find(store, caller, &id).await?;
     let (ckpts, has_more) = store

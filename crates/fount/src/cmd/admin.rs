@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use fount_ledger::statement;
 use fount_store::{day_start_ms, Price, Quota, Scope, Store, Subject, UsageRecord};
 use serde_json::json;
 
@@ -311,8 +312,8 @@ struct Acts {
 }
 
 impl Acts {
-    async fn log(&self, act: &str, subject: &str, details: serde_json::Value) -> Result<()> {
-        super::ledger::log_act(&self.store, &self.dir, act, subject, details).await
+    async fn log(&self, act: &str, what: (String, serde_json::Value)) -> Result<()> {
+        super::ledger::log_act(&self.store, &self.dir, act, what).await
     }
 }
 
@@ -321,12 +322,8 @@ async fn tenants(store: &Store, command: TenantCommand, acts: &Acts) -> Result<(
     match command {
         TenantCommand::Create { name } => {
             let t = store.create_tenant(&name).await?;
-            acts.log(
-                "tenant.create",
-                &format!("tenant/{}", t.id),
-                json!({"name": t.name}),
-            )
-            .await?;
+            acts.log("tenant.create", statement::tenant_created(&t))
+                .await?;
             println!("{}\t{}", t.id, t.name);
         }
         TenantCommand::List => {
@@ -359,15 +356,8 @@ async fn keys(store: &Store, command: KeyCommand, acts: &Acts) -> Result<()> {
             let expires =
                 expires_in_days.map(|d| fount_store::now_ms() / 1000 + i64::from(d) * 86_400);
             let (key, info) = store.create_key(&id, &name, &scopes, expires).await?;
-            // never the secret
-            let scope_names: Vec<&str> = info.scopes.iter().map(|s| s.name()).collect();
-            acts.log(
-                "key.create",
-                &format!("key/{}", info.id),
-                json!({"tenant_id": info.tenant_id, "prefix": info.prefix, "name": info.name,
-                       "scopes": scope_names, "expires_at": info.expires_at}),
-            )
-            .await?;
+            acts.log("key.create", statement::key_created(&info))
+                .await?;
             eprintln!(
                 "key {} for tenant {tenant} (shown once; store it now):",
                 info.prefix
@@ -400,7 +390,7 @@ async fn keys(store: &Store, command: KeyCommand, acts: &Acts) -> Result<()> {
             if !store.revoke_key(&key).await? {
                 bail!("no active key {key:?}");
             }
-            acts.log("key.revoke", &format!("key/{key}"), json!({}))
+            acts.log("key.revoke", (format!("key/{key}"), json!({})))
                 .await?;
             eprintln!("revoked {key}");
         }
@@ -424,8 +414,10 @@ async fn quotas(store: &Store, command: QuotaCommand, acts: &Acts) -> Result<()>
             store.set_quota(subject, &q).await?;
             acts.log(
                 "quota.set",
-                &format!("{}/{id}", if is_tenant { "tenant" } else { "key" }),
-                json!({"quota": format!("{q:?}")}),
+                (
+                    format!("{}/{id}", if is_tenant { "tenant" } else { "key" }),
+                    json!({"quota": format!("{q:?}")}),
+                ),
             )
             .await?;
             eprintln!("quota of {id} set");
@@ -471,8 +463,7 @@ async fn quotas(store: &Store, command: QuotaCommand, acts: &Acts) -> Result<()>
             store.set_job_quota(&id, &q).await?;
             acts.log(
                 "job_quota.set",
-                &format!("tenant/{id}"),
-                json!({"quota": format!("{q:?}")}),
+                (format!("tenant/{id}"), json!({"quota": format!("{q:?}")})),
             )
             .await?;
             eprintln!("pool quota of {tenant} set");
@@ -522,8 +513,10 @@ async fn prices(store: &Store, command: PriceCommand, acts: &Acts) -> Result<()>
             store.set_price(&model, &price).await?;
             acts.log(
                 "price.set",
-                &format!("model/{model}"),
-                json!({"price": format!("{price:?}")}),
+                (
+                    format!("model/{model}"),
+                    json!({"price": format!("{price:?}")}),
+                ),
             )
             .await?;
             eprintln!("price of {model} set");

@@ -414,15 +414,8 @@ fn demo_key(store_dir: &Path, key_file: &Path) -> Result<ApiKey> {
             Some(t) => t,
             None => {
                 let t = store.create_tenant(TENANT).await?;
-                let details = serde_json::json!({"name": t.name});
-                super::ledger::log_act(
-                    &store,
-                    store_dir,
-                    "tenant.create",
-                    &format!("tenant/{}", t.id),
-                    details,
-                )
-                .await?;
+                let what = fount_ledger::statement::tenant_created(&t);
+                super::ledger::log_act(&store, store_dir, "tenant.create", what).await?;
                 t
             }
         };
@@ -434,17 +427,8 @@ fn demo_key(store_dir: &Path, key_file: &Path) -> Result<ApiKey> {
                 None,
             )
             .await?;
-        // never the secret
-        let details = serde_json::json!({"tenant_id": info.tenant_id, "prefix": info.prefix,
-            "name": info.name, "scopes": ["inference", "files", "fine_tuning"]});
-        super::ledger::log_act(
-            &store,
-            store_dir,
-            "key.create",
-            &format!("key/{}", info.id),
-            details,
-        )
-        .await?;
+        let what = fount_ledger::statement::key_created(&info);
+        super::ledger::log_act(&store, store_dir, "key.create", what).await?;
         store.close().await;
         write_secret(key_file, key.expose())?;
         Ok(key)

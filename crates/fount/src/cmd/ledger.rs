@@ -116,18 +116,16 @@ pub fn record_run(
     Ok(())
 }
 
-/// Logs an administrative act from the command line.
+/// Logs an administrative act from the command line (`fount_ledger::statement::admin`).
 pub async fn log_act(
     store: &Store,
     data_dir: &Path,
     act: &str,
-    subject: &str,
-    details: Value,
+    (subject, details): (String, Value),
 ) -> Result<()> {
     let ledger = Ledger::open(store.clone(), data_dir).context("the ledger's key")?;
-    let st = fount_server::ledger::admin_statement(act, subject, details);
     ledger
-        .log("admin", &st)
+        .log_admin(act, &subject, details)
         .await
         .context("logging to the ledger")?;
     Ok(())

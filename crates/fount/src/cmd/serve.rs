@@ -88,7 +88,14 @@ async fn bootstrap_admin(store: &fount_store::Store, ledger_dir: Option<&Path>) 
     }
     let tenant = match store.tenant_by_name("admin").await? {
         Some(t) => t,
-        None => store.create_tenant("admin").await?,
+        None => {
+            let t = store.create_tenant("admin").await?;
+            if let Some(dir) = ledger_dir {
+                let what = fount_ledger::statement::tenant_created(&t);
+                super::ledger::log_act(store, dir, "tenant.create", what).await?;
+            }
+            t
+        }
     };
     let (key, info) = store
         .create_key(
@@ -99,15 +106,8 @@ async fn bootstrap_admin(store: &fount_store::Store, ledger_dir: Option<&Path>) 
         )
         .await?;
     if let Some(dir) = ledger_dir {
-        super::ledger::log_act(
-            store,
-            dir,
-            "key.create",
-            &format!("key/{}", info.id),
-            serde_json::json!({"tenant_id": info.tenant_id, "prefix": info.prefix,
-                               "name": info.name, "scopes": ["admin", "inference"]}),
-        )
-        .await?;
+        let what = fount_ledger::statement::key_created(&info);
+        super::ledger::log_act(store, dir, "key.create", what).await?;
     }
     eprintln!("admin API key (shown once; store it now): {}", key.expose());
     Ok(())

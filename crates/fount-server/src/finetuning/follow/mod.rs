@@ -232,10 +232,7 @@ impl Follower {
         let name = private_name(tenant, model);
         if self.registered.insert(name.clone()) {
             state.register_adapter(&name, path.to_path_buf());
-            match crate::ledger::model_statement(model, path, "fine-tuned adapter") {
-                Ok(st) => crate::ledger::log_in_background(state, "model", st),
-                Err(e) => tracing::error!(model, "ledger: {e}"),
-            }
+            crate::ledger::log_model_in_background(state, model, path, "fine-tuned adapter");
         }
     }
 }
