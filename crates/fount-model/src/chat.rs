@@ -73,6 +73,17 @@ impl ChatTemplate {
 
     /// Loads the template of a model directory, or `None` if it has none.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        Ok(match ChatTemplate::source_in_dir(dir)? {
+            Some((source, special)) => Some(ChatTemplate::new(&source, special)?),
+            None => None,
+        })
+    }
+
+    /// The template source of a model directory (`chat_template.jinja`, or `chat_template` in
+    /// `tokenizer_config.json`) with the special tokens it may name, or `None`.
+    pub fn source_in_dir(
+        dir: &Path,
+    ) -> Result<Option<(String, serde_json::Map<String, serde_json::Value>)>> {
         let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
         let mut special = serde_json::Map::new();
         if let Some(cfg) = &config {
@@ -116,7 +127,7 @@ impl ChatTemplate {
                 _ => None,
             }
         };
-        source.map(|s| ChatTemplate::new(&s, special)).transpose()
+        Ok(source.map(|s| (s, special)))
     }
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant header.

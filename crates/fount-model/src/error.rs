@@ -160,6 +160,16 @@ pub enum Error {
         staged: PathBuf,
     },
 
+    /// A GGUF file is malformed, or holds what fount cannot run (the reason names the tensor or
+    /// metadata key).
+    #[error("{path}: {reason}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

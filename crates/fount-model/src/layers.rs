@@ -5,9 +5,12 @@
 //! [`crate::ops`]'s decision, made once per forward pass ([`Kernels`]) and handed down in
 //! [`LayerCtx`]; the layers here name no kernel.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use crate::batch::Batch;
+use crate::blocks::BlockMatrix;
 use crate::config::Config;
 use crate::error::Result;
 use crate::kernels::AttnShape;
@@ -17,10 +20,20 @@ use crate::ops::{self, Kernels};
 use crate::rope;
 use crate::weights::Weights;
 
+/// A projection's weight `(out, in)`: a dense tensor, or ggml blocks (quantised or half
+/// precision) read from a GGUF file.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// A tensor in the model's dtype.
+    Dense(Tensor),
+    /// Rows of ggml blocks, multiplied by [`crate::ops`]'s block kernels.
+    Blocks(Arc<BlockMatrix>),
+}
+
 /// `y = x Wᵀ + b`, with `W` of shape `(out, in)` as checkpoints store it.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
@@ -33,16 +46,27 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        })
     }
 
     /// Builds from tensors (weight `(out, in)`).
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// Builds from a weight of either kind.
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
         Linear { weight, bias }
     }
 
     /// The weight, `(out, in)`.
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &Weight {
         &self.weight
     }
 
@@ -52,7 +76,7 @@ impl Linear {
     /// # Shapes
     /// - `x`: `(tokens, in)` → `(tokens, out)`
     pub fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
-        ops::linear(k, x, &self.weight, self.bias.as_ref())
+        ops::weight_linear(k, x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -70,6 +94,11 @@ impl RmsNorm {
             weight: w.get(&[size], "weight")?,
             eps,
         })
+    }
+
+    /// Builds from the weight `(size)`.
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
     }
 
     /// # Shapes
@@ -184,6 +213,25 @@ impl Attention {
             window: cfg.window_of(layer),
             layer,
         })
+    }
+
+    /// Builds from the four projections of layer `layer`.
+    pub fn from_parts(
+        [q_proj, k_proj, v_proj, o_proj]: [Linear; 4],
+        cfg: &Config,
+        layer: usize,
+    ) -> Self {
+        Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            window: cfg.window_of(layer),
+            layer,
+        }
     }
 
     /// The layer's sliding window, if it has one.

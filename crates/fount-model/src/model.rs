@@ -6,16 +6,20 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::batch::{Batch, Logits};
+use crate::blocks::BlockMatrix;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
+use crate::gguf::Gguf;
 use crate::kv::{KvView, NoCache};
-use crate::layers::{attention_mask, Attention, LayerCtx, Linear, Mlp, RmsNorm};
+use crate::layers::{attention_mask, Attention, LayerCtx, Linear, Mlp, RmsNorm, Weight};
 use crate::lora::LoraBatch;
 use crate::moe::SparseMoe;
 use crate::ops::Kernels;
@@ -27,6 +31,14 @@ use crate::weights::Weights;
 enum FeedForward {
     Dense(Mlp),
     Sparse(SparseMoe),
+}
+
+/// The token embedding: a dense table, or rows of ggml blocks dequantised as they are looked up
+/// (so a quantised model's table stays quantised in memory).
+#[derive(Debug, Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Blocks(Arc<BlockMatrix>),
 }
 
 /// One pre-norm decoder block.
@@ -95,7 +107,7 @@ struct Prepared {
 /// A loaded causal language model.
 #[derive(Debug, Clone)]
 pub struct Model {
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -129,13 +141,118 @@ impl Model {
             Linear::load(&w.pp("lm_head"), h, v, false)?
         };
         Ok(Model {
-            embed_tokens,
+            embed_tokens: Embedding::Dense(embed_tokens),
             layers,
             norm,
             lm_head,
             rope: Rope::new(&config),
             dtype: w.dtype(),
             device: w.device().clone(),
+            config,
+        })
+    }
+
+    /// Loads a GGUF file (llama.cpp's format) on the CPU: projections stay in their ggml blocks
+    /// (quantised or half precision) and run on the block kernels, with activations in f32;
+    /// norms, biases and F32 tensors are dense.
+    pub fn load_gguf(path: &Path) -> Result<Self> {
+        Model::from_gguf(&Gguf::open(path)?)
+    }
+
+    /// Builds the model from an open GGUF file.
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let config = g.config()?;
+        let (_, _, permuted) = g.arch()?;
+        let (v, h, d) = (config.vocab_size, config.hidden_size, config.head_dim);
+        let (q_rows, kv_rows) = (
+            config.num_attention_heads * d,
+            config.num_key_value_heads * d,
+        );
+        let inter = config.intermediate_size;
+        let dense = |name: &str, shape: &[usize], heads: Option<usize>| -> Result<Tensor> {
+            Ok(g.tensor(name, shape, heads)?.dequantize()?.reshape(shape)?)
+        };
+        let weight = |name: &str, shape: &[usize], heads: Option<usize>| -> Result<Weight> {
+            let q = g.tensor(name, shape, heads)?;
+            Ok(if q.dtype() == GgmlDType::F32 {
+                Weight::Dense(q.dequantize()?)
+            } else {
+                Weight::Blocks(Arc::new(q))
+            })
+        };
+        let linear = |name: &str, out: usize, inp: usize, heads: Option<usize>| -> Result<Linear> {
+            let w = weight(&format!("{name}.weight"), &[out, inp], heads)?;
+            let bias_name = format!("{name}.bias");
+            let bias = match g.info(&bias_name) {
+                Some(_) => Some(dense(&bias_name, &[out], heads)?),
+                None => None,
+            };
+            Ok(Linear::new(w, bias))
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(dense(name, &[h], None)?, config.rms_norm_eps))
+        };
+        let (q_perm, k_perm) = if permuted {
+            (
+                Some(config.num_attention_heads),
+                Some(config.num_key_value_heads),
+            )
+        } else {
+            (None, None)
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let b = |p: &str| format!("blk.{i}.{p}");
+            let attn = Attention::from_parts(
+                [
+                    linear(&b("attn_q"), q_rows, h, q_perm)?,
+                    linear(&b("attn_k"), kv_rows, h, k_perm)?,
+                    linear(&b("attn_v"), kv_rows, h, None)?,
+                    linear(&b("attn_output"), h, q_rows, None)?,
+                ],
+                &config,
+                i,
+            );
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&b("attn_norm.weight"))?,
+                self_attn: attn,
+                post_attention_layernorm: norm(&b("ffn_norm.weight"))?,
+                mlp: FeedForward::Dense(Mlp::from_parts(
+                    linear(&b("ffn_gate"), inter, h, None)?,
+                    linear(&b("ffn_up"), inter, h, None)?,
+                    linear(&b("ffn_down"), h, inter, None)?,
+                )),
+            });
+        }
+        let embed = g.tensor("token_embd.weight", &[v, h], None)?;
+        let embed_tokens = if embed.dtype() == GgmlDType::F32 {
+            Embedding::Dense(embed.dequantize()?)
+        } else {
+            Embedding::Blocks(Arc::new(embed))
+        };
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(
+                match &embed_tokens {
+                    Embedding::Dense(t) => Weight::Dense(t.clone()),
+                    Embedding::Blocks(q) => Weight::Blocks(q.clone()),
+                },
+                None,
+            )
+        } else {
+            linear("output", v, h, None)?
+        };
+        let rope = match g.rope_factors(d / 2)? {
+            Some(f) => Rope::with_factors(&config, &f),
+            None => Rope::new(&config),
+        };
+        Ok(Model {
+            embed_tokens,
+            layers,
+            norm: norm("output_norm.weight")?,
+            lm_head,
+            rope,
+            dtype: DType::F32,
+            device: Device::Cpu,
             config,
         })
     }
@@ -296,7 +413,7 @@ impl Model {
                 };
             }
             // the embedding, when it is trained
-            if self.embed_tokens.track_op() {
+            if matches!(&self.embed_tokens, Embedding::Dense(t) if t.track_op()) {
                 let e = self.embed(&part)?;
                 let store = t((e * &grad).and_then(|p| p.sum_all()?.backward()))?;
                 on_grads(&store)?;
@@ -342,8 +459,13 @@ impl Model {
 
     /// The token embeddings of a batch, `(N, hidden)`.
     fn embed(&self, batch: &Batch) -> Result<Tensor> {
-        let tokens = Tensor::from_slice(&batch.tokens, batch.len(), &self.device)?;
-        Ok(self.embed_tokens.index_select(&tokens, 0)?)
+        match &self.embed_tokens {
+            Embedding::Dense(table) => {
+                let tokens = Tensor::from_slice(&batch.tokens, batch.len(), &self.device)?;
+                Ok(table.index_select(&tokens, 0)?)
+            }
+            Embedding::Blocks(q) => q.rows(&batch.tokens),
+        }
     }
 
     /// Decoder block `index` over `x`; also the router logits of an MoE block.

@@ -25,9 +25,11 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::batch::Batch;
+use crate::blocks::BlockMatrix;
 use crate::error::Result;
 use crate::kernels::{self, AttnShape, FrozenMatmul, SmallMatmul};
 use crate::kv::KvView;
+use crate::layers::Weight;
 use crate::lora::{LoraBatch, Proj};
 
 /// Up to this many rows (decoding steps), a projection uses the memory-bound per-row kernel.
@@ -93,6 +95,42 @@ pub(crate) fn linear(
     })
 }
 
+/// `y = x Wᵀ + b` for a weight of either kind: [`linear`] for a dense one, the block kernels
+/// for ggml blocks.
+pub(crate) fn weight_linear(
+    k: Kernels,
+    x: &Tensor,
+    weight: &Weight,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    match weight {
+        Weight::Dense(w) => linear(k, x, w, bias),
+        Weight::Blocks(q) => {
+            let y = block_linear(k, x, q)?;
+            Ok(match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        }
+    }
+}
+
+/// `x Wᵀ` for a weight of ggml blocks ([`BlockMatrix::matmul`]). Batch-invariant passes take
+/// one row at a time, since the kernels for many rows round differently from the one-row
+/// kernel.
+fn block_linear(k: Kernels, x: &Tensor, q: &BlockMatrix) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let rows = x.dim(0)?;
+    if k.invariant && rows > 1 {
+        let mut out = Vec::with_capacity(rows);
+        for i in 0..rows {
+            out.push(q.matmul(&x.narrow(0, i, 1)?)?);
+        }
+        return Ok(Tensor::cat(&out, 0)?);
+    }
+    q.matmul(&x)
+}
+
 /// A projection of layer `layer` with the adapters of `lora`: [`linear`] plus each row range's
 /// LoRA update, or, when one adapter that is being trained covers the whole batch over a frozen
 /// base, the fused LoRA projection with its own backward pass.
@@ -101,19 +139,21 @@ pub(crate) fn project(
     k: Kernels,
     lora: &LoraBatch,
     x: &Tensor,
-    weight: &Tensor,
+    weight: &Weight,
     bias: Option<&Tensor>,
     layer: usize,
     proj: Proj,
 ) -> Result<Tensor> {
-    if k.cpu_f32 && !lora.is_empty() && !weight.track_op() {
-        if let Some((a, bt, scale)) = lora.whole_batch_pair(x.dim(0)?, layer, proj) {
-            if a.track_op() || bt.track_op() {
-                return Ok(kernels::lora_linear(x, weight, bias, &a, &bt, scale)?);
+    if let Weight::Dense(weight) = weight {
+        if k.cpu_f32 && !lora.is_empty() && !weight.track_op() {
+            if let Some((a, bt, scale)) = lora.whole_batch_pair(x.dim(0)?, layer, proj) {
+                if a.track_op() || bt.track_op() {
+                    return Ok(kernels::lora_linear(x, weight, bias, &a, &bt, scale)?);
+                }
             }
         }
     }
-    let y = linear(k, x, weight, bias)?;
+    let y = weight_linear(k, x, weight, bias)?;
     if lora.is_empty() {
         return Ok(y);
     }

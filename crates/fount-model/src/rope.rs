@@ -66,6 +66,24 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// Plain RoPE for `config` with each frequency divided by its factor (how GGUF files store
+    /// Llama 3.1's scaling: `rope_freqs.weight`).
+    pub fn with_factors(config: &Config, factors: &[f32]) -> Rope {
+        let dim = config.head_dim;
+        let base = config.rope_theta as f32;
+        let inv_freq = (0..dim)
+            .step_by(2)
+            .zip(factors)
+            .map(|(i, f)| 1.0 / base.powf(i as f32 / dim as f32) / f)
+            .collect();
+        Rope { inv_freq }
+    }
+
+    /// The inverse frequencies.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// `cos` and `sin` tables for the given positions, each `(tokens, head_dim / 2)`.
     pub fn tables(&self, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();

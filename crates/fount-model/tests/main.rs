@@ -8,6 +8,8 @@
 mod chat;
 /// Every user-reachable error names what is wrong.
 mod errors;
+/// GGUF files written by `fount quantize` agree with llama.cpp at every type.
+mod gguf;
 /// `fount model init` writes directories that load and run.
 mod init;
 /// LoRA adapters match PEFT; batches mix adapters; batch-invariant mode.

@@ -39,6 +39,8 @@ enum Command {
     Data(cmd::data::DataCommand),
     /// Generate text from a model, streaming it to stdout.
     Generate(cmd::generate::GenerateArgs),
+    /// Write a model directory as a GGUF file, quantised or in half precision.
+    Quantize(cmd::quantize::QuantizeArgs),
     /// Pretrain a model (dense or MoE) on token shards.
     Train(cmd::train::TrainArgs),
     /// Fine-tune a LoRA adapter on chat data; merge one into its base.
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Model(c) => cmd::model::run(c),
         Command::Data(c) => cmd::data::run(c),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Finetune(a) => cmd::finetune::run(a),
         Command::Serve(a) => cmd::serve::run(a),

@@ -4,18 +4,19 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Args;
-use fount_model::{
-    ChatTemplate, GenerateOptions, Message, Model, ModelFiles, SamplingParams, Tokenizer,
-};
+use fount_model::{GenerateOptions, Loaded, Message, SamplingParams};
 
 /// Arguments of `fount generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a GGUF file (`.gguf`).
     #[arg(long)]
     pub model: PathBuf,
+    /// A `tokenizer.json` (or a directory with one, and its chat template) to use instead of
+    /// the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// A PEFT LoRA adapter directory to apply to the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -65,12 +66,21 @@ pub struct GenerateArgs {
 
 /// Runs `fount generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let files = ModelFiles::open(&a.model)?;
-    let tokenizer = Tokenizer::from_file(&files.tokenizer_path())?;
+    let Loaded {
+        model,
+        tokenizer,
+        template,
+        generation,
+    } = Loaded::open(
+        &a.model,
+        a.tokenizer.as_deref(),
+        super::parse_dtype(&a.dtype)?,
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
     let text = if a.chat {
-        let template = ChatTemplate::from_dir(&a.model)?.with_context(|| {
+        let template = template.with_context(|| {
             format!(
-                "--chat needs a chat template, and {} has none (tokenizer_config.json chat_template or chat_template.jinja)",
+                "--chat needs a chat template, and {} has none (tokenizer_config.json chat_template, chat_template.jinja, or tokenizer.chat_template in a GGUF file)",
                 a.model.display()
             )
         })?;
@@ -85,8 +95,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     // A chat template writes its own BOS; a raw prompt gets the tokenizer's.
     let prompt = tokenizer.encode(&text, !a.chat)?;
-    let model = Model::load(&a.model, super::parse_dtype(&a.dtype)?, &Device::Cpu)
-        .with_context(|| format!("loading {}", a.model.display()))?;
     let adapter = match &a.adapter {
         None => None,
         Some(dir) => Some(std::sync::Arc::new(
@@ -96,7 +104,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
-        stop_ids: files.generation_config()?.eos_token_ids,
+        stop_ids: generation.eos_token_ids,
         stop_strings: a.stop.clone(),
         sampling: SamplingParams {
             temperature: a.temperature,

@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod model;
 pub mod pool;
+pub mod quantize;
 pub mod serve;
 pub mod train;
 

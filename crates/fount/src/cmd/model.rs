@@ -34,6 +34,10 @@ pub struct InitArgs {
     /// Storage dtype of the weights: f32, f16, bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Standard deviation of the random weights (norms are ones). Larger values give a model
+    /// whose predictions are confident, as a trained model's are (for agreement tests).
+    #[arg(long, default_value_t = 0.02)]
+    pub std: f32,
     /// Overwrite an existing model in --out.
     #[arg(long)]
     pub force: bool,
@@ -63,7 +67,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 seed: a.seed,
                 dtype: super::parse_dtype(&a.dtype)?,
                 tokenizer: a.tokenizer.clone(),
-                ..Default::default()
+                std: a.std,
             };
             init_model(a.arch, &shape, &opts, &a.out)
                 .with_context(|| format!("writing {} model to {}", a.preset, a.out.display()))?;

@@ -674,10 +674,13 @@ impl GgmlType for BlockQ8_0 {
                     amax = amax.max(x.abs())
                 }
                 let d = amax / ((1 << 7) - 1) as f32;
-                let id = if d != 0f32 { 1. / d } else { 0. };
                 ys.d = f16::from_f32(d);
+                // As llama.cpp's x86 quantize_row_q8_0 (the activations of its Q8_0, Q4_0 and
+                // Q5_0 products): scale by 127/amax and round half to even, so a product sees
+                // the same activation blocks as llama.cpp's.
+                let id = if amax != 0f32 { 127f32 / amax } else { 0. };
                 for (y, &x) in ys.qs.iter_mut().zip(xs.iter()) {
-                    *y = f32::round(x * id) as i8
+                    *y = (x * id).round_ties_even() as i8
                 }
             }
         }

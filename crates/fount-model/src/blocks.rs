@@ -1,0 +1,140 @@
+//! Weights stored as ggml blocks (quantised or half precision), as GGUF files hold them, and
+//! their products with f32 activations.
+//!
+//! The activations of a product are quantised to the weight type's dot-product blocks, as
+//! llama.cpp does (Q8_0 for the 32-value types, Q8_K for the K types), so a GGUF model computes
+//! what llama.cpp computes on the same file. The K types Q4_K and Q6_K run on candle's repacked
+//! AVX-512 VNNI tiles where the CPU has them (their Q8_K activations are llama.cpp's); every
+//! other type runs candle's per-type dot products, whose activation blocks match llama.cpp's
+//! (candle's repacked Q8_0 tiles quantise activations to Q8_K instead, which llama.cpp does
+//! not, so they are not used).
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{ggml_file, GgmlDType, QTensor, QuantizedType};
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+
+use crate::error::{Error, Result};
+
+/// A `(rows, cols)` matrix of ggml blocks, each row `cols / block size` whole blocks.
+pub struct BlockMatrix {
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+    kind: Kind,
+}
+
+enum Kind {
+    /// candle's quantised tensor, whose product repacks the blocks into tiles once.
+    Packed(QTensor),
+    /// The blocks as they are, multiplied by candle's per-type dot products.
+    Plain(Box<dyn QuantizedType>),
+}
+
+impl std::fmt::Debug for BlockMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BlockMatrix({:?}, {}×{})",
+            self.dtype, self.rows, self.cols
+        )
+    }
+}
+
+/// Whether products of `dtype` go through candle's repacked tiles.
+fn packed(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K)
+}
+
+impl BlockMatrix {
+    /// A matrix of `dtype` from its bytes, `rows` rows of `cols` values.
+    pub fn from_bytes(dtype: GgmlDType, bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        let expected = rows * cols / dtype.block_size() * dtype.type_size();
+        if !cols.is_multiple_of(dtype.block_size()) || bytes.len() != expected {
+            return Err(Error::Batch(format!(
+                "{rows}×{cols} {dtype:?} needs {expected} bytes of whole blocks, got {}",
+                bytes.len()
+            )));
+        }
+        let kind = if packed(dtype) {
+            Kind::Packed(ggml_file::qtensor_from_ggml(
+                dtype,
+                bytes,
+                vec![rows, cols],
+                &Device::Cpu,
+            )?)
+        } else {
+            Kind::Plain(dtype.from_data(Cow::Borrowed(bytes)))
+        };
+        Ok(BlockMatrix {
+            rows,
+            cols,
+            dtype,
+            kind,
+        })
+    }
+
+    /// The block type.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// `x Wᵀ` for `x` `(m, cols)` in f32 → `(m, rows)`.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let m = x.dim(0)?;
+        match &self.kind {
+            Kind::Packed(q) => Ok(x.apply_op1_no_bwd(q)?),
+            Kind::Plain(p) => {
+                let mut out = vec![0f32; m * self.rows];
+                {
+                    let (storage, layout) = x.storage_and_layout();
+                    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+                        return Err(Error::Batch("block products take f32 CPU inputs".into()));
+                    };
+                    let start = layout.start_offset();
+                    p.matmul_t(
+                        (m, self.cols, self.rows),
+                        &v[start..start + m * self.cols],
+                        &mut out,
+                    )?;
+                }
+                Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+            }
+        }
+    }
+
+    /// Rows `ids`, dequantised to f32 `(ids, cols)` (an embedding lookup).
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.kind {
+            Kind::Packed(q) => {
+                let ids = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+                Ok(q.embedding(&ids)?)
+            }
+            Kind::Plain(p) => match p.embedding(ids, self.rows, self.cols)? {
+                CpuStorage::F32(v) => {
+                    Ok(Tensor::from_vec(v, (ids.len(), self.cols), &Device::Cpu)?)
+                }
+                _ => Err(Error::Batch("embedding rows are f32".into())),
+            },
+        }
+    }
+
+    /// The whole matrix in f32.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        match &self.kind {
+            Kind::Packed(q) => Ok(q.dequantize(&Device::Cpu)?),
+            Kind::Plain(p) => match p.dequantize(self.rows * self.cols)? {
+                CpuStorage::F32(v) => {
+                    Ok(Tensor::from_vec(v, (self.rows, self.cols), &Device::Cpu)?)
+                }
+                _ => Err(Error::Batch("dequantised blocks are f32".into())),
+            },
+        }
+    }
+}
