@@ -7,14 +7,19 @@
 //! AVX-512 VNNI tiles where the CPU has them (their Q8_K activations are llama.cpp's); every
 //! other type runs candle's per-type dot products, whose activation blocks match llama.cpp's
 //! (candle's repacked Q8_0 tiles quantise activations to Q8_K instead, which llama.cpp does
-//! not, so they are not used).
+//! not, so they are not used). Q8_0, Q4_0 and Q5_0 run on fount's own kernels
+//! ([`crate::kernels::q8`]), reading the blocks in place in the file's mapping.
 
 use std::borrow::Cow;
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file, GgmlDType, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::q8::{self, Q32};
 
 /// A `(rows, cols)` matrix of ggml blocks, each row `cols / block size` whole blocks.
 pub struct BlockMatrix {
@@ -29,6 +34,34 @@ enum Kind {
     Packed(QTensor),
     /// The blocks as they are, multiplied by candle's per-type dot products.
     Plain(Box<dyn QuantizedType>),
+    /// 32-value blocks read in place by fount's kernels ([`crate::kernels::q8`]).
+    Q32(Q32, Bytes),
+}
+
+/// Bytes of blocks: a range of a mapped file (no copy), or owned.
+pub enum Bytes {
+    /// `map[range]`.
+    Mapped(Arc<memmap2::Mmap>, Range<usize>),
+    /// A copy (rows reordered, or not from a file).
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m, r) => &m[r.clone()],
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+fn q32(dtype: GgmlDType) -> Option<Q32> {
+    Some(match dtype {
+        GgmlDType::Q8_0 => Q32::Q8_0,
+        GgmlDType::Q4_0 => Q32::Q4_0,
+        GgmlDType::Q5_0 => Q32::Q5_0,
+        _ => return None,
+    })
 }
 
 impl std::fmt::Debug for BlockMatrix {
@@ -47,15 +80,25 @@ fn packed(dtype: GgmlDType) -> bool {
 }
 
 impl BlockMatrix {
-    /// A matrix of `dtype` from its bytes, `rows` rows of `cols` values.
-    pub fn from_bytes(dtype: GgmlDType, bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+    /// A matrix of `dtype` from its bytes, `rows` rows of `cols` values. The 32-value types
+    /// read `bytes` in place when they are a mapping's.
+    pub fn from_bytes(dtype: GgmlDType, bytes: Bytes, rows: usize, cols: usize) -> Result<Self> {
         let expected = rows * cols / dtype.block_size() * dtype.type_size();
-        if !cols.is_multiple_of(dtype.block_size()) || bytes.len() != expected {
+        let len = bytes.as_slice().len();
+        if !cols.is_multiple_of(dtype.block_size()) || len != expected {
             return Err(Error::Batch(format!(
-                "{rows}×{cols} {dtype:?} needs {expected} bytes of whole blocks, got {}",
-                bytes.len()
+                "{rows}×{cols} {dtype:?} needs {expected} bytes of whole blocks, got {len}"
             )));
         }
+        if let Some(t) = q32(dtype) {
+            return Ok(BlockMatrix {
+                rows,
+                cols,
+                dtype,
+                kind: Kind::Q32(t, bytes),
+            });
+        }
+        let bytes = bytes.as_slice();
         let kind = if packed(dtype) {
             Kind::Packed(ggml_file::qtensor_from_ggml(
                 dtype,
@@ -90,6 +133,19 @@ impl BlockMatrix {
         let m = x.dim(0)?;
         match &self.kind {
             Kind::Packed(q) => Ok(x.apply_op1_no_bwd(q)?),
+            Kind::Q32(t, w) => {
+                let mut out = vec![0f32; m * self.rows];
+                {
+                    let (storage, layout) = x.storage_and_layout();
+                    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+                        return Err(Error::Batch("block products take f32 CPU inputs".into()));
+                    };
+                    let start = layout.start_offset();
+                    let xs = &v[start..start + m * self.cols];
+                    q8::matmul(*t, w.as_slice(), self.rows, self.cols, xs, &mut out);
+                }
+                Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+            }
             Kind::Plain(p) => {
                 let mut out = vec![0f32; m * self.rows];
                 {
@@ -111,7 +167,15 @@ impl BlockMatrix {
 
     /// Rows `ids`, dequantised to f32 `(ids, cols)` (an embedding lookup).
     pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(Error::Batch(format!("row {bad} of {} rows", self.rows)));
+        }
         match &self.kind {
+            Kind::Q32(t, w) => {
+                let mut out = vec![0f32; ids.len() * self.cols];
+                q8::dequantize_rows(*t, w.as_slice(), self.cols, ids, &mut out);
+                Ok(Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?)
+            }
             Kind::Packed(q) => {
                 let ids = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
                 Ok(q.embedding(&ids)?)
@@ -128,6 +192,10 @@ impl BlockMatrix {
     /// The whole matrix in f32.
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.kind {
+            Kind::Q32(..) => {
+                let ids: Vec<u32> = (0..self.rows as u32).collect();
+                self.rows(&ids)
+            }
             Kind::Packed(q) => Ok(q.dequantize(&Device::Cpu)?),
             Kind::Plain(p) => match p.dequantize(self.rows * self.cols)? {
                 CpuStorage::F32(v) => {

@@ -10,15 +10,15 @@
 //! RoPE; [`Gguf::tensor`] and the writer undo and redo that, so the model code sees the Hugging
 //! Face layout whatever the source.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
 use candle_core::quantized::GgmlDType;
 
-use crate::blocks::BlockMatrix;
+use crate::blocks::{BlockMatrix, Bytes};
 use crate::chat::ChatTemplate;
 use crate::config::{Arch, Config, RopeScaling};
 use crate::error::{Error, Result};
@@ -58,7 +58,7 @@ impl TensorInfo {
 /// An open, memory-mapped GGUF file.
 pub struct Gguf {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: Arc<memmap2::Mmap>,
     version: u32,
     metadata: HashMap<String, Value>,
     tensors: Vec<TensorInfo>,
@@ -309,7 +309,7 @@ impl Gguf {
         }
         Ok(Gguf {
             path: path.to_path_buf(),
-            map,
+            map: Arc::new(map),
             version,
             metadata,
             tensors,
@@ -423,18 +423,22 @@ impl Gguf {
             });
         }
         let bytes = self.bytes(info);
-        let data =
-            match unpermute {
-                Some(heads) => Cow::Owned(unpermute_rows(bytes, shape, heads).ok_or_else(
-                    || Error::Gguf {
+        let data = match unpermute {
+            Some(heads) => {
+                Bytes::Owned(
+                    unpermute_rows(bytes, shape, heads).ok_or_else(|| Error::Gguf {
                         path: self.path.clone(),
                         reason: format!(
                             "tensor {name:?}: {shape:?} rows do not split into {heads} heads"
                         ),
-                    },
-                )?),
-                None => Cow::Borrowed(bytes),
-            };
+                    })?,
+                )
+            }
+            None => {
+                let start = (self.data_offset + info.offset) as usize;
+                Bytes::Mapped(self.map.clone(), start..start + info.size())
+            }
+        };
         let (rows, cols) = match shape {
             [r, c] => (*r, *c),
             [c] => (1, *c),
@@ -445,7 +449,7 @@ impl Gguf {
                 })
             }
         };
-        BlockMatrix::from_bytes(info.dtype, &data, rows, cols)
+        BlockMatrix::from_bytes(info.dtype, data, rows, cols)
     }
 
     /// The metadata as candle's GGUF content (for its tokenizer conversion).

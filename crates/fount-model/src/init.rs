@@ -135,6 +135,18 @@ pub fn presets(arch: Arch) -> Vec<Shape> {
                 rope_theta: 1e6,
                 ..tiny("tiny", 512)
             },
+            // rows of 256 values: whole K-quant super-blocks (GGUF tests and benchmarks)
+            Shape {
+                name: "small",
+                hidden_size: 256,
+                intermediate_size: 768,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                tie_word_embeddings: true,
+                rope_theta: 1e6,
+                ..tiny("small", 2048)
+            },
             Shape {
                 name: "qwen2.5-0.5b",
                 vocab_size: 151_936,

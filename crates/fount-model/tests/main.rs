@@ -8,7 +8,7 @@
 mod chat;
 /// Every user-reachable error names what is wrong.
 mod errors;
-/// GGUF files written by `fount quantize` agree with llama.cpp at every type.
+/// GGUF files load back to the same model; malformed ones are clear errors.
 mod gguf;
 /// `fount model init` writes directories that load and run.
 mod init;

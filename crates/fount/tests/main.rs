@@ -25,6 +25,10 @@ mod layers;
 /// refusals, `fount serve` with the pool, and Slurm end to end.
 mod pool;
 
+/// GGUF: `fount quantize` writes files llama.cpp runs, and fount agrees with llama.cpp on them at
+/// every type (a trained model, llama-cpp-python built from source).
+mod gguf;
+
 /// `fount train`: learning on curated shards, SIGKILL and exact resumption, bad configs.
 mod train_cli;
 

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 mod attention;
 mod matvec;
 mod product;
+pub mod q8;
 mod rows;
 #[cfg(test)]
 mod tests;

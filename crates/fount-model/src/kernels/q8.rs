@@ -1,0 +1,406 @@
+//! Products of weights in ggml's 32-value block types (Q8_0, Q4_0, Q5_0) with f32 activations,
+//! computed as llama.cpp computes them on x86.
+//!
+//! Each activation row is quantised once to Q8_0 blocks (scale `amax / 127` rounded to f16,
+//! values `x · 127 / amax` rounded half to even, as llama.cpp's `quantize_row_q8_0`), then each
+//! weight block is widened to 32 signed bytes and multiplied with the activation block as
+//! integers: `|w| · sign(a, w)` summed by pairs into eight 32-bit lanes (one AVX-512 VNNI
+//! `vpdpbusd`, or AVX2's `vpmaddubsw` + `vpmaddwd`), scaled by the two block scales and
+//! accumulated in eight f32 lanes, summed at the end. The portable code does the same sums in
+//! the same order, so every path gives the same bits.
+//!
+//! The weights are read in place (a GGUF file's mapping): a block is `d: f16` then its values
+//! (Q8_0: 32 × i8; Q4_0: 16 bytes of nibbles, `q − 8`; Q5_0: 4 bytes of fifth bits then 16 of
+//! nibbles, `q − 16`). Rows are split across the rayon pool; for several activation rows, each
+//! task takes a tile of weight rows and runs every activation row over it while it is in cache.
+
+use rayon::prelude::*;
+
+/// Values per block.
+pub const QK: usize = 32;
+
+/// The 32-value block types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Q32 {
+    /// 34-byte blocks: f16 scale, 32 × i8.
+    Q8_0,
+    /// 18-byte blocks: f16 scale, 32 nibbles, value `q − 8`.
+    Q4_0,
+    /// 22-byte blocks: f16 scale, 32 fifth bits, 32 nibbles, value `q − 16`.
+    Q5_0,
+}
+
+impl Q32 {
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Q32::Q8_0 => 34,
+            Q32::Q4_0 => 18,
+            Q32::Q5_0 => 22,
+        }
+    }
+
+    /// The 32 signed values of `block` (after its scale).
+    #[inline(always)]
+    fn values(self, block: &[u8], out: &mut [i8; QK]) {
+        match self {
+            Q32::Q8_0 => {
+                for (o, &b) in out.iter_mut().zip(&block[2..34]) {
+                    *o = b as i8;
+                }
+            }
+            Q32::Q4_0 => {
+                let qs = &block[2..18];
+                for j in 0..16 {
+                    out[j] = (qs[j] & 0x0f) as i8 - 8;
+                    out[j + 16] = (qs[j] >> 4) as i8 - 8;
+                }
+            }
+            Q32::Q5_0 => {
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let qs = &block[6..22];
+                for j in 0..16 {
+                    let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+                    let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+                    out[j] = lo as i8 - 16;
+                    out[j + 16] = hi as i8 - 16;
+                }
+            }
+        }
+    }
+}
+
+/// The f16 at the start of a block, in f32.
+#[inline(always)]
+fn scale(block: &[u8]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32()
+}
+
+/// One activation row as Q8_0 blocks: the scales (rounded to f16, held as f32) and the values.
+#[derive(Debug, Default, Clone)]
+pub struct ActRow {
+    d: Vec<f32>,
+    q: Vec<i8>,
+}
+
+/// Quantises `x` (a multiple of 32 long) as llama.cpp's x86 `quantize_row_q8_0` does.
+pub fn quantize_row(x: &[f32], row: &mut ActRow) {
+    let blocks = x.len() / QK;
+    row.d.clear();
+    row.q.clear();
+    row.d.reserve(blocks);
+    row.q.reserve(x.len());
+    for xs in x.chunks_exact(QK) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = half::f16::from_f32(amax / 127.0).to_f32();
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        row.d.push(d);
+        row.q
+            .extend(xs.iter().map(|&v| (v * id).round_ties_even() as i8));
+    }
+}
+
+/// `Σ_blocks d_w · d_a · Σ_j w_j a_j`, eight lanes wide as the SIMD paths sum it.
+fn dot_portable(t: Q32, w: &[u8], a: &ActRow) -> f32 {
+    let bb = t.block_bytes();
+    let mut acc = [0f32; 8];
+    let mut v = [0i8; QK];
+    for (b, block) in w.chunks_exact(bb).enumerate() {
+        t.values(block, &mut v);
+        let aq = &a.q[b * QK..(b + 1) * QK];
+        let s = scale(block) * a.d[b];
+        for (lane, acc) in acc.iter_mut().enumerate() {
+            let mut sum = 0i32;
+            for j in 0..4 {
+                let i = lane * 4 + j;
+                sum += i32::from(v[i]) * i32::from(aq[i]);
+            }
+            *acc = s.mul_add(sum as f32, *acc);
+        }
+    }
+    hsum8(acc)
+}
+
+/// The sum of eight lanes in the order the SIMD paths reduce them.
+#[inline(always)]
+fn hsum8(a: [f32; 8]) -> f32 {
+    let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let p = [q[0] + q[2], q[1] + q[3]];
+    p[0] + p[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{hsum8, ActRow, Q32, QK};
+    use std::arch::x86_64::*;
+
+    /// A block's 32 values in a 256-bit register.
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn load_values(t: Q32, block: &[u8]) -> __m256i {
+        match t {
+            Q32::Q8_0 => _mm256_loadu_si256(block.as_ptr().add(2).cast()),
+            Q32::Q4_0 => {
+                let qs = _mm_loadu_si128(block.as_ptr().add(2).cast());
+                let lo = _mm_and_si128(qs, _mm_set1_epi8(0x0f));
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f));
+                let v = _mm256_set_m128i(hi, lo);
+                _mm256_sub_epi8(v, _mm256_set1_epi8(8))
+            }
+            Q32::Q5_0 => {
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let qs = _mm_loadu_si128(block.as_ptr().add(6).cast());
+                let lo = _mm_and_si128(qs, _mm_set1_epi8(0x0f));
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f));
+                let v = _mm256_set_m128i(hi, lo);
+                // bit j of qh is the fifth bit of value j: spread it to byte j as 0x10
+                let bits = _mm256_set1_epi32(qh as i32);
+                let shuffle = _mm256_set_epi64x(
+                    0x0303_0303_0303_0303,
+                    0x0202_0202_0202_0202,
+                    0x0101_0101_0101_0101,
+                    0,
+                );
+                let bytes = _mm256_shuffle_epi8(bits, shuffle);
+                let mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, mask), _mm256_set1_epi8(-1));
+                let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+                _mm256_sub_epi8(_mm256_or_si256(v, high), _mm256_set1_epi8(16))
+            }
+        }
+    }
+
+    macro_rules! dot_body {
+        ($t:ident, $w:ident, $a:ident, $pairs:expr) => {{
+            let bb = $t.block_bytes();
+            let mut acc = _mm256_setzero_ps();
+            for (b, block) in $w.chunks_exact(bb).enumerate() {
+                let wv = load_values($t, block);
+                let av = _mm256_loadu_si256($a.q.as_ptr().add(b * QK).cast());
+                let aw = _mm256_sign_epi8(wv, wv);
+                let sa = _mm256_sign_epi8(av, wv);
+                let dot = $pairs(aw, sa);
+                let s = _mm256_set1_ps(super::scale(block) * $a.d[b]);
+                acc = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            hsum8(lanes)
+        }};
+    }
+
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn pairs_vnni(aw: __m256i, sa: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sa)
+    }
+
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn pairs_avx2(aw: __m256i, sa: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sa), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_vnni(t: Q32, w: &[u8], a: &ActRow) -> f32 {
+        dot_body!(t, w, a, pairs_vnni)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_avx2(t: Q32, w: &[u8], a: &ActRow) -> f32 {
+        dot_body!(t, w, a, pairs_avx2)
+    }
+}
+
+/// The best dot product this CPU has, chosen once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Vnni,
+    Avx2,
+    Portable,
+}
+
+fn path() -> Path {
+    static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f: &str| match f {
+                "vnni" => {
+                    std::arch::is_x86_feature_detected!("avx512vnni")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512f")
+                }
+                _ => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                        && std::arch::is_x86_feature_detected!("f16c")
+                }
+            };
+            if has("vnni") && has("avx2") && std::env::var_os("FOUNT_NO_VNNI").is_none() {
+                return Path::Vnni;
+            }
+            if has("avx2") {
+                return Path::Avx2;
+            }
+        }
+        Path::Portable
+    })
+}
+
+/// The dot product of one weight row (`k / 32` blocks of `t`) with a quantised activation row.
+#[inline]
+pub fn dot(t: Q32, w: &[u8], a: &ActRow) -> f32 {
+    debug_assert_eq!(w.len() / t.block_bytes(), a.d.len());
+    match path() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 VNNI/VL, AVX2, FMA and F16C (checked by `path`).
+        #[allow(unsafe_code)]
+        Path::Vnni => unsafe { x86::dot_vnni(t, w, a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked by `path`).
+        #[allow(unsafe_code)]
+        Path::Avx2 => unsafe { x86::dot_avx2(t, w, a) },
+        _ => dot_portable(t, w, a),
+    }
+}
+
+/// Weight rows a task takes when several activation rows share them.
+const TILE: usize = 16;
+
+thread_local! {
+    static ACTS: std::cell::RefCell<Vec<ActRow>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `dst (m × n) = x (m × k) · Wᵀ` for `W` `n` rows of `k / 32` blocks of `t` in `w`.
+pub fn matmul(t: Q32, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32]) {
+    let m = x.len() / k.max(1);
+    let row_bytes = k / QK * t.block_bytes();
+    ACTS.with(|cell| {
+        let mut acts = cell.borrow_mut();
+        let len = m.max(acts.len());
+        acts.resize_with(len, ActRow::default);
+        for (r, xr) in x.chunks_exact(k).enumerate() {
+            quantize_row(xr, &mut acts[r]);
+        }
+        let acts = &acts[..m];
+        if m == 1 {
+            let a = &acts[0];
+            dst.par_chunks_mut(64).enumerate().for_each(|(c, out)| {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let row = c * 64 + i;
+                    *o = dot(t, &w[row * row_bytes..(row + 1) * row_bytes], a);
+                }
+            });
+            return;
+        }
+        // tiles of weight rows, each run over every activation row while in cache
+        let tiles = n.div_ceil(TILE);
+        let cols: Vec<Vec<f32>> = (0..tiles)
+            .into_par_iter()
+            .map(|tile| {
+                let rows = tile * TILE..n.min((tile + 1) * TILE);
+                let mut out = vec![0f32; m * rows.len()];
+                for (r, a) in acts.iter().enumerate() {
+                    for (i, row) in rows.clone().enumerate() {
+                        out[r * rows.len() + i] =
+                            dot(t, &w[row * row_bytes..(row + 1) * row_bytes], a);
+                    }
+                }
+                out
+            })
+            .collect();
+        for (tile, out) in cols.iter().enumerate() {
+            let start = tile * TILE;
+            let width = out.len() / m;
+            for r in 0..m {
+                dst[r * n + start..r * n + start + width]
+                    .copy_from_slice(&out[r * width..(r + 1) * width]);
+            }
+        }
+    });
+}
+
+/// Rows `ids` of the weights, dequantised into `out` (`ids × k`).
+pub fn dequantize_rows(t: Q32, w: &[u8], k: usize, ids: &[u32], out: &mut [f32]) {
+    let row_bytes = k / QK * t.block_bytes();
+    let mut v = [0i8; QK];
+    for (o, &id) in out.chunks_exact_mut(k).zip(ids) {
+        let row = &w[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+        for (ob, block) in o
+            .chunks_exact_mut(QK)
+            .zip(row.chunks_exact(t.block_bytes()))
+        {
+            t.values(block, &mut v);
+            let d = scale(block);
+            for (x, &q) in ob.iter_mut().zip(&v) {
+                *x = d * f32::from(q);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn weights(t: Q32, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+        let vals: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let dtype = match t {
+            Q32::Q8_0 => GgmlDType::Q8_0,
+            Q32::Q4_0 => GgmlDType::Q4_0,
+            Q32::Q5_0 => GgmlDType::Q5_0,
+        };
+        let src = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let q = QTensor::quantize(&src, dtype).unwrap_or_else(|e| panic!("{e}"));
+        let deq: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .and_then(|d| d.flatten_all()?.to_vec1())
+            .unwrap_or_else(|e| panic!("{e}"));
+        (q.data().unwrap_or_else(|e| panic!("{e}")).into_owned(), deq)
+    }
+
+    #[test]
+    fn every_path_gives_the_same_bits_and_dequantising_matches_candle() {
+        let (n, k) = (37, 256);
+        let x: Vec<f32> = (0..3 * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 17.0)
+            .collect();
+        for t in [Q32::Q8_0, Q32::Q4_0, Q32::Q5_0] {
+            let (w, deq) = weights(t, n, k);
+            let ids: Vec<u32> = (0..n as u32).collect();
+            let mut ours = vec![0f32; n * k];
+            dequantize_rows(t, &w, k, &ids, &mut ours);
+            assert_eq!(ours, deq, "{t:?}: dequantised rows");
+            let mut a = ActRow::default();
+            quantize_row(&x[..k], &mut a);
+            for row in 0..n {
+                let wr = &w[row * k / QK * t.block_bytes()..(row + 1) * k / QK * t.block_bytes()];
+                let p = dot_portable(t, wr, &a);
+                assert_eq!(dot(t, wr, &a).to_bits(), p.to_bits(), "{t:?} row {row}");
+                // against the dequantised weights and activations in f64
+                let exact: f64 = (0..k)
+                    .map(|j| deq[row * k + j] as f64 * a.d[j / QK] as f64 * a.q[j] as f64)
+                    .sum();
+                assert!(
+                    (p as f64 - exact).abs() < 1e-3 * (1.0 + exact.abs()),
+                    "{t:?}"
+                );
+            }
+            // many activation rows equal one at a time
+            let mut many = vec![0f32; 3 * n];
+            matmul(t, &w, n, k, &x, &mut many);
+            for r in 0..3 {
+                let mut one = vec![0f32; n];
+                matmul(t, &w, n, k, &x[r * k..(r + 1) * k], &mut one);
+                assert_eq!(one, many[r * n..(r + 1) * n], "{t:?}: row {r}");
+            }
+        }
+    }
+}
