@@ -12,6 +12,7 @@ import random
 import time
 
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama, __version__
 
 p = argparse.ArgumentParser()
@@ -40,11 +41,18 @@ llm.reset()
 t0 = time.perf_counter()
 llm.eval(prompt)
 prefill = time.perf_counter() - t0
-nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+n_vocab = llm.n_vocab()
+
+
+def last_logits():
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
+
+
+nxt = int(np.argmax(last_logits()))
 t0 = time.perf_counter()
 for _ in range(a.decode_tokens):
     llm.eval([nxt])
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    nxt = int(np.argmax(last_logits()))
 decode = time.perf_counter() - t0
 print(
     json.dumps(

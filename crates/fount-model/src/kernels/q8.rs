@@ -170,22 +170,72 @@ mod x86 {
         }
     }
 
-    macro_rules! dot_body {
+    /// How far ahead of the block in use the weights are prefetched, in bytes.
+    const PREFETCH: usize = 512;
+
+    /// The f16 scale at the start of a block.
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn scale(block: &[u8]) -> f32 {
+        let bits = u16::from_le_bytes([block[0], block[1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    /// One weight row against one activation row.
+    macro_rules! dot1_body {
         ($t:ident, $w:ident, $a:ident, $pairs:expr) => {{
             let bb = $t.block_bytes();
             let mut acc = _mm256_setzero_ps();
-            for (b, block) in $w.chunks_exact(bb).enumerate() {
-                let wv = load_values($t, block);
+            for (b, k) in $w.chunks_exact(bb).enumerate() {
+                _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().wrapping_add(PREFETCH).cast());
                 let av = _mm256_loadu_si256($a.q.as_ptr().add(b * QK).cast());
-                let aw = _mm256_sign_epi8(wv, wv);
-                let sa = _mm256_sign_epi8(av, wv);
-                let dot = $pairs(aw, sa);
-                let s = _mm256_set1_ps(super::scale(block) * $a.d[b]);
-                acc = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc);
+                let wv = load_values($t, k);
+                let d = $pairs(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(scale(k) * $a.d[b]), _mm256_cvtepi32_ps(d), acc);
             }
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            hsum8(lanes)
+            let mut l = [0f32; 8];
+            _mm256_storeu_ps(l.as_mut_ptr(), acc);
+            hsum8(l)
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_vnni(t: Q32, w: &[u8], a: &ActRow) -> f32 {
+        dot1_body!(t, w, a, pairs_vnni)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn dot_avx2(t: Q32, w: &[u8], a: &ActRow) -> f32 {
+        dot1_body!(t, w, a, pairs_avx2)
+    }
+
+    /// Two weight rows against one activation row, sharing the activation loads; each row's
+    /// sums are those of the one-row loop.
+    macro_rules! dot2_body {
+        ($t:ident, $w0:ident, $w1:ident, $a:ident, $pairs:expr) => {{
+            let bb = $t.block_bytes();
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let blocks = $a.d.len();
+            for b in 0..blocks {
+                let (k0, k1) = (&$w0[b * bb..(b + 1) * bb], &$w1[b * bb..(b + 1) * bb]);
+                // the rows are streamed once: ask for them well ahead of use
+                _mm_prefetch::<_MM_HINT_T0>(k0.as_ptr().wrapping_add(PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(k1.as_ptr().wrapping_add(PREFETCH).cast());
+                let av = _mm256_loadu_si256($a.q.as_ptr().add(b * QK).cast());
+                let da = $a.d[b];
+                let w0 = load_values($t, k0);
+                let w1 = load_values($t, k1);
+                let d0 = $pairs(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(av, w0));
+                let d1 = $pairs(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(av, w1));
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(k0) * da), _mm256_cvtepi32_ps(d0), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scale(k1) * da), _mm256_cvtepi32_ps(d1), acc1);
+            }
+            let (mut l0, mut l1) = ([0f32; 8], [0f32; 8]);
+            _mm256_storeu_ps(l0.as_mut_ptr(), acc0);
+            _mm256_storeu_ps(l1.as_mut_ptr(), acc1);
+            [hsum8(l0), hsum8(l1)]
         }};
     }
 
@@ -203,14 +253,14 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     #[allow(unsafe_code)]
-    pub(super) unsafe fn dot_vnni(t: Q32, w: &[u8], a: &ActRow) -> f32 {
-        dot_body!(t, w, a, pairs_vnni)
+    pub(super) unsafe fn dot2_vnni(t: Q32, w0: &[u8], w1: &[u8], a: &ActRow) -> [f32; 2] {
+        dot2_body!(t, w0, w1, a, pairs_vnni)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(unsafe_code)]
-    pub(super) unsafe fn dot_avx2(t: Q32, w: &[u8], a: &ActRow) -> f32 {
-        dot_body!(t, w, a, pairs_avx2)
+    pub(super) unsafe fn dot2_avx2(t: Q32, w0: &[u8], w1: &[u8], a: &ActRow) -> [f32; 2] {
+        dot2_body!(t, w0, w1, a, pairs_avx2)
     }
 }
 
@@ -250,10 +300,28 @@ fn path() -> Path {
     })
 }
 
-/// The dot product of one weight row (`k / 32` blocks of `t`) with a quantised activation row.
+/// The dot products of two weight rows (`k / 32` blocks of `t` each) with a quantised
+/// activation row; each equals what the row gives alone.
+#[inline]
+pub fn dot2(t: Q32, w0: &[u8], w1: &[u8], a: &ActRow) -> [f32; 2] {
+    debug_assert_eq!(w0.len() / t.block_bytes(), a.d.len());
+    debug_assert_eq!(w1.len(), w0.len());
+    match path() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 VNNI/VL, AVX2, FMA and F16C (checked by `path`).
+        #[allow(unsafe_code)]
+        Path::Vnni => unsafe { x86::dot2_vnni(t, w0, w1, a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked by `path`).
+        #[allow(unsafe_code)]
+        Path::Avx2 => unsafe { x86::dot2_avx2(t, w0, w1, a) },
+        _ => [dot_portable(t, w0, a), dot_portable(t, w1, a)],
+    }
+}
+
+/// The dot product of one weight row with a quantised activation row.
 #[inline]
 pub fn dot(t: Q32, w: &[u8], a: &ActRow) -> f32 {
-    debug_assert_eq!(w.len() / t.block_bytes(), a.d.len());
     match path() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 VNNI/VL, AVX2, FMA and F16C (checked by `path`).
@@ -264,6 +332,23 @@ pub fn dot(t: Q32, w: &[u8], a: &ActRow) -> f32 {
         #[allow(unsafe_code)]
         Path::Avx2 => unsafe { x86::dot_avx2(t, w, a) },
         _ => dot_portable(t, w, a),
+    }
+}
+
+/// `out[i] = dot(row i of w, a)` for the rows of `w` (`row_bytes` each).
+fn dots(t: Q32, w: &[u8], row_bytes: usize, a: &ActRow, out: &mut [f32]) {
+    let mut pairs = out.chunks_exact_mut(2);
+    let mut rows = w.chunks_exact(row_bytes);
+    for o in &mut pairs {
+        let (Some(w0), Some(w1)) = (rows.next(), rows.next()) else {
+            return;
+        };
+        let [d0, d1] = dot2(t, w0, w1, a);
+        o[0] = d0;
+        o[1] = d1;
+    }
+    if let ([o], Some(w0)) = (pairs.into_remainder(), rows.next()) {
+        *o = dot2(t, w0, w0, a)[0];
     }
 }
 
@@ -288,10 +373,11 @@ pub fn matmul(t: Q32, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32]) 
         let acts = &acts[..m];
         if m == 1 {
             let a = &acts[0];
-            dst.par_chunks_mut(64).enumerate().for_each(|(c, out)| {
-                for (i, o) in out.iter_mut().enumerate() {
-                    let row = c * 64 + i;
-                    *o = dot(t, &w[row * row_bytes..(row + 1) * row_bytes], a);
+            const CHUNK: usize = 64;
+            dst.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+                let rows = &w[c * CHUNK * row_bytes..(c * CHUNK + out.len()) * row_bytes];
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+                    *o = dot(t, row, a);
                 }
             });
             return;
@@ -302,12 +388,11 @@ pub fn matmul(t: Q32, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32]) 
             .into_par_iter()
             .map(|tile| {
                 let rows = tile * TILE..n.min((tile + 1) * TILE);
-                let mut out = vec![0f32; m * rows.len()];
-                for (r, a) in acts.iter().enumerate() {
-                    for (i, row) in rows.clone().enumerate() {
-                        out[r * rows.len() + i] =
-                            dot(t, &w[row * row_bytes..(row + 1) * row_bytes], a);
-                    }
+                let width = rows.len();
+                let tile_w = &w[rows.start * row_bytes..rows.end * row_bytes];
+                let mut out = vec![0f32; m * width];
+                for (a, o) in acts.iter().zip(out.chunks_exact_mut(width)) {
+                    dots(t, tile_w, row_bytes, a, o);
                 }
                 out
             })
@@ -383,7 +468,17 @@ mod tests {
             for row in 0..n {
                 let wr = &w[row * k / QK * t.block_bytes()..(row + 1) * k / QK * t.block_bytes()];
                 let p = dot_portable(t, wr, &a);
+                let [d0, d1] = dot2(t, wr, &w[..wr.len()], &a);
+                assert_eq!(d0.to_bits(), p.to_bits(), "{t:?} row {row}");
                 assert_eq!(dot(t, wr, &a).to_bits(), p.to_bits(), "{t:?} row {row}");
+                assert_eq!(d1.to_bits(), dot_portable(t, &w[..wr.len()], &a).to_bits());
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (and FMA and F16C with it on every CPU fount runs)
+                    #[allow(unsafe_code)]
+                    let [a0, _] = unsafe { x86::dot2_avx2(t, wr, wr, &a) };
+                    assert_eq!(a0.to_bits(), p.to_bits(), "{t:?} row {row}: AVX2");
+                }
                 // against the dequantised weights and activations in f64
                 let exact: f64 = (0..k)
                     .map(|j| deq[row * k + j] as f64 * a.d[j / QK] as f64 * a.q[j] as f64)
