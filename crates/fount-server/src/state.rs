@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use candle_core::Device;
 use fount_engine::fair::{FairQueue, FairShares};
 use fount_engine::{Engine, EngineConfig};
-use fount_model::{ChatTemplate, Config, Model, ModelFiles, Tokenizer};
+use fount_model::{ChatTemplate, Config, Loaded, Tokenizer};
 
 use crate::metrics::ServerMetrics;
 
@@ -109,11 +109,25 @@ impl AppState {
         engine_cfg: EngineConfig,
         cfg: ServerConfig,
     ) -> Result<Arc<AppState>, SetupError> {
-        let files = ModelFiles::open(dir)?;
-        let tokenizer = Tokenizer::from_file(&files.tokenizer_path())?;
-        let template = ChatTemplate::from_dir(dir)?;
-        let eos = files.generation_config()?.eos_token_ids;
-        let model = Model::load(dir, candle_core::DType::F32, &Device::Cpu)?;
+        let loaded = Loaded::open(dir, None, candle_core::DType::F32)?;
+        AppState::load_model(loaded, adapters, engine_cfg, cfg)
+    }
+
+    /// [`AppState::load`] over a model already loaded (a directory or a GGUF file, with its
+    /// tokenizer, template and stop tokens).
+    pub fn load_model(
+        loaded: Loaded,
+        adapters: Option<&Path>,
+        engine_cfg: EngineConfig,
+        cfg: ServerConfig,
+    ) -> Result<Arc<AppState>, SetupError> {
+        let Loaded {
+            model,
+            tokenizer,
+            template,
+            generation,
+        } = loaded;
+        let eos = generation.eos_token_ids;
         let config = model.config().clone();
         let dtype = model.dtype();
         let shares = FairShares::default();

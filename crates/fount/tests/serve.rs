@@ -255,7 +255,30 @@ fn the_openai_sdk_fine_tunes_and_calls_the_model_the_moment_the_job_succeeds() {
 #[test]
 fn the_openai_sdk_works_against_fount_serve_and_sigterm_drains() {
     let (model, adapters) = model_with_adapter("sdk");
-    let mut server = Server::start(&model, &["--adapters", &adapters.display().to_string()]);
+    sdk_checks(&model, &adapters);
+}
+
+#[test]
+fn the_openai_sdk_works_against_a_quantised_gguf_model_with_a_lora_adapter() {
+    // the same checks over a Q8_0 GGUF file of the model, the adapter applied over its blocks
+    let (model, adapters) = model_with_adapter("sdk-gguf");
+    let gguf = model.with_extension("gguf");
+    crate::util::fount_ok(&[
+        "quantize",
+        "--model",
+        &model.display().to_string(),
+        "--out",
+        &gguf.display().to_string(),
+        "--type",
+        "q8_0",
+    ]);
+    sdk_checks(&gguf, &adapters);
+}
+
+/// The `openai` client's checks against `fount serve --model model --adapters adapters`,
+/// ending with SIGTERM and a drained exit.
+fn sdk_checks(model: &Path, adapters: &Path) {
+    let mut server = Server::start(model, &["--adapters", &adapters.display().to_string()]);
     let out = python(&[
         &python_script("openai_client.py").display().to_string(),
         "--base-url",

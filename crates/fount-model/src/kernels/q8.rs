@@ -191,7 +191,11 @@ mod x86 {
                 let av = _mm256_loadu_si256($a.q.as_ptr().add(b * QK).cast());
                 let wv = load_values($t, k);
                 let d = $pairs(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(scale(k) * $a.d[b]), _mm256_cvtepi32_ps(d), acc);
+                acc = _mm256_fmadd_ps(
+                    _mm256_set1_ps(scale(k) * $a.d[b]),
+                    _mm256_cvtepi32_ps(d),
+                    acc,
+                );
             }
             let mut l = [0f32; 8];
             _mm256_storeu_ps(l.as_mut_ptr(), acc);
@@ -229,8 +233,10 @@ mod x86 {
                 let w1 = load_values($t, k1);
                 let d0 = $pairs(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(av, w0));
                 let d1 = $pairs(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(av, w1));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(k0) * da), _mm256_cvtepi32_ps(d0), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scale(k1) * da), _mm256_cvtepi32_ps(d1), acc1);
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_set1_ps(scale(k0) * da), _mm256_cvtepi32_ps(d0), acc0);
+                acc1 =
+                    _mm256_fmadd_ps(_mm256_set1_ps(scale(k1) * da), _mm256_cvtepi32_ps(d1), acc1);
             }
             let (mut l0, mut l1) = ([0f32; 8], [0f32; 8]);
             _mm256_storeu_ps(l0.as_mut_ptr(), acc0);

@@ -59,9 +59,15 @@ pub struct GenerateBench {
     /// Compute dtype.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Reference to measure beside fount: `torch` (HF transformers) or `none`.
-    #[arg(long, default_value = "torch")]
-    pub reference: String,
+    /// Measure a GGUF file of this type (f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k),
+    /// written from the model by `fount quantize` into `target/fount-bench/` once, beside
+    /// llama.cpp on the same file.
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// Reference to measure beside fount: `torch` (HF transformers), `llama.cpp`
+    /// (llama-cpp-python on the GGUF file; the default with --quant) or `none`.
+    #[arg(long)]
+    pub reference: Option<String>,
     /// The reference script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/bench/hf_generate.py"))]
     pub reference_script: PathBuf,
@@ -105,34 +111,111 @@ struct Speed {
     decode_tok_s: f64,
 }
 
+/// Resident memory of this process, bytes (`VmRSS`).
+pub fn resident_bytes() -> u64 {
+    fs_err::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let dir = bench_model(a.model.as_deref(), &a.arch, &a.preset)?;
     let dtype = super::parse_dtype(&a.dtype)?;
-    let model = Model::load(&dir, dtype, &Device::Cpu)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let gguf = match &a.quant {
+        None => None,
+        Some(t) => {
+            let qtype = fount_model::quantize::QuantType::parse(t).with_context(|| {
+                format!(
+                    "unknown --quant {t:?} ({})",
+                    fount_model::quantize::QuantType::NAMES
+                )
+            })?;
+            let file = dir.with_extension(format!("{t}.gguf"));
+            if !file.exists() {
+                eprintln!("writing {} …", file.display());
+                fount_model::quantize::quantize(&dir, &file, qtype)?;
+            }
+            Some(file)
+        }
+    };
+    let before = resident_bytes();
+    let model = match &gguf {
+        Some(f) => Model::load_gguf(f),
+        None => Model::load(&dir, dtype, &Device::Cpu),
+    }
+    .with_context(|| format!("loading {}", dir.display()))?;
     let cfg = model.config().clone();
+    let what = match &a.quant {
+        Some(t) => format!("GGUF {t}"),
+        None => a.dtype.clone(),
+    };
     eprintln!(
-        "model: {} ({} parameters, {} layers, hidden {}), dtype {}, {threads} threads",
-        dir.display(),
+        "model: {} ({} parameters, {} layers, hidden {}), {what}, {threads} threads",
+        gguf.as_deref().unwrap_or(&dir).display(),
         super::model::human_count(cfg.num_parameters()),
         cfg.num_hidden_layers,
         cfg.hidden_size,
-        a.dtype
     );
     let ours = measure(&model, a.prompt_tokens, a.decode_tokens)?;
+    let resident = resident_bytes().saturating_sub(before);
     println!(
         "| engine | prefill {} tok/s | decode tok/s (batch 1, {} tokens) |",
         a.prompt_tokens, a.decode_tokens
     );
     println!("|---|---|---|");
     println!(
-        "| fount (candle {}) | {:.1} | {:.2} |",
-        a.dtype, ours.prefill_tok_s, ours.decode_tok_s
+        "| fount ({what}) | {:.1} | {:.2} |",
+        ours.prefill_tok_s, ours.decode_tok_s
     );
-    match a.reference.as_str() {
+    if let Some(f) = &gguf {
+        let size = fs_err::metadata(f)?.len();
+        eprintln!(
+            "resident memory after loading and running (KV cache included): {:.1} MB, {:.2}× the file ({:.1} MB)",
+            resident as f64 / 1e6,
+            resident as f64 / size as f64,
+            size as f64 / 1e6
+        );
+    }
+    let reference = a
+        .reference
+        .clone()
+        .unwrap_or_else(|| if gguf.is_some() { "llama.cpp" } else { "torch" }.to_string());
+    match reference.as_str() {
         "none" => {}
+        "llama.cpp" => {
+            let f = gguf
+                .as_deref()
+                .context("--reference llama.cpp needs --quant")?;
+            let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tools/bench/llama_cpp_generate.py");
+            let (name, theirs) = reference_script(
+                Command::new("python3")
+                    .arg(&script)
+                    .args(["--model", &f.display().to_string()])
+                    .args(["--prompt-tokens", &a.prompt_tokens.to_string()])
+                    .args(["--decode-tokens", &a.decode_tokens.to_string()])
+                    .args(["--threads", &threads.to_string()]),
+                &script,
+                "llama-cpp-python (scripts/test builds it)",
+            )?;
+            println!(
+                "| {name} | {:.1} | {:.2} |",
+                theirs.prefill_tok_s, theirs.decode_tok_s
+            );
+            println!(
+                "| **fount / llama.cpp** | **{:.2}×** | **{:.2}×** |",
+                ours.prefill_tok_s / theirs.prefill_tok_s,
+                ours.decode_tok_s / theirs.decode_tok_s
+            );
+        }
         "torch" => {
             let reference = reference_torch(&a.reference_script, &dir, &a, threads)?;
             println!(
@@ -145,7 +228,7 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
                 ours.decode_tok_s / reference.1.decode_tok_s
             );
         }
-        other => bail!("unknown --reference {other:?} (torch, none)"),
+        other => bail!("unknown --reference {other:?} (torch, llama.cpp, none)"),
     }
     Ok(())
 }
@@ -205,20 +288,32 @@ fn reference_torch(
         "bf16" => "bfloat16",
         _ => "float32",
     };
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["--model", &dir.display().to_string()])
-        .args(["--prompt-tokens", &a.prompt_tokens.to_string()])
-        .args(["--decode-tokens", &a.decode_tokens.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--dtype", dtype])
+    reference_script(
+        Command::new("python3")
+            .arg(script)
+            .args(["--model", &dir.display().to_string()])
+            .args(["--prompt-tokens", &a.prompt_tokens.to_string()])
+            .args(["--decode-tokens", &a.decode_tokens.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--dtype", dtype]),
+        script,
+        "`pip install torch transformers`",
+    )
+}
+
+/// Runs a reference script that prints one JSON line of speeds.
+fn reference_script(cmd: &mut Command, script: &Path, install: &str) -> Result<(String, Speed)> {
+    let out = cmd
         .output()
         .with_context(|| format!("running python3 {}", script.display()))?;
     if !out.status.success() {
         bail!(
-            "the reference ({}) failed: {}\n(install it with `pip install torch transformers`, or pass --reference none)",
+            "the reference ({}) failed: {}\n(install it: {install}; or pass --reference none)",
             script.display(),
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
         );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);

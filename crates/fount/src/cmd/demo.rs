@@ -329,6 +329,7 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
     let key = demo_key(&store_dir, &dir.join("demo-key"))?;
     let args = super::serve::ServeArgs {
         model: base,
+        tokenizer: None,
         model_name: Some(BASE_NAME.into()),
         adapters: Some(adapters),
         host: a.host.clone(),

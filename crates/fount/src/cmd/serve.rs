@@ -11,9 +11,13 @@ use fount_server::{AppState, ServerConfig};
 /// Arguments of `fount serve`; every flag can also come from the environment.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Hugging Face model directory to serve.
+    /// Hugging Face model directory, or GGUF file (`.gguf`), to serve.
     #[arg(long, env = "FOUNT_MODEL")]
     pub model: PathBuf,
+    /// A `tokenizer.json` (or a directory with one and its chat template) to use instead of
+    /// the model's own (a GGUF file's SentencePiece vocabulary, say).
+    #[arg(long, env = "FOUNT_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
     /// The name clients pass as `model` (default: the directory's name).
     #[arg(long, env = "FOUNT_MODEL_NAME")]
     pub model_name: Option<String>,
@@ -150,7 +154,15 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             .model
             .canonicalize()
             .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .and_then(|p| {
+                // a directory's name, or a GGUF file's without `.gguf`
+                let name = if fount_model::is_gguf(&p) {
+                    p.file_stem()
+                } else {
+                    p.file_name()
+                };
+                name.map(|n| n.to_string_lossy().into_owned())
+            })
             .unwrap_or_else(|| "fount".into()),
     };
     let engine_cfg = EngineConfig {
@@ -165,7 +177,10 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
         max_body_bytes: parse_size(&a.max_body).context("--max-body")?,
         max_model_len: a.max_model_len,
     };
-    let state = AppState::load(&a.model, a.adapters.as_deref(), engine_cfg, cfg)
+    let loaded =
+        fount_model::Loaded::open(&a.model, a.tokenizer.as_deref(), candle_core::DType::F32)
+            .with_context(|| format!("loading {}", a.model.display()))?;
+    let state = AppState::load_model(loaded, a.adapters.as_deref(), engine_cfg, cfg)
         .with_context(|| format!("loading {}", a.model.display()))?;
     let max_file = parse_size(&a.max_file).context("--max-file")?;
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
