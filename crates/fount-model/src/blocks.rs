@@ -8,7 +8,8 @@
 //! other type runs candle's per-type dot products, whose activation blocks match llama.cpp's
 //! (candle's repacked Q8_0 tiles quantise activations to Q8_K instead, which llama.cpp does
 //! not, so they are not used). Q8_0, Q4_0 and Q5_0 run on fount's own kernels
-//! ([`crate::kernels::q8`]), reading the blocks in place in the file's mapping.
+//! ([`crate::kernels::q8`]), and F16 and BF16 on [`crate::kernels::half`], both reading the
+//! weights in place in the file's mapping.
 
 use std::borrow::Cow;
 
@@ -19,6 +20,7 @@ use candle_core::quantized::{ggml_file, GgmlDType, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::half::{self, Half};
 use crate::kernels::q8::{self, Q32};
 
 /// A `(rows, cols)` matrix of ggml blocks, each row `cols / block size` whole blocks.
@@ -36,6 +38,8 @@ enum Kind {
     Plain(Box<dyn QuantizedType>),
     /// 32-value blocks read in place by fount's kernels ([`crate::kernels::q8`]).
     Q32(Q32, Bytes),
+    /// f16 or bf16 values read in place by fount's kernels ([`crate::kernels::half`]).
+    Half(Half, Bytes),
 }
 
 /// Bytes of blocks: a range of a mapped file (no copy), or owned.
@@ -90,24 +94,20 @@ impl BlockMatrix {
                 "{rows}×{cols} {dtype:?} needs {expected} bytes of whole blocks, got {len}"
             )));
         }
-        if let Some(t) = q32(dtype) {
-            return Ok(BlockMatrix {
-                rows,
-                cols,
-                dtype,
-                kind: Kind::Q32(t, bytes),
-            });
-        }
-        let bytes = bytes.as_slice();
-        let kind = if packed(dtype) {
-            Kind::Packed(ggml_file::qtensor_from_ggml(
-                dtype,
-                bytes,
-                vec![rows, cols],
-                &Device::Cpu,
-            )?)
-        } else {
-            Kind::Plain(dtype.from_data(Cow::Borrowed(bytes)))
+        let kind = match dtype {
+            GgmlDType::F16 => Kind::Half(Half::F16, bytes),
+            GgmlDType::BF16 => Kind::Half(Half::Bf16, bytes),
+            _ => match q32(dtype) {
+                Some(t) => Kind::Q32(t, bytes),
+                // the K types: candle's tensors
+                None if packed(dtype) => Kind::Packed(ggml_file::qtensor_from_ggml(
+                    dtype,
+                    bytes.as_slice(),
+                    vec![rows, cols],
+                    &Device::Cpu,
+                )?),
+                None => Kind::Plain(dtype.from_data(Cow::Borrowed(bytes.as_slice()))),
+            },
         };
         Ok(BlockMatrix {
             rows,
@@ -133,6 +133,19 @@ impl BlockMatrix {
         let m = x.dim(0)?;
         match &self.kind {
             Kind::Packed(q) => Ok(x.apply_op1_no_bwd(q)?),
+            Kind::Half(t, w) => {
+                let mut out = vec![0f32; m * self.rows];
+                {
+                    let (storage, layout) = x.storage_and_layout();
+                    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+                        return Err(Error::Batch("block products take f32 CPU inputs".into()));
+                    };
+                    let start = layout.start_offset();
+                    let xs = &v[start..start + m * self.cols];
+                    half::matmul(*t, w.as_slice(), self.rows, self.cols, xs, &mut out);
+                }
+                Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+            }
             Kind::Q32(t, w) => {
                 let mut out = vec![0f32; m * self.rows];
                 {
@@ -171,6 +184,11 @@ impl BlockMatrix {
             return Err(Error::Batch(format!("row {bad} of {} rows", self.rows)));
         }
         match &self.kind {
+            Kind::Half(t, w) => {
+                let mut out = vec![0f32; ids.len() * self.cols];
+                half::dequantize_rows(*t, w.as_slice(), self.cols, ids, &mut out);
+                Ok(Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)?)
+            }
             Kind::Q32(t, w) => {
                 let mut out = vec![0f32; ids.len() * self.cols];
                 q8::dequantize_rows(*t, w.as_slice(), self.cols, ids, &mut out);
@@ -192,7 +210,7 @@ impl BlockMatrix {
     /// The whole matrix in f32.
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.kind {
-            Kind::Q32(..) => {
+            Kind::Q32(..) | Kind::Half(..) => {
                 let ids: Vec<u32> = (0..self.rows as u32).collect();
                 self.rows(&ids)
             }

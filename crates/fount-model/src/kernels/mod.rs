@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 mod attention;
+pub mod half;
 mod matvec;
 mod product;
 pub mod q8;

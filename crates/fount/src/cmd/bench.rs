@@ -138,15 +138,22 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
                     fount_model::quantize::QuantType::NAMES
                 )
             })?;
-            let file = dir.with_extension(format!("{t}.gguf"));
+            let file = PathBuf::from(format!("{}.{t}.gguf", dir.display()));
             if !file.exists() {
+                // in a process of its own, so this one's resident memory is the model's
                 eprintln!("writing {} …", file.display());
-                fount_model::quantize::quantize(&dir, &file, qtype)?;
+                let status = Command::new(std::env::current_exe()?)
+                    .args(["quantize", "--model", &dir.display().to_string()])
+                    .args(["--out", &file.display().to_string(), "--type", t])
+                    .status()?;
+                if !status.success() {
+                    bail!("fount quantize failed for {}", file.display());
+                }
             }
+            let _ = qtype;
             Some(file)
         }
     };
-    let before = resident_bytes();
     let model = match &gguf {
         Some(f) => Model::load_gguf(f),
         None => Model::load(&dir, dtype, &Device::Cpu),
@@ -165,7 +172,7 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
         cfg.hidden_size,
     );
     let ours = measure(&model, a.prompt_tokens, a.decode_tokens)?;
-    let resident = resident_bytes().saturating_sub(before);
+    let resident = resident_bytes();
     println!(
         "| engine | prefill {} tok/s | decode tok/s (batch 1, {} tokens) |",
         a.prompt_tokens, a.decode_tokens
@@ -178,7 +185,7 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
     if let Some(f) = &gguf {
         let size = fs_err::metadata(f)?.len();
         eprintln!(
-            "resident memory after loading and running (KV cache included): {:.1} MB, {:.2}× the file ({:.1} MB)",
+            "resident memory of this process after loading and running (the KV cache and the runtime included): {:.1} MB, {:.2}× the file ({:.1} MB)",
             resident as f64 / 1e6,
             resident as f64 / size as f64,
             size as f64 / 1e6
