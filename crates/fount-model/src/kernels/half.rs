@@ -130,6 +130,15 @@ pub fn matmul(t: Half, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32])
     let m = x.len() / k.max(1);
     let xs: Vec<f32> = x.iter().map(|&v| t.round(v)).collect();
     let row_bytes = 2 * k;
+    if m == 1 {
+        super::decode_rows(dst, 32, |first, out| {
+            let rows = &w[first * row_bytes..(first + out.len()) * row_bytes];
+            for (o, row) in out.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+                *o = dot(t, row, &xs);
+            }
+        });
+        return;
+    }
     const CHUNK: usize = 32;
     let out_rows: Vec<Vec<f32>> = (0..n.div_ceil(CHUNK))
         .into_par_iter()

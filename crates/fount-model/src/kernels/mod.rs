@@ -61,6 +61,23 @@ pub(crate) fn with_values<R>(
     f(values(s, layout, op)?)
 }
 
+/// Fills `out` (one decoding step's output row) `chunk` values at a time across candle's
+/// spinning worker pool: `f(first index, values)`. A step runs a few hundred such products of a
+/// few microseconds each; rayon's workers fall asleep between them, and waking them cost about a
+/// tenth of a GGUF model's decoding time.
+pub(crate) fn decode_rows(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let cells: Vec<std::sync::Mutex<&mut [f32]>> =
+        out.chunks_mut(chunk).map(std::sync::Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(cells.len(), |range| {
+        for c in range {
+            // each chunk is taken by exactly one task: the lock is never contended
+            if let Ok(mut slot) = cells[c].lock() {
+                f(c * chunk, &mut slot);
+            }
+        }
+    });
+}
+
 /// How many rows of `cols` elements one task takes.
 fn rows_per_task(cols: usize) -> usize {
     (ROWS_PER_TASK_ELEMS / cols.max(1)).max(1)

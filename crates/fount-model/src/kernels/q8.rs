@@ -379,9 +379,8 @@ pub fn matmul(t: Q32, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32]) 
         let acts = &acts[..m];
         if m == 1 {
             let a = &acts[0];
-            const CHUNK: usize = 64;
-            dst.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-                let rows = &w[c * CHUNK * row_bytes..(c * CHUNK + out.len()) * row_bytes];
+            super::decode_rows(dst, 64, |first, out| {
+                let rows = &w[first * row_bytes..(first + out.len()) * row_bytes];
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(row_bytes)) {
                     *o = dot(t, row, a);
                 }
