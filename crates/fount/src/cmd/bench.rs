@@ -159,6 +159,7 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
         None => Model::load(&dir, dtype, &Device::Cpu),
     }
     .with_context(|| format!("loading {}", dir.display()))?;
+    let loaded_resident = resident_bytes();
     let cfg = model.config().clone();
     let what = match &a.quant {
         Some(t) => format!("GGUF {t}"),
@@ -185,10 +186,14 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
     if let Some(f) = &gguf {
         let size = fs_err::metadata(f)?.len();
         eprintln!(
-            "resident memory of this process after loading and running (the KV cache and the runtime included): {:.1} MB, {:.2}× the file ({:.1} MB)",
+            "resident memory of this process: {:.1} MB after loading ({:.2}× the file, {:.1} MB); \
+             {:.1} MB after running ({:.2}×: the KV cache, activations and freed buffers kept by \
+             the allocator included)",
+            loaded_resident as f64 / 1e6,
+            loaded_resident as f64 / size as f64,
+            size as f64 / 1e6,
             resident as f64 / 1e6,
             resident as f64 / size as f64,
-            size as f64 / 1e6
         );
     }
     let reference = a
