@@ -131,51 +131,26 @@ impl BlockMatrix {
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         let m = x.dim(0)?;
-        match &self.kind {
-            Kind::Packed(q) => Ok(x.apply_op1_no_bwd(q)?),
-            Kind::Half(t, w) => {
-                let mut out = vec![0f32; m * self.rows];
-                {
-                    let (storage, layout) = x.storage_and_layout();
-                    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
-                        return Err(Error::Batch("block products take f32 CPU inputs".into()));
-                    };
-                    let start = layout.start_offset();
-                    let xs = &v[start..start + m * self.cols];
-                    half::matmul(*t, w.as_slice(), self.rows, self.cols, xs, &mut out);
-                }
-                Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
-            }
-            Kind::Q32(t, w) => {
-                let mut out = vec![0f32; m * self.rows];
-                {
-                    let (storage, layout) = x.storage_and_layout();
-                    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
-                        return Err(Error::Batch("block products take f32 CPU inputs".into()));
-                    };
-                    let start = layout.start_offset();
-                    let xs = &v[start..start + m * self.cols];
-                    q8::matmul(*t, w.as_slice(), self.rows, self.cols, xs, &mut out);
-                }
-                Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
-            }
-            Kind::Plain(p) => {
-                let mut out = vec![0f32; m * self.rows];
-                {
-                    let (storage, layout) = x.storage_and_layout();
-                    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
-                        return Err(Error::Batch("block products take f32 CPU inputs".into()));
-                    };
-                    let start = layout.start_offset();
-                    p.matmul_t(
-                        (m, self.cols, self.rows),
-                        &v[start..start + m * self.cols],
-                        &mut out,
-                    )?;
-                }
-                Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)
+        if let Kind::Packed(q) = &self.kind {
+            return Ok(x.apply_op1_no_bwd(q)?);
+        }
+        let (n, k) = (self.rows, self.cols);
+        let mut out = vec![0f32; m * n];
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+                return Err(Error::Batch("block products take f32 CPU inputs".into()));
+            };
+            let start = layout.start_offset();
+            let xs = &v[start..start + m * k];
+            match &self.kind {
+                Kind::Half(t, w) => half::matmul(*t, w.as_slice(), n, k, xs, &mut out),
+                Kind::Q32(t, w) => q8::matmul(*t, w.as_slice(), n, k, xs, &mut out),
+                Kind::Plain(p) => p.matmul_t((m, k, n), xs, &mut out)?,
+                Kind::Packed(_) => {}
             }
         }
+        Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
     }
 
     /// Rows `ids`, dequantised to f32 `(ids, cols)` (an embedding lookup).

@@ -58,6 +58,23 @@ fn trained() -> &'static (PathBuf, String) {
     })
 }
 
+/// The trained model written by `fount quantize` as `name.gguf` of type `qtype`.
+fn quantized(name: &str, qtype: &str) -> PathBuf {
+    let (hf, _) = trained();
+    let gguf = hf.parent().unwrap_or(hf).join(format!("{name}.gguf"));
+    let _ = std::fs::remove_file(&gguf);
+    fount_ok(&[
+        "quantize",
+        "--model",
+        &s(hf),
+        "--out",
+        &s(&gguf),
+        "--type",
+        qtype,
+    ]);
+    gguf
+}
+
 struct Reference {
     vocab: usize,
     logits: Vec<f32>,
@@ -129,20 +146,7 @@ fn nll(rows: &[&[f32]], next: &[u32]) -> f64 {
 /// greedy continuations token for token.
 fn check(qtype: &str, greedy_equal: bool) {
     let (hf, held) = trained();
-    let gguf = hf
-        .parent()
-        .unwrap_or(hf)
-        .join(format!("model-{qtype}.gguf"));
-    let _ = std::fs::remove_file(&gguf);
-    fount_ok(&[
-        "quantize",
-        "--model",
-        &s(hf),
-        "--out",
-        &s(&gguf),
-        "--type",
-        qtype,
-    ]);
+    let gguf = quantized(&format!("model-{qtype}"), qtype);
     let loaded = Loaded::open(&gguf, None, DType::F32).unwrap_or_else(|e| panic!("{e}"));
     let hf_tok = fount_model::Tokenizer::from_file(&hf.join("tokenizer.json"))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -239,17 +243,7 @@ fn every_quantised_type_agrees_with_llama_cpp() {
 #[test]
 fn a_gguf_file_serves_through_fount_generate() {
     let (hf, _) = trained();
-    let gguf = hf.parent().unwrap_or(hf).join("generate-q8_0.gguf");
-    let _ = std::fs::remove_file(&gguf);
-    fount_ok(&[
-        "quantize",
-        "--model",
-        &s(hf),
-        "--out",
-        &s(&gguf),
-        "--type",
-        "q8_0",
-    ]);
+    let gguf = quantized("generate-q8_0", "q8_0");
     let (from_gguf, _) = fount_ok(&[
         "generate",
         "--model",
@@ -274,17 +268,7 @@ fn a_gguf_file_serves_through_fount_generate() {
     ]);
     assert_eq!(from_gguf, overridden);
     // an f32 file generates exactly what the safetensors model does
-    let f32 = hf.parent().unwrap_or(hf).join("generate-f32.gguf");
-    let _ = std::fs::remove_file(&f32);
-    fount_ok(&[
-        "quantize",
-        "--model",
-        &s(hf),
-        "--out",
-        &s(&f32),
-        "--type",
-        "f32",
-    ]);
+    let f32 = quantized("generate-f32", "f32");
     let (a, _) = fount_ok(&[
         "generate",
         "--model",
