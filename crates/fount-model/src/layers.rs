@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Tensor};
 
 use crate::batch::Batch;
-use crate::blocks::BlockMatrix;
+use crate::blocks::{BlockMatrix, Bytes};
 use crate::config::Config;
 use crate::error::Result;
 use crate::kernels::AttnShape;
@@ -30,6 +31,43 @@ pub enum Weight {
     Blocks(Arc<BlockMatrix>),
 }
 
+impl Weight {
+    /// A weight as loaded: f16 and bf16 matrices on the CPU that no gradient flows into go to
+    /// the half-precision kernels ([`crate::kernels::half`]: the values as they are, half the
+    /// bytes per token of f32, none of candle's slow half-precision matmul); anything else
+    /// stays a tensor.
+    pub fn from_tensor(t: Tensor) -> Result<Weight> {
+        let half = match t.dtype() {
+            DType::F16 => GgmlDType::F16,
+            DType::BF16 => GgmlDType::BF16,
+            _ => return Ok(Weight::Dense(t)),
+        };
+        if !t.device().is_cpu() || t.track_op() || t.rank() != 2 {
+            return Ok(Weight::Dense(t));
+        }
+        let (rows, cols) = t.dims2()?;
+        let flat = t.flatten_all()?;
+        let bytes: Vec<u8> = match half {
+            GgmlDType::F16 => flat
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+            _ => flat
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        };
+        Ok(Weight::Blocks(Arc::new(BlockMatrix::from_bytes(
+            half,
+            Bytes::Owned(bytes),
+            rows,
+            cols,
+        )?)))
+    }
+}
+
 /// `y = x Wᵀ + b`, with `W` of shape `(out, in)` as checkpoints store it.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -46,13 +84,18 @@ impl Linear {
         } else {
             None
         };
+        let weight = match w.half_matrices() {
+            Some(half) => weight.to_dtype(half)?,
+            None => weight,
+        };
         Ok(Linear {
-            weight: Weight::Dense(weight),
+            weight: Weight::from_tensor(weight)?,
             bias,
         })
     }
 
-    /// Builds from tensors (weight `(out, in)`).
+    /// Builds from tensors (weight `(out, in)`), kept as they are (see [`Weight::from_tensor`]
+    /// for the kernels a loaded weight gets).
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
             weight: Weight::Dense(weight),

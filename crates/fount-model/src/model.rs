@@ -122,6 +122,15 @@ impl Model {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let files = ModelFiles::open(dir)?;
         let config = files.config()?;
+        let half = device.is_cpu() && matches!(dtype, DType::F16 | DType::BF16);
+        if half {
+            // half-precision matrices on the CPU: the half-precision kernels, f32 around them
+            // (candle's own f16/bf16 CPU ops convert element by element)
+            let weights =
+                Weights::from_safetensors(&files.weight_files()?, dir, DType::F32, device)?
+                    .with_half_matrices(dtype);
+            return Model::from_weights(&weights, config);
+        }
         let weights = Weights::from_safetensors(&files.weight_files()?, dir, dtype, device)?;
         Model::from_weights(&weights, config)
     }
@@ -135,13 +144,27 @@ impl Model {
             .map(|i| DecoderLayer::load(&m.pp(format!("layers.{i}")), &config, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), h, config.rms_norm_eps)?;
+        // with half-precision matrices the table is one too, its rows widened as looked up
+        let embed_tokens = match w.half_matrices() {
+            Some(half) => match Weight::from_tensor(embed_tokens.to_dtype(half)?)? {
+                Weight::Blocks(b) => Embedding::Blocks(b),
+                Weight::Dense(t) => Embedding::Dense(t),
+            },
+            None => Embedding::Dense(embed_tokens),
+        };
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
-            Linear::from_weights(embed_tokens.clone(), None)
+            Linear::new(
+                match &embed_tokens {
+                    Embedding::Dense(t) => Weight::from_tensor(t.clone())?,
+                    Embedding::Blocks(b) => Weight::Blocks(b.clone()),
+                },
+                None,
+            )
         } else {
             Linear::load(&w.pp("lm_head"), h, v, false)?
         };
         Ok(Model {
-            embed_tokens: Embedding::Dense(embed_tokens),
+            embed_tokens,
             layers,
             norm,
             lm_head,

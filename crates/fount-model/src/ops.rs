@@ -119,16 +119,20 @@ pub(crate) fn weight_linear(
 /// one row at a time, since the kernels for many rows round differently from the one-row
 /// kernel.
 fn block_linear(k: Kernels, x: &Tensor, q: &BlockMatrix) -> Result<Tensor> {
+    let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let rows = x.dim(0)?;
-    if k.invariant && rows > 1 {
+    let y = if k.invariant && rows > 1 {
         let mut out = Vec::with_capacity(rows);
         for i in 0..rows {
             out.push(q.matmul(&x.narrow(0, i, 1)?)?);
         }
-        return Ok(Tensor::cat(&out, 0)?);
-    }
-    q.matmul(&x)
+        Tensor::cat(&out, 0)?
+    } else {
+        q.matmul(&x)?
+    };
+    // the model's activations stay in its dtype (f16 or bf16 models keep theirs)
+    Ok(y.to_dtype(dtype)?)
 }
 
 /// A projection of layer `layer` with the adapters of `lora`: [`linear`] plus each row range's

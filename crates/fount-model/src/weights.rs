@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 pub struct Weights<'a> {
     vb: VarBuilder<'a>,
     dir: PathBuf,
+    half: Option<DType>,
 }
 
 impl<'a> Weights<'a> {
@@ -21,7 +22,21 @@ impl<'a> Weights<'a> {
         Weights {
             vb,
             dir: dir.to_path_buf(),
+            half: None,
         }
+    }
+
+    /// These weights with every projection matrix kept in `half` (f16 or bf16) for the
+    /// half-precision kernels, while the rest (norms, biases, activations) is in this view's
+    /// dtype.
+    pub fn with_half_matrices(mut self, half: DType) -> Self {
+        self.half = Some(half);
+        self
+    }
+
+    /// The type projection matrices are kept in, when not the view's dtype.
+    pub fn half_matrices(&self) -> Option<DType> {
+        self.half
     }
 
     /// Memory-maps the given safetensors files; tensors are converted to `dtype` as they are read.
@@ -51,6 +66,7 @@ impl<'a> Weights<'a> {
         Weights {
             vb: self.vb.pp(prefix),
             dir: self.dir.clone(),
+            half: self.half,
         }
     }
 

@@ -305,19 +305,27 @@ fn adapters_stored_in_half_precision_load_exactly() {
 }
 
 #[test]
-fn adapters_on_a_half_precision_model_take_the_tensor_path() {
+fn adapters_apply_over_half_precision_weights() {
+    // f16 weights on the CPU run the half-precision kernels with f32 activations around them,
+    // so the adapter is applied in f32 over an f16 base
     let model =
         Model::load(&fixture("llama"), DType::F16, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.dtype(), DType::F32);
     let a = Arc::new(
-        LoraAdapter::load(&fixture("lora_a"), model.config(), DType::F16, &Device::Cpu)
-            .unwrap_or_else(|e| panic!("{e}")),
+        LoraAdapter::load(
+            &fixture("lora_a"),
+            model.config(),
+            model.dtype(),
+            &Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
     );
     let base = model
         .forward(&Batch::single(&prompts()[0], 0), &mut NoCache, Logits::All)
         .unwrap_or_else(|e| panic!("{e}"));
     let with = logits_with(&model, a);
     let golden = golden("lora_a", 0);
-    // f16 compute: close to PEFT's f32 logits, and clearly not the bare model's
+    // f16 weights: close to PEFT's f32 logits, and clearly not the bare model's
     assert_close("f16 model", &with, &golden, 5e-2);
     let base = flat(
         &base
