@@ -78,6 +78,13 @@ impl std::fmt::Debug for BlockMatrix {
     }
 }
 
+/// From this many activation rows on, a product of fount's block types widens the weights to
+/// f32 and runs the blocked GEMM ([`BlockMatrix::matmul`]).
+const GEMM_ROWS: usize = 32;
+
+/// Weight rows widened at a time for the GEMM (at most 4 MB of f32 for rows of 1,024).
+const GEMM_TILE: usize = 1024;
+
 /// Whether products of `dtype` go through candle's repacked tiles.
 fn packed(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K)
@@ -135,6 +142,9 @@ impl BlockMatrix {
             return Ok(x.apply_op1_no_bwd(q)?);
         }
         let (n, k) = (self.rows, self.cols);
+        if m >= GEMM_ROWS && matches!(self.kind, Kind::Q32(..) | Kind::Half(..)) {
+            return self.gemm(&x);
+        }
         let mut out = vec![0f32; m * n];
         {
             let (storage, layout) = x.storage_and_layout();
@@ -151,6 +161,21 @@ impl BlockMatrix {
             }
         }
         Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
+    }
+
+    /// `x Wᵀ` for many rows (a prefill): the weights widened to f32 a tile of rows at a time
+    /// and multiplied by the blocked f32 GEMM, which reuses each loaded weight for every row
+    /// of `x` (the one-row kernels load each block once per activation row).
+    fn gemm(&self, x: &Tensor) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(self.rows.div_ceil(GEMM_TILE));
+        let mut ids: Vec<u32> = Vec::with_capacity(GEMM_TILE);
+        for start in (0..self.rows).step_by(GEMM_TILE) {
+            ids.clear();
+            ids.extend(start as u32..self.rows.min(start + GEMM_TILE) as u32);
+            let w = self.rows(&ids)?; // (tile, cols) f32
+            parts.push(x.matmul(&w.t()?)?);
+        }
+        Ok(Tensor::cat(&parts, 1)?)
     }
 
     /// Rows `ids`, dequantised to f32 `(ids, cols)` (an embedding lookup).

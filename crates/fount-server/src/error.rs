@@ -205,6 +205,13 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if matches!(self, ApiError::TooLarge { .. }) {
+            // the rest of the body is never read, so the connection cannot carry another
+            // request: say so, or a client reuses it and its next request is reset
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

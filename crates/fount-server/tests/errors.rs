@@ -266,6 +266,12 @@ async fn oversized_bodies_get_413() {
     .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
     assert_eq!(r.error().2.as_deref(), Some("request_too_large"));
+    // the rest of the body was never read: the connection must not be reused for another
+    // request (a client that did would see it reset)
+    assert_eq!(
+        r.headers.get("connection").and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
 }
 
 #[tokio::test]
