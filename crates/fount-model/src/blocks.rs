@@ -1,9 +1,10 @@
 //! Weights stored as ggml blocks (quantised or half precision), as GGUF files hold them, and
 //! their products with f32 activations.
 //!
-//! The activations of a product are quantised to the weight type's dot-product blocks, as
-//! llama.cpp does (Q8_0 for the 32-value types, Q8_K for the K types), so a GGUF model computes
-//! what llama.cpp computes on the same file. The K types Q4_K and Q6_K run on candle's repacked
+//! The activations of a product of a few rows (decoding) are quantised to the weight type's
+//! dot-product blocks, as llama.cpp does (Q8_0 for the 32-value types, Q8_K for the K types), so
+//! a GGUF model decodes as llama.cpp does on the same file. From [`GEMM_ROWS`] rows on (a
+//! prefill), fount's types are widened to f32 a tile at a time for the blocked f32 GEMM instead. The K types Q4_K and Q6_K run on candle's repacked
 //! AVX-512 VNNI tiles where the CPU has them (their Q8_K activations are llama.cpp's); every
 //! other type runs candle's per-type dot products, whose activation blocks match llama.cpp's
 //! (candle's repacked Q8_0 tiles quantise activations to Q8_K instead, which llama.cpp does
@@ -80,7 +81,7 @@ impl std::fmt::Debug for BlockMatrix {
 
 /// From this many activation rows on, a product of fount's block types widens the weights to
 /// f32 and runs the blocked GEMM ([`BlockMatrix::matmul`]).
-const GEMM_ROWS: usize = 32;
+pub const GEMM_ROWS: usize = 32;
 
 /// Weight rows widened at a time for the GEMM (at most 4 MB of f32 for rows of 1,024).
 const GEMM_TILE: usize = 1024;
