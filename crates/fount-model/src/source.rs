@@ -43,6 +43,15 @@ impl Loaded {
             None => None,
         };
         if is_gguf(path) {
+            if dtype != DType::F32 {
+                return Err(crate::error::Error::Gguf {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "a GGUF file keeps its own weight types and computes in f32 around them; \
+                         a compute dtype ({dtype:?}) applies to model directories"
+                    ),
+                });
+            }
             let g = Gguf::open(path)?;
             let model = Model::from_gguf(&g)?;
             let tokenizer = match override_tok {

@@ -138,6 +138,12 @@ fn malformed_files_are_errors_that_name_the_problem() {
     let e = load_err(&dir.path().join("absent.gguf"));
     assert!(e.contains("absent.gguf"), "{e}");
 
+    // a compute dtype is for model directories
+    let e = fount_model::Loaded::open(&gguf, None, DType::F16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model directories"), "{e}");
+
     // and the intact file still loads
     Model::load_gguf(&gguf).unwrap();
 }
