@@ -95,7 +95,7 @@ impl BlockMatrix {
     /// A matrix of `dtype` from its bytes, `rows` rows of `cols` values. The 32-value types
     /// read `bytes` in place when they are a mapping's.
     pub fn from_bytes(dtype: GgmlDType, bytes: Bytes, rows: usize, cols: usize) -> Result<Self> {
-        let expected = rows * cols / dtype.block_size() * dtype.type_size();
+        let expected = crate::gguf::tensor_bytes(dtype, &[rows, cols]);
         let len = bytes.as_slice().len();
         if !cols.is_multiple_of(dtype.block_size()) || len != expected {
             return Err(Error::Batch(format!(

@@ -108,10 +108,10 @@ impl QuantType {
 }
 
 /// The type a tensor of `cols` columns gets instead of `t` when its rows are not whole blocks
-/// (llama.cpp's fallbacks), or `None` when even those do not fit.
-fn fit(t: GgmlDType, cols: usize) -> Option<GgmlDType> {
+/// (llama.cpp's fallbacks; F16 when even those do not fit).
+fn fit(t: GgmlDType, cols: usize) -> GgmlDType {
     if cols.is_multiple_of(t.block_size()) {
-        return Some(t);
+        return t;
     }
     let fallback = match t {
         GgmlDType::Q4K => GgmlDType::Q5_0,
@@ -120,19 +120,19 @@ fn fit(t: GgmlDType, cols: usize) -> Option<GgmlDType> {
         _ => GgmlDType::F16,
     };
     if cols.is_multiple_of(fallback.block_size()) {
-        Some(fallback)
+        fallback
     } else {
-        Some(GgmlDType::F16)
+        GgmlDType::F16
     }
 }
 
-/// One tensor to write: where it comes from and how it is stored.
-struct Plan {
-    out: WriteTensor,
-    /// The Hugging Face name, or `None` for `rope_freqs.weight`.
-    source: Option<String>,
-    /// Permute the rows for llama.cpp's RoPE over this many heads.
-    permute: Option<usize>,
+/// Where a tensor's values come from.
+enum Source {
+    /// A tensor of the model directory, its rows permuted for llama.cpp's RoPE over this many
+    /// heads when given.
+    Hf(String, Option<usize>),
+    /// `rope_freqs.weight`: Llama 3.1's frequency factors.
+    RopeFactors(Vec<f32>),
 }
 
 /// Writes `model_dir` as a GGUF file of type `qtype` at `out` (which must not exist; the file
@@ -175,7 +175,7 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
     );
     let layers = config.num_hidden_layers;
     let tied = config.tie_word_embeddings && !weights.contains("lm_head.weight");
-    let mut plans = Vec::new();
+    let (mut tensors, mut sources) = (Vec::new(), Vec::new());
     let mut add = |hf: &str, dims: Vec<usize>, layer: Option<usize>, permute: Option<usize>| {
         let Some(base) = gguf::tensor_name(hf.rsplit_once('.').map_or(hf, |(b, _)| b)) else {
             return;
@@ -185,14 +185,10 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
         let dtype = if dims.len() == 1 {
             GgmlDType::F32
         } else {
-            let t = qtype.matrix_type(&name, layer, layers, tied);
-            fit(t, dims[1]).unwrap_or(GgmlDType::F32)
+            fit(qtype.matrix_type(&name, layer, layers, tied), dims[1])
         };
-        plans.push(Plan {
-            out: WriteTensor { name, dtype, dims },
-            source: Some(hf.to_string()),
-            permute,
-        });
+        tensors.push(WriteTensor { name, dtype, dims });
+        sources.push(Source::Hf(hf.to_string(), permute));
     };
     add("model.embed_tokens.weight", vec![v, h], None, None);
     for i in 0..layers {
@@ -237,56 +233,41 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
     if !tied {
         add("lm_head.weight", vec![v, h], None, None);
     }
-    let rope_factors = match config.rope_scaling {
-        RopeScaling::Llama3 { .. } => {
-            let scaled = Rope::new(&config);
-            let plain = Rope::new(&Config {
-                rope_scaling: RopeScaling::None,
-                ..config.clone()
-            });
-            let f: Vec<f32> = plain
-                .inv_freq()
-                .iter()
-                .zip(scaled.inv_freq())
-                .map(|(p, s)| p / s)
-                .collect();
-            plans.push(Plan {
-                out: WriteTensor {
-                    name: "rope_freqs.weight".into(),
-                    dtype: GgmlDType::F32,
-                    dims: vec![f.len()],
-                },
-                source: None,
-                permute: None,
-            });
-            Some(f)
-        }
-        _ => None,
-    };
+    if let RopeScaling::Llama3 { .. } = config.rope_scaling {
+        let scaled = Rope::new(&config);
+        let plain = Rope::new(&Config {
+            rope_scaling: RopeScaling::None,
+            ..config.clone()
+        });
+        let f: Vec<f32> = plain
+            .inv_freq()
+            .iter()
+            .zip(scaled.inv_freq())
+            .map(|(p, s)| p / s)
+            .collect();
+        tensors.push(WriteTensor {
+            name: "rope_freqs.weight".into(),
+            dtype: GgmlDType::F32,
+            dims: vec![f.len()],
+        });
+        sources.push(Source::RopeFactors(f));
+    }
 
-    let tensors: Vec<WriteTensor> = plans
-        .iter()
-        .map(|p| WriteTensor {
-            name: p.out.name.clone(),
-            dtype: p.out.dtype,
-            dims: p.out.dims.clone(),
-        })
-        .collect();
     let partial = out.with_extension("gguf.partial");
     let result = (|| -> Result<()> {
         let file = fs_err::File::create(&partial)?;
         let mut w = BufWriter::new(file);
         gguf::write(&mut w, &metadata, &tensors, |i| {
-            let plan = &plans[i];
-            let t = match &plan.source {
-                Some(hf) => weights.get(&plan.out.dims, hf)?,
-                None => Tensor::new(rope_factors.clone().unwrap_or_default(), &Device::Cpu)?,
+            let t = match &sources[i] {
+                Source::Hf(hf, None) => weights.get(&tensors[i].dims, hf)?,
+                Source::Hf(hf, Some(heads)) => {
+                    permute(&weights.get(&tensors[i].dims, hf)?, *heads)?
+                }
+                Source::RopeFactors(f) => Tensor::new(f.as_slice(), &Device::Cpu)?,
             };
-            let t = match plan.permute {
-                Some(heads) => permute(&t, heads)?,
-                None => t,
-            };
-            Ok(QTensor::quantize(&t, plan.out.dtype)?.data()?.into_owned())
+            Ok(QTensor::quantize(&t, tensors[i].dtype)?
+                .data()?
+                .into_owned())
         })?;
         w.flush()?;
         w.into_inner()
@@ -301,19 +282,18 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
     result.map(|()| tensors.len())
 }
 
-/// Rows (of a weight, or entries of a bias) in llama.cpp's permuted order.
+/// Rows (of a weight, or entries of a bias) in llama.cpp's permuted order
+/// ([`gguf::permuted_rows`], the order the reader undoes).
 fn permute(t: &Tensor, heads: usize) -> Result<Tensor> {
     let rows = t.dim(0)?;
-    let d = rows / heads.max(1);
-    let mut order = Vec::with_capacity(rows);
-    for hd in 0..heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                order.push((hd * d + j * (d / 2) + i) as u32);
-            }
-        }
-    }
-    let idx = Tensor::new(order, t.device())?;
+    let order = gguf::permuted_rows(rows, heads).ok_or_else(|| Error::Config {
+        field: "num_attention_heads",
+        reason: format!("{rows} query/key rows do not split into {heads} heads of even width"),
+    })?;
+    let idx = Tensor::new(
+        order.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        t.device(),
+    )?;
     Ok(t.index_select(&idx, 0)?.contiguous()?)
 }
 

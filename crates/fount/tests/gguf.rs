@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device};
+use fount_model::sampling::argmax;
 use fount_model::{Batch, GenerateOptions, Loaded, Logits, Model, NoCache};
 
 use crate::util::{fount_err, fount_ok};
@@ -118,16 +119,6 @@ fn llama_cpp(gguf: &Path, sequences: &[Vec<u32>], prompts: &[Vec<u32>], n: usize
         logits,
         greedy: serde_json::from_value(meta["greedy"].clone()).unwrap_or_default(),
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// Summed negative log-likelihood of each next token under the rows of logits.

@@ -132,7 +132,8 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
     let gguf = match &a.quant {
         None => None,
         Some(t) => {
-            let qtype = fount_model::quantize::QuantType::parse(t).with_context(|| {
+            // checked here, before a child process is started for it
+            fount_model::quantize::QuantType::parse(t).with_context(|| {
                 format!(
                     "unknown --quant {t:?} ({})",
                     fount_model::quantize::QuantType::NAMES
@@ -150,7 +151,6 @@ fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
                     bail!("fount quantize failed for {}", file.display());
                 }
             }
-            let _ = qtype;
             Some(file)
         }
     };
