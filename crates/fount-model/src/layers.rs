@@ -32,6 +32,16 @@ pub enum Weight {
 }
 
 impl Weight {
+    /// A matrix of ggml blocks as a weight: F32 blocks become a dense tensor (fount's f32
+    /// kernels), every other type stays blocks.
+    pub fn from_blocks(b: BlockMatrix) -> Result<Weight> {
+        Ok(if b.dtype() == GgmlDType::F32 {
+            Weight::Dense(b.dequantize()?)
+        } else {
+            Weight::Blocks(Arc::new(b))
+        })
+    }
+
     /// A weight as loaded: f16 and bf16 matrices on the CPU that no gradient flows into go to
     /// the half-precision kernels ([`crate::kernels::half`]: the values as they are, half the
     /// bytes per token of f32, none of candle's slow half-precision matmul); anything else

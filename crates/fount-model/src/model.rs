@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::batch::{Batch, Logits};
@@ -39,6 +38,23 @@ enum FeedForward {
 enum Embedding {
     Dense(Tensor),
     Blocks(Arc<BlockMatrix>),
+}
+
+impl Embedding {
+    fn from_weight(w: Weight) -> Embedding {
+        match w {
+            Weight::Dense(t) => Embedding::Dense(t),
+            Weight::Blocks(b) => Embedding::Blocks(b),
+        }
+    }
+
+    /// The table as the tied language-model head's weight (shared, not copied).
+    fn as_weight(&self) -> Weight {
+        match self {
+            Embedding::Dense(t) => Weight::Dense(t.clone()),
+            Embedding::Blocks(b) => Weight::Blocks(b.clone()),
+        }
+    }
 }
 
 /// One pre-norm decoder block.
@@ -146,20 +162,13 @@ impl Model {
         let norm = RmsNorm::load(&m.pp("norm"), h, config.rms_norm_eps)?;
         // with half-precision matrices the table is one too, its rows widened as looked up
         let embed_tokens = match w.half_matrices() {
-            Some(half) => match Weight::from_tensor(embed_tokens.to_dtype(half)?)? {
-                Weight::Blocks(b) => Embedding::Blocks(b),
-                Weight::Dense(t) => Embedding::Dense(t),
-            },
+            Some(half) => {
+                Embedding::from_weight(Weight::from_tensor(embed_tokens.to_dtype(half)?)?)
+            }
             None => Embedding::Dense(embed_tokens),
         };
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
-            Linear::new(
-                match &embed_tokens {
-                    Embedding::Dense(t) => Weight::from_tensor(t.clone())?,
-                    Embedding::Blocks(b) => Weight::Blocks(b.clone()),
-                },
-                None,
-            )
+            Linear::new(embed_tokens.as_weight(), None)
         } else {
             Linear::load(&w.pp("lm_head"), h, v, false)?
         };
@@ -196,12 +205,7 @@ impl Model {
             Ok(g.tensor(name, shape, heads)?.dequantize()?.reshape(shape)?)
         };
         let weight = |name: &str, shape: &[usize], heads: Option<usize>| -> Result<Weight> {
-            let q = g.tensor(name, shape, heads)?;
-            Ok(if q.dtype() == GgmlDType::F32 {
-                Weight::Dense(q.dequantize()?)
-            } else {
-                Weight::Blocks(Arc::new(q))
-            })
+            Weight::from_blocks(g.tensor(name, shape, heads)?)
         };
         let linear = |name: &str, out: usize, inp: usize, heads: Option<usize>| -> Result<Linear> {
             let w = weight(&format!("{name}.weight"), &[out, inp], heads)?;
@@ -247,20 +251,9 @@ impl Model {
                 )),
             });
         }
-        let embed = g.tensor("token_embd.weight", &[v, h], None)?;
-        let embed_tokens = if embed.dtype() == GgmlDType::F32 {
-            Embedding::Dense(embed.dequantize()?)
-        } else {
-            Embedding::Blocks(Arc::new(embed))
-        };
+        let embed_tokens = Embedding::from_weight(weight("token_embd.weight", &[v, h], None)?);
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(
-                match &embed_tokens {
-                    Embedding::Dense(t) => Weight::Dense(t.clone()),
-                    Embedding::Blocks(q) => Weight::Blocks(q.clone()),
-                },
-                None,
-            )
+            Linear::new(embed_tokens.as_weight(), None)
         } else {
             linear("output", v, h, None)?
         };
