@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
+use candle_core::quantized::k_quants::{self, BlockQ6K, QK_K};
 use candle_core::quantized::{ggml_file, GgmlDType, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
@@ -83,6 +84,9 @@ impl std::fmt::Debug for BlockMatrix {
 /// f32 and runs the blocked GEMM ([`BlockMatrix::matmul`]).
 pub const GEMM_ROWS: usize = 32;
 
+/// Rows below which candle's Q4_K tiles compute every row alike ([`BlockMatrix::matmul_rows`]).
+const PACKED_ROWS: usize = 32;
+
 /// Weight rows widened at a time for the GEMM (at most 4 MB of f32 for rows of 1,024).
 const GEMM_TILE: usize = 1024;
 
@@ -138,14 +142,37 @@ impl BlockMatrix {
     /// `x Wᵀ` for `x` `(m, cols)` in f32 → `(m, rows)`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        let m = x.dim(0)?;
-        if let Kind::Packed(q) = &self.kind {
-            return Ok(x.apply_op1_no_bwd(q)?);
-        }
-        let (n, k) = (self.rows, self.cols);
-        if m >= GEMM_ROWS && matches!(self.kind, Kind::Q32(..) | Kind::Half(..)) {
+        if x.dim(0)? >= GEMM_ROWS && matches!(self.kind, Kind::Q32(..) | Kind::Half(..)) {
             return self.gemm(&x);
         }
+        self.matmul_rows(&x)
+    }
+
+    /// `x Wᵀ` with each row of the result computed as the row alone would be, bit for bit,
+    /// whatever the other rows (the engine's batch-invariant mode): fount's types never take
+    /// the widened GEMM, and the K types always go through the same kernel.
+    pub fn matmul_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let m = x.dim(0)?;
+        if let Kind::Packed(q) = &self.kind {
+            if self.dtype == GgmlDType::Q6K {
+                // candle runs one Q6_K row on the blocks as they are and several on its tiles,
+                // which round differently: every count takes the blocks as they are
+                return self.q6k_rows(q, &x);
+            }
+            // candle's Q4_K tiles give each row the same bits at any count below
+            // `PACKED_ROWS`; from there on, CPUs with AMX take another kernel
+            if m < PACKED_ROWS {
+                return Ok(x.apply_op1_no_bwd(q)?);
+            }
+            let mut parts = Vec::with_capacity(m.div_ceil(PACKED_ROWS - 1));
+            for start in (0..m).step_by(PACKED_ROWS - 1) {
+                let rows = (PACKED_ROWS - 1).min(m - start);
+                parts.push(x.narrow(0, start, rows)?.apply_op1_no_bwd(q)?);
+            }
+            return Ok(Tensor::cat(&parts, 0)?);
+        }
+        let (n, k) = (self.rows, self.cols);
         let mut out = vec![0f32; m * n];
         {
             let (storage, layout) = x.storage_and_layout();
@@ -161,6 +188,36 @@ impl BlockMatrix {
                 Kind::Packed(_) => {}
             }
         }
+        Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
+    }
+
+    /// [`BlockMatrix::matmul_rows`] for Q6_K: candle's product on the blocks as they lie in
+    /// its tensor (each output one dot product, whatever the number of rows).
+    fn q6k_rows(&self, q: &QTensor, x: &Tensor) -> Result<Tensor> {
+        let (m, n, k) = (x.dim(0)?, self.rows, self.cols);
+        let data = q.data()?;
+        let count = data.len() / std::mem::size_of::<BlockQ6K>();
+        if data.len() != count * std::mem::size_of::<BlockQ6K>()
+            || count != n * k / QK_K
+            || !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<BlockQ6K>())
+        {
+            return Err(Error::Batch(format!(
+                "{n}×{k} Q6_K blocks are not laid out as blocks"
+            )));
+        }
+        // SAFETY: `data` is `count` whole `BlockQ6K`s (a plain `repr(C)` struct of integers and
+        // an f16, valid for any bits), suitably aligned (both checked just above), and borrowed
+        // from `q` for the rest of this function.
+        #[allow(unsafe_code)]
+        let blocks: &[BlockQ6K] =
+            unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<BlockQ6K>(), count) };
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+            return Err(Error::Batch("block products take f32 CPU inputs".into()));
+        };
+        let start = layout.start_offset();
+        let mut out = vec![0f32; m * n];
+        k_quants::matmul((m, k, n), &v[start..start + m * k], blocks, &mut out)?;
         Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
     }
 
@@ -222,6 +279,54 @@ impl BlockMatrix {
                 }
                 _ => Err(Error::Batch("dequantised blocks are f32".into())),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+
+    /// A random `(n, k)` matrix quantised to `dtype`, as block bytes.
+    fn matrix(dtype: GgmlDType, n: usize, k: usize) -> BlockMatrix {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        BlockMatrix::from_bytes(dtype, Bytes::Owned(bytes), n, k).unwrap()
+    }
+
+    #[test]
+    fn every_row_of_a_product_is_the_row_alone() {
+        let (n, k) = (64, 512);
+        let x = Tensor::randn(0f32, 1.0, (40, k), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::F16,
+            GgmlDType::BF16,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let w = matrix(dtype, n, k);
+            let alone: Vec<Vec<f32>> = (0..40)
+                .map(|i| {
+                    let r = w.matmul_rows(&x.narrow(0, i, 1).unwrap()).unwrap();
+                    r.flatten_all().unwrap().to_vec1().unwrap()
+                })
+                .collect();
+            for rows in [2, 5, 16, 40] {
+                let y: Vec<Vec<f32>> = w
+                    .matmul_rows(&x.narrow(0, 0, rows).unwrap())
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                for (i, row) in y.iter().enumerate() {
+                    assert_eq!(row, &alone[i], "{dtype:?}: row {i} of {rows}");
+                }
+            }
         }
     }
 }

@@ -116,18 +116,13 @@ pub(crate) fn weight_linear(
 }
 
 /// `x Wᵀ` for a weight of ggml blocks ([`BlockMatrix::matmul`]). Batch-invariant passes take
-/// one row at a time, since the kernels for many rows round differently from the one-row
-/// kernel.
+/// the kernels that compute every row as the row alone ([`BlockMatrix::matmul_rows`]), which
+/// still read each weight block once for all the rows.
 fn block_linear(k: Kernels, x: &Tensor, q: &BlockMatrix) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let rows = x.dim(0)?;
-    let y = if k.invariant && rows > 1 {
-        let mut out = Vec::with_capacity(rows);
-        for i in 0..rows {
-            out.push(q.matmul(&x.narrow(0, i, 1)?)?);
-        }
-        Tensor::cat(&out, 0)?
+    let y = if k.invariant {
+        q.matmul_rows(&x)?
     } else {
         q.matmul(&x)?
     };

@@ -14,7 +14,10 @@ pub(crate) struct SmallMatmul;
 
 const CHUNK: usize = 64;
 
-/// From this many input rows on, groups of four input rows go on the outside of the loop
+/// Bytes of weight rows a task keeps in L2 while every group of input rows passes over them.
+const TILE_BYTES: usize = 128 << 10;
+
+/// From this many input rows on, groups of three input rows go on the outside of the loop
 /// ([`tiled_block`]): compute-bound shapes, where keeping the inputs in L1 pays; below it the
 /// weights stream from memory once, prefetched, two rows at a time.
 const TILE_ROWS: usize = 16;
@@ -67,10 +70,17 @@ impl CustomOp2 for SmallMatmul {
         let w = &w[ws..we];
         // Output features in parallel chunks; each chunk writes its columns for every row.
         let mut y_t = vec![0f32; out * rows]; // (out, rows), transposed at the end
-        y_t.par_chunks_mut(CHUNK * rows)
+                                              // with many rows, a chunk's weight rows are read once per group of three input rows:
+                                              // they must stay in L2
+        let chunk = if rows >= TILE_ROWS {
+            (TILE_BYTES / (4 * k.max(1))).clamp(4, CHUNK) & !3
+        } else {
+            CHUNK
+        };
+        y_t.par_chunks_mut(chunk * rows)
             .enumerate()
             .for_each(|(c, block)| {
-                let first = c * CHUNK;
+                let first = c * chunk;
                 let nw = block.len() / rows;
                 let avx512 = has_avx512();
                 if rows >= TILE_ROWS && avx512 {
@@ -200,36 +210,108 @@ fn has_avx512() -> bool {
 }
 
 /// `dst[j · rows + r] = dot(w_j, x_r)` for a chunk of weight rows `w` (`nw × k`) and every
-/// input row, with the AVX-512 2 × 4 tile: groups of four input rows on the outside, so each group
-/// stays in L1 while the chunk's weight rows (in L2 after the first group) stream past. Every
-/// output is accumulated exactly as `dot` accumulates it, so a row's result does not depend on
-/// how many rows there are or how they are tiled. Only called when AVX-512F is present.
+/// input row, with the AVX-512 4 × 3 tile: groups of three input rows on the outside, so each
+/// group stays in L1 while the chunk's weight rows (in L2 after the first group) stream past,
+/// four at a time. Every output is accumulated exactly as `dot` accumulates it, so a row's
+/// result does not depend on how many rows there are or how they are tiled. Only called when
+/// AVX-512F is present.
 fn tiled_block(w: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     let nw = w.len() / k;
     let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    let xrow = |r: usize| &x[r * k..(r + 1) * k];
     let mut r = 0;
     #[cfg(target_arch = "x86_64")]
-    while r + 4 <= rows {
-        let xs = four_rows(x, r, k);
+    while r + 3 <= rows {
+        let xs = [xrow(r), xrow(r + 1), xrow(r + 2)];
         let mut j = 0;
-        while j + 1 < nw {
+        while j + 4 <= nw {
             // SAFETY: callers check AVX-512F (`has_avx512`) before choosing this path.
             #[allow(unsafe_code)]
-            let [a, b] = unsafe { tile_2x4_avx512(wrow(j), wrow(j + 1), xs) };
-            dst[j * rows + r..j * rows + r + 4].copy_from_slice(&a);
-            dst[(j + 1) * rows + r..(j + 1) * rows + r + 4].copy_from_slice(&b);
-            j += 2;
+            let out =
+                unsafe { tile_4x3_avx512([wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], xs) };
+            for (i, o) in out.iter().enumerate() {
+                dst[(j + i) * rows + r..(j + i) * rows + r + 3].copy_from_slice(o);
+            }
+            j += 4;
         }
-        if j < nw {
-            dst[j * rows + r..j * rows + r + 4].copy_from_slice(&dot4(wrow(j), xs));
+        for j in j..nw {
+            for (i, xr) in xs.iter().enumerate() {
+                dst[j * rows + r + i] = dot(wrow(j), xr);
+            }
         }
-        r += 4;
+        r += 3;
     }
     for j in 0..nw {
         for rr in r..rows {
-            dst[j * rows + rr] = dot(wrow(j), &x[rr * k..(rr + 1) * k]);
+            dst[j * rows + rr] = dot(wrow(j), xrow(rr));
         }
     }
+}
+
+/// The 4 × 3 tile: 24 accumulator registers, each pair `(w, x)` accumulated in the 32 lanes and
+/// chunk order of [`dot_portable`], then reduced the same way, so the results are bit-identical.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn tile_4x3_avx512(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 3]; 4] {
+    use std::arch::x86_64::{
+        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    const LANES: usize = 32;
+    let k = w[0].len();
+    assert!(
+        w.iter().all(|r| r.len() == k) && x.iter().all(|r| r.len() == k),
+        "tile operands differ in length"
+    );
+    let full = k / LANES * LANES;
+    let z = _mm512_setzero_ps();
+    let mut acc: [[[__m512; 2]; 3]; 4] = [[[z; 2]; 3]; 4];
+    let mut at = 0;
+    while at < full {
+        // SAFETY: `at + 32 <= full <= k`, the length of every operand (asserted above).
+        #[allow(unsafe_code)]
+        let xv: [[__m512; 2]; 3] = unsafe {
+            [0, 1, 2].map(|r| {
+                [
+                    _mm512_loadu_ps(x[r].as_ptr().add(at)),
+                    _mm512_loadu_ps(x[r].as_ptr().add(at + 16)),
+                ]
+            })
+        };
+        for (i, wr) in w.iter().enumerate() {
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            let (u0, u1) = unsafe {
+                (
+                    _mm512_loadu_ps(wr.as_ptr().add(at)),
+                    _mm512_loadu_ps(wr.as_ptr().add(at + 16)),
+                )
+            };
+            for r in 0..3 {
+                acc[i][r][0] = _mm512_fmadd_ps(u0, xv[r][0], acc[i][r][0]);
+                acc[i][r][1] = _mm512_fmadd_ps(u1, xv[r][1], acc[i][r][1]);
+            }
+        }
+        at += LANES;
+    }
+    let mut out = [[0f32; 3]; 4];
+    for i in 0..4 {
+        for r in 0..3 {
+            let mut lanes = [0f32; LANES];
+            // SAFETY: `lanes` holds 32 floats, two stores of 16.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][r][0]);
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[i][r][1]);
+            }
+            let tail: f32 = w[i][full..]
+                .iter()
+                .zip(&x[r][full..])
+                .map(|(p, q)| p * q)
+                .sum();
+            out[i][r] = lanes.iter().sum::<f32>() + tail;
+        }
+    }
+    out
 }
 
 /// `d0[r] = dot(w0, x_r)` and `d1[r] = dot(w1, x_r)` for every row, two weight rows and four
@@ -432,10 +514,11 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_the_other_rows() {
         let dev = Device::Cpu;
-        // 100 = three chunks of 32 and a tail of 4; 11 rows take the two-weight-row path, 21 the
-        // tiled one (five groups of four and one row left over); 70 weight rows = a chunk of 64
-        // and one of 6
-        for rows in [11, 21] {
+        // 100 = three chunks of 32 and a tail of 4; 11 rows take the two-weight-row path, 21
+        // and 23 the tiled one (groups of three input rows by four weight rows, with none or
+        // two input rows left over); 70 weight rows = a chunk of 64 and one of 6 (a group of
+        // four and two left over)
+        for rows in [11, 21, 23] {
             let x = Tensor::randn(0f32, 1.0, (rows, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
             let w = Tensor::randn(0f32, 1.0, (70, 100), &dev).unwrap_or_else(|e| panic!("{e}"));
             let all = x

@@ -245,6 +245,54 @@ mod x86 {
         }};
     }
 
+    /// Two weight rows against four activation rows: each weight block is widened once for
+    /// the four, and every one of the eight sums is that of the one-row loop.
+    macro_rules! tile_body {
+        ($t:ident, $w0:ident, $w1:ident, $a:ident, $pairs:expr) => {{
+            let bb = $t.block_bytes();
+            let z = _mm256_setzero_ps();
+            let (mut acc0, mut acc1) = ([z; 4], [z; 4]);
+            let blocks = $a[0].d.len();
+            for b in 0..blocks {
+                let (k0, k1) = (&$w0[b * bb..(b + 1) * bb], &$w1[b * bb..(b + 1) * bb]);
+                let (w0, w1) = (load_values($t, k0), load_values($t, k1));
+                let (s0, s1) = (scale(k0), scale(k1));
+                let (m0, m1) = (_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(w1, w1));
+                for r in 0..4 {
+                    let av = _mm256_loadu_si256($a[r].q.as_ptr().add(b * QK).cast());
+                    let da = $a[r].d[b];
+                    let d0 = $pairs(m0, _mm256_sign_epi8(av, w0));
+                    let d1 = $pairs(m1, _mm256_sign_epi8(av, w1));
+                    acc0[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(s0 * da), _mm256_cvtepi32_ps(d0), acc0[r]);
+                    acc1[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(s1 * da), _mm256_cvtepi32_ps(d1), acc1[r]);
+                }
+            }
+            let mut out = [[0f32; 4]; 2];
+            let mut l = [0f32; 8];
+            for r in 0..4 {
+                _mm256_storeu_ps(l.as_mut_ptr(), acc0[r]);
+                out[0][r] = hsum8(l);
+                _mm256_storeu_ps(l.as_mut_ptr(), acc1[r]);
+                out[1][r] = hsum8(l);
+            }
+            out
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn tile_vnni(t: Q32, w0: &[u8], w1: &[u8], a: [&ActRow; 4]) -> [[f32; 4]; 2] {
+        tile_body!(t, w0, w1, a, pairs_vnni)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn tile_avx2(t: Q32, w0: &[u8], w1: &[u8], a: [&ActRow; 4]) -> [[f32; 4]; 2] {
+        tile_body!(t, w0, w1, a, pairs_avx2)
+    }
+
     #[inline(always)]
     #[allow(unsafe_code)]
     unsafe fn pairs_vnni(aw: __m256i, sa: __m256i) -> __m256i {
@@ -325,6 +373,28 @@ pub fn dot2(t: Q32, w0: &[u8], w1: &[u8], a: &ActRow) -> [f32; 2] {
     }
 }
 
+/// The dot products of two weight rows with four quantised activation rows, `[w][a]`; each
+/// equals what the pair gives alone.
+#[inline]
+pub fn tile(t: Q32, w0: &[u8], w1: &[u8], a: [&ActRow; 4]) -> [[f32; 4]; 2] {
+    debug_assert!(a.iter().all(|r| w0.len() / t.block_bytes() == r.d.len()));
+    debug_assert_eq!(w1.len(), w0.len());
+    match path() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 VNNI/VL, AVX2, FMA and F16C (checked by `path`).
+        #[allow(unsafe_code)]
+        Path::Vnni => unsafe { x86::tile_vnni(t, w0, w1, a) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked by `path`).
+        #[allow(unsafe_code)]
+        Path::Avx2 => unsafe { x86::tile_avx2(t, w0, w1, a) },
+        _ => [
+            a.map(|r| dot_portable(t, w0, r)),
+            a.map(|r| dot_portable(t, w1, r)),
+        ],
+    }
+}
+
 /// The dot product of one weight row with a quantised activation row.
 #[inline]
 pub fn dot(t: Q32, w: &[u8], a: &ActRow) -> f32 {
@@ -355,6 +425,42 @@ fn dots(t: Q32, w: &[u8], row_bytes: usize, a: &ActRow, out: &mut [f32]) {
     }
     if let ([o], Some(w0)) = (pairs.into_remainder(), rows.next()) {
         *o = dot2(t, w0, w0, a)[0];
+    }
+}
+
+/// `out[r · width + i] = dot(row i of w, acts[r])` for the `width` rows of `w`: groups of four
+/// activation rows against pairs of weight rows ([`tile`]), the rest row by row.
+fn tile_dots(t: Q32, w: &[u8], row_bytes: usize, acts: &[ActRow], out: &mut [f32]) {
+    let width = w.len() / row_bytes;
+    let groups = acts.len() / 4;
+    for g in 0..groups {
+        let a = [
+            &acts[4 * g],
+            &acts[4 * g + 1],
+            &acts[4 * g + 2],
+            &acts[4 * g + 3],
+        ];
+        let mut i = 0;
+        while i + 1 < width {
+            let w0 = &w[i * row_bytes..(i + 1) * row_bytes];
+            let w1 = &w[(i + 1) * row_bytes..(i + 2) * row_bytes];
+            let d = tile(t, w0, w1, a);
+            for r in 0..4 {
+                out[(4 * g + r) * width + i] = d[0][r];
+                out[(4 * g + r) * width + i + 1] = d[1][r];
+            }
+            i += 2;
+        }
+        if i < width {
+            let w0 = &w[i * row_bytes..(i + 1) * row_bytes];
+            let d = tile(t, w0, w0, a);
+            for r in 0..4 {
+                out[(4 * g + r) * width + i] = d[0][r];
+            }
+        }
+    }
+    for (r, a) in acts.iter().enumerate().skip(4 * groups) {
+        dots(t, w, row_bytes, a, &mut out[r * width..(r + 1) * width]);
     }
 }
 
@@ -396,9 +502,7 @@ pub fn matmul(t: Q32, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32]) 
                 let width = rows.len();
                 let tile_w = &w[rows.start * row_bytes..rows.end * row_bytes];
                 let mut out = vec![0f32; m * width];
-                for (a, o) in acts.iter().zip(out.chunks_exact_mut(width)) {
-                    dots(t, tile_w, row_bytes, a, o);
-                }
+                tile_dots(t, tile_w, row_bytes, acts, &mut out);
                 out
             })
             .collect();
@@ -459,7 +563,7 @@ mod tests {
     #[test]
     fn every_path_gives_the_same_bits_and_dequantising_matches_candle() {
         let (n, k) = (37, 256);
-        let x: Vec<f32> = (0..3 * k)
+        let x: Vec<f32> = (0..7 * k)
             .map(|i| ((i * 31 % 97) as f32 - 48.0) / 17.0)
             .collect();
         for t in [Q32::Q8_0, Q32::Q4_0, Q32::Q5_0] {
@@ -493,10 +597,42 @@ mod tests {
                     "{t:?}"
                 );
             }
-            // many activation rows equal one at a time
-            let mut many = vec![0f32; 3 * n];
+            // the tile of two weight rows by four activation rows, on every path
+            let acts: Vec<ActRow> = x
+                .chunks_exact(k)
+                .take(4)
+                .map(|xr| {
+                    let mut a = ActRow::default();
+                    quantize_row(xr, &mut a);
+                    a
+                })
+                .collect();
+            let four = [&acts[0], &acts[1], &acts[2], &acts[3]];
+            let rb = k / QK * t.block_bytes();
+            for row in 0..n - 1 {
+                let (w0, w1) = (
+                    &w[row * rb..(row + 1) * rb],
+                    &w[(row + 1) * rb..(row + 2) * rb],
+                );
+                let want = [
+                    four.map(|a| dot_portable(t, w0, a).to_bits()),
+                    four.map(|a| dot_portable(t, w1, a).to_bits()),
+                ];
+                let got = tile(t, w0, w1, four).map(|r| r.map(f32::to_bits));
+                assert_eq!(got, want, "{t:?} rows {row}, {}", row + 1);
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above
+                    #[allow(unsafe_code)]
+                    let got =
+                        unsafe { x86::tile_avx2(t, w0, w1, four) }.map(|r| r.map(f32::to_bits));
+                    assert_eq!(got, want, "{t:?} rows {row}, {}: AVX2", row + 1);
+                }
+            }
+            // many activation rows (groups of four and the rest) equal one at a time
+            let mut many = vec![0f32; 7 * n];
             matmul(t, &w, n, k, &x, &mut many);
-            for r in 0..3 {
+            for r in 0..7 {
                 let mut one = vec![0f32; n];
                 matmul(t, &w, n, k, &x[r * k..(r + 1) * k], &mut one);
                 assert_eq!(one, many[r * n..(r + 1) * n], "{t:?}: row {r}");

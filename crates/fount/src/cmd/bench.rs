@@ -124,36 +124,36 @@ pub fn resident_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The bench model `dir` written as a GGUF file of type `t` beside it (once, by `fount quantize`
+/// in a child process, so the measuring process's resident memory is the model's alone).
+pub(crate) fn quantised(dir: &Path, t: &str) -> Result<PathBuf> {
+    // checked here, before a child process is started for it
+    fount_model::quantize::QuantType::parse(t).with_context(|| {
+        format!(
+            "unknown --quant {t:?} ({})",
+            fount_model::quantize::QuantType::NAMES
+        )
+    })?;
+    let file = PathBuf::from(format!("{}.{t}.gguf", dir.display()));
+    if !file.exists() {
+        eprintln!("writing {} …", file.display());
+        let status = Command::new(std::env::current_exe()?)
+            .args(["quantize", "--model", &dir.display().to_string()])
+            .args(["--out", &file.display().to_string(), "--type", t])
+            .status()?;
+        if !status.success() {
+            bail!("fount quantize failed for {}", file.display());
+        }
+    }
+    Ok(file)
+}
+
 fn bench_generate(a: GenerateBench, threads: Option<usize>) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let dir = bench_model(a.model.as_deref(), &a.arch, &a.preset)?;
     let dtype = super::parse_dtype(&a.dtype)?;
-    let gguf = match &a.quant {
-        None => None,
-        Some(t) => {
-            // checked here, before a child process is started for it
-            fount_model::quantize::QuantType::parse(t).with_context(|| {
-                format!(
-                    "unknown --quant {t:?} ({})",
-                    fount_model::quantize::QuantType::NAMES
-                )
-            })?;
-            let file = PathBuf::from(format!("{}.{t}.gguf", dir.display()));
-            if !file.exists() {
-                // in a process of its own, so this one's resident memory is the model's
-                eprintln!("writing {} …", file.display());
-                let status = Command::new(std::env::current_exe()?)
-                    .args(["quantize", "--model", &dir.display().to_string()])
-                    .args(["--out", &file.display().to_string(), "--type", t])
-                    .status()?;
-                if !status.success() {
-                    bail!("fount quantize failed for {}", file.display());
-                }
-            }
-            Some(file)
-        }
-    };
+    let gguf = a.quant.as_deref().map(|t| quantised(&dir, t)).transpose()?;
     let model = match &gguf {
         Some(f) => Model::load_gguf(f),
         None => Model::load(&dir, dtype, &Device::Cpu),

@@ -31,6 +31,14 @@ pub struct EngineBench {
     /// Rank of the adapters (on all attention and MLP projections).
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
+    /// Serve the model as a GGUF file of this type (f16, bf16, q8_0, q4_k_m, …), written once
+    /// beside it by `fount quantize`.
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// Run without batch-invariant kernels (candle's blocked GEMM for many rows), to measure
+    /// what invariance costs.
+    #[arg(long)]
+    pub no_batch_invariant: bool,
     /// Skip the adapter measurements.
     #[arg(long)]
     pub no_adapters: bool,
@@ -139,17 +147,22 @@ fn write_adapter(dir: &Path, cfg: &Config, r: usize, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn start(dir: &Path) -> Result<Engine> {
-    let model = Model::load(dir, DType::F32, &Device::Cpu)
-        .with_context(|| format!("loading {}", dir.display()))?;
+fn start(dir: &Path, gguf: Option<&Path>, invariant: bool) -> Result<(Engine, Config)> {
+    let model = match gguf {
+        Some(f) => Model::load_gguf(f),
+        None => Model::load(dir, DType::F32, &Device::Cpu),
+    }
+    .with_context(|| format!("loading {}", gguf.unwrap_or(dir).display()))?;
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let cfg = EngineConfig {
         kv_bytes: 1 << 30,
         max_step_tokens: 512,
         adapter_cache_bytes: 4 << 30,
+        batch_invariant: invariant,
         ..Default::default()
     };
-    Ok(Engine::start(model, tok, Vec::new(), cfg)?)
+    let config = model.config().clone();
+    Ok((Engine::start(model, tok, Vec::new(), cfg)?, config))
 }
 
 /// The model to measure: `model`, or a random Qwen2.5-0.5B-shaped one written once to
@@ -179,16 +192,20 @@ pub fn bench_engine(a: EngineBench, threads: Option<usize>) -> Result<()> {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let dir = bench_model(a.model.as_deref())?;
-    let engine = start(&dir)?;
-    let cfg = Model::load(&dir, DType::F32, &Device::Cpu)?
-        .config()
-        .clone();
+    let gguf = a
+        .quant
+        .as_deref()
+        .map(|t| super::bench::quantised(&dir, t))
+        .transpose()?;
+    let (engine, cfg) = start(&dir, gguf.as_deref(), !a.no_batch_invariant)?;
     let vocab = cfg.vocab_size.min(30_000);
     println!(
-        "model {} ({} layers, hidden {}), f32, {threads} threads; {} prompt + {} generated tokens per stream",
-        dir.display(),
+        "model {} ({} layers, hidden {}), {}, {threads} threads, batch-invariant {}; {} prompt + {} generated tokens per stream",
+        gguf.as_deref().unwrap_or(&dir).display(),
         cfg.num_hidden_layers,
         cfg.hidden_size,
+        a.quant.as_deref().map_or("f32".into(), |t| format!("GGUF {t}")),
+        if a.no_batch_invariant { "off" } else { "on" },
         a.prompt_tokens,
         a.decode_tokens
     );
