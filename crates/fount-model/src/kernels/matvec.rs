@@ -14,6 +14,12 @@ pub(crate) struct SmallMatmul;
 
 const CHUNK: usize = 64;
 
+/// The tile of [`tiled_block`]: weight rows by input rows, two accumulator registers each (24
+/// of AVX-512's 32; the six input registers take the rest, so no wider tile fits).
+const TW: usize = 4;
+/// Input rows of the tile.
+const TX: usize = 3;
+
 /// Bytes of weight rows a task keeps in L2 while every group of input rows passes over them.
 const TILE_BYTES: usize = 128 << 10;
 
@@ -221,25 +227,25 @@ fn tiled_block(w: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     let xrow = |r: usize| &x[r * k..(r + 1) * k];
     let mut r = 0;
     #[cfg(target_arch = "x86_64")]
-    while r + 3 <= rows {
-        let xs = [xrow(r), xrow(r + 1), xrow(r + 2)];
+    while r + TX <= rows {
+        let xs: [&[f32]; TX] = std::array::from_fn(|i| xrow(r + i));
         let mut j = 0;
-        while j + 4 <= nw {
+        while j + TW <= nw {
+            let ws: [&[f32]; TW] = std::array::from_fn(|i| wrow(j + i));
             // SAFETY: callers check AVX-512F (`has_avx512`) before choosing this path.
             #[allow(unsafe_code)]
-            let out =
-                unsafe { tile_4x3_avx512([wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], xs) };
+            let out = unsafe { tile_avx512(ws, xs) };
             for (i, o) in out.iter().enumerate() {
-                dst[(j + i) * rows + r..(j + i) * rows + r + 3].copy_from_slice(o);
+                dst[(j + i) * rows + r..(j + i) * rows + r + TX].copy_from_slice(o);
             }
-            j += 4;
+            j += TW;
         }
         for j in j..nw {
             for (i, xr) in xs.iter().enumerate() {
                 dst[j * rows + r + i] = dot(wrow(j), xr);
             }
         }
-        r += 3;
+        r += TX;
     }
     for j in 0..nw {
         for rr in r..rows {
@@ -248,14 +254,12 @@ fn tiled_block(w: &[f32], x: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     }
 }
 
-/// The 4 × 3 tile: 24 accumulator registers, each pair `(w, x)` accumulated in the 32 lanes and
+/// The `W × X` tile: `2 · W · X` accumulator registers, each pair `(w, x)` accumulated in the 32 lanes and
 /// chunk order of [`dot_portable`], then reduced the same way, so the results are bit-identical.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn tile_4x3_avx512(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 3]; 4] {
-    use std::arch::x86_64::{
-        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
-    };
+fn tile_avx512<const W: usize, const X: usize>(w: [&[f32]; W], x: [&[f32]; X]) -> [[f32; X]; W] {
+    use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps};
     const LANES: usize = 32;
     let k = w[0].len();
     assert!(
@@ -264,16 +268,16 @@ fn tile_4x3_avx512(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 3]; 4] {
     );
     let full = k / LANES * LANES;
     let z = _mm512_setzero_ps();
-    let mut acc: [[[__m512; 2]; 3]; 4] = [[[z; 2]; 3]; 4];
+    let mut acc: [[[__m512; 2]; X]; W] = [[[z; 2]; X]; W];
     let mut at = 0;
     while at < full {
         // SAFETY: `at + 32 <= full <= k`, the length of every operand (asserted above).
         #[allow(unsafe_code)]
-        let xv: [[__m512; 2]; 3] = unsafe {
-            [0, 1, 2].map(|r| {
+        let xv: [[__m512; 2]; X] = unsafe {
+            x.map(|xr| {
                 [
-                    _mm512_loadu_ps(x[r].as_ptr().add(at)),
-                    _mm512_loadu_ps(x[r].as_ptr().add(at + 16)),
+                    _mm512_loadu_ps(xr.as_ptr().add(at)),
+                    _mm512_loadu_ps(xr.as_ptr().add(at + 16)),
                 ]
             })
         };
@@ -286,29 +290,22 @@ fn tile_4x3_avx512(w: [&[f32]; 4], x: [&[f32]; 3]) -> [[f32; 3]; 4] {
                     _mm512_loadu_ps(wr.as_ptr().add(at + 16)),
                 )
             };
-            for r in 0..3 {
+            for r in 0..X {
                 acc[i][r][0] = _mm512_fmadd_ps(u0, xv[r][0], acc[i][r][0]);
                 acc[i][r][1] = _mm512_fmadd_ps(u1, xv[r][1], acc[i][r][1]);
             }
         }
         at += LANES;
     }
-    let mut out = [[0f32; 3]; 4];
-    for i in 0..4 {
-        for r in 0..3 {
-            let mut lanes = [0f32; LANES];
-            // SAFETY: `lanes` holds 32 floats, two stores of 16.
-            #[allow(unsafe_code)]
-            unsafe {
-                _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][r][0]);
-                _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[i][r][1]);
-            }
+    let mut out = [[0f32; X]; W];
+    for i in 0..W {
+        for r in 0..X {
             let tail: f32 = w[i][full..]
                 .iter()
                 .zip(&x[r][full..])
                 .map(|(p, q)| p * q)
                 .sum();
-            out[i][r] = lanes.iter().sum::<f32>() + tail;
+            out[i][r] = reduce_avx512(acc[i][r]) + tail;
         }
     }
     out
@@ -349,9 +346,7 @@ fn pair_dots(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn tile_2x4_avx512(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
-    use std::arch::x86_64::{
-        __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps,
-    };
+    use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps};
     const LANES: usize = 32;
     let k = w0.len();
     assert!(
@@ -391,15 +386,8 @@ fn tile_2x4_avx512(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
         at += LANES;
     }
     let reduce = |acc: [__m512; 2], w: &[f32], xr: &[f32]| -> f32 {
-        let mut lanes = [0f32; LANES];
-        // SAFETY: `lanes` holds 32 floats, two stores of 16.
-        #[allow(unsafe_code)]
-        unsafe {
-            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0]);
-            _mm512_storeu_ps(lanes.as_mut_ptr().add(16), acc[1]);
-        }
         let tail: f32 = w[full..].iter().zip(&xr[full..]).map(|(p, q)| p * q).sum();
-        lanes.iter().sum::<f32>() + tail
+        reduce_avx512(acc) + tail
     };
     let mut out = [[0f32; 4]; 2];
     for r in 0..4 {
@@ -407,6 +395,36 @@ fn tile_2x4_avx512(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
         out[1][r] = reduce(b[r], w1, x[r]);
     }
     out
+}
+
+/// The sum of a dot product's 32 lanes, halving the lanes in a tree (`a[i] + a[i + 16]`, then
+/// `+ [i + 8]`, …), the order [`reduce_avx512`] adds them in with vector instructions.
+#[inline(always)]
+fn reduce32(a: &[f32; 32]) -> f32 {
+    let mut s = [0f32; 16];
+    for i in 0..16 {
+        s[i] = a[i] + a[i + 16];
+    }
+    let mut t = [0f32; 8];
+    for i in 0..8 {
+        t[i] = s[i] + s[i + 8];
+    }
+    let u = [t[0] + t[4], t[1] + t[5], t[2] + t[6], t[3] + t[7]];
+    let v = [u[0] + u[2], u[1] + u[3]];
+    v[0] + v[1]
+}
+
+/// [`reduce32`] of the lanes `acc[0]` (0–15) and `acc[1]` (16–31).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn reduce_avx512(acc: [std::arch::x86_64::__m512; 2]) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm512_add_ps(acc[0], acc[1]);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+    let t = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+    let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+    let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
+    _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps::<1>(v, v)))
 }
 
 #[inline(always)]
@@ -438,10 +456,10 @@ fn dot4_portable(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     }
     let tail = |xr: &[f32]| -> f32 { w[full..].iter().zip(&xr[full..]).map(|(a, b)| a * b).sum() };
     [
-        a0.iter().sum::<f32>() + tail(x[0]),
-        a1.iter().sum::<f32>() + tail(x[1]),
-        a2.iter().sum::<f32>() + tail(x[2]),
-        a3.iter().sum::<f32>() + tail(x[3]),
+        reduce32(&a0) + tail(x[0]),
+        reduce32(&a1) + tail(x[1]),
+        reduce32(&a2) + tail(x[2]),
+        reduce32(&a3) + tail(x[3]),
     ]
 }
 
@@ -462,7 +480,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
             acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    reduce32(&acc) + tail
 }
 
 /// `x Wᵀ` for a trainable input and a frozen weight (LoRA training): the backward pass computes
