@@ -166,9 +166,22 @@ macro_rules! simd_dispatch {
 }
 
 simd_dispatch! {
-    /// Dot product with independent accumulators, so the compiler keeps several vector FMAs in
-    /// flight.
-    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 => dot_portable
+    /// [`dot`] without AVX-512.
+    fn dot_any(a: &[f32], b: &[f32]) -> f32 => dot_portable
+}
+
+/// Dot product in 32 lanes with independent accumulators ([`dot_portable`]'s sums), on the
+/// AVX-512 tile where the CPU has it (the compiler does not keep the portable loop's lanes in
+/// vector registers once they are summed as a tree).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if a.len() == b.len() && has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        #[allow(unsafe_code)]
+        return unsafe { tile_avx512([a], [b]) }[0][0];
+    }
+    dot_any(a, b)
 }
 
 simd_dispatch! {
@@ -177,8 +190,20 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// `[dot(w, x[0]), …, dot(w, x[3])]`, bit for bit, loading each chunk of `w` once.
-    fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] => dot4_portable
+    /// [`dot4`] without AVX-512.
+    fn dot4_any(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] => dot4_portable
+}
+
+/// `[dot(w, x[0]), …, dot(w, x[3])]`, bit for bit, loading each chunk of `w` once.
+#[inline]
+fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if x.iter().all(|r| r.len() == w.len()) && has_avx512() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        #[allow(unsafe_code)]
+        return unsafe { tile_avx512([w], x) }[0];
+    }
+    dot4_any(w, x)
 }
 
 /// Rows `r..r + 4` of `x` (`rows × k`).
@@ -555,6 +580,31 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "row {r} of {rows} differs when computed alone");
             }
+        }
+    }
+
+    #[test]
+    fn the_vector_paths_sum_as_the_portable_code() {
+        let dev = Device::Cpu;
+        for k in [1, 31, 32, 100, 896] {
+            let t = Tensor::randn(0f32, 1.0, (5, k), &dev).unwrap_or_else(|e| panic!("{e}"));
+            let v = t.to_vec2::<f32>().unwrap_or_else(|e| panic!("{e}"));
+            let x = [&v[1][..], &v[2][..], &v[3][..], &v[4][..]];
+            assert_eq!(
+                dot(&v[0], &v[1]).to_bits(),
+                dot_portable(&v[0], &v[1]).to_bits(),
+                "k = {k}"
+            );
+            assert_eq!(
+                dot4(&v[0], x).map(f32::to_bits),
+                dot4_portable(&v[0], x).map(f32::to_bits),
+                "k = {k}"
+            );
+            assert_eq!(
+                dot_any(&v[0], &v[1]).to_bits(),
+                dot_portable(&v[0], &v[1]).to_bits(),
+                "k = {k}: AVX2"
+            );
         }
     }
 
