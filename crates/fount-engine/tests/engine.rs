@@ -522,3 +522,56 @@ fn the_meter_counts_what_the_streams_report_once_the_engine_lets_go() {
         "each callback ran exactly once"
     );
 }
+
+#[test]
+fn quantised_weights_give_every_request_its_solo_tokens_in_a_batch() {
+    use candle_core::DType;
+    use fount_model::init::{init_model, preset, InitOptions};
+    use fount_model::quantize::{quantize, QuantType};
+    use fount_model::{Arch, Model, Tokenizer};
+    // rows of 256 values: the K types run on whole super-blocks (Q4_K, and Q6_K for the tied
+    // embedding and some attn_v/ffn_down), Q8_0 and F16 on fount's own kernels
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("small");
+    let opts = InitOptions {
+        std: 0.2,
+        ..Default::default()
+    };
+    init_model(
+        Arch::Qwen2,
+        &preset(Arch::Qwen2, "small").unwrap(),
+        &opts,
+        &dir,
+    )
+    .unwrap();
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    // prompts long enough that prefill chunks pass 32 rows (the GEMM and AMX thresholds)
+    let reqs: Vec<Request> = (0..12)
+        .map(|i| Request::greedy(prompt(3 + (i * 11) % 60, 50 + i as u64), 5 + i % 4))
+        .collect();
+    for t in ["q4_k_m", "q8_0", "f16"] {
+        let file = tmp.path().join(format!("small.{t}.gguf"));
+        quantize(&dir, &file, QuantType::parse(t).unwrap()).unwrap();
+        let start = || {
+            let model = Model::load_gguf(&file).unwrap();
+            assert_eq!(model.dtype(), DType::F32);
+            assert!(model.device().is_cpu());
+            fount_engine::Engine::start(model, tok.clone(), Vec::new(), small_config()).unwrap()
+        };
+        let solo_engine = start();
+        let solo: Vec<Choice> = reqs
+            .iter()
+            .map(|r| collect(&mut solo_engine.submit(r.clone()).unwrap(), 1).remove(0))
+            .collect();
+        let e = start();
+        let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        let together: Vec<Choice> = streams
+            .iter_mut()
+            .map(|s| collect(s, 1).remove(0))
+            .collect();
+        for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+            assert!(!a.tokens.is_empty());
+            assert_eq!(a.tokens, b.tokens, "{t}: request {i} differs in a batch");
+        }
+    }
+}
