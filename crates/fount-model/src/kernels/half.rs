@@ -71,6 +71,9 @@ mod x86 {
     use super::{reduce, Half, LANES};
     use std::arch::x86_64::*;
 
+    /// How far ahead of the values in use the weights are prefetched, in bytes.
+    const PREFETCH: usize = 2048;
+
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(unsafe_code)]
     pub(super) unsafe fn dot(t: Half, w: &[u8], x: &[f32]) -> f32 {
@@ -78,7 +81,7 @@ mod x86 {
         let steps = x.len() / LANES;
         for s in 0..steps {
             let raw = _mm256_loadu_si256(w.as_ptr().add(s * 2 * LANES).cast());
-            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(s * 2 * LANES + 512).cast());
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(s * 2 * LANES + PREFETCH).cast());
             let wv = match t {
                 Half::F16 => _mm512_cvtph_ps(raw),
                 Half::Bf16 => {
