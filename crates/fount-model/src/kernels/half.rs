@@ -100,6 +100,49 @@ mod x86 {
         }
         total
     }
+
+    /// `[dot(w[i], x[r])]` for `W` weight rows and `X` activation rows: each weight vector is
+    /// converted once for the `X` rows, and every output is summed as [`dot`] sums it.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn tile<const BF16: bool, const W: usize, const X: usize>(
+        w: [&[u8]; W],
+        x: [&[f32]; X],
+    ) -> [[f32; X]; W] {
+        let z = _mm512_setzero_ps();
+        let mut acc = [[z; X]; W];
+        let k = x[0].len();
+        let steps = k / LANES;
+        for s in 0..steps {
+            let xv = x.map(|xr| _mm512_loadu_ps(xr.as_ptr().add(s * LANES)));
+            for (i, wr) in w.iter().enumerate() {
+                let raw = _mm256_loadu_si256(wr.as_ptr().add(s * 2 * LANES).cast());
+                let wv = if BF16 {
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
+                } else {
+                    _mm512_cvtph_ps(raw)
+                };
+                for r in 0..X {
+                    acc[i][r] = _mm512_fmadd_ps(wv, xv[r], acc[i][r]);
+                }
+            }
+        }
+        let t = if BF16 { Half::Bf16 } else { Half::F16 };
+        let mut out = [[0f32; X]; W];
+        let mut lanes = [0f32; LANES];
+        for i in 0..W {
+            for r in 0..X {
+                _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i][r]);
+                let mut total = reduce(lanes);
+                for j in steps * LANES..k {
+                    let wv = t.to_f32(u16::from_le_bytes([w[i][2 * j], w[i][2 * j + 1]]));
+                    total = wv.mul_add(x[r][j], total);
+                }
+                out[i][r] = total;
+            }
+        }
+        out
+    }
 }
 
 fn has_avx512() -> bool {
@@ -128,6 +171,51 @@ pub fn dot(t: Half, w: &[u8], x: &[f32]) -> f32 {
     dot_portable(t, w, x)
 }
 
+/// `out[r · width + i] = dot(row i of w, row r of xs)` for the `width` rows of `w`: tiles of
+/// four weight rows by four activation rows on AVX-512, the rest one product at a time.
+fn tile_dots(t: Half, w: &[u8], row_bytes: usize, xs: &[f32], k: usize, out: &mut [f32]) {
+    let width = w.len() / row_bytes;
+    let m = xs.len() / k.max(1);
+    let wrow = |i: usize| &w[i * row_bytes..(i + 1) * row_bytes];
+    let xrow = |r: usize| &xs[r * k..(r + 1) * k];
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        while r + 4 <= m {
+            let x: [&[f32]; 4] = std::array::from_fn(|j| xrow(r + j));
+            let mut i = 0;
+            while i + 4 <= width {
+                let ws: [&[u8]; 4] = std::array::from_fn(|j| wrow(i + j));
+                // SAFETY: the CPU has AVX-512F, F16C and FMA (checked by `has_avx512`).
+                #[allow(unsafe_code)]
+                let d = unsafe {
+                    match t {
+                        Half::F16 => x86::tile::<false, 4, 4>(ws, x),
+                        Half::Bf16 => x86::tile::<true, 4, 4>(ws, x),
+                    }
+                };
+                for (j, dj) in d.iter().enumerate() {
+                    for (q, v) in dj.iter().enumerate() {
+                        out[(r + q) * width + i + j] = *v;
+                    }
+                }
+                i += 4;
+            }
+            for i in i..width {
+                for (q, xr) in x.iter().enumerate() {
+                    out[(r + q) * width + i] = dot(t, wrow(i), xr);
+                }
+            }
+            r += 4;
+        }
+    }
+    for r in r..m {
+        for i in 0..width {
+            out[r * width + i] = dot(t, wrow(i), xrow(r));
+        }
+    }
+}
+
 /// `dst (m × n) = x (m × k) · Wᵀ` for `W` `n` rows of `k` values of `t` in `w`.
 pub fn matmul(t: Half, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32]) {
     let m = x.len() / k.max(1);
@@ -147,13 +235,10 @@ pub fn matmul(t: Half, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32])
         .into_par_iter()
         .map(|c| {
             let rows = c * CHUNK..n.min((c + 1) * CHUNK);
-            let mut out = vec![0f32; m * rows.len()];
-            for (r, xr) in xs.chunks_exact(k).enumerate() {
-                for (i, row) in rows.clone().enumerate() {
-                    out[r * rows.len() + i] =
-                        dot(t, &w[row * row_bytes..(row + 1) * row_bytes], xr);
-                }
-            }
+            let width = rows.len();
+            let mut out = vec![0f32; m * width];
+            let tile_w = &w[rows.start * row_bytes..rows.end * row_bytes];
+            tile_dots(t, tile_w, row_bytes, &xs, k, &mut out);
             out
         })
         .collect();
@@ -213,6 +298,30 @@ mod tests {
             let mut many = vec![0f32; 3];
             matmul(t, &w, 3, k, &x, &mut many);
             assert_eq!(many[1].to_bits(), dot(t, &w[2 * k..4 * k], &x).to_bits());
+            // six activation rows (a tile of four and two more) against nine weight rows (two
+            // tiles of four and one more): every output is the one-pair product
+            let w9: Vec<u8> = (0..9 * k)
+                .flat_map(|i| {
+                    let v = ((i * 29 % 89) as f32 - 44.0) / 21.0;
+                    match t {
+                        Half::F16 => half::f16::from_f32(v).to_bits(),
+                        Half::Bf16 => half::bf16::from_f32(v).to_bits(),
+                    }
+                    .to_le_bytes()
+                })
+                .collect();
+            let xs: Vec<f32> = (0..6 * k)
+                .map(|i| t.round(((i * 13 % 71) as f32 - 35.0) / 9.0))
+                .collect();
+            let mut out = vec![0f32; 6 * 9];
+            matmul(t, &w9, 9, k, &xs, &mut out);
+            for r in 0..6 {
+                for i in 0..9 {
+                    let row = &w9[i * 2 * k..(i + 1) * 2 * k];
+                    let want = dot_portable(t, row, &xs[r * k..(r + 1) * k]);
+                    assert_eq!(out[r * 9 + i].to_bits(), want.to_bits(), "{t:?} ({r}, {i})");
+                }
+            }
         }
     }
 }
