@@ -367,6 +367,33 @@ impl Attention {
             return ctx.project(&self.o_proj, &out, layer, Proj::O);
         }
 
+        if ops::serving_attention(kernels, &q) {
+            // serving: every sequence and key/value head in one pass over the cache
+            let mut seqs = Vec::with_capacity(nseq);
+            let mut offset = 0;
+            for (seq, &len) in batch.seq_lens.iter().enumerate() {
+                let q = q.narrow(1, offset, len)?.contiguous()?; // (h, len, d)
+                let k_new = k.narrow(1, offset, len)?;
+                let v_new = v.narrow(1, offset, len)?;
+                offset += len;
+                let (keys, values) = kv.append(self.layer, seq, &k_new, &v_new)?;
+                seqs.push(ops::CachedSeq {
+                    q: q.reshape((kvh, groups * len, d))?,
+                    keys: keys.contiguous()?,
+                    values: values.contiguous()?,
+                });
+            }
+            let outs = ops::cached_attention(&seqs, groups, self.window, scale)?;
+            let mut rows = Vec::with_capacity(nseq);
+            for (out, &len) in outs.iter().zip(&batch.seq_lens) {
+                rows.push(
+                    out.reshape((h, len, d))?
+                        .transpose(0, 1)?
+                        .reshape((len, h * d))?,
+                );
+            }
+            return ctx.project(&self.o_proj, &Tensor::cat(&rows, 0)?, layer, Proj::O);
+        }
         let mut outs = Vec::with_capacity(nseq);
         let mut offset = 0;
         for (seq, &len) in batch.seq_lens.iter().enumerate() {

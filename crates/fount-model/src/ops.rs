@@ -16,7 +16,7 @@
 //! | projection | few rows or invariant: per-row product; else candle's matmul | a product with an input-only backward; the adapter's pair fused in | a product whose weight gradient comes out in the weight's layout |
 //! | RMSNorm | candle's kernel | fused, with its backward | fused, with its backward |
 //! | SwiGLU gate | composed | fused | fused |
-//! | attention | per sequence through the KV view (per-head products when invariant); equal-length sequences with no cache in one batched product | whole sequences as one op that recomputes its probabilities backward | the same |
+//! | attention | invariant on the CPU: every sequence and key/value head in one pass over the cache; else per sequence through the KV view; equal-length sequences with no cache in one batched product | whole sequences as one op that recomputes its probabilities backward | the same |
 //! | softmax | candle's kernel | fused masked softmax | fused masked softmax |
 //!
 //! On other devices and dtypes the composed, differentiable candle ops run instead of the fused
@@ -242,6 +242,35 @@ pub(crate) fn attention_probs(
         None => scores,
     };
     softmax_last_dim(&scores)
+}
+
+pub(crate) use kernels::CachedSeq;
+
+/// Whether attention over the cache runs as [`cached_attention`]: serving on the CPU in f32 in
+/// batch-invariant mode (`q` untracked).
+pub(crate) fn serving_attention(k: Kernels, q: &Tensor) -> bool {
+    k.cpu_f32 && k.invariant && !q.track_op()
+}
+
+/// Attention over the cache for every sequence and key/value head of a batch as one parallel
+/// pass ([`kernels::cached_attention`]), each query row computed from its own row and the keys
+/// it may see, so it is batch- and chunk-invariant.
+///
+/// # Shapes
+/// - per sequence, `q`: `(kv_heads, groups · len, head_dim)`; `keys`, `values`:
+///   `(kv_heads, past + len, head_dim)` → `(kv_heads, groups · len, head_dim)`
+pub(crate) fn cached_attention(
+    seqs: &[CachedSeq],
+    groups: usize,
+    window: Option<usize>,
+    scale: f64,
+) -> Result<Vec<Tensor>> {
+    Ok(kernels::cached_attention(
+        seqs,
+        groups,
+        window,
+        scale as f32,
+    )?)
 }
 
 /// Numerically stable softmax over the last dimension: differentiable ops when autograd tracks

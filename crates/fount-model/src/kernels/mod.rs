@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 mod attention;
+mod cached;
 pub mod half;
 mod matvec;
 mod product;
@@ -20,6 +21,7 @@ mod rows;
 mod tests;
 
 pub use attention::{attention, AttnShape};
+pub(crate) use cached::{cached_attention, CachedSeq};
 pub(crate) use matvec::{axpy, dot, FrozenMatmul, SmallMatmul};
 pub(crate) use product::{gemm_into, gemm_new, product, Mat, Threads};
 pub use product::{linear, lora_linear};
