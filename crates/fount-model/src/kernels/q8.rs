@@ -83,6 +83,29 @@ pub struct ActRow {
     q: Vec<i8>,
 }
 
+/// Two quantised activation rows interleaved block by block for the 512-bit tile: each block's
+/// 32 values of the first row then of the second, and each block's two scales spread over the
+/// eight lanes that accumulate it.
+#[derive(Debug, Default, Clone)]
+pub struct ActPair {
+    q: Vec<i8>,
+    d: Vec<f32>,
+}
+
+impl ActPair {
+    /// Rows `a` and `b` (of equal length) interleaved.
+    fn fill(&mut self, a: &ActRow, b: &ActRow) {
+        self.q.clear();
+        self.d.clear();
+        for (blk, (&da, &db)) in a.d.iter().zip(&b.d).enumerate() {
+            self.q.extend_from_slice(&a.q[blk * QK..(blk + 1) * QK]);
+            self.q.extend_from_slice(&b.q[blk * QK..(blk + 1) * QK]);
+            self.d.extend_from_slice(&[da; 8]);
+            self.d.extend_from_slice(&[db; 8]);
+        }
+    }
+}
+
 /// Quantises `x` (a multiple of 32 long) as llama.cpp's x86 `quantize_row_q8_0` does.
 pub fn quantize_row(x: &[f32], row: &mut ActRow) {
     let blocks = x.len() / QK;
@@ -131,7 +154,7 @@ fn hsum8(a: [f32; 8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{hsum8, ActRow, Q32, QK};
+    use super::{hsum8, ActPair, ActRow, Q32, QK};
     use std::arch::x86_64::*;
 
     /// A block's 32 values in a 256-bit register.
@@ -314,6 +337,63 @@ mod x86 {
         per_type!(t, |T| tile_body!(T, w0, w1, a, pairs_avx2))
     }
 
+    /// [`tile_vnni`] on 512-bit registers: each register holds the eight-lane sums of one weight
+    /// row with two activation rows (an [`ActPair`]), so a block's sign, `vpdpbusd`, conversion,
+    /// scale and FMA serve two products, lane for lane those of the one-row loop (AVX-512 has no
+    /// `vpsignb`: the activations are negated under the mask of the negative weights instead,
+    /// which gives the same products).
+    macro_rules! tile512_body {
+        ($t:ident, $w0:ident, $w1:ident, $p:ident, $P:ident) => {{
+            let bb = $t.block_bytes();
+            let z = _mm512_setzero_ps();
+            let (mut acc0, mut acc1) = ([z; $P], [z; $P]);
+            let blocks = $p[0].d.len() / 16;
+            let zero = _mm512_setzero_si512();
+            for b in 0..blocks {
+                let (k0, k1) = (&$w0[b * bb..(b + 1) * bb], &$w1[b * bb..(b + 1) * bb]);
+                let w0 = _mm512_broadcast_i64x4(load_values($t, k0));
+                let w1 = _mm512_broadcast_i64x4(load_values($t, k1));
+                let (n0, n1) = (_mm512_movepi8_mask(w0), _mm512_movepi8_mask(w1));
+                let (m0, m1) = (_mm512_abs_epi8(w0), _mm512_abs_epi8(w1));
+                let (s0, s1) = (_mm512_set1_ps(scale(k0)), _mm512_set1_ps(scale(k1)));
+                for r in 0..$P {
+                    let av = _mm512_loadu_si512($p[r].q.as_ptr().add(b * 2 * QK).cast());
+                    let da = _mm512_loadu_ps($p[r].d.as_ptr().add(b * 16));
+                    let a0 = _mm512_mask_sub_epi8(av, n0, zero, av);
+                    let a1 = _mm512_mask_sub_epi8(av, n1, zero, av);
+                    let d0 = _mm512_dpbusd_epi32(zero, m0, a0);
+                    let d1 = _mm512_dpbusd_epi32(zero, m1, a1);
+                    acc0[r] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(s0, da), _mm512_cvtepi32_ps(d0), acc0[r]);
+                    acc1[r] =
+                        _mm512_fmadd_ps(_mm512_mul_ps(s1, da), _mm512_cvtepi32_ps(d1), acc1[r]);
+                }
+            }
+            let mut out = [[[0f32; 2]; $P]; 2];
+            let mut l = [0f32; 16];
+            for r in 0..$P {
+                for (w, acc) in [acc0[r], acc1[r]].into_iter().enumerate() {
+                    _mm512_storeu_ps(l.as_mut_ptr(), acc);
+                    let (lo, hi) = l.split_at(8);
+                    out[w][r][0] = hsum8(lo.try_into().unwrap_or([0.0; 8]));
+                    out[w][r][1] = hsum8(hi.try_into().unwrap_or([0.0; 8]));
+                }
+            }
+            out
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn tile512<const P: usize>(
+        t: Q32,
+        w0: &[u8],
+        w1: &[u8],
+        p: [&ActPair; P],
+    ) -> [[[f32; 2]; P]; 2] {
+        per_type!(t, |T| tile512_body!(T, w0, w1, p, P))
+    }
+
     #[inline(always)]
     #[allow(unsafe_code)]
     unsafe fn pairs_vnni(aw: __m256i, sa: __m256i) -> __m256i {
@@ -356,6 +436,7 @@ fn path() -> Path {
                 "vnni" => {
                     std::arch::is_x86_feature_detected!("avx512vnni")
                         && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
                         && std::arch::is_x86_feature_detected!("avx512f")
                 }
                 _ => {
@@ -451,36 +532,73 @@ fn dots(t: Q32, w: &[u8], row_bytes: usize, a: &ActRow, out: &mut [f32]) {
 
 /// `out[r · width + i] = dot(row i of w, acts[r])` for the `width` rows of `w`: groups of four
 /// activation rows against pairs of weight rows ([`tile`]), the rest row by row.
-fn tile_dots(t: Q32, w: &[u8], row_bytes: usize, acts: &[ActRow], out: &mut [f32]) {
+fn tile_dots(
+    t: Q32,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &[ActRow],
+    pairs: &[ActPair],
+    out: &mut [f32],
+) {
     let width = w.len() / row_bytes;
-    let groups = acts.len() / 4;
-    for g in 0..groups {
-        let a = [
-            &acts[4 * g],
-            &acts[4 * g + 1],
-            &acts[4 * g + 2],
-            &acts[4 * g + 3],
-        ];
+    let wrow = |i: usize| &w[i * row_bytes..(i + 1) * row_bytes];
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if !pairs.is_empty() {
+        // SAFETY (both calls): `pairs` is filled only on the VNNI path (`matmul`), whose CPU
+        // has AVX-512 VNNI/VL/BW, AVX2, FMA and F16C (checked by `path`).
+        #[allow(unsafe_code)]
+        fn run<const P: usize>(t: Q32, w0: &[u8], w1: &[u8], p: &[ActPair]) -> [[[f32; 2]; P]; 2] {
+            let p: [&ActPair; P] = std::array::from_fn(|i| &p[i]);
+            unsafe { x86::tile512(t, w0, w1, p) }
+        }
+        // eight activation rows (four pairs) at a time, then four, for pairs of weight rows
+        while r + 4 <= acts.len() {
+            let eight = r + 8 <= acts.len();
+            let p = &pairs[r / 2..];
+            let mut i = 0;
+            while i < width {
+                let (w0, w1) = (wrow(i), wrow((i + 1).min(width - 1)));
+                let cols = if i + 1 < width { 2 } else { 1 };
+                let mut put = |rows: &[[f32; 2]], col: usize| {
+                    for (q, pair) in rows.iter().enumerate() {
+                        out[(r + 2 * q) * width + i + col] = pair[0];
+                        out[(r + 2 * q + 1) * width + i + col] = pair[1];
+                    }
+                };
+                if eight {
+                    let d = run::<4>(t, w0, w1, p);
+                    for (col, rows) in d.iter().enumerate().take(cols) {
+                        put(rows, col);
+                    }
+                } else {
+                    let d = run::<2>(t, w0, w1, p);
+                    for (col, rows) in d.iter().enumerate().take(cols) {
+                        put(rows, col);
+                    }
+                }
+                i += 2;
+            }
+            r += if eight { 8 } else { 4 };
+        }
+    }
+    while r + 4 <= acts.len() {
+        let a = [&acts[r], &acts[r + 1], &acts[r + 2], &acts[r + 3]];
         let mut i = 0;
-        while i + 1 < width {
-            let w0 = &w[i * row_bytes..(i + 1) * row_bytes];
-            let w1 = &w[(i + 1) * row_bytes..(i + 2) * row_bytes];
+        while i < width {
+            let (w0, w1) = (wrow(i), wrow((i + 1).min(width - 1)));
             let d = tile(t, w0, w1, a);
-            for r in 0..4 {
-                out[(4 * g + r) * width + i] = d[0][r];
-                out[(4 * g + r) * width + i + 1] = d[1][r];
+            for q in 0..4 {
+                out[(r + q) * width + i] = d[0][q];
+                if i + 1 < width {
+                    out[(r + q) * width + i + 1] = d[1][q];
+                }
             }
             i += 2;
         }
-        if i < width {
-            let w0 = &w[i * row_bytes..(i + 1) * row_bytes];
-            let d = tile(t, w0, w0, a);
-            for r in 0..4 {
-                out[(4 * g + r) * width + i] = d[0][r];
-            }
-        }
+        r += 4;
     }
-    for (r, a) in acts.iter().enumerate().skip(4 * groups) {
+    for (r, a) in acts.iter().enumerate().skip(r) {
         dots(t, w, row_bytes, a, &mut out[r * width..(r + 1) * width]);
     }
 }
@@ -490,6 +608,7 @@ const TILE: usize = 16;
 
 thread_local! {
     static ACTS: std::cell::RefCell<Vec<ActRow>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PAIRS: std::cell::RefCell<Vec<ActPair>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `dst (m × n) = x (m × k) · Wᵀ` for `W` `n` rows of `k / 32` blocks of `t` in `w`.
@@ -514,27 +633,38 @@ pub fn matmul(t: Q32, w: &[u8], n: usize, k: usize, x: &[f32], dst: &mut [f32]) 
             });
             return;
         }
-        // tiles of weight rows, each run over every activation row while in cache
-        let tiles = n.div_ceil(TILE);
-        let cols: Vec<Vec<f32>> = (0..tiles)
-            .into_par_iter()
-            .map(|tile| {
-                let rows = tile * TILE..n.min((tile + 1) * TILE);
-                let width = rows.len();
-                let tile_w = &w[rows.start * row_bytes..rows.end * row_bytes];
-                let mut out = vec![0f32; m * width];
-                tile_dots(t, tile_w, row_bytes, acts, &mut out);
-                out
-            })
-            .collect();
-        for (tile, out) in cols.iter().enumerate() {
-            let start = tile * TILE;
-            let width = out.len() / m;
-            for r in 0..m {
-                dst[r * n + start..r * n + start + width]
-                    .copy_from_slice(&out[r * width..(r + 1) * width]);
+        PAIRS.with(|cell| {
+            // the 512-bit tile takes the groups of four activation rows as two pairs each
+            let mut pairs = cell.borrow_mut();
+            let count = if path() == Path::Vnni { m / 4 * 2 } else { 0 };
+            let len = count.max(pairs.len());
+            pairs.resize_with(len, ActPair::default);
+            for (i, p) in pairs.iter_mut().take(count).enumerate() {
+                p.fill(&acts[2 * i], &acts[2 * i + 1]);
             }
-        }
+            let pairs = &pairs[..count];
+            // tiles of weight rows, each run over every activation row while in cache
+            let tiles = n.div_ceil(TILE);
+            let cols: Vec<Vec<f32>> = (0..tiles)
+                .into_par_iter()
+                .map(|tile| {
+                    let rows = tile * TILE..n.min((tile + 1) * TILE);
+                    let width = rows.len();
+                    let tile_w = &w[rows.start * row_bytes..rows.end * row_bytes];
+                    let mut out = vec![0f32; m * width];
+                    tile_dots(t, tile_w, row_bytes, acts, pairs, &mut out);
+                    out
+                })
+                .collect();
+            for (tile, out) in cols.iter().enumerate() {
+                let start = tile * TILE;
+                let width = out.len() / m;
+                for r in 0..m {
+                    dst[r * n + start..r * n + start + width]
+                        .copy_from_slice(&out[r * width..(r + 1) * width]);
+                }
+            }
+        });
     });
 }
 
@@ -584,7 +714,7 @@ mod tests {
     #[test]
     fn every_path_gives_the_same_bits_and_dequantising_matches_candle() {
         let (n, k) = (37, 256);
-        let x: Vec<f32> = (0..7 * k)
+        let x: Vec<f32> = (0..13 * k)
             .map(|i| ((i * 31 % 97) as f32 - 48.0) / 17.0)
             .collect();
         for t in [Q32::Q8_0, Q32::Q4_0, Q32::Q5_0] {
@@ -642,6 +772,17 @@ mod tests {
                 let got = tile(t, w0, w1, four).map(|r| r.map(f32::to_bits));
                 assert_eq!(got, want, "{t:?} rows {row}, {}", row + 1);
                 #[cfg(target_arch = "x86_64")]
+                if path() == Path::Vnni {
+                    let mut p = [ActPair::default(), ActPair::default()];
+                    p[0].fill(four[0], four[1]);
+                    p[1].fill(four[2], four[3]);
+                    // SAFETY: the VNNI path's features (checked by `path`)
+                    #[allow(unsafe_code)]
+                    let got = unsafe { x86::tile512(t, w0, w1, [&p[0], &p[1]]) };
+                    let got = got.map(|r| [r[0][0], r[0][1], r[1][0], r[1][1]].map(f32::to_bits));
+                    assert_eq!(got, want, "{t:?} rows {row}, {}: 512-bit", row + 1);
+                }
+                #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: as above
                     #[allow(unsafe_code)]
@@ -650,10 +791,11 @@ mod tests {
                     assert_eq!(got, want, "{t:?} rows {row}, {}: AVX2", row + 1);
                 }
             }
-            // many activation rows (groups of four and the rest) equal one at a time
-            let mut many = vec![0f32; 7 * n];
+            // many activation rows (a group of eight, one of four and one more) equal one at a
+            // time, over tiles of 16 weight rows and one of 5
+            let mut many = vec![0f32; 13 * n];
             matmul(t, &w, n, k, &x, &mut many);
-            for r in 0..7 {
+            for r in 0..13 {
                 let mut one = vec![0f32; n];
                 matmul(t, &w, n, k, &x[r * k..(r + 1) * k], &mut one);
                 assert_eq!(one, many[r * n..(r + 1) * n], "{t:?}: row {r}");
