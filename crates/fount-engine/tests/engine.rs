@@ -2,7 +2,7 @@
 
 use fount_engine::{EngineConfig, Error, Request};
 
-use crate::util::{collect, engine, prompt, wait_idle, write_adapter, Choice};
+use crate::util::{collect, engine, prompt, solo_and_batched, wait_idle, write_adapter, Choice};
 
 fn small_config() -> EngineConfig {
     EngineConfig {
@@ -49,19 +49,11 @@ fn sixty_four_requests_over_eight_adapters_match_their_solo_runs() {
     for (name, dir) in &adapters {
         solo_engine.adapters().register(name, dir.clone());
     }
-    let solo: Vec<Choice> = reqs
-        .iter()
-        .map(|r| collect(&mut solo_engine.submit(r.clone()).unwrap(), 1).remove(0))
-        .collect();
     let e = engine(cfg);
     for (name, dir) in &adapters {
         e.adapters().register(name, dir.clone());
     }
-    let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-    let together: Vec<Choice> = streams
-        .iter_mut()
-        .map(|s| collect(s, 1).remove(0))
-        .collect();
+    let (solo, together) = solo_and_batched(&solo_engine, &e, &reqs);
     for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
         assert_eq!(a.tokens, b.tokens, "request {i} differs in a batch");
         assert!(!a.tokens.is_empty());
@@ -558,17 +550,7 @@ fn quantised_weights_give_every_request_its_solo_tokens_in_a_batch() {
             assert!(model.device().is_cpu());
             fount_engine::Engine::start(model, tok.clone(), Vec::new(), small_config()).unwrap()
         };
-        let solo_engine = start();
-        let solo: Vec<Choice> = reqs
-            .iter()
-            .map(|r| collect(&mut solo_engine.submit(r.clone()).unwrap(), 1).remove(0))
-            .collect();
-        let e = start();
-        let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-        let together: Vec<Choice> = streams
-            .iter_mut()
-            .map(|s| collect(s, 1).remove(0))
-            .collect();
+        let (solo, together) = solo_and_batched(&start(), &start(), &reqs);
         for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
             assert!(!a.tokens.is_empty());
             assert_eq!(a.tokens, b.tokens, "{t}: request {i} differs in a batch");

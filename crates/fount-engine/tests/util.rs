@@ -113,3 +113,25 @@ pub fn wait_idle(e: &Engine) -> fount_engine::MetricsSnapshot {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Each request run alone on `solo` (one at a time), then all at once on `batched`: the two
+/// lists of choices, in request order.
+pub fn solo_and_batched(
+    solo: &Engine,
+    batched: &Engine,
+    reqs: &[fount_engine::Request],
+) -> (Vec<Choice>, Vec<Choice>) {
+    let alone: Vec<Choice> = reqs
+        .iter()
+        .map(|r| collect(&mut solo.submit(r.clone()).unwrap(), 1).remove(0))
+        .collect();
+    let mut streams: Vec<_> = reqs
+        .iter()
+        .map(|r| batched.submit(r.clone()).unwrap())
+        .collect();
+    let together = streams
+        .iter_mut()
+        .map(|s| collect(s, 1).remove(0))
+        .collect();
+    (alone, together)
+}
