@@ -211,8 +211,8 @@ impl BlockMatrix {
             )));
         }
         // SAFETY: `data` is `count` whole `BlockQ6K`s (a plain `repr(C)` struct of integers and
-        // an f16, valid for any bits), suitably aligned (both checked just above), and borrowed
-        // from `q` for the rest of this function.
+        // an f16, valid for any bits), suitably aligned (both checked just above), and it lives
+        // (borrowed from `q`, or owned) until the end of this function.
         #[allow(unsafe_code)]
         let blocks: &[BlockQ6K] =
             unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<BlockQ6K>(), count) };

@@ -56,7 +56,12 @@ pub(crate) fn cached_attention(
             };
             values(c, &g[i].1, "fount-cached-attention")
         };
-        let len = rows / groups.max(1);
+        if groups == 0 || d == 0 {
+            candle_core::bail!(
+                "fount-cached-attention: {groups} query heads per key/value head of {d} dims"
+            );
+        }
+        let len = rows / groups;
         if s.keys.dims3()? != (kvh, total, d) || s.values.dims3()? != (kvh, total, d) {
             candle_core::bail!("fount-cached-attention: keys and values do not match the queries");
         }
@@ -73,6 +78,9 @@ pub(crate) fn cached_attention(
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
     for (s, out) in outs.iter_mut().enumerate() {
         let (.., len, _, d) = operands[s];
+        if len == 0 {
+            continue; // a sequence with no new token has no query rows
+        }
         for (h, part) in out.chunks_mut(groups * len * d).enumerate() {
             tasks.push((s, h, part));
         }
