@@ -29,6 +29,9 @@ mod pool;
 /// every type (a trained model, llama-cpp-python built from source).
 mod gguf;
 
+/// SentencePiece GGUF vocabularies tokenize as llama.cpp tokenizes them.
+mod gguf_vocab;
+
 /// `fount train`: learning on curated shards, SIGKILL and exact resumption, bad configs.
 mod train_cli;
 

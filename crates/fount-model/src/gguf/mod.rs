@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 
 mod header;
 mod model;
+mod vocab;
 mod write;
 
 pub use header::{dtype_from_u32, dtype_to_u32};

@@ -6,7 +6,6 @@ use crate::chat::ChatTemplate;
 use crate::config::{Arch, Config, RopeScaling};
 use crate::error::{Error, Result};
 use crate::files::GenerationConfig;
-use crate::tokenizer::Tokenizer;
 
 /// How a GGUF architecture maps onto fount's: the family, and whether llama.cpp stored its
 /// query/key rows permuted (the families it runs with interleaved RoPE).
@@ -149,24 +148,6 @@ impl Gguf {
         }
         let t = self.tensor("rope_freqs.weight", &[half_dim], None)?;
         Ok(Some(t.dequantize()?.flatten_all()?.to_vec1::<f32>()?))
-    }
-
-    /// The tokenizer in the file's metadata (`tokenizer.ggml.*`), as a `tokenizers` tokenizer.
-    /// Byte-level BPE (`gpt2`: Llama 3, Qwen2, fount's own) converts; SentencePiece (`llama`)
-    /// files need `--tokenizer`.
-    pub fn tokenizer(&self) -> Result<Tokenizer> {
-        use candle_core::quantized::tokenizer::TokenizerFromGguf;
-        let kind = self.string("tokenizer.ggml.model").unwrap_or("none");
-        if kind != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "{}: tokenizer.ggml.model is {kind:?}; fount converts byte-level BPE (\"gpt2\") \
-                 tokenizers from GGUF metadata; give a tokenizer.json with --tokenizer",
-                self.path.display()
-            )));
-        }
-        let inner = tokenizers::Tokenizer::from_gguf(&self.content())
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", self.path.display())))?;
-        Ok(Tokenizer::from_inner(inner))
     }
 
     /// The chat template (`tokenizer.chat_template`) with the special tokens it may name.

@@ -15,7 +15,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FOUNT_MODEL")]
     pub model: PathBuf,
     /// A `tokenizer.json` (or a directory with one and its chat template) to use instead of
-    /// the model's own (a GGUF file's SentencePiece vocabulary, say).
+    /// the model's own.
     #[arg(long, env = "FOUNT_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
     /// The name clients pass as `model` (default: the directory's name).
