@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::batch::{Batch, Logits};
 use crate::blocks::BlockMatrix;
-use crate::config::Config;
+use crate::config::{Config, MoeConfig};
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
 use crate::gguf::Gguf;
@@ -244,11 +244,14 @@ impl Model {
                 input_layernorm: norm(&b("attn_norm.weight"))?,
                 self_attn: attn,
                 post_attention_layernorm: norm(&b("ffn_norm.weight"))?,
-                mlp: FeedForward::Dense(Mlp::from_parts(
-                    linear(&b("ffn_gate"), inter, h, None)?,
-                    linear(&b("ffn_up"), inter, h, None)?,
-                    linear(&b("ffn_down"), h, inter, None)?,
-                )),
+                mlp: match config.moe {
+                    None => FeedForward::Dense(Mlp::from_parts(
+                        linear(&b("ffn_gate"), inter, h, None)?,
+                        linear(&b("ffn_up"), inter, h, None)?,
+                        linear(&b("ffn_down"), h, inter, None)?,
+                    )),
+                    Some(moe) => FeedForward::Sparse(gguf_experts(g, i, &config, moe)?),
+                },
             });
         }
         let embed_tokens = Embedding::from_weight(weight("token_embd.weight", &[v, h], None)?);
@@ -554,4 +557,40 @@ impl Model {
         }
         Ok(masks)
     }
+}
+
+/// Layer `i`'s experts in a GGUF file: stacked (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`,
+/// llama.cpp's format since 2024) or one tensor each (`ffn_gate.{e}`, older files), with the
+/// router `ffn_gate_inp`.
+fn gguf_experts(g: &Gguf, i: usize, config: &Config, moe: MoeConfig) -> Result<SparseMoe> {
+    let (h, inter, n) = (
+        config.hidden_size,
+        config.intermediate_size,
+        moe.num_experts,
+    );
+    let b = |p: &str| format!("blk.{i}.{p}");
+    let router = Weight::from_blocks(g.tensor(&b("ffn_gate_inp.weight"), &[n, h], None)?)?;
+    let stacked = g.info(&b("ffn_gate_exps.weight")).is_some();
+    let proj = |part: &str, e: usize, rows: usize, cols: usize| -> Result<Linear> {
+        let m = if stacked {
+            g.expert(&b(&format!("{part}_exps.weight")), e, [n, rows, cols])?
+        } else {
+            g.tensor(&b(&format!("{part}.{e}.weight")), &[rows, cols], None)?
+        };
+        Ok(Linear::new(Weight::from_blocks(m)?, None))
+    };
+    let experts = (0..n)
+        .map(|e| {
+            Ok(Mlp::from_parts(
+                proj("ffn_gate", e, inter, h)?,
+                proj("ffn_up", e, inter, h)?,
+                proj("ffn_down", e, h, inter)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SparseMoe::from_parts(
+        Linear::new(router, None),
+        experts,
+        moe.top_k,
+    ))
 }

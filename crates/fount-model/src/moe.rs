@@ -44,6 +44,15 @@ impl SparseMoe {
         })
     }
 
+    /// A layer from its router (`(experts, hidden)`) and experts, each token going to `top_k`.
+    pub fn from_parts(gate: Linear, experts: Vec<Mlp>, top_k: usize) -> Self {
+        SparseMoe {
+            gate,
+            experts,
+            top_k,
+        }
+    }
+
     /// Returns the layer's output and its router logits (for the auxiliary loss and metrics).
     ///
     /// # Shapes

@@ -80,6 +80,10 @@ impl QuantType {
 
     /// The type of a matrix: `name` in llama.cpp's naming, `layer` of `layers`.
     fn matrix_type(self, name: &str, layer: Option<usize>, layers: usize, tied: bool) -> GgmlDType {
+        // a Mixtral router stays f32 at every type, as llama.cpp writes it
+        if name.ends_with("ffn_gate_inp.weight") {
+            return GgmlDType::F32;
+        }
         let base = match self {
             QuantType::F32 => return GgmlDType::F32,
             QuantType::F16 => return GgmlDType::F16,
@@ -96,7 +100,11 @@ impl QuantType {
         }
         let mixed = matches!(self, QuantType::Q4KM | QuantType::Q5KM);
         let more_bits = |i: usize, n: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
-        if mixed && (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight")) {
+        if mixed
+            && (name.ends_with("attn_v.weight")
+                || name.ends_with("ffn_down.weight")
+                || name.ends_with("ffn_down_exps.weight"))
+        {
             if let Some(i) = layer {
                 if more_bits(i, layers) {
                     return GgmlDType::Q6K;
@@ -131,6 +139,8 @@ enum Source {
     /// A tensor of the model directory, its rows permuted for llama.cpp's RoPE over this many
     /// heads when given.
     Hf(String, Option<usize>),
+    /// Tensors of the model directory stacked along a new first axis (a layer's experts).
+    Experts(Vec<String>),
     /// `rope_freqs.weight`: Llama 3.1's frequency factors.
     RopeFactors(Vec<f32>),
 }
@@ -147,16 +157,9 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
     let files = ModelFiles::open(model_dir)?;
     let config = files.config()?;
     let (arch_name, permuted) = match config.arch {
-        Arch::Llama | Arch::Mistral => ("llama", true),
+        // llama.cpp runs Mixtral as `llama` with experts
+        Arch::Llama | Arch::Mistral | Arch::Mixtral => ("llama", true),
         Arch::Qwen2 => ("qwen2", false),
-        Arch::Mixtral => {
-            return Err(Error::Config {
-                field: "architectures",
-                reason: "fount quantize writes dense models (llama, qwen2, mistral); \
-                         Mixtral is not supported yet"
-                    .into(),
-            })
-        }
     };
     let weights =
         Weights::from_safetensors(&files.weight_files()?, model_dir, DType::F32, &Device::Cpu)?;
@@ -182,13 +185,18 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
         };
         let suffix = hf.rsplit_once('.').map_or("", |(_, s)| s);
         let name = format!("{base}.{suffix}");
-        let dtype = if dims.len() == 1 {
-            GgmlDType::F32
-        } else {
-            fit(qtype.matrix_type(&name, layer, layers, tied), dims[1])
+        let dtype = match dims[..] {
+            [_] => GgmlDType::F32,
+            [.., cols] => fit(qtype.matrix_type(&name, layer, layers, tied), cols),
+            [] => return,
+        };
+        let source = match dims[..] {
+            // `experts.*`: the experts stacked along a first axis
+            [n, _, _] => Source::Experts((0..n).map(|e| hf.replace('*', &e.to_string())).collect()),
+            _ => Source::Hf(hf.to_string(), permute),
         };
         tensors.push(WriteTensor { name, dtype, dims });
-        sources.push(Source::Hf(hf.to_string(), permute));
+        sources.push(source);
     };
     add("model.embed_tokens.weight", vec![v, h], None, None);
     for i in 0..layers {
@@ -220,9 +228,38 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
             Some(i),
             None,
         );
-        add(&p("mlp.gate_proj.weight"), vec![inter, h], Some(i), None);
-        add(&p("mlp.up_proj.weight"), vec![inter, h], Some(i), None);
-        add(&p("mlp.down_proj.weight"), vec![h, inter], Some(i), None);
+        if let Some(moe) = config.moe {
+            let n = moe.num_experts;
+            add(
+                &p("block_sparse_moe.gate.weight"),
+                vec![n, h],
+                Some(i),
+                None,
+            );
+            // each projection's experts stacked into one tensor, as llama.cpp writes them
+            add(
+                &p("block_sparse_moe.experts.*.w1.weight"),
+                vec![n, inter, h],
+                Some(i),
+                None,
+            );
+            add(
+                &p("block_sparse_moe.experts.*.w3.weight"),
+                vec![n, inter, h],
+                Some(i),
+                None,
+            );
+            add(
+                &p("block_sparse_moe.experts.*.w2.weight"),
+                vec![n, h, inter],
+                Some(i),
+                None,
+            );
+        } else {
+            add(&p("mlp.gate_proj.weight"), vec![inter, h], Some(i), None);
+            add(&p("mlp.up_proj.weight"), vec![inter, h], Some(i), None);
+            add(&p("mlp.down_proj.weight"), vec![h, inter], Some(i), None);
+        }
         if config.mlp_bias {
             for (proj, rows) in [("gate_proj", inter), ("up_proj", inter), ("down_proj", h)] {
                 add(&p(&format!("mlp.{proj}.bias")), vec![rows], Some(i), None);
@@ -262,6 +299,14 @@ pub fn quantize(model_dir: &Path, out: &Path, qtype: QuantType) -> Result<usize>
                 Source::Hf(hf, None) => weights.get(&tensors[i].dims, hf)?,
                 Source::Hf(hf, Some(heads)) => {
                     permute(&weights.get(&tensors[i].dims, hf)?, *heads)?
+                }
+                Source::Experts(names) => {
+                    let each = &tensors[i].dims[1..];
+                    let parts = names
+                        .iter()
+                        .map(|n| weights.get(each, n))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::stack(&parts, 0)?
                 }
                 Source::RopeFactors(f) => Tensor::new(f.as_slice(), &Device::Cpu)?,
             };
@@ -342,6 +387,10 @@ fn hparams(c: &Config, arch: &str, qtype: QuantType) -> Vec<(String, Value)> {
     if c.head_dim * c.num_attention_heads != c.hidden_size {
         m.push((k("attention.key_length"), Value::U32(c.head_dim as u32)));
         m.push((k("attention.value_length"), Value::U32(c.head_dim as u32)));
+    }
+    if let Some(moe) = c.moe {
+        m.push((k("expert_count"), Value::U32(moe.num_experts as u32)));
+        m.push((k("expert_used_count"), Value::U32(moe.top_k as u32)));
     }
     if let RopeScaling::Linear { factor } = c.rope_scaling {
         m.push((k("rope.scaling.type"), s("linear")));

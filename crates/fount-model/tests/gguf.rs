@@ -37,7 +37,8 @@ fn logits(m: &Model, seq: &[u32]) -> Vec<f32> {
 fn an_f32_gguf_computes_what_the_safetensors_model_computes() {
     // llama (query/key rows permuted on write and back on read, Llama 3 RoPE scaling as
     // rope_freqs), qwen2 (biases, tied embeddings), mistral
-    for arch in [Arch::Llama, Arch::Qwen2, Arch::Mistral] {
+    // mixtral (written as llama with stacked experts)
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Mistral, Arch::Mixtral] {
         let dir = tempfile::tempdir().unwrap();
         let (hf, gguf) = written(arch, QuantType::F32, dir.path());
         let a = Model::load(&hf, DType::F32, &Device::Cpu).unwrap();
@@ -159,24 +160,87 @@ fn quantize_refuses_what_it_cannot_write() {
         .to_string();
     assert!(e.contains("already holds"), "{e}");
     assert_eq!(fs_err::read(&gguf).unwrap(), before);
-    // Mixtral is refused, and nothing is left behind
-    let moe = dir.path().join("moe");
-    init_model(
-        Arch::Mixtral,
-        &preset(Arch::Mixtral, "tiny").unwrap(),
-        &InitOptions::default(),
-        &moe,
-    )
-    .unwrap();
-    let out = dir.path().join("moe.gguf");
-    let e = quantize(&moe, &out, QuantType::Q8_0)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("Mixtral"), "{e}");
-    assert!(!out.exists());
+    // weights that cannot be read are an error, and nothing is left behind
+    let out = dir.path().join("bad.gguf");
+    fs_err::write(hf.join("model.safetensors"), b"not safetensors").unwrap();
+    assert!(quantize(&hf, &out, QuantType::Q8_0).is_err());
+    assert!(!out.exists() && !out.with_extension("gguf.partial").exists());
     // a directory that is not a model
     let e = quantize(dir.path(), &dir.path().join("x.gguf"), QuantType::F16)
         .unwrap_err()
         .to_string();
     assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn mixtral_experts_read_stacked_or_one_tensor_each() {
+    use candle_core::quantized::gguf_file::Value;
+    use fount_model::gguf::{write, Gguf, WriteTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = written(Arch::Mixtral, QuantType::Q8_0, dir.path());
+    let g = Gguf::open(&gguf).unwrap();
+    assert!(g.info("blk.0.ffn_gate_exps.weight").is_some());
+    assert_eq!(
+        g.info("blk.0.ffn_gate_inp.weight").unwrap().dtype,
+        candle_core::quantized::GgmlDType::F32,
+        "the router stays f32"
+    );
+    // the same file with each expert in a tensor of its own (llama.cpp's format before 2024)
+    let mut tensors = Vec::new();
+    let mut bytes: Vec<Vec<u8>> = Vec::new();
+    for t in g.tensors() {
+        let data = g.bytes(t);
+        match t.name.strip_suffix("_exps.weight") {
+            Some(base) => {
+                let each = data.len() / t.dims[0];
+                for e in 0..t.dims[0] {
+                    tensors.push(WriteTensor {
+                        name: format!("{base}.{e}.weight"),
+                        dtype: t.dtype,
+                        dims: t.dims[1..].to_vec(),
+                    });
+                    bytes.push(data[e * each..(e + 1) * each].to_vec());
+                }
+            }
+            None => {
+                tensors.push(WriteTensor {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    dims: t.dims.clone(),
+                });
+                bytes.push(data.to_vec());
+            }
+        }
+    }
+    let meta: Vec<(String, Value)> = g
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let split = dir.path().join("split.gguf");
+    let mut f = fs_err::File::create(&split).unwrap();
+    write(&mut f, &meta, &tensors, |i| Ok(bytes[i].clone())).unwrap();
+    drop(f);
+    let seq: Vec<u32> = (1..40).map(|i| (i * 11) % 500).collect();
+    let a = logits(&Model::load_gguf(&gguf).unwrap(), &seq);
+    let b = logits(&Model::load_gguf(&split).unwrap(), &seq);
+    assert_eq!(a, b);
+    // a layer short of experts names the tensor
+    let short = dir.path().join("short.gguf");
+    let keep: Vec<usize> = (0..tensors.len())
+        .filter(|&i| tensors[i].name != "blk.1.ffn_up.3.weight")
+        .collect();
+    let kept: Vec<WriteTensor> = keep
+        .iter()
+        .map(|&i| WriteTensor {
+            name: tensors[i].name.clone(),
+            dtype: tensors[i].dtype,
+            dims: tensors[i].dims.clone(),
+        })
+        .collect();
+    let mut f = fs_err::File::create(&short).unwrap();
+    write(&mut f, &meta, &kept, |i| Ok(bytes[keep[i]].clone())).unwrap();
+    drop(f);
+    let e = load_err(&short);
+    assert!(e.contains("blk.1.ffn_up.3.weight"), "{e}");
 }

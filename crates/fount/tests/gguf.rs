@@ -303,3 +303,70 @@ fn a_gguf_file_serves_through_fount_generate() {
     let model = Model::load(hf, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(model.config().hidden_size, 256);
 }
+
+#[test]
+fn a_mixtral_gguf_computes_what_llama_cpp_computes() {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("moe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    crate::util::tiny_model("mixtral", &d.join("hf"));
+    let seqs: Vec<Vec<u32>> = (0..3u32)
+        .map(|s| (0..48).map(|i| (i * 37 + s * 101 + 3) % 500).collect())
+        .collect();
+    for qtype in ["f32", "q8_0"] {
+        let gguf = d.join(format!("moe-{qtype}.gguf"));
+        fount_ok(&[
+            "quantize",
+            "--model",
+            &s(&d.join("hf")),
+            "--out",
+            &s(&gguf),
+            "--type",
+            qtype,
+        ]);
+        let reference = llama_cpp(&gguf, &seqs, &[], 0);
+        let model = Model::load_gguf(&gguf).unwrap_or_else(|e| panic!("{e}"));
+        let v = reference.vocab;
+        assert_eq!(v, model.config().vocab_size);
+        let (mut worst, mut spread, mut agree, mut total) = (0f32, 0f32, 0usize, 0usize);
+        for (i, seq) in seqs.iter().enumerate() {
+            let ours: Vec<f32> = model
+                .forward(&Batch::single(seq, 0), &mut NoCache, Logits::All)
+                .and_then(|o| Ok(o.logits.flatten_all()?.to_vec1()?))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let theirs = &reference.logits[i * seq.len() * v..(i + 1) * seq.len() * v];
+            for (a, b) in ours.chunks(v).zip(theirs.chunks(v)) {
+                agree += usize::from(argmax(a) == argmax(b));
+                total += 1;
+                let (lo, hi) = b
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+                spread = spread.max(hi - lo);
+            }
+            worst = ours
+                .iter()
+                .zip(theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(worst, f32::max);
+        }
+        // and it serves
+        fount_ok(&[
+            "generate",
+            "--model",
+            &s(&gguf),
+            "--prompt",
+            "The",
+            "--max-tokens",
+            "4",
+        ]);
+        eprintln!("mixtral {qtype}: logits within {worst:.2e} of llama.cpp's (spread {spread:.3}); argmax {agree}/{total}");
+        let bound = if qtype == "f32" { 1e-3 } else { 2e-2 };
+        assert!(
+            agree as f64 >= 0.99 * total as f64,
+            "mixtral {qtype}: next-token agreement {agree}/{total}"
+        );
+        assert!(
+            worst <= bound * spread,
+            "mixtral {qtype}: logits differ by {worst} (spread {spread})"
+        );
+    }
+}

@@ -298,6 +298,51 @@ impl Gguf {
         shape: &[usize],
         unpermute: Option<usize>,
     ) -> Result<BlockMatrix> {
+        let info = self.checked(name, shape)?;
+        let (rows, cols) = match shape {
+            [r, c] => (*r, *c),
+            [c] => (1, *c),
+            _ => {
+                return Err(Error::Gguf {
+                    path: self.path.clone(),
+                    reason: format!("tensor {name:?}: fount reads 1-D and 2-D tensors"),
+                })
+            }
+        };
+        let start = (self.data_offset + info.offset) as usize;
+        let data = match unpermute {
+            Some(heads) => Bytes::Owned(
+                unpermute_rows(self.bytes(info), shape, heads).ok_or_else(|| Error::Gguf {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor {name:?}: {shape:?} rows do not split into {heads} heads"
+                    ),
+                })?,
+            ),
+            None => Bytes::Mapped(self.map.clone(), start..start + info.size()),
+        };
+        BlockMatrix::from_bytes(info.dtype, data, rows, cols)
+    }
+
+    /// Expert `e`'s `(rows, cols)` matrix of the stacked expert tensor `name` (llama.cpp's
+    /// `ffn_*_exps`, of shape `(experts, rows, cols)`), read in place.
+    pub fn expert(&self, name: &str, e: usize, shape: [usize; 3]) -> Result<BlockMatrix> {
+        let info = self.checked(name, &shape)?;
+        let [experts, rows, cols] = shape;
+        if e >= experts {
+            return Err(Error::Gguf {
+                path: self.path.clone(),
+                reason: format!("tensor {name:?} has {experts} experts, not {}", e + 1),
+            });
+        }
+        let each = tensor_bytes(info.dtype, &[rows, cols]);
+        let start = (self.data_offset + info.offset) as usize + e * each;
+        let data = Bytes::Mapped(self.map.clone(), start..start + each);
+        BlockMatrix::from_bytes(info.dtype, data, rows, cols)
+    }
+
+    /// The table entry of `name`, which must have `shape`.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo> {
         let info = self.info(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             dir: self.path.clone(),
@@ -311,34 +356,7 @@ impl Gguf {
                 ),
             });
         }
-        let bytes = self.bytes(info);
-        let data = match unpermute {
-            Some(heads) => {
-                Bytes::Owned(
-                    unpermute_rows(bytes, shape, heads).ok_or_else(|| Error::Gguf {
-                        path: self.path.clone(),
-                        reason: format!(
-                            "tensor {name:?}: {shape:?} rows do not split into {heads} heads"
-                        ),
-                    })?,
-                )
-            }
-            None => {
-                let start = (self.data_offset + info.offset) as usize;
-                Bytes::Mapped(self.map.clone(), start..start + info.size())
-            }
-        };
-        let (rows, cols) = match shape {
-            [r, c] => (*r, *c),
-            [c] => (1, *c),
-            _ => {
-                return Err(Error::Gguf {
-                    path: self.path.clone(),
-                    reason: format!("tensor {name:?}: fount reads 1-D and 2-D tensors"),
-                })
-            }
-        };
-        BlockMatrix::from_bytes(info.dtype, data, rows, cols)
+        Ok(info)
     }
 
     /// The metadata as candle's GGUF content (for its tokenizer conversion).

@@ -3,7 +3,7 @@
 
 use super::Gguf;
 use crate::chat::ChatTemplate;
-use crate::config::{Arch, Config, RopeScaling};
+use crate::config::{Arch, Config, MoeConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::files::GenerationConfig;
 
@@ -40,6 +40,11 @@ pub fn tensor_name(hf: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        "block_sparse_moe.gate" => "ffn_gate_inp",
+        // every expert's projection, stacked
+        "block_sparse_moe.experts.*.w1" => "ffn_gate_exps",
+        "block_sparse_moe.experts.*.w3" => "ffn_up_exps",
+        "block_sparse_moe.experts.*.w2" => "ffn_down_exps",
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
         _ => return None,
@@ -67,12 +72,25 @@ impl Gguf {
     pub fn config(&self) -> Result<Config> {
         let (name, arch, _) = self.arch()?;
         let key = |k: &str| format!("{name}.{k}");
-        if self.opt_usize(&key("expert_count"))?.unwrap_or(0) > 0 {
-            return Err(self.bad_meta(
-                &key("expert_count"),
-                "mixture-of-experts GGUF files are not supported yet",
-            ));
-        }
+        // llama.cpp writes Mixtral as `llama` with experts
+        let (arch, moe) = match self.opt_usize(&key("expert_count"))?.unwrap_or(0) {
+            0 => (arch, None),
+            experts => {
+                let used = key("expert_used_count");
+                let top_k = self.usize(&used)?;
+                if top_k == 0 || top_k > experts {
+                    return Err(
+                        self.bad_meta(&used, &format!("{top_k} experts per token of {experts}"))
+                    );
+                }
+                let moe = MoeConfig {
+                    num_experts: experts,
+                    top_k,
+                    router_aux_loss_coef: 0.02,
+                };
+                (Arch::Mixtral, Some(moe))
+            }
+        };
         let hidden = self.usize(&key("embedding_length"))?;
         let heads = self.usize(&key("attention.head_count"))?;
         let kv_heads = self
@@ -132,7 +150,7 @@ impl Gguf {
             mlp_bias: self.info("blk.0.ffn_up.bias").is_some(),
             sliding_window: None,
             sliding_window_from_layer: 0,
-            moe: None,
+            moe,
         };
         if config.num_hidden_layers == 0 || hidden == 0 || vocab == 0 {
             return Err(self.bad_meta(&key("block_count"), "an empty model"));
