@@ -1,0 +1,289 @@
+//! Applying a policy to text: redacting personal data, and the output filter a stream runs its
+//! generated text through.
+//!
+//! A stream never sends text it would have to take back: the filter holds back the last
+//! `hold_chars` characters (at least the longest term) until more text or the end shows them to
+//! be clean, so a term, a pattern or personal data up to that length is seen whole before any
+//! of it leaves. When a blocking category matches, the text before the match is released and the
+//! answer ends (`finish_reason: "content_filter"`); with `redact_pii`, personal data is replaced
+//! by its placeholder before release.
+
+use crate::policy::{Action, Decision, Side};
+use crate::rules::{pii_placeholder, Hit};
+
+/// `text` with every personal-data hit replaced by its placeholder (`<EMAIL>`, `<PHONE>`, …).
+pub fn redact(text: &str, hits: &[Hit]) -> String {
+    redact_range(text, 0, text.len(), hits)
+}
+
+/// `text[from..to]` with the personal-data hits inside it replaced.
+fn redact_range(text: &str, from: usize, to: usize, hits: &[Hit]) -> String {
+    let mut spans: Vec<(usize, usize, &str)> = hits
+        .iter()
+        .filter(|h| h.start >= from && h.end <= to)
+        .filter_map(|h| pii_placeholder(&h.rule).map(|p| (h.start, h.end, p)))
+        .collect();
+    spans.sort_by_key(|&(s, e, _)| (s, std::cmp::Reverse(e)));
+    let mut out = String::with_capacity(to - from);
+    let mut at = from;
+    for (s, e, placeholder) in spans {
+        if s < at {
+            continue;
+        }
+        out.push_str(&text[at..s]);
+        out.push_str(placeholder);
+        at = e;
+    }
+    out.push_str(&text[at..to]);
+    out
+}
+
+/// What the filter lets through after a piece of text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Text the client may see now (possibly empty).
+    pub text: String,
+    /// Set when a blocking category matched: the answer ends here.
+    pub blocked: Option<Decision>,
+}
+
+/// The output side of a policy over one generated answer.
+#[derive(Debug, Clone)]
+pub struct OutputFilter {
+    text: String,
+    /// Bytes of `text` released.
+    sent: usize,
+    hold: usize,
+    blocked: bool,
+    /// Categories and rules that matched a logging category, for the audit record.
+    logged: Option<Decision>,
+}
+
+impl OutputFilter {
+    /// A filter that holds back `hold_chars` characters.
+    pub fn new(hold_chars: usize) -> OutputFilter {
+        OutputFilter {
+            text: String::new(),
+            sent: 0,
+            hold: hold_chars.max(1),
+            blocked: false,
+            logged: None,
+        }
+    }
+
+    /// Adds generated text; `scan` finds the hits in a text. Returns what may be sent.
+    pub fn push(&mut self, piece: &str, side: &Side, scan: &dyn Fn(&str) -> Vec<Hit>) -> Release {
+        self.text.push_str(piece);
+        self.release(false, side, scan)
+    }
+
+    /// The end of the answer: everything left is checked and released.
+    pub fn finish(&mut self, side: &Side, scan: &dyn Fn(&str) -> Vec<Hit>) -> Release {
+        self.release(true, side, scan)
+    }
+
+    /// The whole answer as generated (before redaction).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// What matched a logging category, if anything did.
+    pub fn logged(&self) -> Option<&Decision> {
+        self.logged.as_ref()
+    }
+
+    fn release(&mut self, end: bool, side: &Side, scan: &dyn Fn(&str) -> Vec<Hit>) -> Release {
+        if self.blocked {
+            return Release {
+                text: String::new(),
+                blocked: None,
+            };
+        }
+        // matches may reach back into released text by up to `hold` characters
+        let from = back_chars(&self.text, self.sent, self.hold);
+        let hits: Vec<Hit> = scan(&self.text[from..])
+            .into_iter()
+            .map(|h| Hit {
+                start: h.start + from,
+                end: h.end + from,
+                ..h
+            })
+            .collect();
+        let decision = side.decide(&hits, None);
+        match decision.action {
+            Action::Block => {
+                let blocking: Vec<&Hit> = hits
+                    .iter()
+                    .filter(|h| decision.categories.contains(&h.category))
+                    .collect();
+                let cut = blocking
+                    .iter()
+                    .map(|h| h.start)
+                    .min()
+                    .unwrap_or(self.sent)
+                    .max(self.sent);
+                let text = self.take(cut, side, &hits);
+                self.blocked = true;
+                return Release {
+                    text,
+                    blocked: Some(decision),
+                };
+            }
+            Action::Log => match &mut self.logged {
+                None => self.logged = Some(decision),
+                Some(l) => {
+                    l.categories.extend(decision.categories);
+                    l.categories.sort();
+                    l.categories.dedup();
+                    l.rules.extend(decision.rules);
+                    l.rules.sort();
+                    l.rules.dedup();
+                }
+            },
+            Action::Allow => {}
+        }
+        let mut upto = if end {
+            self.text.len()
+        } else {
+            back_chars(&self.text, self.text.len(), self.hold).max(self.sent)
+        };
+        if side.redact_pii {
+            // never cut personal data in two
+            for h in hits.iter().filter(|h| pii_placeholder(&h.rule).is_some()) {
+                if h.start < upto && h.end > upto {
+                    upto = h.start.max(self.sent);
+                }
+            }
+        }
+        Release {
+            text: self.take(upto, side, &hits),
+            blocked: None,
+        }
+    }
+
+    /// Releases `text[sent..upto]`, redacted as the side asks.
+    fn take(&mut self, upto: usize, side: &Side, hits: &[Hit]) -> String {
+        if upto <= self.sent {
+            return String::new();
+        }
+        let out = if side.redact_pii {
+            redact_range(&self.text, self.sent, upto, hits)
+        } else {
+            self.text[self.sent..upto].to_string()
+        };
+        self.sent = upto;
+        out
+    }
+}
+
+/// The byte offset `n` characters before `at` in `text` (0 at the start).
+fn back_chars(text: &str, at: usize, n: usize) -> usize {
+    text[..at]
+        .char_indices()
+        .rev()
+        .nth(n.saturating_sub(1))
+        .map_or(0, |(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+    use crate::rules::{RuleFile, Rules};
+
+    fn setup(policy: &str) -> (Policy, Rules) {
+        let p = Policy::parse(policy).unwrap();
+        let r = Rules::compile(
+            &RuleFile::parse(
+                "[[rules]]\ncategory = \"violence\"\nterms = [\"kill you\", \"杀了你\"]",
+            )
+            .unwrap()
+            .rules,
+        )
+        .unwrap();
+        (p, r)
+    }
+
+    /// Streams `pieces` through the filter; returns what was sent and whether it was blocked.
+    fn stream(p: &Policy, r: &Rules, pieces: &[&str]) -> (Vec<String>, bool) {
+        let scan = |t: &str| {
+            let mut out = Vec::new();
+            r.scan(t, p.output.wants_pii(), &mut out);
+            out
+        };
+        let mut f = OutputFilter::new(p.hold_chars.max(r.longest_term()));
+        let mut sent = Vec::new();
+        for piece in pieces {
+            let rel = f.push(piece, &p.output, &scan);
+            sent.push(rel.text);
+            if rel.blocked.is_some() {
+                return (sent, true);
+            }
+        }
+        let rel = f.finish(&p.output, &scan);
+        sent.push(rel.text);
+        (sent, rel.blocked.is_some())
+    }
+
+    #[test]
+    fn a_stream_never_sends_what_a_block_would_retract() {
+        let (p, r) = setup("hold_chars = 4\n[output]\nblock = [\"violence\"]\n");
+        let (sent, blocked) = stream(&p, &r, &["I ", "will ", "kil", "l you", " now"]);
+        assert!(blocked);
+        assert_eq!(sent.concat(), "I will ");
+        let (sent, blocked) = stream(&p, &r, &["我", "要", "杀", "了", "你"]);
+        assert!(blocked);
+        assert_eq!(sent.concat(), "我要");
+        // clean text all comes out, held back at most 4 characters (the longest term: 8)
+        let (sent, blocked) = stream(&p, &r, &["a skill ", "you ", "kill time", "."]);
+        assert!(!blocked);
+        assert_eq!(sent.concat(), "a skill you kill time.");
+    }
+
+    #[test]
+    fn personal_data_is_redacted_whole_and_never_split() {
+        let (p, r) = setup("[output]\nredact_pii = true\n");
+        let (sent, blocked) = stream(
+            &p,
+            &r,
+            &[
+                "Write to jane",
+                ".doe@exam",
+                "ple.com or call 138",
+                "0013",
+                "8000 today.",
+            ],
+        );
+        assert!(!blocked);
+        assert_eq!(sent.concat(), "Write to <EMAIL> or call <PHONE> today.");
+        assert!(sent
+            .iter()
+            .all(|s| !s.contains("jane") && !s.contains("138")));
+        assert_eq!(
+            redact("ID 11010519491231002X.", &{
+                let mut h = Vec::new();
+                r.scan("ID 11010519491231002X.", true, &mut h);
+                h
+            }),
+            "ID <CN_ID>."
+        );
+    }
+
+    #[test]
+    fn logged_categories_are_kept_for_the_record() {
+        let (p, r) = setup("[output]\nlog = [\"violence\"]\n");
+        let scan = |t: &str| {
+            let mut out = Vec::new();
+            r.scan(t, false, &mut out);
+            out
+        };
+        let mut f = OutputFilter::new(8);
+        let a = f.push("I will kill you.", &p.output, &scan);
+        let b = f.finish(&p.output, &scan);
+        assert_eq!(a.text + &b.text, "I will kill you.");
+        assert_eq!(
+            f.logged().unwrap().categories,
+            vec![crate::Category::Violence]
+        );
+    }
+}
