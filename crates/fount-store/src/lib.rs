@@ -1,5 +1,6 @@
-//! `fount-store`: tenants, API keys, quotas, usage records and the pool's jobs, on an embedded SQLite file (WAL
-//! mode) or on PostgreSQL, through `sqlx` with versioned migrations.
+//! `fount-store`: tenants, API keys, quotas, usage records, the pool's jobs, and safety
+//! policies, suspensions and audit records, on an embedded SQLite file (WAL mode) or on
+//! PostgreSQL, through `sqlx` with versioned migrations.
 //!
 //! The same portable SQL runs on both; the server and `fount admin` open the store by data
 //! directory or database URL and share it.
@@ -21,6 +22,7 @@ mod finetuning;
 pub mod jobs;
 pub mod keys;
 mod ledger;
+mod safety;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -35,6 +37,7 @@ pub use jobs::{
 };
 pub use keys::{ApiKey, Scope};
 pub use ledger::{LedgerEntry, LedgerTx, NodeId, UsageCommit};
+pub use safety::{AuditRecord, SuspendKind, Suspension};
 pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};
 pub use time::{day_start, day_start_ms, month_start, now_ms, utc_day};
 pub use usage::{dollars, Price, UsageKind, UsageRecord, UsageSummary};

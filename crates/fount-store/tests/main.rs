@@ -11,4 +11,7 @@ mod jobs;
 /// Fine-tuning jobs, their events and checkpoints; owners pausing, resuming and cancelling
 /// pool jobs.
 mod finetuning;
+
+/// Safety policies, suspensions and their version, audit records.
+mod safety;
 mod util;
