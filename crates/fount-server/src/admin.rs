@@ -216,7 +216,7 @@ pub struct TenantFilter {
     pub tenant: Option<String>,
 }
 
-fn store_err(e: fount_store::Error) -> ApiError {
+pub(crate) fn store_err(e: fount_store::Error) -> ApiError {
     match e {
         fount_store::Error::Invalid(m) => ApiError::invalid("name", m),
         fount_store::Error::NotFound(m) => ApiError::NotFound {
@@ -228,7 +228,7 @@ fn store_err(e: fount_store::Error) -> ApiError {
     }
 }
 
-fn tenancy(state: &AppState) -> ApiResult<&Arc<crate::tenancy::Tenancy>> {
+pub(crate) fn tenancy(state: &AppState) -> ApiResult<&Arc<crate::tenancy::Tenancy>> {
     state.tenancy().ok_or(ApiError::NotFound {
         message: "the admin API needs tenancy (fount serve --data-dir)".into(),
         param: None,
@@ -236,7 +236,7 @@ fn tenancy(state: &AppState) -> ApiResult<&Arc<crate::tenancy::Tenancy>> {
     })
 }
 
-async fn tenant_id(state: &AppState, name: &str) -> ApiResult<String> {
+pub(crate) async fn tenant_id(state: &AppState, name: &str) -> ApiResult<String> {
     let t = tenancy(state)?;
     t.store()
         .tenant_by_name(name)

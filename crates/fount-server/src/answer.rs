@@ -20,6 +20,7 @@ use crate::protocol::{
     ChatTokenLogprob, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs, Delta,
     FinishReason, Role, TopLogprob, Usage,
 };
+use crate::safety::check::Controls;
 use crate::state::{now, AppState, InFlight};
 use crate::tenancy::Metering;
 use crate::validate::Valid;
@@ -125,16 +126,23 @@ fn add_completion_logprob(state: &AppState, acc: &mut Acc, token: u32, lp: &Toke
     );
 }
 
-/// Reads every event of a non-streamed request.
+/// Reads every event of a non-streamed request, each choice's text through its output
+/// policy; a suspension ends it with an error.
 async fn collect(
     state: &AppState,
     mut merged: Merged,
-    n: usize,
-    prompts: usize,
+    setup: &Setup,
+    controls: &mut Controls,
 ) -> ApiResult<(Vec<Acc>, Usage)> {
+    let (n, prompts) = (setup.n, setup.prompts);
     let mut accs: Vec<Acc> = (0..n * prompts).map(|_| Acc::default()).collect();
     let mut counts = Counts::default();
-    while let Some((p, e)) = merged.next().await {
+    loop {
+        let next = tokio::select! {
+            e = merged.next() => Ok(e),
+            e = controls.suspended() => Err(e),
+        };
+        let Some((p, e)) = next? else { break };
         match e {
             Event::Token {
                 choice,
@@ -142,12 +150,21 @@ async fn collect(
                 text,
                 logprob,
             } => {
-                let acc = &mut accs[p * n + choice];
+                let i = p * n + choice;
+                if controls.is_done(i) {
+                    continue;
+                }
+                let (text, blocked) = controls.token(i, text);
+                let acc = &mut accs[i];
                 if let Some(lp) = &logprob {
                     acc.logprobs.push(chat_logprob(state, token, lp));
                     add_completion_logprob(state, acc, token, lp);
                 }
                 acc.text.push_str(&text);
+                if blocked {
+                    acc.finish = Some(FinishReason::ContentFilter);
+                    counts.add(choice, &blocked_usage(setup, controls, p, i));
+                }
             }
             Event::Finished {
                 choice,
@@ -155,15 +172,42 @@ async fn collect(
                 text,
                 usage,
             } => {
-                let acc = &mut accs[p * n + choice];
+                let i = p * n + choice;
+                if controls.is_done(i) {
+                    continue;
+                }
+                let (text, blocked) = controls.finish(i, text);
+                let acc = &mut accs[i];
                 acc.text.push_str(&text);
-                acc.finish = Some(finish(reason));
+                acc.finish = Some(match blocked {
+                    true => FinishReason::ContentFilter,
+                    false => finish(reason),
+                });
                 counts.add(choice, &usage);
             }
             Event::Error(e) => return Err(ApiError::Internal(e)),
         }
+        if controls.all_done() {
+            // choices the policy ended are cancelled with the rest (dropping the streams)
+            break;
+        }
     }
     Ok((accs, counts.usage))
+}
+
+/// The usage of a choice the policy ended, as far as it went (its engine request is cancelled
+/// before it reports its own).
+fn blocked_usage(
+    setup: &Setup,
+    controls: &Controls,
+    prompt: usize,
+    i: usize,
+) -> fount_engine::Usage {
+    fount_engine::Usage {
+        prompt_tokens: setup.prompt_lens.get(prompt).copied().unwrap_or(0),
+        completion_tokens: controls.seen[i],
+        cached_tokens: 0,
+    }
 }
 
 /// What a response's shape needs to know of its request.
@@ -174,10 +218,13 @@ struct Setup {
     prompts: usize,
     logprobs: bool,
     include_usage: bool,
+    /// Prompt tokens of each prompt.
+    prompt_lens: Vec<usize>,
 }
 
 fn setup(id: String, valid: &Valid) -> Setup {
     Setup {
+        prompt_lens: valid.requests.iter().map(|r| r.prompt.len()).collect(),
         head: Head::new(id, valid),
         n: valid.requests.first().map_or(1, |r| r.n),
         prompts: valid.requests.len(),
@@ -192,6 +239,7 @@ pub async fn chat(
     valid: Valid,
     id: String,
     metering: Option<Metering>,
+    mut controls: Controls,
 ) -> ApiResult<Response> {
     let guard = state.in_flight();
     let setup = setup(id, &valid);
@@ -201,9 +249,9 @@ pub async fn chat(
         Err(e) => return Metering::fail(metering, e).await,
     };
     if stream {
-        return Ok(chat_stream(state, setup, merged, guard, metering));
+        return Ok(chat_stream(state, setup, merged, guard, metering, controls));
     }
-    let (accs, usage) = match collect(&state, merged, setup.n, 1).await {
+    let (accs, usage) = match collect(&state, merged, &setup, &mut controls).await {
         Ok(x) => x,
         Err(e) => return Metering::fail(metering, e).await,
     };
@@ -257,6 +305,7 @@ pub async fn completion(
     valid: Valid,
     id: String,
     metering: Option<Metering>,
+    mut controls: Controls,
 ) -> ApiResult<Response> {
     let guard = state.in_flight();
     let setup = setup(id, &valid);
@@ -266,10 +315,12 @@ pub async fn completion(
         Err(e) => return Metering::fail(metering, e).await,
     };
     if stream {
-        return Ok(completion_stream(state, setup, merged, guard, metering));
+        return Ok(completion_stream(
+            state, setup, merged, guard, metering, controls,
+        ));
     }
     let (n, prompts) = (setup.n, setup.prompts);
-    let (mut accs, usage) = match collect(&state, merged, n, prompts).await {
+    let (mut accs, usage) = match collect(&state, merged, &setup, &mut controls).await {
         Ok(x) => x,
         Err(e) => return Metering::fail(metering, e).await,
     };
@@ -349,6 +400,8 @@ struct StreamState<S> {
     _in_flight: InFlight,
     /// Taken when the stream ends; still here when the client went away.
     metering: Option<Metering>,
+    controls: Controls,
+    prompt_lens: Vec<usize>,
 }
 
 impl<S> StreamState<S> {
@@ -359,8 +412,11 @@ impl<S> StreamState<S> {
         setup: &Setup,
         guard: InFlight,
         metering: Option<Metering>,
+        controls: Controls,
     ) -> StreamState<S> {
         StreamState {
+            controls,
+            prompt_lens: setup.prompt_lens.clone(),
             state,
             merged,
             shape,
@@ -391,7 +447,23 @@ fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
         if s.done {
             return None;
         }
-        let Some((p, e)) = s.merged.next().await else {
+        let next = tokio::select! {
+            e = s.merged.next() => Ok(e),
+            e = s.controls.suspended() => Err(e),
+        };
+        let next = match next {
+            Ok(next) => next,
+            Err(suspended) => {
+                // the engine's requests are cancelled now, not when the client lets go
+                s.merged = stream::select_all(Vec::new());
+                s.done = true;
+                if let Some(m) = s.metering.take() {
+                    m.finish(suspended.status().as_u16()).await;
+                }
+                return Some((vec![json(&suspended.body()), "[DONE]".into()], s));
+            }
+        };
+        let Some((p, e)) = next else {
             s.done = true;
             if let Some(m) = s.metering.take() {
                 m.finish(200).await;
@@ -411,10 +483,28 @@ fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
                 logprob,
             } => {
                 let index = p * s.n + choice;
-                let chunk = s
+                if s.controls.is_done(index) {
+                    return Some((Vec::new(), s));
+                }
+                let (text, blocked) = s.controls.token(index, text);
+                let mut out: Vec<String> = s
                     .shape
-                    .token(&s.state, index, token, text, logprob.as_ref());
-                chunk.into_iter().collect()
+                    .token(&s.state, index, token, text, logprob.as_ref())
+                    .into_iter()
+                    .collect();
+                if blocked {
+                    let usage = fount_engine::Usage {
+                        prompt_tokens: s.prompt_lens.get(p).copied().unwrap_or(0),
+                        completion_tokens: s.controls.seen[index],
+                        cached_tokens: 0,
+                    };
+                    s.counts.add(choice, &usage);
+                    out.extend(
+                        s.shape
+                            .finished(index, FinishReason::ContentFilter, String::new()),
+                    );
+                }
+                out
             }
             Event::Finished {
                 choice,
@@ -422,8 +512,18 @@ fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
                 text,
                 usage,
             } => {
+                let index = p * s.n + choice;
+                if s.controls.is_done(index) {
+                    return Some((Vec::new(), s));
+                }
+                let (text, blocked) = s.controls.finish(index, text);
                 s.counts.add(choice, &usage);
-                s.shape.finished(p * s.n + choice, finish(reason), text)
+                let reason = if blocked {
+                    FinishReason::ContentFilter
+                } else {
+                    finish(reason)
+                };
+                s.shape.finished(index, reason, text)
             }
             Event::Error(e) => {
                 s.done = true;
@@ -433,6 +533,10 @@ fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
                 vec![error_payload(e), "[DONE]".into()]
             }
         };
+        if s.controls.all_done() && !s.done {
+            // every choice has ended (some by the policy): cancel what the engine still runs
+            s.merged = stream::select_all(Vec::new());
+        }
         Some((out, s))
     });
     sse(stream::iter(first).chain(body.flat_map(stream::iter)))
@@ -532,6 +636,7 @@ fn chat_stream(
     merged: Merged,
     guard: InFlight,
     metering: Option<Metering>,
+    controls: Controls,
 ) -> Response {
     let shape = ChatShape {
         head: setup.head.clone(),
@@ -546,7 +651,7 @@ fn chat_stream(
         .collect();
     drive(
         first,
-        StreamState::new(state, merged, shape, &setup, guard, metering),
+        StreamState::new(state, merged, shape, &setup, guard, metering, controls),
     )
 }
 
@@ -622,6 +727,7 @@ fn completion_stream(
     merged: Merged,
     guard: InFlight,
     metering: Option<Metering>,
+    controls: Controls,
 ) -> Response {
     let shape = CompletionShape {
         head: setup.head.clone(),
@@ -630,6 +736,6 @@ fn completion_stream(
     };
     drive(
         Vec::new(),
-        StreamState::new(state, merged, shape, &setup, guard, metering),
+        StreamState::new(state, merged, shape, &setup, guard, metering, controls),
     )
 }

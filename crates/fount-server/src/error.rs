@@ -74,6 +74,9 @@ pub enum ApiError {
     /// database is behind, and requests that could not be recorded are not taken.
     #[error("{0} usage records are waiting to be written; retry after {RETRY_AFTER_SECS} s")]
     MeteringBacklog(usize),
+    /// An operator suspended the tenant, key, model or adapter (403 `suspended`).
+    #[error("{0}")]
+    Suspended(String),
     /// The server is shutting down (503).
     #[error("the server is shutting down and accepts no new requests")]
     Draining,
@@ -86,6 +89,15 @@ pub enum ApiError {
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
 impl ApiError {
+    /// A 400 `content_policy_violation`: a policy blocks what `param` holds.
+    pub fn content_policy(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError::Invalid {
+            message: message.into(),
+            param: Some(param.into()),
+            code: Some("content_policy_violation"),
+        }
+    }
+
     /// A 400 naming `param`.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
         ApiError::Invalid {
@@ -116,7 +128,7 @@ impl ApiError {
             | ApiError::RateLimited { .. }
             | ApiError::InsufficientQuota(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::Suspended(_) => StatusCode::FORBIDDEN,
             ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -171,6 +183,7 @@ impl ApiError {
                 None,
                 Some("insufficient_scope".into()),
             ),
+            ApiError::Suspended(_) => ("permission_error", None, Some("suspended".into())),
             ApiError::Draining => (
                 "service_unavailable_error",
                 None,

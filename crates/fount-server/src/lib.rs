@@ -42,6 +42,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod protocol;
 pub mod routes;
+pub mod safety;
 pub mod state;
 pub mod tenancy;
 pub mod validate;
@@ -99,6 +100,11 @@ pub use state::{AppState, ServerConfig, SetupError};
         admin::list_prices,
         admin::set_price,
         admin::export_usage,
+        safety::routes::moderations,
+        safety::routes::set_tenant_policy,
+        safety::routes::set_key_policy,
+        safety::routes::suspend,
+        safety::routes::resume,
         routes::health,
         routes::metrics,
         routes::openapi,
@@ -125,6 +131,20 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/adapters", post(routes::register_adapter))
         .route("/v1/adapters/{id}", delete(routes::delete_adapter))
         .route("/v1/usage", get(routes::usage))
+        .route("/v1/moderations", post(safety::routes::moderations))
+        .route(
+            "/admin/v1/tenants/{tenant}/policy",
+            axum::routing::put(safety::routes::set_tenant_policy),
+        )
+        .route(
+            "/admin/v1/keys/{id}/policy",
+            axum::routing::put(safety::routes::set_key_policy),
+        )
+        .route("/admin/v1/suspensions", post(safety::routes::suspend))
+        .route(
+            "/admin/v1/suspensions/{kind}/{name}",
+            delete(safety::routes::resume),
+        )
         .route(
             "/v1/files",
             get(files::list)

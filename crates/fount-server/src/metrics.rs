@@ -75,6 +75,7 @@ pub struct ServerMetrics {
     billed_cached: Counter,
     billed_completion: Counter,
     records: Family<StatusLabel, Counter>,
+    guard: Counter,
     /// Serialises scrapes, so two never add the same increments.
     scrape: std::sync::Mutex<()>,
 }
@@ -112,8 +113,14 @@ impl ServerMetrics {
             billed_cached: Counter::default(),
             billed_completion: Counter::default(),
             records: Family::default(),
+            guard: Counter::default(),
             scrape: std::sync::Mutex::new(()),
         };
+        r.register(
+            "guard_tokens",
+            "Tokens a guard model read and wrote for policies and moderations (the operator's)",
+            m.guard.clone(),
+        );
         r.register(
             "http_requests",
             "HTTP requests by route, method and status",
@@ -212,6 +219,11 @@ impl ServerMetrics {
             m.records.clone(),
         );
         ServerMetrics { registry: r, ..m }
+    }
+
+    /// Counts tokens a guard model read and wrote.
+    pub fn guard_tokens(&self, n: usize) {
+        self.guard.inc_by(n as u64);
     }
 
     /// A function counting each usage record into the billed-token counters.

@@ -345,6 +345,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens`, or the model's context.
     Length,
+    /// A content policy stopped the answer (the text before the match is kept).
+    #[serde(rename = "content_filter")]
+    ContentFilter,
 }
 
 /// The message of a chat choice.

@@ -18,6 +18,7 @@ use crate::protocol::{
     ChatCompletionRequest, CompletionRequest, Deleted, Health, ModelCard, ModelList,
     RegisterAdapter,
 };
+use crate::safety::check;
 use crate::state::AppState;
 use crate::tenancy::{Caller, Metering};
 use crate::validate::{self, Valid};
@@ -47,17 +48,44 @@ use crate::validate::{self, Valid};
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
-    JsonBody(body): JsonBody<ChatCompletionRequest>,
+    JsonBody(mut body): JsonBody<ChatCompletionRequest>,
 ) -> ApiResult<Response> {
     let caller = caller.map(|Extension(c)| c);
     let id = answer::random_id("chatcmpl");
     let metering = metering(&state, caller.as_ref(), &id, &body.model);
+    if let Some(e) = suspended(&state, caller.as_ref(), &body.model) {
+        return Metering::fail(metering, e).await;
+    }
+    let output = match check::chat_input(&state, caller.as_ref(), &id, &mut body).await {
+        Ok(o) => o,
+        Err(e) => return Metering::fail(metering, e).await,
+    };
     let valid = validate::chat(&state, &body, caller.as_ref());
     let valid = match admit(&state, caller.as_ref(), &metering, valid).await {
         Ok(v) => v,
         Err(e) => return Metering::fail(metering, e).await,
     };
-    answer::chat(state, valid, id, metering).await
+    let controls = controls(&state, caller, &valid, output.as_ref());
+    answer::chat(state, valid, id, metering, controls).await
+}
+
+/// Why a request of `caller` for `model` may not run, if the operator suspended its tenant,
+/// key, model or adapter (an unknown model is left to validation to name).
+fn suspended(state: &AppState, caller: Option<&Caller>, model: &str) -> Option<ApiError> {
+    let adapter = validate::resolve_model(state, model, caller).ok()?;
+    state.safety.suspension(caller, model, adapter.as_deref())
+}
+
+/// What a validated request's answer is held to while it runs.
+fn controls(
+    state: &Arc<AppState>,
+    caller: Option<Caller>,
+    valid: &Valid,
+    output: Option<&check::OutputCheck>,
+) -> check::Controls {
+    let adapter = valid.requests.first().and_then(|r| r.adapter.clone());
+    let choices: usize = valid.requests.iter().map(|r| r.n).sum();
+    check::Controls::new(state, caller, adapter, output, choices)
 }
 
 /// A meter for a request of an authenticated caller, when tenancy is on.
@@ -108,17 +136,25 @@ async fn admit(
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     caller: Option<Extension<Caller>>,
-    JsonBody(body): JsonBody<CompletionRequest>,
+    JsonBody(mut body): JsonBody<CompletionRequest>,
 ) -> ApiResult<Response> {
     let caller = caller.map(|Extension(c)| c);
     let id = answer::random_id("cmpl");
     let metering = metering(&state, caller.as_ref(), &id, &body.model);
+    if let Some(e) = suspended(&state, caller.as_ref(), &body.model) {
+        return Metering::fail(metering, e).await;
+    }
+    let output = match check::completion_input(&state, caller.as_ref(), &id, &mut body).await {
+        Ok(o) => o,
+        Err(e) => return Metering::fail(metering, e).await,
+    };
     let valid = validate::completion(&state, &body, caller.as_ref());
     let valid = match admit(&state, caller.as_ref(), &metering, valid).await {
         Ok(v) => v,
         Err(e) => return Metering::fail(metering, e).await,
     };
-    answer::completion(state, valid, id, metering).await
+    let controls = controls(&state, caller, &valid, output.as_ref());
+    answer::completion(state, valid, id, metering, controls).await
 }
 
 fn base_card(state: &AppState) -> ModelCard {

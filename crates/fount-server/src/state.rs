@@ -78,6 +78,8 @@ pub struct AppState {
     files: std::sync::OnceLock<crate::files::FilesConfig>,
     fine_tuning: std::sync::OnceLock<crate::finetuning::FineTuningConfig>,
     ledger: std::sync::OnceLock<fount_ledger::Ledger>,
+    /// Policies, suspensions and the audit trail.
+    pub(crate) safety: Arc<crate::safety::Safety>,
     /// Tenant weights of the engine's fair queue (when the engine runs one).
     shares: FairShares,
 }
@@ -181,6 +183,7 @@ impl AppState {
             files: std::sync::OnceLock::new(),
             fine_tuning: std::sync::OnceLock::new(),
             ledger: std::sync::OnceLock::new(),
+            safety: Arc::new(crate::safety::Safety::new()),
             shares,
         })
     }
@@ -195,6 +198,20 @@ impl AppState {
                 tenancy
             })
             .clone()
+    }
+
+    /// Turns on tenants' policies, the operator's suspensions and the audit trail over the
+    /// tenancy's store (after [`AppState::enable_tenancy`]; once).
+    pub async fn enable_safety(&self) -> Result<(), fount_store::Error> {
+        match self.tenancy() {
+            Some(t) => self.safety.start(t.store().clone()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Safety: the operator's rules, policies, suspensions.
+    pub fn safety(&self) -> &Arc<crate::safety::Safety> {
+        &self.safety
     }
 
     /// Keeps tenants' files (OpenAI's Files API) in `cfg.dir` (once; later calls keep the first).

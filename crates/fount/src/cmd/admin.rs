@@ -52,6 +52,16 @@ pub enum AdminCommand {
     /// Usage records.
     #[command(subcommand)]
     Usage(UsageCommand),
+    /// Moderation policies of tenants and keys.
+    #[command(subcommand)]
+    Policy(super::admin_safety::PolicyCommand),
+    /// Suspends a tenant, key, model or adapter on every server sharing the store.
+    Suspend(super::admin_safety::SuspendArgs),
+    /// Lifts a suspension.
+    Resume(super::admin_safety::Switch),
+    /// The audit trail of moderation decisions and operator acts.
+    #[command(subcommand)]
+    Audit(super::admin_safety::AuditCommand),
 }
 
 /// Whose quota: a tenant's or one key's.
@@ -64,6 +74,16 @@ pub struct QuotaSubject {
     /// A key (`key_…` or its `fk-…` prefix); its quota applies on top of its tenant's.
     #[arg(long)]
     key: Option<String>,
+}
+
+impl QuotaSubject {
+    /// A key, by id or prefix.
+    pub fn key(key: &str) -> QuotaSubject {
+        QuotaSubject {
+            tenant: None,
+            key: Some(key.to_string()),
+        }
+    }
 }
 
 /// `fount admin price …`
@@ -240,7 +260,7 @@ pub enum UsageCommand {
 }
 
 /// The store's id of a quota subject: `("t", tenant id)` or `("k", key id)`.
-async fn subject_id(store: &Store, who: &QuotaSubject) -> Result<(bool, String)> {
+pub(super) async fn subject_id(store: &Store, who: &QuotaSubject) -> Result<(bool, String)> {
     match (&who.tenant, &who.key) {
         (Some(t), _) => Ok((true, tenant_id(store, t).await?)),
         (None, Some(k)) => {
@@ -299,6 +319,10 @@ pub fn run(a: AdminArgs) -> Result<()> {
             AdminCommand::Quota(c) => quotas(&store, c, &acts).await?,
             AdminCommand::Price(c) => prices(&store, c, &acts).await?,
             AdminCommand::Usage(c) => usage(&store, c).await?,
+            AdminCommand::Policy(c) => super::admin_safety::policy(&store, c, &acts).await?,
+            AdminCommand::Suspend(a) => super::admin_safety::suspend(&store, a, &acts).await?,
+            AdminCommand::Resume(w) => super::admin_safety::resume(&store, w, &acts).await?,
+            AdminCommand::Audit(c) => super::admin_safety::audit(&store, c).await?,
         }
         store.close().await;
         Ok(())
@@ -306,13 +330,13 @@ pub fn run(a: AdminArgs) -> Result<()> {
 }
 
 /// Where administrative acts are logged: the store's ledger.
-struct Acts {
+pub(super) struct Acts {
     store: Store,
     dir: PathBuf,
 }
 
 impl Acts {
-    async fn log(&self, act: &str, what: (String, serde_json::Value)) -> Result<()> {
+    pub(super) async fn log(&self, act: &str, what: (String, serde_json::Value)) -> Result<()> {
         super::ledger::log_act(&self.store, &self.dir, act, what).await
     }
 }

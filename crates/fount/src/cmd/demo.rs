@@ -348,6 +348,7 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
         pool: super::pool::PoolArgs::default(),
         witnesses: Vec::new(),
         ledger_every: 60,
+        safety_rules: None,
     };
     let train = dir.join("synth/chat/train.jsonl");
     super::serve::run_with(args, |addr| {

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod admin;
+pub mod admin_safety;
 pub mod bench;
 pub mod bench_data;
 pub mod bench_engine;

@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// usage and taking new checkpoints to the witnesses.
     #[arg(long, default_value_t = 60)]
     pub ledger_every: u64,
+    /// The operator's moderation rules (a TOML file of `[[rules]]`; docs/safety.md), instead of
+    /// fount's default list.
+    #[arg(long, env = "FOUNT_SAFETY_RULES")]
+    pub safety_rules: Option<PathBuf>,
 }
 
 /// Makes an admin key when the store has no usable one, and prints it once (to stderr, never
@@ -182,6 +186,13 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             .with_context(|| format!("loading {}", a.model.display()))?;
     let state = AppState::load_model(loaded, a.adapters.as_deref(), engine_cfg, cfg)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(path) = &a.safety_rules {
+        let text = fs_err::read_to_string(path).context("--safety-rules")?;
+        let rules = fount_safety::rules::RuleFile::parse(&text)
+            .and_then(|f| fount_safety::Rules::compile(&f.rules))
+            .with_context(|| format!("--safety-rules {}", path.display()))?;
+        state.safety().set_rules(rules);
+    }
     let max_file = parse_size(&a.max_file).context("--max-file")?;
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
@@ -235,6 +246,10 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
                 max_bytes: max_file,
             });
             let tenancy = state.enable_tenancy(store);
+            state
+                .enable_safety()
+                .await
+                .context("reading safety policies and suspensions")?;
             // fine-tuning jobs run on the pool: this process's (or `fount pool run`'s, with
             // --no-pool), which reads the paths of their commands as written here
             // (with --database-url nothing else has created it yet)

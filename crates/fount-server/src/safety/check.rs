@@ -1,0 +1,532 @@
+//! A request against its caller's policy: the input before admission (refused with 400
+//! `content_policy_violation`, or personal data redacted before the model reads it), a guard
+//! model asked through the engine, and the output filter each answer runs through.
+
+use std::sync::Arc;
+
+use fount_model::Message;
+use fount_safety::filter::Release;
+use fount_safety::guard::{self, GuardVerdict, Turn};
+use fount_safety::{content_hash, Action, Decision, Hit, OutputFilter, Policy};
+use fount_store::AuditRecord;
+
+use crate::error::{ApiError, ApiResult};
+use crate::protocol::{ChatCompletionRequest, CompletionRequest, MessageContent, Prompt, Role};
+use crate::state::AppState;
+use crate::tenancy::Caller;
+
+/// Most tokens a guard model's answer may take (`unsafe\nS1,S2,…`).
+const GUARD_TOKENS: usize = 24;
+
+/// Who and what a decision concerns, for its audit record.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    tenant_id: Option<String>,
+    key_id: Option<String>,
+    request_id: String,
+    /// `t:{id}`, `k:{id}` or `operator`.
+    policy: String,
+    keep_content: bool,
+}
+
+impl Subject {
+    /// A caller's request under the policy stored as `policy`.
+    pub fn new(caller: Option<&Caller>, request_id: &str, policy: &str, keep: bool) -> Subject {
+        Subject {
+            tenant_id: caller.map(|c| c.tenant.id.clone()),
+            key_id: caller.map(|c| c.key.id.clone()),
+            request_id: request_id.to_string(),
+            policy: policy.to_string(),
+            keep_content: keep,
+        }
+    }
+
+    /// The audit record of `decision` on `content` at `stage`.
+    pub fn record(
+        &self,
+        stage: &str,
+        action: &str,
+        decision: &Decision,
+        content: &str,
+    ) -> AuditRecord {
+        let json = |v: Vec<String>| serde_json::to_string(&v).unwrap_or_default();
+        AuditRecord {
+            id: format!("aud-{:032x}", rand::random::<u128>()),
+            created_at_ms: fount_store::now_ms(),
+            tenant_id: self.tenant_id.clone(),
+            key_id: self.key_id.clone(),
+            request_id: Some(self.request_id.clone()),
+            stage: stage.into(),
+            action: action.into(),
+            categories: json(
+                decision
+                    .categories
+                    .iter()
+                    .map(|c| c.name().to_string())
+                    .collect(),
+            ),
+            rules: json(decision.rules.clone()),
+            policy: self.policy.clone(),
+            content_sha256: content_hash(content),
+            content: self.keep_content.then(|| content.to_string()),
+        }
+    }
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Allow => "allow",
+        Action::Log => "log",
+        Action::Block => "block",
+    }
+}
+
+/// Asks the guard model `guard` (the base model's name or a public adapter's) about the last
+/// `turn` of `conversation`, greedily, on the engine with no tenant's meter (the operator pays).
+/// `None` when the guard is not served or does not answer in the format.
+pub async fn ask_guard(
+    state: &AppState,
+    guard: &str,
+    turn: Turn,
+    conversation: &[(Turn, &str)],
+) -> Option<GuardVerdict> {
+    let adapter = if guard == state.cfg.model_name {
+        None
+    } else if state.engine.adapters().current(guard).is_some() {
+        Some(guard.to_string())
+    } else {
+        tracing::error!(guard, "the policy's guard model is not served");
+        return None;
+    };
+    let question = guard::prompt(turn, conversation);
+    let text = match &state.template {
+        Some(t) => t.render(&[Message::new("user", &question)], true).ok()?,
+        None => question,
+    };
+    let prompt = state
+        .tokenizer
+        .encode(&text, state.template.is_none())
+        .ok()?;
+    let mut req = fount_engine::Request::greedy(prompt, GUARD_TOKENS);
+    req.adapter = adapter;
+    let mut stream = state.engine.submit(req).ok()?;
+    let mut answer = String::new();
+    while let Some(e) = stream.next().await {
+        match e {
+            fount_engine::Event::Token { text, .. } => answer.push_str(&text),
+            fount_engine::Event::Finished { text, usage, .. } => {
+                answer.push_str(&text);
+                state
+                    .metrics
+                    .guard_tokens(usage.prompt_tokens + usage.completion_tokens);
+            }
+            fount_engine::Event::Error(e) => {
+                tracing::error!(guard, error = %e, "the guard model failed");
+                return None;
+            }
+        }
+    }
+    let verdict = guard::parse(guard, &answer);
+    if verdict.is_none() {
+        tracing::warn!(
+            guard,
+            answer,
+            "the guard model's answer is not in the Llama Guard format"
+        );
+    }
+    verdict
+}
+
+/// Texts of a request, to check and perhaps redact in place.
+fn check_texts(
+    state: &AppState,
+    policy: &Policy,
+    subject: &Subject,
+    texts: &mut [&mut String],
+    guard: Option<&GuardVerdict>,
+    param: &str,
+) -> ApiResult<()> {
+    let side = &policy.input;
+    let pii = side.wants_pii();
+    let per_text: Vec<Vec<Hit>> = texts
+        .iter()
+        .map(|t| state.safety.scan(Some(policy), t, pii))
+        .collect();
+    let all: Vec<Hit> = per_text.iter().flatten().cloned().collect();
+    let decision = side.decide(&all, guard);
+    let joined = || {
+        texts
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    match decision.action {
+        Action::Block => {
+            state
+                .safety
+                .record(subject.record("input", "block", &decision, &joined()));
+            let names: Vec<&str> = decision.categories.iter().map(|c| c.name()).collect();
+            return Err(ApiError::content_policy(
+                param,
+                format!(
+                    "the request was refused by the content policy: it matched {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+        Action::Log => state
+            .safety
+            .record(subject.record("input", "log", &decision, &joined())),
+        Action::Allow => {}
+    }
+    if side.redact_pii {
+        let redacted: Vec<&Hit> = all.iter().filter(|h| h.rule.starts_with("pii:")).collect();
+        if !redacted.is_empty() {
+            let decision = Decision {
+                action: Action::Log,
+                categories: vec![fount_safety::Category::Pii],
+                rules: redacted.iter().map(|h| h.rule.clone()).collect(),
+            };
+            state
+                .safety
+                .record(subject.record("input", "redact", &decision, &joined()));
+            for (t, hits) in texts.iter_mut().zip(&per_text) {
+                if hits.iter().any(|h| h.rule.starts_with("pii:")) {
+                    **t = fount_safety::redact(t, hits);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the output side of a request's policy needs.
+#[derive(Debug, Clone)]
+pub struct OutputCheck {
+    state: Arc<AppState>,
+    policy: Arc<Policy>,
+    subject: Subject,
+    hold: usize,
+}
+
+/// The policy a caller is held to and the subject of its decisions, if it has one.
+fn policy_of(
+    state: &AppState,
+    caller: Option<&Caller>,
+    id: &str,
+) -> Option<(Arc<Policy>, Subject)> {
+    let (name, policy) = state.safety.policy(caller?)?;
+    let subject = Subject::new(caller, id, &name, policy.spec.keep_content);
+    Some((policy, subject))
+}
+
+/// Holds a chat request's messages to its caller's input policy (redacting them in place
+/// where it says so); returns the output side's check, if the policy has one.
+pub async fn chat_input(
+    state: &Arc<AppState>,
+    caller: Option<&Caller>,
+    id: &str,
+    body: &mut ChatCompletionRequest,
+) -> ApiResult<Option<OutputCheck>> {
+    let Some((policy, subject)) = policy_of(state, caller, id) else {
+        return Ok(None);
+    };
+    if policy.input.active() {
+        let guard = match &policy.spec.guard {
+            Some(g) => {
+                let conversation: Vec<(Turn, String)> = body
+                    .messages
+                    .iter()
+                    .filter_map(|m| {
+                        let turn = match m.role {
+                            Role::User => Turn::User,
+                            Role::Assistant => Turn::Agent,
+                            _ => return None,
+                        };
+                        Some((turn, content_text(m.content.as_ref())))
+                    })
+                    .collect();
+                let refs: Vec<(Turn, &str)> =
+                    conversation.iter().map(|(t, s)| (*t, s.as_str())).collect();
+                ask_guard(state, g, Turn::User, &refs).await
+            }
+            None => None,
+        };
+        let mut texts: Vec<&mut String> = Vec::new();
+        for m in body.messages.iter_mut() {
+            match &mut m.content {
+                Some(MessageContent::Text(t)) => texts.push(t),
+                Some(MessageContent::Parts(parts)) => {
+                    texts.extend(parts.iter_mut().filter_map(|p| p.text.as_mut()))
+                }
+                None => {}
+            }
+        }
+        check_texts(
+            state,
+            &policy,
+            &subject,
+            &mut texts,
+            guard.as_ref(),
+            "messages",
+        )?;
+    }
+    Ok(output_check(state, policy, subject))
+}
+
+fn content_text(c: Option<&MessageContent>) -> String {
+    match c {
+        None => String::new(),
+        Some(MessageContent::Text(t)) => t.clone(),
+        Some(MessageContent::Parts(parts)) => parts
+            .iter()
+            .filter_map(|p| p.text.as_deref())
+            .collect::<Vec<_>>()
+            .join(""),
+    }
+}
+
+/// Holds a completion request's prompts to its caller's input policy (token-id prompts are
+/// decoded to be checked, and become text if redacted).
+pub async fn completion_input(
+    state: &Arc<AppState>,
+    caller: Option<&Caller>,
+    id: &str,
+    body: &mut CompletionRequest,
+) -> ApiResult<Option<OutputCheck>> {
+    let Some((policy, subject)) = policy_of(state, caller, id) else {
+        return Ok(None);
+    };
+    if policy.input.active() {
+        let decode = |ids: &[u32]| {
+            state
+                .tokenizer
+                .decode(ids, true)
+                .map_err(|e| ApiError::Internal(e.to_string()))
+        };
+        let mut texts: Vec<String> = match &body.prompt {
+            Prompt::Text(t) => vec![t.clone()],
+            Prompt::Texts(ts) => ts.clone(),
+            Prompt::Tokens(ids) => vec![decode(ids)?],
+            Prompt::TokenLists(lists) => {
+                lists.iter().map(|l| decode(l)).collect::<ApiResult<_>>()?
+            }
+        };
+        let before = texts.clone();
+        let guard = match &policy.spec.guard {
+            Some(g) => {
+                let joined = texts.join("\n");
+                ask_guard(state, g, Turn::User, &[(Turn::User, &joined)]).await
+            }
+            None => None,
+        };
+        let mut refs: Vec<&mut String> = texts.iter_mut().collect();
+        check_texts(
+            state,
+            &policy,
+            &subject,
+            &mut refs,
+            guard.as_ref(),
+            "prompt",
+        )?;
+        if texts != before {
+            body.prompt = match texts.len() {
+                1 => Prompt::Text(texts.remove(0)),
+                _ => Prompt::Texts(texts),
+            };
+        }
+    }
+    Ok(output_check(state, policy, subject))
+}
+
+fn output_check(
+    state: &Arc<AppState>,
+    policy: Arc<Policy>,
+    subject: Subject,
+) -> Option<OutputCheck> {
+    if !policy.output.active() {
+        return None;
+    }
+    let hold = policy
+        .hold_chars
+        .max(state.safety.rules().longest_term())
+        .max(policy.rules.longest_term());
+    Some(OutputCheck {
+        state: state.clone(),
+        policy,
+        subject,
+        hold,
+    })
+}
+
+/// One answer's output filter.
+#[derive(Debug)]
+pub struct AnswerFilter {
+    check: OutputCheck,
+    filter: OutputFilter,
+    done: bool,
+}
+
+impl OutputCheck {
+    /// A filter for one choice.
+    pub fn filter(&self) -> AnswerFilter {
+        AnswerFilter {
+            check: self.clone(),
+            filter: OutputFilter::new(self.hold),
+            done: false,
+        }
+    }
+}
+
+impl AnswerFilter {
+    /// Adds generated text; returns what may be sent and whether the answer is blocked.
+    pub fn push(&mut self, piece: &str) -> Release {
+        if self.done {
+            return Release {
+                text: String::new(),
+                blocked: None,
+            };
+        }
+        let r = {
+            let pii = self.check.policy.output.wants_pii();
+            let (state, policy) = (&self.check.state, &self.check.policy);
+            let scan = |t: &str| state.safety.scan(Some(policy), t, pii);
+            self.filter.push(piece, &policy.output, &scan)
+        };
+        self.settle(r)
+    }
+
+    /// The end of the answer: what is left.
+    pub fn finish(&mut self) -> Release {
+        if self.done {
+            return Release {
+                text: String::new(),
+                blocked: None,
+            };
+        }
+        let r = {
+            let pii = self.check.policy.output.wants_pii();
+            let (state, policy) = (&self.check.state, &self.check.policy);
+            let scan = |t: &str| state.safety.scan(Some(policy), t, pii);
+            self.filter.finish(&policy.output, &scan)
+        };
+        let r = self.settle(r);
+        if !self.done {
+            self.done = true;
+            if let Some(logged) = self.filter.logged() {
+                let rec = self
+                    .check
+                    .subject
+                    .record("output", "log", logged, self.filter.text());
+                self.check.state.safety.record(rec);
+            }
+        }
+        r
+    }
+
+    fn settle(&mut self, r: Release) -> Release {
+        if let Some(d) = &r.blocked {
+            self.done = true;
+            let rec =
+                self.check
+                    .subject
+                    .record("output", action_name(d.action), d, self.filter.text());
+            self.check.state.safety.record(rec);
+        }
+        r
+    }
+}
+
+/// What a running answer is held to: its output policy (a filter per choice) and the operator's
+/// suspensions of its tenant, key, model or adapter.
+#[derive(Debug)]
+pub struct Controls {
+    state: Arc<AppState>,
+    caller: Option<Caller>,
+    adapter: Option<String>,
+    watch: tokio::sync::watch::Receiver<i64>,
+    filters: Option<Vec<AnswerFilter>>,
+    /// Choices finished or blocked.
+    done: Vec<bool>,
+    /// Tokens each choice generated.
+    pub seen: Vec<usize>,
+}
+
+impl Controls {
+    /// Controls over `choices` choices.
+    pub fn new(
+        state: &Arc<AppState>,
+        caller: Option<Caller>,
+        adapter: Option<String>,
+        output: Option<&OutputCheck>,
+        choices: usize,
+    ) -> Controls {
+        Controls {
+            state: state.clone(),
+            caller,
+            adapter,
+            watch: state.safety.subscribe(),
+            filters: output.map(|o| (0..choices).map(|_| o.filter()).collect()),
+            done: vec![false; choices],
+            seen: vec![0; choices],
+        }
+    }
+
+    /// Resolves once something this answer uses is suspended (at once if it already is).
+    pub async fn suspended(&mut self) -> ApiError {
+        loop {
+            let model = &self.state.cfg.model_name;
+            if let Some(e) =
+                self.state
+                    .safety
+                    .suspension(self.caller.as_ref(), model, self.adapter.as_deref())
+            {
+                return e;
+            }
+            if self.watch.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Text generated for choice `i`: what may be sent, and whether the policy ended it.
+    pub fn token(&mut self, i: usize, text: String) -> (String, bool) {
+        self.seen[i] += 1;
+        self.pass(i, text, false)
+    }
+
+    /// The last text of choice `i`: what may be sent, and whether the policy ended it.
+    pub fn finish(&mut self, i: usize, text: String) -> (String, bool) {
+        self.pass(i, text, true)
+    }
+
+    fn pass(&mut self, i: usize, text: String, last: bool) -> (String, bool) {
+        if self.done[i] {
+            return (String::new(), false);
+        }
+        let Some(f) = self.filters.as_mut().and_then(|f| f.get_mut(i)) else {
+            self.done[i] = last;
+            return (text, false);
+        };
+        let mut r = f.push(&text);
+        if last && r.blocked.is_none() {
+            let rest = f.finish();
+            r.text.push_str(&rest.text);
+            r.blocked = rest.blocked;
+        }
+        let blocked = r.blocked.is_some();
+        self.done[i] = last || blocked;
+        (r.text, blocked)
+    }
+
+    /// Whether choice `i` has ended (finished, or ended by the policy).
+    pub fn is_done(&self, i: usize) -> bool {
+        self.done[i]
+    }
+
+    /// Whether every choice has ended.
+    pub fn all_done(&self) -> bool {
+        self.done.iter().all(|d| *d)
+    }
+}
