@@ -9,6 +9,8 @@ mod files;
 mod generation;
 /// Models, adapters, health, metrics and the OpenAPI document.
 mod operations;
+/// Safety: moderations, tenants' policies on input and output, suspensions, audit records.
+mod safety;
 /// Tenancy: API keys, isolation, quotas, exact metering.
 mod tenancy;
 mod util;

@@ -46,7 +46,7 @@ enum Command {
     /// Fine-tune a LoRA adapter on chat data; merge one into its base.
     Finetune(cmd::finetune::FinetuneArgs),
     /// Serve the OpenAI-compatible HTTP API over a model and its adapters.
-    Serve(cmd::serve::ServeArgs),
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Tenants, API keys, quotas and usage.
     Admin(cmd::admin::AdminArgs),
     /// The ledger: verifier key, checkpoints, entries, verification, a witness.
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => cmd::quantize::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Finetune(a) => cmd::finetune::run(a),
-        Command::Serve(a) => cmd::serve::run(a),
+        Command::Serve(a) => cmd::serve::run(*a),
         Command::Admin(a) => cmd::admin::run(a),
         Command::Jobs(a) => cmd::jobs::run(a),
         Command::Ledger(a) => cmd::ledger::run(a),

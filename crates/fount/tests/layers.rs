@@ -17,9 +17,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fount-train", &["fount-model", "fount-data"]),
     ("fount-engine", &["fount-model"]),
     ("fount-pool", &["fount-store"]),
+    ("fount-safety", &["fount-data"]),
     (
         "fount-server",
-        &["fount-engine", "fount-ledger", "fount-model", "fount-store"],
+        &[
+            "fount-engine",
+            "fount-ledger",
+            "fount-model",
+            "fount-safety",
+            "fount-store",
+        ],
     ),
     (
         "fount",
@@ -29,6 +36,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "fount-ledger",
             "fount-model",
             "fount-pool",
+            "fount-safety",
             "fount-server",
             "fount-store",
             "fount-train",
@@ -40,13 +48,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
 const NOT_IN_POOL: &[&str] = &["fount-model", "fount-train", "fount-data", "candle-core"];
 
 /// Crates that must not reach these packages, even through others: compute never sees records
-/// (no database) or requests (no HTTP server).
+/// (no database) or requests (no HTTP server), and moderation is pure decisions the server
+/// stores.
 const COMPUTE: &[&str] = &[
     "fount-tokenizer",
     "fount-model",
     "fount-data",
     "fount-train",
     "fount-engine",
+    "fount-safety",
 ];
 const NOT_IN_COMPUTE: &[&str] = &["sqlx", "sqlx-core", "axum", "axum-core", "hyper", "tower"];
 
