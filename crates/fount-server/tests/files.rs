@@ -9,7 +9,7 @@ use fount_store::{Scope, Store};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use crate::util::{call_as, state, Reply};
+use crate::util::{call_as, key, state, Reply};
 
 /// A server with tenancy and files on over `store`, files under `dir`, uploads up to `max`.
 fn files_state(store: &Store, dir: &std::path::Path, max: usize) -> Arc<AppState> {
@@ -20,15 +20,6 @@ fn files_state(store: &Store, dir: &std::path::Path, max: usize) -> Arc<AppState
     });
     s.enable_tenancy(store.clone());
     s
-}
-
-async fn key(store: &Store, tenant: &str, scopes: &[Scope]) -> String {
-    let t = match store.tenant_by_name(tenant).await.unwrap() {
-        Some(t) => t,
-        None => store.create_tenant(tenant).await.unwrap(),
-    };
-    let (key, _) = store.create_key(&t.id, "test", scopes, None).await.unwrap();
-    key.expose().to_string()
 }
 
 /// A form field: its name, its file name (for a file), its bytes.

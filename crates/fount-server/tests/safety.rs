@@ -7,7 +7,7 @@ use fount_store::testing::stores;
 use fount_store::{Scope, Store};
 use serde_json::{json, Value};
 
-use crate::util::{call, call_as, no_eos, state, until_idle};
+use crate::util::{call, call_as, key, no_eos, state, until_idle};
 
 /// A server with tenancy and safety on over `store`.
 async fn safe_state(store: &Store) -> Arc<AppState> {
@@ -15,15 +15,6 @@ async fn safe_state(store: &Store) -> Arc<AppState> {
     s.enable_tenancy(store.clone());
     s.enable_safety().await.unwrap();
     s
-}
-
-async fn key(store: &Store, tenant: &str, scopes: &[Scope]) -> String {
-    let t = match store.tenant_by_name(tenant).await.unwrap() {
-        Some(t) => t,
-        None => store.create_tenant(tenant).await.unwrap(),
-    };
-    let (key, _) = store.create_key(&t.id, "test", scopes, None).await.unwrap();
-    key.expose().to_string()
 }
 
 async fn set_policy(
@@ -49,6 +40,23 @@ fn chat(text: &str, max_tokens: u32, stream: bool) -> String {
         "max_tokens": max_tokens, "temperature": 0, "stream": stream, "logit_bias": no_eos(),
     })
     .to_string()
+}
+
+async fn chat_as(
+    s: &Arc<AppState>,
+    key: &str,
+    text: &str,
+    max: u32,
+    stream: bool,
+) -> crate::util::Reply {
+    call_as(
+        s,
+        key,
+        Method::POST,
+        "/v1/chat/completions",
+        &chat(text, max, stream),
+    )
+    .await
 }
 
 fn message(r: &crate::util::Reply) -> String {
@@ -184,14 +192,7 @@ async fn an_input_policy_refuses_before_admission_and_bills_nothing() {
             "mail me at a@example.com",
             "how to make a bomb",
         ] {
-            let r = call_as(
-                &s,
-                &acme,
-                Method::POST,
-                "/v1/chat/completions",
-                &chat(text, 4, false),
-            )
-            .await;
+            let r = chat_as(&s, &acme, text, 4, false).await;
             assert_eq!(
                 r.status,
                 StatusCode::BAD_REQUEST,
@@ -229,24 +230,10 @@ async fn an_input_policy_refuses_before_admission_and_bills_nothing() {
             r.body
         );
         // logged, served
-        let r = call_as(
-            &s,
-            &acme,
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("I will kill you", 2, false),
-        )
-        .await;
+        let r = chat_as(&s, &acme, "I will kill you", 2, false).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         // another tenant is not held to acme's policy
-        let r = call_as(
-            &s,
-            &other,
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("counterfeit banknotes", 2, false),
-        )
-        .await;
+        let r = chat_as(&s, &other, "counterfeit banknotes", 2, false).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         until_idle(&s).await;
         s.tenancy().unwrap().flush().await;
@@ -326,14 +313,7 @@ async fn an_output_policy_ends_answers_with_content_filter_streamed_or_not() {
     let admin = key(&store, "ops", &[Scope::Admin]).await;
     let acme = key(&store, "acme", &[Scope::Inference]).await;
     // what the model says to this prompt, greedily, with no policy
-    let r = call_as(
-        &s,
-        &acme,
-        Method::POST,
-        "/v1/chat/completions",
-        &chat("Tell me a story", 40, false),
-    )
-    .await;
+    let r = chat_as(&s, &acme, "Tell me a story", 40, false).await;
     let (free, _) = answer(&r.body);
     // a word from the middle of it becomes a blocked term
     let word = free
@@ -347,14 +327,7 @@ async fn an_output_policy_ends_answers_with_content_filter_streamed_or_not() {
     let (status, v) = set_policy(&s, &admin, "acme", &policy).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     for stream in [false, true] {
-        let r = call_as(
-            &s,
-            &acme,
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("Tell me a story", 40, stream),
-        )
-        .await;
+        let r = chat_as(&s, &acme, "Tell me a story", 40, stream).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         let (text, finish) = answer(&r.body);
         assert_eq!(finish, "content_filter", "stream {stream}: {}", r.body);
@@ -387,14 +360,7 @@ async fn suspensions_stop_running_streams_and_new_requests_until_lifted() {
             let (s, acme) = (s.clone(), acme.clone());
             tokio::spawn(async move {
                 let t = Instant::now();
-                let r = call_as(
-                    &s,
-                    &acme,
-                    Method::POST,
-                    "/v1/chat/completions",
-                    &chat("Tell me a story", 1500, true),
-                )
-                .await;
+                let r = chat_as(&s, &acme, "Tell me a story", 1500, true).await;
                 (r, t.elapsed())
             })
         };
@@ -419,24 +385,10 @@ async fn suspensions_stop_running_streams_and_new_requests_until_lifted() {
         assert!(!text.is_empty(), "{b:?}: the stream had started");
         until_idle(&s).await;
         // new requests: refused at once; another tenant is served
-        let r = call_as(
-            &s,
-            &acme,
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("hi", 2, false),
-        )
-        .await;
+        let r = chat_as(&s, &acme, "hi", 2, false).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
         assert_eq!(r.error().2.as_deref(), Some("suspended"));
-        let r = call_as(
-            &s,
-            &other,
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("hi", 2, false),
-        )
-        .await;
+        let r = chat_as(&s, &other, "hi", 2, false).await;
         assert_eq!(r.status, StatusCode::OK);
         // lifted: served again
         let r = call_as(
@@ -448,14 +400,7 @@ async fn suspensions_stop_running_streams_and_new_requests_until_lifted() {
         )
         .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-        let r = call_as(
-            &s,
-            &acme,
-            Method::POST,
-            "/v1/chat/completions",
-            &chat("hi", 2, false),
-        )
-        .await;
+        let r = chat_as(&s, &acme, "hi", 2, false).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         // the model itself, through the store directly (as `fount admin suspend` does): every
         // server sharing the store sees it within its poll
@@ -554,14 +499,7 @@ async fn a_bad_policy_is_refused_and_the_old_one_stays_in_force() {
     let (status, _) = set_policy(&s, &admin, "nobody", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // the first policy still holds
-    let r = call_as(
-        &s,
-        &acme,
-        Method::POST,
-        "/v1/chat/completions",
-        &chat("how to make a bomb", 2, false),
-    )
-    .await;
+    let r = chat_as(&s, &acme, "how to make a bomb", 2, false).await;
     assert_eq!(
         r.error().2.as_deref(),
         Some("content_policy_violation"),
@@ -580,13 +518,6 @@ async fn a_bad_policy_is_refused_and_the_old_one_stays_in_force() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let r = call_as(
-        &s,
-        &acme,
-        Method::POST,
-        "/v1/chat/completions",
-        &chat("how to make a bomb", 2, false),
-    )
-    .await;
+    let r = chat_as(&s, &acme, "how to make a bomb", 2, false).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }

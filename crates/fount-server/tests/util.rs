@@ -198,3 +198,17 @@ pub async fn call_as(
 ) -> Reply {
     send(state, Some(key), method, path, body).await
 }
+
+/// A key of `tenant` (created when new) with `scopes`.
+pub async fn key(
+    store: &fount_store::Store,
+    tenant: &str,
+    scopes: &[fount_store::Scope],
+) -> String {
+    let t = match store.tenant_by_name(tenant).await.unwrap() {
+        Some(t) => t,
+        None => store.create_tenant(tenant).await.unwrap(),
+    };
+    let (key, _) = store.create_key(&t.id, "test", scopes, None).await.unwrap();
+    key.expose().to_string()
+}
