@@ -524,3 +524,145 @@ fn no_key_ever_appears_in_the_logs() {
         "{log}"
     );
 }
+
+/// `logit_bias` keeping the model at `dir` from ending a sequence, as JSON.
+fn no_eos(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("generation_config.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let ids: Vec<u64> = match &cfg["eos_token_id"] {
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+        v => v.as_u64().into_iter().collect(),
+    };
+    let bias: serde_json::Map<String, serde_json::Value> = ids
+        .iter()
+        .map(|id| (id.to_string(), (-100).into()))
+        .collect();
+    serde_json::Value::Object(bias).to_string()
+}
+
+#[test]
+fn the_openai_sdk_meets_policies_moderation_and_suspensions_set_by_fount_admin() {
+    let (model, _) = model_with_adapter("safety");
+    let server = Server::start(&model, &[]);
+    let acme = tenant_key(&model, "acme", "inference");
+    let other = tenant_key(&model, "other", "inference");
+    let data = model.with_extension("data").display().to_string();
+    let script = python_script("safety_client.py").display().to_string();
+    let base = format!("{}/v1", server.url());
+    let bias = no_eos(&model);
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--data-dir", &data];
+        all.extend_from_slice(args);
+        crate::util::fount(&all)
+    };
+    // what the model says with no policy; a word of it becomes acme's blocked term
+    let free = python(&[&script, "free", &base, &other, &bias]);
+    let free: String = serde_json::from_str(free.trim()).unwrap_or_else(|e| panic!("{e}: {free}"));
+    let term = free
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| w.len() >= 3)
+        .max_by_key(|w| w.len())
+        .unwrap_or_else(|| panic!("no word in {free:?}"))
+        .to_string();
+    let policy = model.with_extension("policy.toml");
+    let text = format!(
+        "hold_chars = 8\n[input]\nblock = [\"illicit\", \"pii\"]\n[output]\nblock = [\"hate\"]\n\
+         [[rules]]\ncategory = \"illicit\"\nterms = [\"counterfeit banknotes\", \"假钞\"]\n\
+         [[rules]]\ncategory = \"hate\"\nterms = [{term:?}]\n"
+    );
+    std::fs::write(&policy, &text).unwrap_or_else(|e| panic!("{e}"));
+    let p = policy.display().to_string();
+    let out = admin(&["policy", "set", "--tenant", "acme", "--file", &p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // a bad file is refused, naming what is wrong, and the policy in force stays
+    let bad = model.with_extension("bad.toml");
+    std::fs::write(&bad, "[input]\nblock = [\"violent\"]\n").unwrap_or_else(|e| panic!("{e}"));
+    let out = admin(&[
+        "policy",
+        "set",
+        "--tenant",
+        "acme",
+        "--file",
+        &bad.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("\"violent\"") && err.contains("not changed"),
+        "{err}"
+    );
+    let out = admin(&["policy", "show", "--tenant", "acme"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+    // the server reads the store's policies within its poll
+    std::thread::sleep(Duration::from_millis(600));
+    let out = python(&[&script, "check", &base, &acme, &other, &term, &bias]);
+    assert!(
+        out.contains("safety: all checks passed"),
+        "{out}\n{}",
+        server.log()
+    );
+    // refused requests are billed nothing, and recorded
+    let out = admin(&["usage", "export", "--format", "json", "--tenant", "acme"]);
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let refused: Vec<_> = records.iter().filter(|r| r["status"] == 400).collect();
+    assert_eq!(refused.len(), 3, "{records:?}");
+    assert!(
+        refused.iter().all(|r| r["prompt_tokens"] == 0
+            && r["completion_tokens"] == 0
+            && r["cost_usd"]
+                .as_str()
+                .is_some_and(|c| c.trim_start_matches(['0', '.']).is_empty())),
+        "{refused:?}"
+    );
+
+    // the operator's switch, thrown from the command line
+    let out = admin(&["suspend", "--tenant", "acme", "--reason", "unpaid invoice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let out = python(&[&script, "suspended", &base, &acme, &other]);
+    assert!(out.contains("suspended: all checks passed"), "{out}");
+    let out = admin(&["resume", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let out = python(&[&script, "served", &base, &acme]);
+    assert!(out.contains("served: all checks passed"), "{out}");
+
+    // the audit trail: every decision, hashed, and the switches
+    let out = admin(&["audit", "export", "--tenant", "acme"]);
+    let audit: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let count = |stage: &str, action: &str| {
+        audit
+            .iter()
+            .filter(|a| a["stage"] == stage && a["action"] == action)
+            .count()
+    };
+    assert_eq!(count("input", "block"), 3, "{audit:?}");
+    assert_eq!(count("output", "block"), 2, "{audit:?}");
+    assert_eq!(
+        (count("operator", "suspend"), count("operator", "resume")),
+        (1, 1)
+    );
+    assert!(audit
+        .iter()
+        .filter(|a| a["stage"] != "operator")
+        .all(|a| a["content"].is_null()
+            && a["content_sha256"].as_str().is_some_and(|h| h.len() == 64)));
+}
