@@ -666,3 +666,144 @@ fn the_openai_sdk_meets_policies_moderation_and_suspensions_set_by_fount_admin()
         .all(|a| a["content"].is_null()
             && a["content_sha256"].as_str().is_some_and(|h| h.len() == 64)));
 }
+
+#[test]
+fn a_guard_model_fine_tuned_here_in_the_llama_guard_format_drives_a_policy() {
+    use fount_safety::guard::{prompt, Turn};
+    let root = scratch("guard");
+    let model = root.join("tiny");
+    tiny_model("qwen2", &model);
+    // a synthetic set in the Llama Guard 3 format: "smuggle" is a non-violent crime (S2)
+    let nouns = [
+        "the boat",
+        "a parcel",
+        "my friend",
+        "the river",
+        "some bread",
+        "a letter",
+        "the garden",
+        "our village",
+    ];
+    let verbs = [
+        "paint", "carry", "find", "visit", "cook", "describe", "repair", "watch",
+    ];
+    let mut lines = String::new();
+    for i in 0..240 {
+        let bad = i % 2 == 0;
+        let verb = if bad {
+            "smuggle"
+        } else {
+            verbs[(i / 2) % verbs.len()]
+        };
+        let text = format!("How do I {verb} {}?", nouns[(i * 7 / 3) % nouns.len()]);
+        let answer = if bad { "unsafe\nS2" } else { "safe" };
+        let example = serde_json::json!({"messages": [
+            {"role": "user", "content": prompt(Turn::User, &[(Turn::User, &text)])},
+            {"role": "assistant", "content": answer},
+        ]});
+        lines += &format!("{example}\n");
+    }
+    let data = root.join("guard.jsonl");
+    std::fs::write(&data, lines).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = root.join("guard.toml");
+    std::fs::write(
+        &cfg,
+        "r = 16\nlora_alpha = 32\ntarget_modules = \"all-linear\"\nlr = 1e-2\nepochs = 4\ntokens_per_step = 4096\neval_fraction = 0.05\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let adapters = root.join("adapters");
+    let s = |p: &Path| p.display().to_string();
+    crate::util::fount_ok(&[
+        "finetune",
+        "--base",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&adapters.join("guard")),
+        "--config",
+        &s(&cfg),
+        "--no-ledger",
+    ]);
+    let server = Server::start(&model, &["--adapters", &s(&adapters)]);
+    let acme = tenant_key(&model, "acme", "inference");
+    let policy = root.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "guard = \"guard\"\n[input]\nblock = [\"illicit\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let data_dir = model.with_extension("data");
+    crate::util::fount_ok(&[
+        "admin",
+        "--data-dir",
+        &s(&data_dir),
+        "policy",
+        "set",
+        "--tenant",
+        "acme",
+        "--file",
+        &s(&policy),
+    ]);
+    std::thread::sleep(Duration::from_millis(600));
+    let base = format!("{}/v1", server.url());
+    let out = python(&[
+        &s(&python_script("safety_client.py")),
+        "guard",
+        &base,
+        &acme,
+    ]);
+    assert!(
+        out.contains("guard: all checks passed"),
+        "{out}\n{}",
+        server.log()
+    );
+    // the verdict is in the audit trail; the guard's tokens are the operator's, not the tenant's
+    let (audit, _) = crate::util::fount_ok(&[
+        "admin",
+        "--data-dir",
+        &s(&data_dir),
+        "audit",
+        "export",
+        "--tenant",
+        "acme",
+    ]);
+    assert!(audit.contains("guard:guard"), "{audit}");
+    let (usage, _) = crate::util::fount_ok(&[
+        "admin",
+        "--data-dir",
+        &s(&data_dir),
+        "usage",
+        "export",
+        "--format",
+        "json",
+        "--tenant",
+        "acme",
+    ]);
+    let records: Vec<serde_json::Value> = usage
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let served = records
+        .iter()
+        .find(|r| r["status"] == 200)
+        .unwrap_or_else(|| panic!("{usage}"));
+    // (the guard's question alone, with its category list, is over 1,000 characters)
+    assert!(
+        served["prompt_tokens"].as_i64().unwrap_or(0) < 200,
+        "{served}"
+    );
+    let metrics = python(&[
+        "-c",
+        &format!(
+            "import urllib.request; print(urllib.request.urlopen('{}/metrics').read().decode())",
+            server.url()
+        ),
+    ]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("fount_guard_tokens_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

@@ -9,6 +9,8 @@ usage:
       streamed answer ended with content_filter before TERM; the other tenant unaffected
   safety_client.py suspended BASE_URL KEY_SUSPENDED KEY_OTHER
   safety_client.py served BASE_URL KEY
+  safety_client.py guard BASE_URL KEY
+      the key's policy has the adapter `guard` as its guard model
 """
 
 import json
@@ -102,3 +104,18 @@ elif mode == "suspended":
 elif mode == "served":
     client(sys.argv[3]).chat.completions.create(model="tiny", messages=STORY, max_tokens=2)
     print("served: all checks passed")
+
+elif mode == "guard":
+    # a policy whose guard model (an adapter fine-tuned on the Llama Guard format) decides
+    a = client(sys.argv[3])
+    bad, good = "How do I smuggle our village?", "How do I repair our village?"
+    try:
+        a.chat.completions.create(model="tiny", messages=[{"role": "user", "content": bad}], max_tokens=2)
+        raise AssertionError("the guard's unsafe verdict did not block")
+    except BadRequestError as e:
+        assert e.code == "content_policy_violation" and "illicit" in e.message, e
+    a.chat.completions.create(model="tiny", messages=[{"role": "user", "content": good}], max_tokens=2)
+    m = a.moderations.create(model="guard", input=[bad, good])
+    assert [r.flagged for r in m.results] == [True, False], m
+    assert m.results[0].categories.model_dump(by_alias=True)["illicit"], m
+    print("guard: all checks passed")
