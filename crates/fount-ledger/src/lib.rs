@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod audit;
 pub mod checkpoint;
 pub mod error;
 pub mod log;

@@ -25,6 +25,8 @@ pub const DEPLOYMENT_PREDICATE: &str = "https://fount.dev/ledger/deployment/v1";
 pub const ADMIN_PREDICATE: &str = "https://fount.dev/ledger/admin/v1";
 /// A tenant's usage records of one window, as a Merkle root.
 pub const USAGE_PREDICATE: &str = "https://fount.dev/ledger/usage/v1";
+/// One hour's audit records of moderation decisions and operator switches, as a Merkle root.
+pub const AUDIT_PREDICATE: &str = "https://fount.dev/ledger/audit/v1";
 /// The builder id of runs made by fount.
 pub const BUILDER: &str = "https://fount.dev/builder/v1";
 /// The file an artifact directory's provenance is written to.

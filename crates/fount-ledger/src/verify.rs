@@ -1,6 +1,6 @@
 //! `fount ledger verify --log`: the whole log against its latest checkpoint, every earlier
 //! checkpoint against the latest by consistency proofs, the stored hashes against the entries,
-//! and every usage commitment against the records it covers.
+//! and every usage and audit commitment against the records it covers.
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -21,6 +21,10 @@ pub struct LogReport {
     pub usage_commits: usize,
     /// Records under them.
     pub usage_records: u64,
+    /// Audit commitments checked.
+    pub audit_commits: usize,
+    /// Audit records under them.
+    pub audit_records: u64,
 }
 
 /// Entries read per query.
@@ -157,6 +161,26 @@ pub async fn verify_log(ledger: &Ledger, log: &Verifier) -> Result<LogReport> {
         }
         report.usage_commits += 1;
         report.usage_records += records.len() as u64;
+    }
+    // every hour of the audit trail against its records
+    for index in store.ledger_entries_of_kind("audit").await? {
+        let records = store.audit_of_entry(index).await?;
+        let root = hex(&crate::audit::audit_root(&records));
+        let entry = ledger.entry(index).await?;
+        let st: serde_json::Value = serde_json::from_str(&entry.body)?;
+        let logged = st["subject"][0]["digest"]["sha256"]
+            .as_str()
+            .unwrap_or_default();
+        if root != logged {
+            return Err(Error::Mismatch(format!(
+                "the audit records committed in entry {index} no longer match it: {} records \
+                 now, {} committed (a decision's record was changed, added or removed)",
+                records.len(),
+                st["predicate"]["records"]
+            )));
+        }
+        report.audit_commits += 1;
+        report.audit_records += records.len() as u64;
     }
     Ok(report)
 }

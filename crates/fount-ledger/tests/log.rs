@@ -392,3 +392,88 @@ async fn an_artifact_verifies_back_to_its_raw_inputs_and_names_what_changed() {
     verify_artifact(&model, &l.verifier()).unwrap();
     let _ = unhex;
 }
+
+#[tokio::test]
+async fn each_hour_of_the_audit_trail_is_committed_and_a_changed_record_is_named() {
+    for (store, _dir) in stores("ledger_audit").await {
+        let b = store.backend();
+        let l = ledger(store.clone());
+        let h = 1_796_558_400_000i64;
+        let rec = |id: &str, at: i64, action: &str| fount_store::AuditRecord {
+            id: id.into(),
+            created_at_ms: at,
+            tenant_id: Some("ten_a".into()),
+            key_id: Some("key_1".into()),
+            request_id: Some(format!("chatcmpl-{id}")),
+            stage: "input".into(),
+            action: action.into(),
+            categories: "[\"hate\"]".into(),
+            rules: "[\"hate#1\"]".into(),
+            policy: "t:ten_a".into(),
+            content_sha256: "ab".repeat(32),
+            content: None,
+        };
+        store
+            .record_audit(&[
+                rec("a1", h + 5, "block"),
+                rec("a2", h + 9, "log"),
+                rec("a3", h + 3_600_000 + 1, "block"),
+            ])
+            .await
+            .unwrap();
+        // the hour that is over, then (late) the next one
+        assert_eq!(
+            fount_ledger::audit::commit_audit(&l, h + 3_600_000)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            fount_ledger::audit::commit_audit(&l, h + 3_600_000)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            fount_ledger::audit::commit_audit(&l, h + 7_200_000)
+                .await
+                .unwrap(),
+            1
+        );
+        let entries = store.ledger_entries_of_kind("audit").await.unwrap();
+        assert_eq!(entries.len(), 2, "{b:?}");
+        let first = l.entry(entries[0]).await.unwrap();
+        let st: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+        assert_eq!(st["predicate"]["records"], 2);
+        assert_eq!(st["predicate"]["actions"]["input/block"], 1);
+        assert_eq!(st["subject"][0]["name"], format!("audit/{h}"));
+        let r = verify_log(&l, &l.verifier()).await.unwrap();
+        assert_eq!((r.audit_commits, r.audit_records), (2, 3), "{b:?}");
+
+        // a decision rewritten after its hour was committed
+        execute(
+            &store,
+            "UPDATE audit_records SET action = 'allow' WHERE id = 'a1'",
+        )
+        .await
+        .unwrap();
+        let e = verify_log(&l, &l.verifier()).await.unwrap_err().to_string();
+        assert!(
+            e.contains("audit records committed in entry") && e.contains("no longer match"),
+            "{b:?}: {e}"
+        );
+        execute(
+            &store,
+            "UPDATE audit_records SET action = 'block' WHERE id = 'a1'",
+        )
+        .await
+        .unwrap();
+        verify_log(&l, &l.verifier()).await.unwrap();
+        // and one removed
+        execute(&store, "DELETE FROM audit_records WHERE id = 'a3'")
+            .await
+            .unwrap();
+        let e = verify_log(&l, &l.verifier()).await.unwrap_err().to_string();
+        assert!(e.contains("0 records now"), "{b:?}: {e}");
+    }
+}

@@ -6,9 +6,9 @@
 //! tenant fetches its own bill with `GET /v1/usage/proof?hour=…`: each hour's records, the
 //! entry that commits them and the entry's inclusion proof.
 //!
-//! In the background ([`run`]): every complete hour's usage is committed (and everything at
-//! shutdown, [`commit_all_usage`]); new checkpoints are taken to the configured witnesses and
-//! stored with their cosignatures.
+//! In the background ([`run`]): every complete hour's usage and audit records are committed
+//! (and everything at shutdown, [`commit_all_usage`]); new checkpoints are taken to the
+//! configured witnesses and stored with their cosignatures.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -343,18 +343,29 @@ pub async fn log_deployment(
     ledger.log("deployment", &st).await
 }
 
-/// Commits every usage record stored so far (at shutdown, after the last requests finished).
+/// Commits every usage and audit record stored so far (at shutdown, after the last requests
+/// finished).
 pub async fn commit_all_usage(state: &AppState) {
     if let Some(ledger) = state.ledger() {
-        match commit_usage(ledger, i64::MAX).await {
-            Ok(n) if n > 0 => tracing::info!(entries = n, "ledger: usage committed"),
-            Ok(_) => {}
-            Err(e) => tracing::error!("ledger: committing usage: {e}"),
-        }
+        commit_before(ledger, i64::MAX).await;
     }
 }
 
-/// The background work: hourly usage commitments and witnesses' cosignatures.
+/// Commits the usage records and the audit records created before `before_ms`.
+async fn commit_before(ledger: &Ledger, before_ms: i64) {
+    match commit_usage(ledger, before_ms).await {
+        Ok(n) if n > 0 => tracing::info!(entries = n, "ledger: usage committed"),
+        Ok(_) => {}
+        Err(e) => tracing::error!("ledger: committing usage: {e}"),
+    }
+    match fount_ledger::audit::commit_audit(ledger, before_ms).await {
+        Ok(n) if n > 0 => tracing::info!(entries = n, "ledger: audit records committed"),
+        Ok(_) => {}
+        Err(e) => tracing::error!("ledger: committing audit records: {e}"),
+    }
+}
+
+/// The background work: hourly usage and audit commitments and witnesses' cosignatures.
 pub async fn run(state: Arc<AppState>, witnesses: Vec<WitnessConfig>, every: Duration) {
     let Some(ledger) = state.ledger().cloned() else {
         return;
@@ -365,9 +376,7 @@ pub async fn run(state: Arc<AppState>, witnesses: Vec<WitnessConfig>, every: Dur
         // records arrive after their request ends: an hour is committed a minute after it ends,
         // and a record that comes later still gets an entry of its own next time
         let before = hour_of(fount_store::now_ms() - 60_000);
-        if let Err(e) = commit_usage(&ledger, before).await {
-            tracing::error!("ledger: committing usage: {e}");
-        }
+        commit_before(&ledger, before).await;
         if !witnesses.is_empty() {
             match cosign(&ledger, &witnesses, &mut sizes, last_sent).await {
                 Ok(Some(size)) => last_sent = size,

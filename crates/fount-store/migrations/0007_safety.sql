@@ -26,7 +26,8 @@ CREATE TABLE safety_version (
 INSERT INTO safety_version (id, version) VALUES (1, 0);
 
 -- stage: input, output, moderation or operator; action: allow, log, block, redact, suspend,
--- resume, policy; categories and rules: JSON arrays; content: only where the policy keeps it
+-- resume, policy; categories and rules: JSON arrays; content: only where the policy keeps it;
+-- ledger_entry: the ledger entry that commits the record's hour, once committed
 CREATE TABLE audit_records (
     id TEXT PRIMARY KEY,
     created_at_ms BIGINT NOT NULL,
@@ -39,6 +40,7 @@ CREATE TABLE audit_records (
     rules TEXT NOT NULL,
     policy TEXT NOT NULL,
     content_sha256 TEXT NOT NULL,
-    content TEXT
+    content TEXT,
+    ledger_entry BIGINT
 );
 CREATE INDEX audit_records_by_time ON audit_records (created_at_ms, id);

@@ -8,6 +8,7 @@
 use sqlx::{Any, AnyPool, Row, Transaction};
 
 use crate::error::{Error, Result};
+use crate::safety::{audit_record, AuditRecord, AUDIT_COLUMNS};
 use crate::store::Store;
 use crate::time::now_ms;
 use crate::usage::{placeholders, usage_row, UsageRecord, USAGE_COLUMNS};
@@ -219,6 +220,39 @@ impl LedgerTx {
         Ok(())
     }
 
+    /// Audit records created before `before_ms` that no entry commits yet, in
+    /// (created_at_ms, id) order.
+    pub async fn uncommitted_audit(&mut self, before_ms: i64) -> Result<Vec<AuditRecord>> {
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_records \
+             WHERE ledger_entry IS NULL AND created_at_ms < $1 ORDER BY created_at_ms, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(before_ms)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        rows.iter().map(audit_record).collect()
+    }
+
+    /// Records that audit records `ids` are committed in entry `entry_index`, appended in this
+    /// same transaction.
+    pub async fn commit_audit(&mut self, entry_index: u64, ids: &[String]) -> Result<()> {
+        for chunk in ids.chunks(500) {
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "UPDATE audit_records SET ledger_entry = $1 \
+                 WHERE ledger_entry IS NULL AND id IN ({})",
+                list.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(i64_of(entry_index)?);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            q.execute(&mut *self.tx).await?;
+        }
+        Ok(())
+    }
+
     /// Makes the append durable and releases the lock.
     pub async fn commit(self) -> Result<()> {
         self.tx.commit().await?;
@@ -380,6 +414,30 @@ impl Store {
         .fetch_all(self.ledger_pool())
         .await?;
         rows.iter().map(usage_commit).collect()
+    }
+
+    /// The audit records committed in entry `entry_index`, in the order they were hashed.
+    pub async fn audit_of_entry(&self, entry_index: u64) -> Result<Vec<AuditRecord>> {
+        let sql = format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_records WHERE ledger_entry = $1 \
+             ORDER BY created_at_ms, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(i64_of(entry_index)?)
+            .fetch_all(self.ledger_pool())
+            .await?;
+        rows.iter().map(audit_record).collect()
+    }
+
+    /// The indices of the log's entries of `kind`, in order.
+    pub async fn ledger_entries_of_kind(&self, kind: &str) -> Result<Vec<u64>> {
+        let rows = sqlx::query("SELECT idx FROM ledger_entries WHERE kind = $1 ORDER BY idx")
+            .bind(kind)
+            .fetch_all(self.ledger_pool())
+            .await?;
+        rows.iter()
+            .map(|r| u64_of(r.try_get("idx")?, "index"))
+            .collect()
     }
 
     /// The usage records committed in entry `entry_index`, in the order they were hashed.

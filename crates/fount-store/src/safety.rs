@@ -88,6 +88,20 @@ pub struct AuditRecord {
     pub content: Option<String>,
 }
 
+impl AuditRecord {
+    /// The record as JSON, keys in this order (its ledger leaf is exactly these bytes).
+    pub fn to_json(&self) -> serde_json::Value {
+        let list = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+        serde_json::json!({
+            "id": self.id, "created_at_ms": self.created_at_ms, "tenant_id": self.tenant_id,
+            "key_id": self.key_id, "request_id": self.request_id, "stage": self.stage,
+            "action": self.action, "categories": list(&self.categories),
+            "rules": list(&self.rules), "policy": self.policy,
+            "content_sha256": self.content_sha256, "content": self.content,
+        })
+    }
+}
+
 fn subject_key(s: Subject<'_>) -> String {
     match s {
         Subject::Tenant(id) => format!("t:{id}"),
@@ -95,7 +109,7 @@ fn subject_key(s: Subject<'_>) -> String {
     }
 }
 
-fn audit_record(r: &AnyRow) -> Result<AuditRecord> {
+pub(crate) fn audit_record(r: &AnyRow) -> Result<AuditRecord> {
     Ok(AuditRecord {
         id: r.try_get("id")?,
         created_at_ms: r.try_get("created_at_ms")?,
@@ -112,7 +126,8 @@ fn audit_record(r: &AnyRow) -> Result<AuditRecord> {
     })
 }
 
-const AUDIT_COLUMNS: &str = "id, created_at_ms, tenant_id, key_id, request_id, stage, action, \
+pub(crate) const AUDIT_COLUMNS: &str =
+    "id, created_at_ms, tenant_id, key_id, request_id, stage, action, \
                              categories, rules, policy, content_sha256, content";
 
 impl Store {

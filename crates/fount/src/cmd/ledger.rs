@@ -236,8 +236,13 @@ async fn command(ledger: &Ledger, c: LedgerCommand) -> Result<()> {
                 let r = verify_log(ledger, &verifier).await?;
                 println!(
                     "ok: {} entries hash to the latest checkpoint; {} checkpoints consistent with it; \
-                     {} hourly bills ({} usage records) unchanged",
-                    r.entries, r.checkpoints, r.usage_commits, r.usage_records
+                     {} hourly bills ({} usage records) and {} hours of audit ({} records) unchanged",
+                    r.entries,
+                    r.checkpoints,
+                    r.usage_commits,
+                    r.usage_records,
+                    r.audit_commits,
+                    r.audit_records
                 );
                 return Ok(());
             }
