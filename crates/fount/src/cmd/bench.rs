@@ -25,6 +25,9 @@ pub enum BenchCommand {
     Serve(super::bench_serve::ServeBench),
     /// API keys, quotas and metering on against off, and the HTTP layer over a minimal model.
     Tenancy(super::bench_tenancy::TenancyBench),
+    /// What moderation costs: a policy's rules on streams (tokens/s, time to first token), the
+    /// moderation endpoint, a guard model's share of a request.
+    Safety(super::bench_safety::SafetyBench),
     /// Training steps, full and LoRA: tokens/s, MFU and peak memory beside PyTorch.
     Train(super::bench_train::TrainBench),
     /// The compute pool: scheduling decisions, submit to start, job overhead, preemption.
@@ -81,6 +84,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Engine(a) => super::bench_engine::bench_engine(a, threads),
         BenchCommand::Serve(a) => super::bench_serve::bench_serve(a, threads),
         BenchCommand::Tenancy(a) => super::bench_tenancy::bench_tenancy(a, threads),
+        BenchCommand::Safety(a) => super::bench_safety::bench_safety(a, threads),
         BenchCommand::Train(a) => super::bench_train::bench_train(a, threads),
         BenchCommand::Pool(a) => super::bench_pool::bench_pool(a, threads),
         BenchCommand::Finetuning(a) => super::bench_finetuning::bench_finetuning(a, threads),
