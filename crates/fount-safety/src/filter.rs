@@ -1,15 +1,58 @@
 //! Applying a policy to text: redacting personal data, and the output filter a stream runs its
 //! generated text through.
 //!
-//! A stream never sends text it would have to take back: the filter holds back the last
-//! `hold_chars` characters (at least the longest term) until more text or the end shows them to
-//! be clean, so a term, a pattern or personal data up to that length is seen whole before any
-//! of it leaves. When a blocking category matches, the text before the match is released and the
+//! A stream never sends text it would have to take back. With terms alone on the output side,
+//! the filter holds back only the end of the text that may begin a term (`kil` while `kill` is a
+//! term), so clean text leaves at once. With patterns or personal data, whose matches have no
+//! fixed length, it holds back the last `hold_chars` characters until more text or the end shows
+//! them to be clean, so a match up to that length is seen whole before any of it leaves. When a blocking category matches, the text before the match is released and the
 //! answer ends (`finish_reason: "content_filter"`); with `redact_pii`, personal data is replaced
 //! by its placeholder before release.
 
 use crate::policy::{Action, Decision, Side};
-use crate::rules::{pii_placeholder, Hit};
+use crate::rules::{pii_placeholder, Hit, Rules};
+
+/// What the filter asks of the classifiers.
+pub trait Matcher {
+    /// Every match in `text`.
+    fn hits(&self, text: &str) -> Vec<Hit>;
+    /// How many bytes at the end of `text` may begin a match still being generated; `None`
+    /// when that cannot be told (patterns, personal data): the filter then holds back its fixed
+    /// amount.
+    fn pending(&self, text: &str) -> Option<usize>;
+}
+
+/// Rule sets (the operator's, a tenant's) and whether personal data counts.
+#[derive(Debug, Clone)]
+pub struct RuleMatcher<'a> {
+    /// The rules, the first also looking for personal data when `pii`.
+    pub rules: Vec<&'a Rules>,
+    /// Look for personal data.
+    pub pii: bool,
+}
+
+impl Matcher for RuleMatcher<'_> {
+    fn hits(&self, text: &str) -> Vec<Hit> {
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            r.scan(text, self.pii && i == 0, &mut out);
+        }
+        out
+    }
+
+    fn pending(&self, text: &str) -> Option<usize> {
+        if self.pii || self.rules.iter().any(|r| r.has_patterns()) {
+            return None;
+        }
+        Some(
+            self.rules
+                .iter()
+                .map(|r| r.pending(text))
+                .max()
+                .unwrap_or(0),
+        )
+    }
+}
 
 /// `text` with every personal-data hit replaced by its placeholder (`<EMAIL>`, `<PHONE>`, …).
 pub fn redact(text: &str, hits: &[Hit]) -> String {
@@ -71,15 +114,15 @@ impl OutputFilter {
         }
     }
 
-    /// Adds generated text; `scan` finds the hits in a text. Returns what may be sent.
-    pub fn push(&mut self, piece: &str, side: &Side, scan: &dyn Fn(&str) -> Vec<Hit>) -> Release {
+    /// Adds generated text; `m` finds the matches. Returns what may be sent.
+    pub fn push(&mut self, piece: &str, side: &Side, m: &dyn Matcher) -> Release {
         self.text.push_str(piece);
-        self.release(false, side, scan)
+        self.release(false, side, m)
     }
 
     /// The end of the answer: everything left is checked and released.
-    pub fn finish(&mut self, side: &Side, scan: &dyn Fn(&str) -> Vec<Hit>) -> Release {
-        self.release(true, side, scan)
+    pub fn finish(&mut self, side: &Side, m: &dyn Matcher) -> Release {
+        self.release(true, side, m)
     }
 
     /// The whole answer as generated (before redaction).
@@ -92,7 +135,7 @@ impl OutputFilter {
         self.logged.as_ref()
     }
 
-    fn release(&mut self, end: bool, side: &Side, scan: &dyn Fn(&str) -> Vec<Hit>) -> Release {
+    fn release(&mut self, end: bool, side: &Side, m: &dyn Matcher) -> Release {
         if self.blocked {
             return Release {
                 text: String::new(),
@@ -101,7 +144,8 @@ impl OutputFilter {
         }
         // matches may reach back into released text by up to `hold` characters
         let from = back_chars(&self.text, self.sent, self.hold);
-        let hits: Vec<Hit> = scan(&self.text[from..])
+        let hits: Vec<Hit> = m
+            .hits(&self.text[from..])
             .into_iter()
             .map(|h| Hit {
                 start: h.start + from,
@@ -142,10 +186,11 @@ impl OutputFilter {
             },
             Action::Allow => {}
         }
-        let mut upto = if end {
-            self.text.len()
-        } else {
-            back_chars(&self.text, self.text.len(), self.hold).max(self.sent)
+        let len = self.text.len();
+        let mut upto = match (end, m.pending(&self.text[self.sent..])) {
+            (true, _) => len,
+            (false, Some(pending)) => len - pending,
+            (false, None) => back_chars(&self.text, len, self.hold).max(self.sent),
         };
         if side.redact_pii {
             // never cut personal data in two
@@ -206,10 +251,9 @@ mod tests {
 
     /// Streams `pieces` through the filter; returns what was sent and whether it was blocked.
     fn stream(p: &Policy, r: &Rules, pieces: &[&str]) -> (Vec<String>, bool) {
-        let scan = |t: &str| {
-            let mut out = Vec::new();
-            r.scan(t, p.output.wants_pii(), &mut out);
-            out
+        let scan = RuleMatcher {
+            rules: vec![r],
+            pii: p.output.wants_pii(),
         };
         let mut f = OutputFilter::new(p.hold_chars.max(r.longest_term()));
         let mut sent = Vec::new();
@@ -234,10 +278,11 @@ mod tests {
         let (sent, blocked) = stream(&p, &r, &["我", "要", "杀", "了", "你"]);
         assert!(blocked);
         assert_eq!(sent.concat(), "我要");
-        // clean text all comes out, held back at most 4 characters (the longest term: 8)
-        let (sent, blocked) = stream(&p, &r, &["a skill ", "you ", "kill time", "."]);
+        // clean text leaves at once; only an end that may begin a term waits ("kill " may
+        // begin "kill you"; "skill you" is not the word "kill")
+        let (sent, blocked) = stream(&p, &r, &["a skill ", "you ", "kill time", ".", " ki"]);
         assert!(!blocked);
-        assert_eq!(sent.concat(), "a skill you kill time.");
+        assert_eq!(sent, ["a s", "kill you ", "kill time", ".", " ", "ki"]);
     }
 
     #[test]
@@ -272,10 +317,9 @@ mod tests {
     #[test]
     fn logged_categories_are_kept_for_the_record() {
         let (p, r) = setup("[output]\nlog = [\"violence\"]\n");
-        let scan = |t: &str| {
-            let mut out = Vec::new();
-            r.scan(t, false, &mut out);
-            out
+        let scan = RuleMatcher {
+            rules: vec![&r],
+            pii: false,
         };
         let mut f = OutputFilter::new(8);
         let a = f.push("I will kill you.", &p.output, &scan);

@@ -91,6 +91,10 @@ pub struct Rules {
     rules: Vec<Rule>,
     /// The longest term, in characters (how much text a stream holds back for the terms).
     longest: usize,
+    /// Every term, lowercased, as characters (for [`Rules::pending`]).
+    lowered: Vec<Vec<char>>,
+    /// Whether any rule has a pattern (whose matches have no length bound).
+    patterns: bool,
 }
 
 fn is_cjk_text(s: &str) -> bool {
@@ -108,6 +112,7 @@ impl Rules {
         }
         let mut rules = Vec::with_capacity(specs.len());
         let mut longest = 0;
+        let mut lowered = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
             let category = Category::parse(&spec.category)
                 .ok_or_else(|| Error::UnknownCategory(spec.category.clone()))?;
@@ -123,6 +128,7 @@ impl Rules {
                 .filter(|t| !t.is_empty())
             {
                 longest = longest.max(term.chars().count());
+                lowered.push(term.chars().flat_map(char::to_lowercase).collect());
                 let escaped = regex::escape(term);
                 let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
                 let bounded = !is_cjk_text(term);
@@ -173,7 +179,51 @@ impl Rules {
                 words: spec.words,
             });
         }
-        Ok(Rules { rules, longest })
+        let patterns = rules.iter().any(|r| !r.patterns.is_empty());
+        Ok(Rules {
+            rules,
+            longest,
+            lowered,
+            patterns,
+        })
+    }
+
+    /// Whether any rule has a regular expression.
+    pub fn has_patterns(&self) -> bool {
+        self.patterns
+    }
+
+    /// How many bytes at the end of `text` may be the start of a term not yet complete: the
+    /// longest end of `text` that begins some term (case-insensitively). A stream holds back
+    /// only these.
+    pub fn pending(&self, text: &str) -> usize {
+        let tail: Vec<(usize, char)> = text
+            .char_indices()
+            .rev()
+            .take(self.longest.saturating_sub(1))
+            .collect();
+        let mut best = 0;
+        for term in &self.lowered {
+            // the longest k < len(term) whose last k characters of `text` begin `term`
+            for k in (1..term.len().min(tail.len() + 1)).rev() {
+                if k <= best {
+                    break;
+                }
+                let starts = tail[..k]
+                    .iter()
+                    .rev()
+                    .flat_map(|(_, c)| c.to_lowercase())
+                    .eq(term[..k].iter().copied());
+                if starts {
+                    best = k;
+                    break;
+                }
+            }
+        }
+        match best {
+            0 => 0,
+            k => text.len() - tail[k - 1].0,
+        }
     }
 
     /// The longest term, in characters.
@@ -301,6 +351,17 @@ mod tests {
             hits(&r, "自杀式袭击")
         );
         assert_eq!(r.longest_term(), 7);
+    }
+
+    #[test]
+    fn only_an_end_that_may_begin_a_term_is_pending() {
+        let r = rules("[[rules]]\ncategory = \"violence\"\nterms = [\"kill you\", \"杀了你\"]");
+        assert_eq!(r.pending("I will KI"), 2);
+        assert_eq!(r.pending("I will kill yo"), 7);
+        assert_eq!(r.pending("I will kit"), 0);
+        assert_eq!(r.pending("我要杀了"), "杀了".len());
+        assert_eq!(r.pending(""), 0);
+        assert!(!r.has_patterns());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use fount_model::Message;
-use fount_safety::filter::Release;
+use fount_safety::filter::{Release, RuleMatcher};
 use fount_safety::guard::{self, GuardVerdict, Turn};
 use fount_safety::{content_hash, Action, Decision, Hit, OutputFilter, Policy};
 use fount_store::AuditRecord;
@@ -388,12 +388,13 @@ impl AnswerFilter {
                 blocked: None,
             };
         }
-        let r = {
-            let pii = self.check.policy.output.wants_pii();
-            let (state, policy) = (&self.check.state, &self.check.policy);
-            let scan = |t: &str| state.safety.scan(Some(policy), t, pii);
-            self.filter.push(piece, &policy.output, &scan)
+        let operator = self.check.state.safety.rules();
+        let policy = &self.check.policy;
+        let m = RuleMatcher {
+            rules: vec![&operator, &policy.rules],
+            pii: policy.output.wants_pii(),
         };
+        let r = self.filter.push(piece, &policy.output, &m);
         self.settle(r)
     }
 
@@ -405,12 +406,13 @@ impl AnswerFilter {
                 blocked: None,
             };
         }
-        let r = {
-            let pii = self.check.policy.output.wants_pii();
-            let (state, policy) = (&self.check.state, &self.check.policy);
-            let scan = |t: &str| state.safety.scan(Some(policy), t, pii);
-            self.filter.finish(&policy.output, &scan)
+        let operator = self.check.state.safety.rules();
+        let policy = &self.check.policy;
+        let m = RuleMatcher {
+            rules: vec![&operator, &policy.rules],
+            pii: policy.output.wants_pii(),
         };
+        let r = self.filter.finish(&policy.output, &m);
         let r = self.settle(r);
         if !self.done {
             self.done = true;
