@@ -207,7 +207,7 @@ async fn set(state: &AppState, who: Subject<'_>, body: &PolicyBody) -> ApiResult
     params(("tenant" = String, Path, description = "The tenant's name")),
     responses((status = 200, body = PolicyBody), (status = 400, body = crate::protocol::ErrorResponse),
               (status = 401, body = crate::protocol::ErrorResponse), (status = 403, body = crate::protocol::ErrorResponse),
-              (status = 404, body = crate::protocol::ErrorResponse)))]
+              (status = 404, body = crate::protocol::ErrorResponse), (status = 413, body = crate::protocol::ErrorResponse)))]
 pub async fn set_tenant_policy(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
@@ -229,7 +229,7 @@ pub async fn set_tenant_policy(
     params(("id" = String, Path, description = "`key_…` or the `fk-…` prefix")),
     responses((status = 200, body = PolicyBody), (status = 400, body = crate::protocol::ErrorResponse),
               (status = 401, body = crate::protocol::ErrorResponse), (status = 403, body = crate::protocol::ErrorResponse),
-              (status = 404, body = crate::protocol::ErrorResponse)))]
+              (status = 404, body = crate::protocol::ErrorResponse), (status = 413, body = crate::protocol::ErrorResponse)))]
 pub async fn set_key_policy(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -279,7 +279,7 @@ async fn resolve(state: &AppState, kind: &str, name: &str) -> ApiResult<(Suspend
 #[utoipa::path(post, path = "/admin/v1/suspensions", tag = "admin", request_body = SuspensionBody,
     responses((status = 200, body = SuspensionBody), (status = 400, body = crate::protocol::ErrorResponse),
               (status = 401, body = crate::protocol::ErrorResponse), (status = 403, body = crate::protocol::ErrorResponse),
-              (status = 404, body = crate::protocol::ErrorResponse)))]
+              (status = 404, body = crate::protocol::ErrorResponse), (status = 413, body = crate::protocol::ErrorResponse)))]
 pub async fn suspend(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody<SuspensionBody>,
@@ -310,8 +310,9 @@ pub async fn suspend(
 #[utoipa::path(delete, path = "/admin/v1/suspensions/{kind}/{name}", tag = "admin",
     params(("kind" = String, Path, description = "tenant, key, model or adapter"),
            ("name" = String, Path, description = "Which")),
-    responses((status = 200, body = crate::protocol::Deleted), (status = 401, body = crate::protocol::ErrorResponse),
-              (status = 403, body = crate::protocol::ErrorResponse), (status = 404, body = crate::protocol::ErrorResponse)))]
+    responses((status = 200, body = crate::protocol::Deleted), (status = 400, description = "Unknown kind", body = crate::protocol::ErrorResponse),
+              (status = 401, body = crate::protocol::ErrorResponse), (status = 403, body = crate::protocol::ErrorResponse),
+              (status = 404, body = crate::protocol::ErrorResponse)))]
 pub async fn resume(
     State(state): State<Arc<AppState>>,
     Path((kind, name)): Path<(String, String)>,
