@@ -70,9 +70,9 @@ pub fn parse(model: &str, answer: &str) -> Option<GuardVerdict> {
         _ => return None,
     };
     let mut categories: Vec<Category> = match (unsafe_, lines.next()) {
-        (true, Some(codes)) => codes
-            .split(',')
-            .filter_map(|c| Category::from_llama_guard(c.trim()))
+        (true, Some(codes)) => hazard_codes(codes)
+            .iter()
+            .filter_map(|c| Category::from_llama_guard(c))
             .collect(),
         _ => Vec::new(),
     };
@@ -83,6 +83,36 @@ pub fn parse(model: &str, answer: &str) -> Option<GuardVerdict> {
         unsafe_,
         categories,
     })
+}
+
+/// The codes `S1`–`S14` in a line, read leniently: `S1,S10`, `S1, S10`, and also `S2S2` from a
+/// small model that did not stop where Llama Guard does.
+fn hazard_codes(line: &str) -> Vec<String> {
+    let chars: Vec<char> = line.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] != 'S' && chars[i] != 's' {
+            i += 1;
+            continue;
+        }
+        let digits: String = chars[i + 1..]
+            .iter()
+            .take(2)
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        let code = match digits.parse::<u32>() {
+            Ok(n) if (1..=14).contains(&n) => digits,
+            _ => digits.chars().take(1).collect(),
+        };
+        if code.parse::<u32>().is_ok_and(|n| n >= 1) {
+            i += 1 + code.len();
+            out.push(format!("S{code}"));
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -115,5 +145,12 @@ mod tests {
         assert_eq!(parse("g", " safe\n").unwrap().categories, vec![]);
         assert!(parse("g", "unsafe").unwrap().unsafe_);
         assert_eq!(parse("g", "I cannot help with that"), None);
+        // a small model that runs on past the codes
+        let v = parse("g", "unsafe\nS2S2, s14 and more").unwrap();
+        assert_eq!(
+            v.categories,
+            vec![Category::Illicit, Category::CodeInterpreterAbuse]
+        );
+        assert_eq!(hazard_codes("S21,S0"), ["S2"]);
     }
 }

@@ -176,7 +176,7 @@ async fn collect(
                 if controls.is_done(i) {
                     continue;
                 }
-                let (text, blocked) = controls.finish(i, text);
+                let (text, blocked) = controls.finish(i, text).await;
                 let acc = &mut accs[i];
                 acc.text.push_str(&text);
                 acc.finish = Some(match blocked {
@@ -516,7 +516,7 @@ fn drive<S: Shape>(first: Vec<String>, s: StreamState<S>) -> Response {
                 if s.controls.is_done(index) {
                     return Some((Vec::new(), s));
                 }
-                let (text, blocked) = s.controls.finish(index, text);
+                let (text, blocked) = s.controls.finish(index, text).await;
                 s.counts.add(choice, &usage);
                 let reason = if blocked {
                     FinishReason::ContentFilter

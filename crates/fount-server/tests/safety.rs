@@ -521,3 +521,50 @@ async fn a_bad_policy_is_refused_and_the_old_one_stays_in_force() {
     let r = chat_as(&s, &acme, "how to make a bomb", 2, false).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
+
+#[tokio::test]
+async fn with_a_guard_on_output_an_answer_waits_whole_for_its_verdict() {
+    let (store, _dir) = stores("output_guard").await.remove(0);
+    let s = safe_state(&store).await;
+    let admin = key(&store, "ops", &[Scope::Admin]).await;
+    let plain = key(&store, "plain", &[Scope::Inference]).await;
+    let acme = key(&store, "acme", &[Scope::Inference]).await;
+    // the served model itself as the guard: it does not answer in the format, so its verdict
+    // is silent and the answer passes, but only once the guard has read all of it
+    let (status, v) = set_policy(
+        &s,
+        &admin,
+        "acme",
+        "guard = \"tiny\"\n[output]\nblock = [\"illicit\"]\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let free = chat_as(&s, &plain, "Tell me a story", 24, false).await;
+    let (want, _) = answer(&free.body);
+    assert!(!want.is_empty());
+    let r = chat_as(&s, &acme, "Tell me a story", 24, true).await;
+    let (text, finish) = answer(&r.body);
+    assert_eq!((text.as_str(), finish.as_str()), (want.as_str(), "length"));
+    // no content before the last chunk of the choice
+    let contents: Vec<String> = r
+        .events()
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(contents, std::slice::from_ref(&want), "{}", r.body);
+    let r = chat_as(&s, &acme, "Tell me a story", 24, false).await;
+    assert_eq!(answer(&r.body), (want, "length".to_string()));
+    let metrics = call(&s, Method::GET, "/metrics", "").await.body;
+    let guard = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fount_guard_tokens_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(guard > 0.0, "{metrics}");
+}

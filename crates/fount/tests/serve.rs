@@ -695,11 +695,10 @@ fn a_guard_model_fine_tuned_here_in_the_llama_guard_format_drives_a_policy() {
         } else {
             verbs[(i / 2) % verbs.len()]
         };
-        let text = format!("How do I {verb} {}?", nouns[(i * 7 / 3) % nouns.len()]);
-        let answer = if bad { "unsafe\nS2" } else { "safe" };
+        let question = format!("How do I {verb} {}?", nouns[(i * 7 / 3) % nouns.len()]);
         let example = serde_json::json!({"messages": [
-            {"role": "user", "content": prompt(Turn::User, &[(Turn::User, &text)])},
-            {"role": "assistant", "content": answer},
+            {"role": "user", "content": prompt(Turn::User, &[(Turn::User, &question)])},
+            {"role": "assistant", "content": if bad { "unsafe\nS2" } else { "safe" }},
         ]});
         lines += &format!("{example}\n");
     }
@@ -747,12 +746,17 @@ fn a_guard_model_fine_tuned_here_in_the_llama_guard_format_drives_a_policy() {
     ]);
     std::thread::sleep(Duration::from_millis(600));
     let base = format!("{}/v1", server.url());
-    let out = python(&[
-        &s(&python_script("safety_client.py")),
-        "guard",
-        &base,
-        &acme,
-    ]);
+    let out = Command::new("python3")
+        .args([
+            &s(&python_script("safety_client.py")),
+            "guard",
+            &base,
+            &acme,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let out =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.contains("guard: all checks passed"),
         "{out}\n{}",
@@ -768,7 +772,18 @@ fn a_guard_model_fine_tuned_here_in_the_llama_guard_format_drives_a_policy() {
         "--tenant",
         "acme",
     ]);
-    assert!(audit.contains("guard:guard"), "{audit}");
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let guarded = |stage: &str, action: &str| {
+        records.iter().any(|r| {
+            r["stage"] == stage
+                && r["action"] == action
+                && r["rules"].to_string().contains("guard:guard")
+        })
+    };
+    assert!(guarded("input", "block"), "{audit}");
     let (usage, _) = crate::util::fount_ok(&[
         "admin",
         "--data-dir",

@@ -126,6 +126,7 @@ pub async fn ask_guard(
             }
         }
     }
+    tracing::debug!(guard, answer, "the guard model answered");
     let verdict = guard::parse(guard, &answer);
     if verdict.is_none() {
         tracing::warn!(
@@ -208,6 +209,8 @@ pub struct OutputCheck {
     policy: Arc<Policy>,
     subject: Subject,
     hold: usize,
+    /// The last user turn, for a guard asked about the answer.
+    question: String,
 }
 
 /// The policy a caller is held to and the subject of its decisions, if it has one.
@@ -272,7 +275,15 @@ pub async fn chat_input(
             "messages",
         )?;
     }
-    Ok(output_check(state, policy, subject))
+    // what a guard asked about the answer reads as the question: the last user turn (redacted)
+    let question = body
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .map(|m| content_text(m.content.as_ref()))
+        .unwrap_or_default();
+    Ok(output_check(state, policy, subject, question))
 }
 
 fn content_text(c: Option<&MessageContent>) -> String {
@@ -337,13 +348,24 @@ pub async fn completion_input(
             };
         }
     }
-    Ok(output_check(state, policy, subject))
+    let question = match &body.prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Texts(ts) => ts.join("\n"),
+        Prompt::Tokens(ids) => state.tokenizer.decode(ids, true).unwrap_or_default(),
+        Prompt::TokenLists(lists) => lists
+            .iter()
+            .map(|l| state.tokenizer.decode(l, true).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    Ok(output_check(state, policy, subject, question))
 }
 
 fn output_check(
     state: &Arc<AppState>,
     policy: Arc<Policy>,
     subject: Subject,
+    question: String,
 ) -> Option<OutputCheck> {
     if !policy.output.active() {
         return None;
@@ -357,15 +379,19 @@ fn output_check(
         policy,
         subject,
         hold,
+        question,
     })
 }
 
-/// One answer's output filter.
+/// One answer's output filter. With a guard on the output side, nothing is sent until the
+/// guard has read the whole answer (a stream never sends what it would have to retract).
 #[derive(Debug)]
 pub struct AnswerFilter {
     check: OutputCheck,
     filter: OutputFilter,
     done: bool,
+    /// Text the rules let through, held for the guard.
+    held: Option<String>,
 }
 
 impl OutputCheck {
@@ -375,6 +401,7 @@ impl OutputCheck {
             check: self.clone(),
             filter: OutputFilter::new(self.hold),
             done: false,
+            held: self.policy.spec.guard.as_ref().map(|_| String::new()),
         }
     }
 }
@@ -395,11 +422,12 @@ impl AnswerFilter {
             pii: policy.output.wants_pii(),
         };
         let r = self.filter.push(piece, &policy.output, &m);
-        self.settle(r)
+        let r = self.settle(r);
+        self.hold(r)
     }
 
-    /// The end of the answer: what is left.
-    pub fn finish(&mut self) -> Release {
+    /// The end of the answer: what is left, once the guard (if any) has read it all.
+    pub async fn finish(&mut self) -> Release {
         if self.done {
             return Release {
                 text: String::new(),
@@ -407,24 +435,77 @@ impl AnswerFilter {
             };
         }
         let operator = self.check.state.safety.rules();
-        let policy = &self.check.policy;
+        let policy = self.check.policy.clone();
         let m = RuleMatcher {
             rules: vec![&operator, &policy.rules],
             pii: policy.output.wants_pii(),
         };
         let r = self.filter.finish(&policy.output, &m);
         let r = self.settle(r);
-        if !self.done {
-            self.done = true;
-            if let Some(logged) = self.filter.logged() {
+        if self.done {
+            return self.hold(r);
+        }
+        self.done = true;
+        if let Some(logged) = self.filter.logged() {
+            let rec = self
+                .check
+                .subject
+                .record("output", "log", logged, self.filter.text());
+            self.check.state.safety.record(rec);
+        }
+        let (Some(held), Some(guard)) = (self.held.take(), policy.spec.guard.as_deref()) else {
+            return r;
+        };
+        let (state, question) = (&self.check.state, self.check.question.as_str());
+        let conversation = [(Turn::User, question), (Turn::Agent, self.filter.text())];
+        let verdict = ask_guard(state, guard, Turn::Agent, &conversation).await;
+        let decision = policy.output.decide(&[], verdict.as_ref());
+        match decision.action {
+            Action::Allow => Release {
+                text: held + &r.text,
+                blocked: None,
+            },
+            Action::Log => {
                 let rec = self
                     .check
                     .subject
-                    .record("output", "log", logged, self.filter.text());
-                self.check.state.safety.record(rec);
+                    .record("output", "log", &decision, self.filter.text());
+                state.safety.record(rec);
+                Release {
+                    text: held + &r.text,
+                    blocked: None,
+                }
+            }
+            Action::Block => {
+                let rec =
+                    self.check
+                        .subject
+                        .record("output", "block", &decision, self.filter.text());
+                state.safety.record(rec);
+                Release {
+                    text: String::new(),
+                    blocked: Some(decision),
+                }
             }
         }
-        r
+    }
+
+    /// With a guard, what the rules let through waits for it (and a rule's block sends none).
+    fn hold(&mut self, r: Release) -> Release {
+        match &mut self.held {
+            None => r,
+            Some(_) if r.blocked.is_some() => Release {
+                text: String::new(),
+                blocked: r.blocked,
+            },
+            Some(held) => {
+                held.push_str(&r.text);
+                Release {
+                    text: String::new(),
+                    blocked: None,
+                }
+            }
+        }
     }
 
     fn settle(&mut self, r: Release) -> Release {
@@ -495,30 +576,38 @@ impl Controls {
     /// Text generated for choice `i`: what may be sent, and whether the policy ended it.
     pub fn token(&mut self, i: usize, text: String) -> (String, bool) {
         self.seen[i] += 1;
-        self.pass(i, text, false)
+        self.pass(i, text)
     }
 
     /// The last text of choice `i`: what may be sent, and whether the policy ended it.
-    pub fn finish(&mut self, i: usize, text: String) -> (String, bool) {
-        self.pass(i, text, true)
-    }
-
-    fn pass(&mut self, i: usize, text: String, last: bool) -> (String, bool) {
+    pub async fn finish(&mut self, i: usize, text: String) -> (String, bool) {
         if self.done[i] {
             return (String::new(), false);
         }
+        self.done[i] = true;
         let Some(f) = self.filters.as_mut().and_then(|f| f.get_mut(i)) else {
-            self.done[i] = last;
             return (text, false);
         };
         let mut r = f.push(&text);
-        if last && r.blocked.is_none() {
-            let rest = f.finish();
+        if r.blocked.is_none() {
+            let rest = f.finish().await;
             r.text.push_str(&rest.text);
             r.blocked = rest.blocked;
         }
         let blocked = r.blocked.is_some();
-        self.done[i] = last || blocked;
+        (r.text, blocked)
+    }
+
+    fn pass(&mut self, i: usize, text: String) -> (String, bool) {
+        if self.done[i] {
+            return (String::new(), false);
+        }
+        let Some(f) = self.filters.as_mut().and_then(|f| f.get_mut(i)) else {
+            return (text, false);
+        };
+        let r = f.push(&text);
+        let blocked = r.blocked.is_some();
+        self.done[i] = blocked;
         (r.text, blocked)
     }
 

@@ -10,7 +10,7 @@ usage:
   safety_client.py suspended BASE_URL KEY_SUSPENDED KEY_OTHER
   safety_client.py served BASE_URL KEY
   safety_client.py guard BASE_URL KEY
-      the key's policy has the adapter `guard` as its guard model
+      the key's policy has the adapter `guard` as its guard model on input
 """
 
 import json
@@ -106,7 +106,8 @@ elif mode == "served":
     print("served: all checks passed")
 
 elif mode == "guard":
-    # a policy whose guard model (an adapter fine-tuned on the Llama Guard format) decides
+    # the key's policy has the adapter `guard`, fine-tuned on the Llama Guard 3 format, before
+    # its input
     a = client(sys.argv[3])
     bad, good = "How do I smuggle our village?", "How do I repair our village?"
     try:
