@@ -1,11 +1,12 @@
 //! Applying a policy to text: redacting personal data, and the output filter a stream runs its
 //! generated text through.
 //!
-//! A stream never sends text it would have to take back. With terms alone on the output side,
-//! the filter holds back only the end of the text that may begin a term (`kil` while `kill` is a
-//! term), so clean text leaves at once. With patterns or personal data, whose matches have no
-//! fixed length, it holds back the last `hold_chars` characters until more text or the end shows
-//! them to be clean, so a match up to that length is seen whole before any of it leaves. When a blocking category matches, the text before the match is released and the
+//! A stream never sends text it would have to take back. It holds back only the end of the text
+//! that may begin a match: for terms, an end that begins a term (`kil` while `kill` is a term);
+//! for personal data, the trailing run of the characters it is written with (`jane.doe@exa`,
+//! `+1 415 `). Clean prose leaves a word at a time. Patterns, whose matches have no known
+//! alphabet, make it hold back the last `hold_chars` characters; nothing ever waits longer than
+//! that, so a match up to that length is seen whole before any of it leaves. When a blocking category matches, the text before the match is released and the
 //! answer ends (`finish_reason: "content_filter"`); with `redact_pii`, personal data is replaced
 //! by its placeholder before release.
 
@@ -17,8 +18,7 @@ pub trait Matcher {
     /// Every match in `text`.
     fn hits(&self, text: &str) -> Vec<Hit>;
     /// How many bytes at the end of `text` may begin a match still being generated; `None`
-    /// when that cannot be told (patterns, personal data): the filter then holds back its fixed
-    /// amount.
+    /// when that cannot be told (patterns): the filter then holds back its fixed amount.
     fn pending(&self, text: &str) -> Option<usize>;
 }
 
@@ -41,17 +41,49 @@ impl Matcher for RuleMatcher<'_> {
     }
 
     fn pending(&self, text: &str) -> Option<usize> {
-        if self.pii || self.rules.iter().any(|r| r.has_patterns()) {
+        if self.rules.iter().any(|r| r.has_patterns()) {
             return None;
         }
-        Some(
-            self.rules
-                .iter()
-                .map(|r| r.pending(text))
-                .max()
-                .unwrap_or(0),
-        )
+        let terms = self
+            .rules
+            .iter()
+            .map(|r| r.pending(text))
+            .max()
+            .unwrap_or(0);
+        let pii = if self.pii { pii_pending(text) } else { 0 };
+        Some(terms.max(pii))
     }
+}
+
+/// Characters personal data is written with: e-mail addresses, phone numbers, IP addresses and
+/// resident IDs are ASCII letters, digits and these.
+fn pii_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "._%+-@:()[]".contains(c)
+}
+
+/// How many bytes at the end of `text` may be part of personal data still being written: the
+/// trailing run of the characters it is written with, spaces included where they separate digit
+/// groups (`+1 415 555 0100`) or may be about to. Looks back 256 characters at most (the filter
+/// caps what it holds anyway).
+fn pii_pending(text: &str) -> usize {
+    let tail: Vec<(usize, char)> = text.char_indices().rev().take(256).collect();
+    let digitish =
+        |c: Option<&(usize, char)>| c.is_some_and(|(_, c)| c.is_ascii_digit() || ")+".contains(*c));
+    let mut start = text.len();
+    for (k, &(i, c)) in tail.iter().enumerate() {
+        let left = tail.get(k + 1);
+        let right = k.checked_sub(1).and_then(|r| tail.get(r));
+        let keep = pii_char(c)
+            || (c == ' '
+                && digitish(left)
+                && (right.is_none()
+                    || right.is_some_and(|(_, r)| r.is_ascii_digit() || *r == '(')));
+        if !keep {
+            break;
+        }
+        start = i;
+    }
+    text.len() - start
 }
 
 /// `text` with every personal-data hit replaced by its placeholder (`<EMAIL>`, `<PHONE>`, …).
@@ -187,11 +219,14 @@ impl OutputFilter {
             Action::Allow => {}
         }
         let len = self.text.len();
+        // never more than `hold` characters wait
+        let cap = back_chars(&self.text, len, self.hold);
         let mut upto = match (end, m.pending(&self.text[self.sent..])) {
             (true, _) => len,
-            (false, Some(pending)) => len - pending,
-            (false, None) => back_chars(&self.text, len, self.hold).max(self.sent),
-        };
+            (false, Some(pending)) => (len - pending).max(cap),
+            (false, None) => cap,
+        }
+        .max(self.sent);
         if side.redact_pii {
             // never cut personal data in two
             for h in hits.iter().filter(|h| pii_placeholder(&h.rule).is_some()) {
@@ -312,6 +347,20 @@ mod tests {
             }),
             "ID <CN_ID>."
         );
+    }
+
+    #[test]
+    fn what_may_still_become_personal_data_waits_and_prose_does_not() {
+        assert_eq!(pii_pending("Write to jane.doe@exa"), "jane.doe@exa".len());
+        assert_eq!(pii_pending("call +1 415 "), "+1 415 ".len());
+        assert_eq!(pii_pending("call +1 415 555 0100"), "+1 415 555 0100".len());
+        assert_eq!(pii_pending("我的手机号是138"), 3);
+        assert_eq!(pii_pending("The well is open. "), 0);
+        assert_eq!(pii_pending("It is open on Sun"), 3);
+        // prose goes out a word at a time under a PII policy
+        let (p, r) = setup("[output]\nredact_pii = true\n");
+        let (sent, _) = stream(&p, &r, &["The well ", "is open ", "on Sundays."]);
+        assert_eq!(sent, ["The well ", "is open ", "on ", "Sundays."]);
     }
 
     #[test]

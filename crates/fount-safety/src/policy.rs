@@ -31,8 +31,8 @@ use crate::error::{Error, Result};
 use crate::guard::GuardVerdict;
 use crate::rules::{Hit, RuleSpec, Rules};
 
-/// How much text a stream holds back by default so that a pattern or personal data can be seen
-/// whole before any of it is sent, in characters.
+/// The most text a stream holds back by default, in characters: a pattern's or personal data's
+/// match up to this length is seen whole before any of it is sent.
 pub const DEFAULT_HOLD_CHARS: usize = 64;
 /// The most a policy may ask a stream to hold back.
 pub const MAX_HOLD_CHARS: usize = 4096;
@@ -68,7 +68,8 @@ pub struct PolicySpec {
     /// Audit records keep the content itself, not only its hash.
     #[serde(default)]
     pub keep_content: bool,
-    /// How much a stream holds back, in characters ([`DEFAULT_HOLD_CHARS`]).
+    /// The most a stream holds back on output, in characters ([`DEFAULT_HOLD_CHARS`]); all of
+    /// it when patterns are checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_chars: Option<usize>,
     /// The tenant's own rules.

@@ -5,7 +5,8 @@
 //! - a policy with the rule classifiers on input only (the operator's rules, a tenant rule, PII
 //!   logged);
 //! - the same on input and output (output blocking, so streams hold back the longest term);
-//! - and with personal data redacted on output (streams hold back 64 characters, the default);
+//! - and with personal data redacted on output (streams also hold back a trailing run that may be
+//!   personal data);
 //!
 //! each measured with closed-loop streaming chat clients: generated tokens per second and the
 //! time to the first content chunk. Then the moderation endpoint on rules alone against
@@ -333,7 +334,7 @@ pub fn bench_safety(a: SafetyBench, threads: Option<usize>) -> Result<()> {
             "no policy",
             "rules on input",
             "rules on input and output (held back: an end that may begin a term)",
-            "… and PII redacted on output (held back: 64 characters)",
+            "… and PII redacted on output (held back: a run that may be personal data)",
         ];
         let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); labels.len()];
         for round in 0..a.rounds {
