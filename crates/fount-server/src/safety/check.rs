@@ -549,16 +549,26 @@ impl Controls {
             state: state.clone(),
             caller,
             adapter,
-            watch: state.safety.subscribe(),
+            watch: {
+                // the first look is at once
+                let mut w = state.safety.subscribe();
+                w.mark_changed();
+                w
+            },
             filters: output.map(|o| (0..choices).map(|_| o.filter()).collect()),
             done: vec![false; choices],
             seen: vec![0; choices],
         }
     }
 
-    /// Resolves once something this answer uses is suspended (at once if it already is).
+    /// Resolves once something this answer uses is suspended (at once if it already is). The
+    /// suspensions are looked at only when they were reloaded since the last look, so a stream
+    /// pays nothing per token for them.
     pub async fn suspended(&mut self) -> ApiError {
         loop {
+            if self.watch.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
             let model = &self.state.cfg.model_name;
             if let Some(e) =
                 self.state
@@ -566,9 +576,6 @@ impl Controls {
                     .suspension(self.caller.as_ref(), model, self.adapter.as_deref())
             {
                 return e;
-            }
-            if self.watch.changed().await.is_err() {
-                std::future::pending::<()>().await;
             }
         }
     }
