@@ -190,21 +190,7 @@ async fn requests(
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let req = match &body {
-                    Some(b) => hyper::Request::post(&url)
-                        .header("content-type", "application/json")
-                        .header("authorization", format!("Bearer {key}"))
-                        .body(Full::new(Bytes::from(b.clone())))?,
-                    None => hyper::Request::get(&url)
-                        .header("authorization", format!("Bearer {key}"))
-                        .body(Full::new(Bytes::new()))?,
-                };
-                let res = client.request(req).await?;
-                let status = res.status();
-                let bytes = res.into_body().collect().await?.to_bytes();
-                if !status.is_success() {
-                    bail!("HTTP {status}: {}", String::from_utf8_lossy(&bytes));
-                }
+                send(&client, &url, &key, body.as_deref()).await?;
                 n += 1;
             }
             Ok::<_, anyhow::Error>(n)
@@ -379,7 +365,7 @@ pub fn bench_safety(a: SafetyBench, threads: Option<usize>) -> Result<()> {
                     "messages": [{"role": "user", "content": format!("Question {i}: tell me about the village")}],
                 }).to_string();
                 let t = Instant::now();
-                requests_once(&client, &format!("{base}/chat/completions"), key, &body).await?;
+                send(&client, &format!("{base}/chat/completions"), key, Some(&body)).await?;
                 lat[j].push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
@@ -393,11 +379,17 @@ pub fn bench_safety(a: SafetyBench, threads: Option<usize>) -> Result<()> {
     })
 }
 
-async fn requests_once(client: &HttpClient, url: &str, key: &str, body: &str) -> Result<()> {
-    let req = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {key}"))
-        .body(Full::new(Bytes::from(body.to_string())))?;
+/// One request, `POST` with `body` or `GET` without, answered with a success status.
+async fn send(client: &HttpClient, url: &str, key: &str, body: Option<&str>) -> Result<()> {
+    let req = match body {
+        Some(b) => hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(b.to_string()))),
+        None => hyper::Request::get(url).body(Full::new(Bytes::new())),
+    };
+    let mut req = req?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse()?);
     let res = client.request(req).await?;
     let status = res.status();
     let bytes = res.into_body().collect().await?.to_bytes();
