@@ -1,5 +1,6 @@
-//! `fount-store`: tenants, API keys, quotas, usage records, the pool's jobs, and safety
-//! policies, suspensions and audit records, on an embedded SQLite file (WAL mode) or on
+//! `fount-store`: tenants, API keys, quotas, usage records, the pool's jobs, safety
+//! policies, suspensions and audit records, and what replicas share (open requests, rate
+//! windows, the adapter registry), on an embedded SQLite file (WAL mode) or on
 //! PostgreSQL, through `sqlx` with versioned migrations.
 //!
 //! The same portable SQL runs on both; the server and `fount admin` open the store by data
@@ -22,6 +23,7 @@ mod finetuning;
 pub mod jobs;
 pub mod keys;
 mod ledger;
+mod replicas;
 mod safety;
 mod store;
 #[cfg(feature = "testing")]
@@ -37,6 +39,7 @@ pub use jobs::{
 };
 pub use keys::{ApiKey, Scope};
 pub use ledger::{LedgerEntry, LedgerTx, NodeId, UsageCommit};
+pub use replicas::{AdapterEntry, Admission, Counters, Wants, ABANDONED_STATUS};
 pub use safety::{AuditRecord, SuspendKind, Suspension};
 pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};
 pub use time::{day_start, day_start_ms, month_start, now_ms, utc_day};

@@ -102,7 +102,7 @@ impl AuditRecord {
     }
 }
 
-fn subject_key(s: Subject<'_>) -> String {
+pub(crate) fn subject_key(s: Subject<'_>) -> String {
     match s {
         Subject::Tenant(id) => format!("t:{id}"),
         Subject::Key(id) => format!("k:{id}"),

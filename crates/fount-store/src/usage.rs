@@ -288,12 +288,13 @@ impl Store {
     }
 
     /// Writes usage records in one transaction; a request id already recorded is skipped, so
-    /// writing a batch again never duplicates a record. Returns the records written now.
+    /// writing a batch again never duplicates a record. On PostgreSQL the same transaction
+    /// closes the records' open requests (shared quotas). Returns the records written now.
     pub async fn record_usage(&self, records: &[UsageRecord]) -> Result<u64> {
         if records.is_empty() {
             return Ok(0);
         }
-        if records.len() <= USAGE_ROWS {
+        if records.len() <= USAGE_ROWS && self.backend() == crate::Backend::Sqlite {
             // one statement is its own transaction: one round trip to the database
             let sql = usage_sql(records.len());
             let q = bind_usage(sqlx::query(&sql), records);
@@ -316,6 +317,18 @@ impl Store {
             let sql = usage_sql(chunk.len());
             let q = bind_usage(sqlx::query(&sql), chunk);
             written += q.execute(&mut **tx).await?.rows_affected();
+            if self.backend() == crate::Backend::Postgres {
+                // the requests recorded are no longer open (replicas' shared quotas)
+                let sql = format!(
+                    "DELETE FROM open_requests WHERE request_id IN ({})",
+                    (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for r in chunk {
+                    q = q.bind(&r.request_id);
+                }
+                q.execute(&mut **tx).await?;
+            }
         }
         Ok(written)
     }

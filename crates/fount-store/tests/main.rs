@@ -15,3 +15,7 @@ mod finetuning;
 /// Safety policies, suspensions and their version, audit records.
 mod safety;
 mod util;
+
+/// What replicas share: rate windows and open requests under concurrent admissions, the
+/// sweep of a dead replica's requests, the adapter registry.
+mod replicas;

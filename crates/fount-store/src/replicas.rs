@@ -1,0 +1,417 @@
+//! Several servers on one PostgreSQL: the replicas alive, the requests each has admitted,
+//! rate windows and budgets shared by all of them, the sweep that records a dead replica's
+//! requests, and the registry of adapters registered through the API.
+//!
+//! A request's admission is one transaction ([`Store::admit_shared`]): it takes its tenant's
+//! and then its key's advisory lock, reads what both have used (requests and tokens in the last
+//! minute by second, requests open now, tokens used and reserved this day and month), lets the
+//! caller decide, and charges the minute and inserts the open request. The transaction that
+//! writes a request's usage record deletes its open request, so used plus reserved is exact at
+//! every moment on every replica.
+
+use sqlx::Row;
+
+use crate::error::Result;
+use crate::safety::subject_key;
+use crate::store::{Backend, Store, Subject};
+use crate::time::{day_start, month_start};
+use crate::usage::{UsageKind, UsageRecord};
+
+/// The status a request recorded by the sweep carries: its replica died before it ended, and
+/// the client saw what a load balancer answers then (502).
+pub const ABANDONED_STATUS: i64 = 502;
+
+/// What a tenant or a key has used of its rate windows and budgets, read under its lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Requests charged in the last 60 seconds.
+    pub minute_requests: i64,
+    /// Tokens charged in the last 60 seconds.
+    pub minute_tokens: i64,
+    /// Requests charged in the current second.
+    pub second_requests: i64,
+    /// The oldest second (Unix) with a charge in the minute.
+    pub oldest_second: Option<i64>,
+    /// Requests admitted and not yet recorded, on every replica.
+    pub in_flight: i64,
+    /// Tokens used and reserved this UTC day, when asked for.
+    pub day: Option<(i64, i64)>,
+    /// Tokens used and reserved this UTC month, when asked for.
+    pub month: Option<(i64, i64)>,
+}
+
+/// What an admission needs to read of one subject.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wants {
+    /// A requests- or tokens-per-minute limit.
+    pub minute: bool,
+    /// A limit of concurrent requests.
+    pub concurrent: bool,
+    /// A daily budget.
+    pub day: bool,
+    /// A monthly budget.
+    pub month: bool,
+}
+
+impl Wants {
+    fn any(&self) -> bool {
+        self.minute || self.concurrent || self.day || self.month
+    }
+}
+
+/// A request asking to be admitted.
+#[derive(Debug, Clone)]
+pub struct Admission<'a> {
+    /// Its request id (its usage record's).
+    pub request_id: &'a str,
+    /// The replica admitting it.
+    pub replica_id: &'a str,
+    /// Its tenant.
+    pub tenant_id: &'a str,
+    /// Its key.
+    pub key_id: &'a str,
+    /// The model asked for.
+    pub model: &'a str,
+    /// The most tokens it may use (prompts plus every token it may generate).
+    pub tokens: i64,
+    /// Now, Unix milliseconds.
+    pub now_ms: i64,
+    /// What the tenant's quota and the key's need read.
+    pub wants: [Wants; 2],
+}
+
+/// An adapter in the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterEntry {
+    /// The engine's name (`{tenant id}/{name}` for a tenant's own).
+    pub name: String,
+    /// A local directory, or a key in the artifacts store.
+    pub location: String,
+    /// SHA-256 of its files, when known.
+    pub digest: Option<String>,
+    /// The registry version of its last change.
+    pub version: i64,
+    /// Whether it was removed.
+    pub removed: bool,
+}
+
+/// The advisory lock of a subject, held until the transaction ends.
+const LOCK: &str = "SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock(hashtext($1))) AS l";
+
+impl Store {
+    /// Records replica `id` (listening at `address`) as alive, now.
+    pub async fn join_replica(&self, id: &str, address: &str, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO replicas (id, address, started_at_ms, heartbeat_ms) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms",
+        )
+        .bind(id)
+        .bind(address)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Renews replica `id`'s heartbeat; false when it was already taken for dead (and its open
+    /// requests recorded as abandoned).
+    pub async fn heartbeat(&self, id: &str, now_ms: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE replicas SET heartbeat_ms = $2 WHERE id = $1")
+            .bind(id)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Removes replica `id` at a clean stop (after its last usage record is written).
+    pub async fn leave_replica(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM replicas WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The replicas alive (heartbeat at or after `since_ms`): `(id, address)`.
+    pub async fn replicas(&self, since_ms: i64) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT id, address FROM replicas WHERE heartbeat_ms >= $1 ORDER BY started_at_ms, id",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("address")?)))
+            .collect()
+    }
+
+    /// Takes every replica whose heartbeat is older than `dead_before_ms` for dead and writes
+    /// a usage record for each request it had open: status [`ABANDONED_STATUS`], no tokens
+    /// billed (what it streamed before it died is unknown). Also drops rate-window seconds
+    /// older than two minutes. Returns the records written; replicas sweeping at once write
+    /// each record once.
+    pub async fn sweep(&self, dead_before_ms: i64, now_ms: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        // the first statement writes: replicas sweeping at once take turns on the rows
+        sqlx::query("DELETE FROM replicas WHERE heartbeat_ms < $1")
+            .bind(dead_before_ms)
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(
+            "DELETE FROM open_requests WHERE replica_id NOT IN (SELECT id FROM replicas) \
+             RETURNING request_id, tenant_id, key_id, model, created_at_ms",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut records = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let created_at_ms: i64 = r.try_get("created_at_ms")?;
+            records.push(UsageRecord {
+                request_id: r.try_get("request_id")?,
+                tenant_id: r.try_get("tenant_id")?,
+                key_id: r.try_get("key_id")?,
+                model: r.try_get("model")?,
+                adapter: None,
+                prompt_tokens: 0,
+                cached_tokens: 0,
+                completion_tokens: 0,
+                status: ABANDONED_STATUS,
+                latency_ms: (now_ms - created_at_ms).max(0),
+                created_at_ms,
+                cost_picodollars: 0,
+                kind: UsageKind::Inference,
+                slot_ms: 0,
+            });
+        }
+        let written = self.record_usage_in(&mut tx, &records).await?;
+        sqlx::query("DELETE FROM quota_seconds WHERE second < $1")
+            .bind(now_ms.div_euclid(1000) - 120)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    /// Requests admitted and not yet recorded, on every replica.
+    pub async fn open_requests(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM open_requests")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Admits a request against quotas every replica shares: under the tenant's and the key's
+    /// locks (PostgreSQL advisory locks, in that order), reads their [`Counters`] as
+    /// `a.wants` asks, and when `decide` allows, charges the minute of each subject with a
+    /// minute limit and records the request as open. `decide`'s refusal is returned as is and
+    /// nothing is charged.
+    pub async fn admit_shared<E>(
+        &self,
+        a: &Admission<'_>,
+        decide: impl FnOnce(&[Counters; 2]) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<(), E>> {
+        let subjects = [Subject::Tenant(a.tenant_id), Subject::Key(a.key_id)];
+        let mut tx = self.pool.begin().await?;
+        let mut counters = [Counters::default(), Counters::default()];
+        if a.wants.iter().any(Wants::any) {
+            match self.backend() {
+                Backend::Postgres => {
+                    for who in subjects {
+                        sqlx::query(LOCK)
+                            .bind(subject_key(who))
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    }
+                }
+                // SQLite has one writer: write first to hold it (a transaction that read first
+                // could not take it later without failing at once)
+                Backend::Sqlite => {
+                    sqlx::query("UPDATE registry_version SET version = version WHERE id = 1")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            let second = a.now_ms.div_euclid(1000);
+            for ((who, wants), c) in subjects.iter().zip(&a.wants).zip(&mut counters) {
+                if wants.minute {
+                    let r = sqlx::query(
+                        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS r, \
+                                CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t, \
+                                CAST(COALESCE(SUM(CASE WHEN second = $3 THEN requests ELSE 0 END), 0) AS BIGINT) AS s, \
+                                MIN(second) AS oldest \
+                         FROM quota_seconds WHERE subject = $1 AND second > $2",
+                    )
+                    .bind(subject_key(*who))
+                    .bind(second - 60)
+                    .bind(second)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    c.minute_requests = r.try_get("r")?;
+                    c.minute_tokens = r.try_get("t")?;
+                    c.second_requests = r.try_get("s")?;
+                    c.oldest_second = r.try_get("oldest")?;
+                }
+                if !(wants.concurrent || wants.day || wants.month) {
+                    continue;
+                }
+                let (column, id) = match who {
+                    Subject::Tenant(id) => ("tenant_id", *id),
+                    Subject::Key(id) => ("key_id", *id),
+                };
+                let r = sqlx::query(&format!(
+                    "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t \
+                     FROM open_requests WHERE {column} = $1"
+                ))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+                c.in_flight = r.try_get("n")?;
+                let reserved: i64 = r.try_get("t")?;
+                for (want, from, slot) in [
+                    (wants.day, day_start(a.now_ms), &mut c.day),
+                    (wants.month, month_start(a.now_ms), &mut c.month),
+                ] {
+                    if !want {
+                        continue;
+                    }
+                    let r = sqlx::query(&format!(
+                        "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS t \
+                         FROM usage_records WHERE {column} = $1 AND created_at_ms >= $2"
+                    ))
+                    .bind(id)
+                    .bind(from)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    *slot = Some((r.try_get("t")?, reserved));
+                }
+            }
+            if let Err(e) = decide(&counters) {
+                tx.rollback().await?;
+                return Ok(Err(e));
+            }
+            for (who, wants) in subjects.iter().zip(&a.wants) {
+                if wants.minute {
+                    sqlx::query(
+                        "INSERT INTO quota_seconds (subject, second, requests, tokens) VALUES ($1, $2, 1, $3) \
+                         ON CONFLICT (subject, second) DO UPDATE SET \
+                         requests = quota_seconds.requests + 1, tokens = quota_seconds.tokens + excluded.tokens",
+                    )
+                    .bind(subject_key(*who))
+                    .bind(second)
+                    .bind(a.tokens)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        } else if let Err(e) = decide(&counters) {
+            return Ok(Err(e));
+        }
+        sqlx::query(
+            "INSERT INTO open_requests (request_id, replica_id, tenant_id, key_id, model, tokens, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(a.request_id)
+        .bind(a.replica_id)
+        .bind(a.tenant_id)
+        .bind(a.key_id)
+        .bind(a.model)
+        .bind(a.tokens)
+        .bind(a.now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// Registers (or replaces) adapter `name` at `location` with `digest`; returns the new
+    /// registry version.
+    pub async fn registry_put(
+        &self,
+        name: &str,
+        location: &str,
+        digest: Option<&str>,
+        now_ms: i64,
+    ) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let version = bump_registry(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO adapters (name, location, digest, version, removed, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (name) DO UPDATE SET \
+             location = excluded.location, digest = excluded.digest, version = excluded.version, \
+             removed = 0, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(name)
+        .bind(location)
+        .bind(digest)
+        .bind(version)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    /// Marks adapter `name` removed; false when the registry has no such adapter.
+    pub async fn registry_remove(&self, name: &str, now_ms: i64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let version = bump_registry(&mut tx).await?;
+        let done = sqlx::query(
+            "UPDATE adapters SET removed = 1, version = $2, updated_at_ms = $3 \
+             WHERE name = $1 AND removed = 0",
+        )
+        .bind(name)
+        .bind(version)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The registry's version: it changes whenever an adapter is registered or removed.
+    pub async fn registry_version(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT version FROM registry_version WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("version")?)
+    }
+
+    /// Registry entries changed after version `since`, in the order of their changes.
+    pub async fn registry_since(&self, since: i64) -> Result<Vec<AdapterEntry>> {
+        let rows = sqlx::query(
+            "SELECT name, location, digest, version, removed FROM adapters \
+             WHERE version > $1 ORDER BY version",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let removed: i64 = r.try_get("removed")?;
+                Ok(AdapterEntry {
+                    name: r.try_get("name")?,
+                    location: r.try_get("location")?,
+                    digest: r.try_get("digest")?,
+                    version: r.try_get("version")?,
+                    removed: removed != 0,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Bumps the registry version (first, so writers take turns) and returns it.
+async fn bump_registry(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
+    sqlx::query("UPDATE registry_version SET version = version + 1 WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    let row = sqlx::query("SELECT version FROM registry_version WHERE id = 1")
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(row.try_get("version")?)
+}
