@@ -274,6 +274,13 @@ pub async fn upload(
         Ok((purpose, name, bytes, sha))
     })();
     let (purpose, filename, bytes, sha256) = checked?;
+    // with an artifacts store the bytes are kept there too: every replica (and every pool
+    // node) reads them, whichever replica took the upload
+    if let Some(a) = state.artifacts() {
+        a.put_file(&partial.path, &crate::artifacts::file_key(&caller.tenant.id, &id))
+            .await
+            .map_err(internal)?;
+    }
     tokio::fs::rename(&partial.path, dir.join(&id))
         .await
         .map_err(internal)?;
@@ -365,6 +372,22 @@ async fn find(
     Ok((f, path))
 }
 
+/// Fetches a file another replica took into `path` from the artifacts store, unless it is
+/// here already (without a store, a file is only where it was uploaded).
+pub(crate) async fn local_copy(
+    state: &AppState,
+    tenant_id: &str,
+    id: &str,
+    path: &Path,
+) -> ApiResult<()> {
+    if let (Some(a), false) = (state.artifacts(), path.exists()) {
+        a.fetch_file(&crate::artifacts::file_key(tenant_id, id), path)
+            .await
+            .map_err(internal)?;
+    }
+    Ok(())
+}
+
 /// `GET /v1/files/{file_id}`: one of the caller's files.
 #[utoipa::path(
     get,
@@ -405,7 +428,8 @@ pub async fn content(
     caller: Option<Extension<Caller>>,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
-    let (_, path) = find(&state, &caller, &id).await?;
+    let (f, path) = find(&state, &caller, &id).await?;
+    local_copy(&state, &f.tenant_id, &f.id, &path).await?;
     let file = tokio::fs::File::open(&path).await.map_err(internal)?;
     // streamed in 64 KiB reads: a file may be hundreds of megabytes
     let chunks = futures_util::stream::unfold(Some(file), |file| async move {
@@ -454,6 +478,14 @@ pub async fn delete(
     }
     // the record is gone first: a file listed always has its bytes
     discard(&path).await;
+    if let Some(a) = state.artifacts() {
+        if let Err(e) = a
+            .delete(&crate::artifacts::file_key(&caller.tenant.id, &f.id))
+            .await
+        {
+            tracing::warn!(file = %f.id, error = %e, "deleting a file from the artifacts store");
+        }
+    }
     Ok(Json(FileDeleted {
         id: f.id,
         object: "file".into(),

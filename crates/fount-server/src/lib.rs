@@ -34,6 +34,7 @@
 
 pub mod admin;
 pub mod answer;
+pub mod artifacts;
 pub mod error;
 pub mod extract;
 pub mod files;
@@ -41,6 +42,7 @@ pub mod finetuning;
 pub mod ledger;
 pub mod metrics;
 pub mod protocol;
+pub mod replicas;
 pub mod routes;
 pub mod safety;
 pub mod state;

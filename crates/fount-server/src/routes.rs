@@ -103,6 +103,9 @@ async fn admit(
     valid: ApiResult<Valid>,
 ) -> ApiResult<Valid> {
     let mut valid = valid?;
+    if let Some(adapter) = valid.requests.first().and_then(|r| r.adapter.as_deref()) {
+        state.ready_adapter(adapter).await?;
+    }
     if let (Some(tenancy), Some(caller), Some(m)) = (state.tenancy(), caller, metering) {
         tenancy
             .admit(caller, &valid.model, &mut valid.requests, m)
@@ -277,6 +280,10 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
 /// `POST /v1/adapters`: registers a PEFT adapter directory under a name (a new version if the
 /// name exists: running streams keep the old one).
 #[utoipa::path(
@@ -308,7 +315,23 @@ pub async fn register_adapter(
             ),
         ));
     }
-    let dir = PathBuf::from(&body.path);
+    // an adapter already in the artifacts store is fetched (and checked) first
+    let (dir, stored) = match crate::artifacts::key_of(&body.path) {
+        Some(key) => {
+            let a = state.artifacts().ok_or_else(|| {
+                ApiError::invalid("path", "this server keeps no artifacts store (fount serve --artifacts)")
+            })?;
+            let dir = a.fetch_dir(key, None).await.map_err(|e| {
+                ApiError::invalid("path", format!("no usable adapter at {:?}: {e}", body.path))
+            })?;
+            let digest = fount_store::artifacts::manifest_of(&dir).map_err(internal)?.digest;
+            (dir, Some((body.path.clone(), digest)))
+        }
+        None => {
+            let dir = PathBuf::from(&body.path);
+            (std::path::absolute(&dir).unwrap_or(dir), None)
+        }
+    };
     // load it once to refuse an unusable adapter now rather than on a tenant's first request
     let check = {
         let (dir, config, dtype) = (dir.clone(), state.config.clone(), state.dtype);
@@ -322,7 +345,26 @@ pub async fn register_adapter(
     check.map_err(|e| ApiError::invalid("path", format!("no usable adapter at {dir:?}: {e}")))?;
     // a tenant's adapters are its own; an admin key registers public ones
     let name = engine_name(caller.as_ref(), &body.name);
+    // every replica finds it where this one wrote it: the artifacts store, or the path given
+    let (location, digest) = match (stored, state.artifacts()) {
+        (Some((location, digest)), _) => (location, Some(digest)),
+        (None, Some(a)) => {
+            let (location, digest) = state
+                .upload_adapter(a, &name, &dir)
+                .await
+                .map_err(internal)?;
+            (location, Some(digest))
+        }
+        (None, None) => (dir.display().to_string(), None),
+    };
     state.register_adapter(&name, dir.clone());
+    state.registry.applied(&name, &location, digest.as_deref());
+    if let Some(t) = state.tenancy() {
+        t.store()
+            .registry_put(&name, &location, digest.as_deref(), fount_store::now_ms())
+            .await
+            .map_err(internal)?;
+    }
     crate::ledger::log_model(&state, &body.name, &dir, "adapter").await;
     Ok(Json(adapter_card(&state, &name, &body.name)))
 }
@@ -357,6 +399,13 @@ pub async fn delete_adapter(
     }
     if let Ok(mut t) = state.adapter_times.lock() {
         t.remove(&name);
+    }
+    state.registry.forget(&name);
+    if let Some(t) = state.tenancy() {
+        t.store()
+            .registry_remove(&name, fount_store::now_ms())
+            .await
+            .map_err(internal)?;
     }
     crate::ledger::log_act(
         &state,

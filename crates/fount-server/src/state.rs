@@ -82,6 +82,10 @@ pub struct AppState {
     pub(crate) safety: Arc<crate::safety::Safety>,
     /// Tenant weights of the engine's fair queue (when the engine runs one).
     shares: FairShares,
+    /// What this replica has applied of the store's adapter registry.
+    pub(crate) registry: crate::replicas::Registry,
+    /// Where adapters, fine-tuned models and files are kept besides local disk.
+    pub(crate) artifacts: std::sync::OnceLock<fount_store::artifacts::Artifacts>,
 }
 
 /// A running generation request; see [`AppState::requests_in_flight`].
@@ -185,6 +189,8 @@ impl AppState {
             ledger: std::sync::OnceLock::new(),
             safety: Arc::new(crate::safety::Safety::new()),
             shares,
+            registry: crate::replicas::Registry::default(),
+            artifacts: std::sync::OnceLock::new(),
         })
     }
 

@@ -522,7 +522,9 @@ impl Store {
              FROM ft_checkpoints c JOIN ft_jobs j ON j.id = c.job_id \
              WHERE c.created_at_ms >= $1 \
              UNION ALL \
-             SELECT tenant_id, fine_tuned_model AS name, out_dir AS path, \
+             SELECT tenant_id, fine_tuned_model AS name, \
+               COALESCE((SELECT c.path FROM ft_checkpoints c WHERE c.job_id = ft_jobs.id \
+                 ORDER BY c.step DESC, c.created_at_ms DESC LIMIT 1), out_dir) AS path, \
                finished_at_ms AS created_at_ms \
              FROM ft_jobs WHERE status = 'succeeded' AND fine_tuned_model IS NOT NULL \
                AND finished_at_ms >= $1 \

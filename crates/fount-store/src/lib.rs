@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod artifacts;
 pub mod error;
 mod files;
 mod finetuning;

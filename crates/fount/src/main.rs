@@ -56,6 +56,9 @@ enum Command {
     /// The compute pool on its own (`fount serve` runs one inside by default).
     #[command(subcommand)]
     Pool(cmd::pool::PoolCommand),
+    /// Put models, adapters and shards into the object store replicas share, list and fetch
+    /// them.
+    Artifacts(cmd::artifacts::ArtifactsArgs),
     /// Measure speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::Jobs(a) => cmd::jobs::run(a),
         Command::Ledger(a) => cmd::ledger::run(a),
         Command::Pool(c) => cmd::pool::run(c),
+        Command::Artifacts(a) => cmd::artifacts::run(a),
         Command::Bench(c) => cmd::bench::run(c, cli.threads),
     };
     match result {

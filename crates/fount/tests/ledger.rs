@@ -1,5 +1,4 @@
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -9,7 +8,7 @@ use fount_ledger::merkle::{leaf_hash, verify_inclusion, MemoryTree};
 use fount_ledger::note::Verifier;
 use serde_json::{json, Value};
 
-use crate::util::{fount, fount_ok, go_verify, tiny_model};
+use crate::util::{fount, fount_ok, go_verify, http, tiny_model};
 
 /// A child process killed when dropped, with the address it printed.
 struct Proc {
@@ -111,64 +110,6 @@ impl Proc {
     }
 }
 
-/// A minimal HTTP/1.1 exchange (`Connection: close`), for a test that needs no client library.
-fn http(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> (u16, String) {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut s = TcpStream::connect(host).unwrap_or_else(|e| panic!("{url}: {e}"));
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    if let Some(k) = key {
-        req.push_str(&format!("Authorization: Bearer {k}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    if !body.is_empty() {
-        // the API takes JSON; a witness takes its text protocol
-        let ty = if body.starts_with('{') {
-            "application/json"
-        } else {
-            "text/plain"
-        };
-        req.push_str(&format!(
-            "Content-Type: {ty}\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes())
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let (head, mut payload) = text
-        .split_once("\r\n\r\n")
-        .map_or((text.as_str(), String::new()), |(h, b)| (h, b.to_string()));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = payload.as_str();
-        while let Some((size, after)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            out.push_str(&after[..n.min(after.len())]);
-            rest = after.get(n + 2..).unwrap_or("");
-        }
-        payload = out;
-    }
-    (status, payload)
-}
 
 fn json_of(status_body: (u16, String), want: u16) -> Value {
     let (status, body) = status_body;

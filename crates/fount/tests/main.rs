@@ -35,4 +35,7 @@ mod gguf_vocab;
 /// `fount train`: learning on curated shards, SIGKILL and exact resumption, bad configs.
 mod train_cli;
 
+/// Three `fount serve` replicas behind HAProxy, on PostgreSQL and an S3-compatible object store.
+mod replicas;
+
 mod util;

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use crate::util::tiny_model;
 
 /// A running `fount serve`, killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
     /// The admin key it printed on its first start.
-    key: String,
+    pub(crate) key: String,
     log: Arc<Mutex<String>>,
 }
 
@@ -35,12 +35,23 @@ impl Server {
 
     /// Starts `fount serve` with `FOUNT_LOG=log`.
     fn launch(model: &Path, extra: &[&str], known_key: Option<&str>, log: &str) -> Server {
-        let data = model.with_extension("data");
+        Server::launch_in(&model.with_extension("data"), model, extra, known_key, log, &[])
+    }
+
+    /// Starts `fount serve` on data directory `data` with `FOUNT_LOG=log` and `env` set.
+    pub(crate) fn launch_in(
+        data: &Path,
+        model: &Path,
+        extra: &[&str],
+        known_key: Option<&str>,
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fount"))
             .args(["serve", "--model"])
             .arg(model)
             .arg("--data-dir")
-            .arg(&data)
+            .arg(data)
             .args([
                 "--model-name",
                 "tiny",
@@ -53,6 +64,7 @@ impl Server {
             .env("FOUNT_THREADS", "1")
             .env("FOUNT_LOG", log)
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -106,11 +118,11 @@ impl Server {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
@@ -126,7 +138,7 @@ impl Server {
     }
 }
 
-fn python_script(name: &str) -> PathBuf {
+pub(crate) fn python_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(name)
@@ -150,7 +162,7 @@ fn python(args: &[&str]) -> String {
     text
 }
 
-fn scratch(name: &str) -> PathBuf {
+pub(crate) fn scratch(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("serve-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -158,7 +170,7 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn model_with_adapter(name: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn model_with_adapter(name: &str) -> (PathBuf, PathBuf) {
     let root = scratch(name);
     let model = root.join("tiny");
     tiny_model("qwen2", &model);

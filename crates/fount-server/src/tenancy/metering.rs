@@ -22,6 +22,7 @@ use crate::error::{ApiError, ApiResult};
 /// of that record.
 #[derive(Debug)]
 pub struct Metering {
+    request_id: String,
     meter: Arc<RequestMeter>,
     cell: Arc<Cell>,
     ack: oneshot::Receiver<()>,
@@ -39,6 +40,11 @@ struct Cell {
 }
 
 impl Metering {
+    /// The request's id (its usage record's).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
     /// The meter every engine request of this request counts in.
     pub fn meter(&self) -> &Arc<RequestMeter> {
         &self.meter
@@ -99,6 +105,7 @@ impl Tenancy {
         let (tenant_id, key_id) = (caller.tenant.id.clone(), caller.key.id.clone());
         let (request_id, model, base) =
             (request_id.to_string(), model.to_string(), base.to_string());
+        let record_id = request_id.clone();
         let start = Instant::now();
         let created_at_ms = now_ms();
         let meter = RequestMeter::on_final(move |m| {
@@ -137,6 +144,7 @@ impl Tenancy {
             }
         });
         Metering {
+            request_id: record_id,
             meter,
             cell: metered,
             ack: ack_rx,

@@ -72,6 +72,8 @@ pub struct Tenancy {
     backlog: Arc<AtomicUsize>,
     /// Past this backlog new requests are refused (the writer's bound).
     backlog_limit: AtomicUsize,
+    /// This replica's id, when replicas share quotas through the store ([`Tenancy::share`]).
+    replica: std::sync::OnceLock<String>,
 }
 
 /// Records that may wait for the writer before new requests are refused.
@@ -138,6 +140,7 @@ impl Tenancy {
             shares,
             backlog,
             backlog_limit: AtomicUsize::new(BACKLOG_LIMIT),
+            replica: std::sync::OnceLock::new(),
         })
     }
 
@@ -150,6 +153,18 @@ impl Tenancy {
     /// Records handed to the writer and not yet committed.
     pub fn backlog(&self) -> usize {
         self.backlog.load(Ordering::SeqCst)
+    }
+
+    /// Holds requests to quotas shared with every replica on the same PostgreSQL, as replica
+    /// `id` (once; later calls are ignored): rate windows, concurrent requests and budgets are
+    /// the store's, and each admitted request is open there until its usage record is written.
+    pub fn share(&self, id: &str) {
+        let _ = self.replica.set(id.to_string());
+    }
+
+    /// This replica's id, when quotas are shared.
+    pub fn replica(&self) -> Option<&str> {
+        self.replica.get().map(String::as_str)
     }
 
     /// Calls `f` with every usage record (once; later calls are ignored).

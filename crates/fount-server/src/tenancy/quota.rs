@@ -8,7 +8,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use fount_store::{day_start, month_start, now_ms, utc_day, Quota, Subject};
+use fount_store::{
+    day_start, month_start, now_ms, utc_day, Admission, Counters, Quota, Subject, Wants,
+};
 
 use super::{Caller, Metering, Tenancy, QUOTA_TTL};
 use crate::error::ApiError;
@@ -85,17 +87,6 @@ impl Minute {
             _ => 0,
         }
     }
-
-    /// Seconds until the oldest charge leaves the minute (at least 1).
-    fn retry_after(&self, now: i64) -> u64 {
-        let free_at = self
-            .seconds
-            .front()
-            .map_or(now, |&(s, _, _)| (s + 60) * 1000);
-        u64::try_from((free_at - now + 999) / 1000)
-            .unwrap_or(1)
-            .max(1)
-    }
 }
 
 /// Sliding-window counters and budget of one tenant or key.
@@ -113,8 +104,9 @@ pub(super) struct Window {
 /// What a request holds of its tenant's and its key's quotas until it ends.
 #[derive(Debug)]
 pub struct Reservation {
-    /// The windows charged (`t:…`, `k:…`).
-    windows: [String; 2],
+    /// The windows charged (`t:…`, `k:…`); none when the replicas' shared quotas hold it (the
+    /// transaction that writes the usage record settles it).
+    windows: Vec<String>,
     tokens: i64,
 }
 
@@ -126,21 +118,54 @@ fn window_key(who: Subject<'_>) -> String {
     }
 }
 
-/// A refusal by one window.
-fn check(w: &Window, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<(), ApiError> {
+impl Window {
+    /// What [`check`] reads, at `now` (ms).
+    fn counters(&self, now: i64) -> Counters {
+        Counters {
+            minute_requests: self.minute.requests,
+            minute_tokens: self.minute.tokens,
+            second_requests: self.minute.this_second(now),
+            oldest_second: self.minute.seconds.front().map(|s| s.0),
+            in_flight: self.in_flight,
+            day: self.day.as_ref().map(|d| (d.1, d.2)),
+            month: self.month.as_ref().map(|m| (m.1, m.2)),
+        }
+    }
+}
+
+/// Seconds until the oldest charge leaves the minute (at least 1).
+fn retry_after(c: &Counters, now: i64) -> u64 {
+    let free_at = c.oldest_second.map_or(now, |s| (s + 60) * 1000);
+    u64::try_from((free_at - now + 999) / 1000)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// What an admission reads of a subject with quota `q`.
+fn wants(q: &Quota) -> Wants {
+    Wants {
+        minute: q.requests_per_minute.is_some() || q.tokens_per_minute.is_some(),
+        concurrent: q.concurrent_requests.is_some(),
+        day: q.tokens_per_day.is_some(),
+        month: q.tokens_per_month.is_some(),
+    }
+}
+
+/// A refusal by one subject's counters (the same rules locally and across replicas).
+fn check(c: &Counters, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<(), ApiError> {
     let limited = |message: String| ApiError::RateLimited {
         message,
-        retry_after: w.minute.retry_after(now),
+        retry_after: retry_after(c, now),
     };
     if let Some(limit) = q.requests_per_minute {
-        if w.minute.requests >= limit {
+        if c.minute_requests >= limit {
             return Err(limited(format!(
                 "{whose} rate limit of {limit} requests per minute reached"
             )));
         }
         // quantised as OpenAI's are: a limit of 60 or more a minute also holds per second, at
         // a sixtieth of it, so a burst cannot spend the whole minute at once
-        if limit >= 60 && w.minute.this_second(now) >= limit / 60 {
+        if limit >= 60 && c.second_requests >= limit / 60 {
             return Err(ApiError::RateLimited {
                 message: format!(
                     "{whose} rate limit of {limit} requests per minute reached ({} a second)",
@@ -151,7 +176,7 @@ fn check(w: &Window, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<()
         }
     }
     if let Some(limit) = q.tokens_per_minute {
-        let used = w.minute.tokens;
+        let used = c.minute_tokens;
         if used + tokens > limit {
             return Err(limited(format!(
                 "{whose} rate limit of {limit} tokens per minute reached ({used} charged, {tokens} asked for)"
@@ -159,7 +184,7 @@ fn check(w: &Window, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<()
         }
     }
     if let Some(limit) = q.concurrent_requests {
-        if w.in_flight >= limit {
+        if c.in_flight >= limit {
             return Err(ApiError::RateLimited {
                 message: format!("{whose} limit of {limit} concurrent requests reached"),
                 retry_after: 1,
@@ -167,10 +192,10 @@ fn check(w: &Window, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<()
         }
     }
     for (what, limit, budget) in [
-        ("day", q.tokens_per_day, &w.day),
-        ("month", q.tokens_per_month, &w.month),
+        ("day", q.tokens_per_day, c.day),
+        ("month", q.tokens_per_month, c.month),
     ] {
-        if let (Some(limit), Some((_, used, reserved))) = (limit, budget) {
+        if let (Some(limit), Some((used, reserved))) = (limit, budget) {
             if used + reserved + tokens > limit {
                 return Err(ApiError::InsufficientQuota(format!(
                     "the {whose} token budget of {limit} per {what} is spent ({used} used, {reserved} reserved, {tokens} asked for)"
@@ -280,7 +305,9 @@ impl Tenancy {
             }
             tokens += (r.prompt.len() + r.n * r.max_tokens) as i64;
         }
-        let reservation = self.reserve(caller, &limits, tokens).await?;
+        let reservation = self
+            .reserve(caller, &limits, tokens, (metering.request_id(), model))
+            .await?;
         metering.hold(
             reservation,
             requests.first().and_then(|r| r.adapter.clone()),
@@ -295,12 +322,15 @@ impl Tenancy {
 
     /// Checks the tenant's and the key's quotas (`limits`) for a request of `tokens` (prompt plus
     /// everything it may generate) and reserves it in both; refused requests get 429
-    /// (`rate_limit_exceeded` with `Retry-After`, or `insufficient_quota`).
+    /// (`rate_limit_exceeded` with `Retry-After`, or `insufficient_quota`). With replicas on
+    /// one PostgreSQL ([`Tenancy::share`]) the windows are the store's, shared by all, and the
+    /// request (`open`: its id and model) is recorded as open until its usage record is written.
     async fn reserve(
         &self,
         caller: &Caller,
         limits: &Limits,
         tokens: i64,
+        open: (&str, &str),
     ) -> Result<Reservation, ApiError> {
         let waiting = self.backlog();
         if waiting >= self.backlog_limit.load(Ordering::SeqCst) {
@@ -312,6 +342,34 @@ impl Tenancy {
             Subject::Key(&caller.key.id),
         ];
         let quotas = [&limits.tenant, &limits.key];
+        let whose = ["tenant's", "key's"];
+        if let Some(replica) = self.replica.get() {
+            // replicas on one PostgreSQL: one transaction under the tenant's and the key's locks
+            let a = Admission {
+                request_id: open.0,
+                replica_id: replica,
+                tenant_id: &caller.tenant.id,
+                key_id: &caller.key.id,
+                model: open.1,
+                tokens,
+                now_ms: now,
+                wants: quotas.map(wants),
+            };
+            self.refresh_prices().await?;
+            self.store
+                .admit_shared(&a, |c| {
+                    for ((c, q), whose) in c.iter().zip(quotas).zip(whose) {
+                        check(c, q, now, tokens, whose)?;
+                    }
+                    Ok::<(), ApiError>(())
+                })
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
+            return Ok(Reservation {
+                windows: Vec::new(),
+                tokens,
+            });
+        }
         for (who, q) in subjects.iter().zip(quotas) {
             self.load_budgets(*who, q, now).await?;
         }
@@ -322,10 +380,10 @@ impl Tenancy {
             .lock()
             .map_err(|_| ApiError::Internal("quota state poisoned".into()))?;
         // check both before charging either
-        for ((key, q), whose) in keys.iter().zip(&quotas).zip(["tenant's", "key's"]) {
+        for ((key, q), whose) in keys.iter().zip(&quotas).zip(whose) {
             let w = windows.entry(key.clone()).or_default();
             w.minute.expire(now);
-            check(w, q, now, tokens, whose)?;
+            check(&w.counters(now), q, now, tokens, whose)?;
         }
         for key in &keys {
             let w = windows.entry(key.clone()).or_default();
@@ -339,7 +397,7 @@ impl Tenancy {
             }
         }
         Ok(Reservation {
-            windows: keys,
+            windows: keys.to_vec(),
             tokens,
         })
     }

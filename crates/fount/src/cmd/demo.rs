@@ -343,6 +343,7 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
         max_file: "512MiB".into(),
         data_dir: store_dir,
         database_url: None,
+        artifacts: None,
         no_auth: false,
         no_pool: false,
         pool: super::pool::PoolArgs::default(),

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod admin_safety;
+pub mod artifacts;
 pub mod bench;
 pub mod bench_data;
 pub mod bench_engine;

@@ -55,9 +55,16 @@ pub struct ServeArgs {
     /// --database-url is given.
     #[arg(long, env = "FOUNT_DATA_DIR", default_value = "fount-data")]
     pub data_dir: PathBuf,
-    /// PostgreSQL URL (`postgres://user@host/db`) for tenants, keys, quotas and usage.
+    /// PostgreSQL URL (`postgres://user@host/db`) for tenants, keys, quotas and usage. Every
+    /// replica on the same database shares quotas, adapters, keys and suspensions.
     #[arg(long, env = "FOUNT_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Object storage for adapters, fine-tuned models and tenants' files (`s3://bucket/prefix`
+    /// with the `AWS_*` environment, or a directory); fetched files are cached in
+    /// `--data-dir`/cache, checked by digest. With it, `--model artifacts:KEY` serves a model
+    /// stored there (`fount artifacts put`).
+    #[arg(long, env = "FOUNT_ARTIFACTS")]
+    pub artifacts: Option<String>,
     /// Serve without API keys, quotas or metering (a single user on a trusted machine).
     #[arg(long, env = "FOUNT_NO_AUTH")]
     pub no_auth: bool,
@@ -152,7 +159,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
 /// [`run`], calling `on_listen` with the bound address once the server accepts connections.
 pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> {
     super::init_tracing();
-    let model_name = match &a.model_name {
+    let stored_name = a
+        .model
+        .to_str()
+        .and_then(|m| m.strip_prefix("artifacts:"))
+        .and_then(|k| k.trim_end_matches('/').rsplit('/').next())
+        .map(str::to_string);
+    let model_name = match a.model_name.as_ref().or(stored_name.as_ref()) {
         Some(n) => n.clone(),
         None => a
             .model
@@ -181,8 +194,15 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
         max_body_bytes: parse_size(&a.max_body).context("--max-body")?,
         max_model_len: a.max_model_len,
     };
+    let artifacts = a
+        .artifacts
+        .as_deref()
+        .map(|url| fount_store::artifacts::Artifacts::open(url, a.data_dir.join("cache")))
+        .transpose()
+        .context("--artifacts")?;
+    let model_dir = super::artifacts::local_model(&a.model, artifacts.as_ref())?;
     let loaded =
-        fount_model::Loaded::open(&a.model, a.tokenizer.as_deref(), candle_core::DType::F32)
+        fount_model::Loaded::open(&model_dir, a.tokenizer.as_deref(), candle_core::DType::F32)
             .with_context(|| format!("loading {}", a.model.display()))?;
     let state = AppState::load_model(loaded, a.adapters.as_deref(), engine_cfg, cfg)
         .with_context(|| format!("loading {}", a.model.display()))?;
@@ -246,6 +266,15 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
                 max_bytes: max_file,
             });
             let tenancy = state.enable_tenancy(store);
+            if let Some(art) = artifacts {
+                state.enable_artifacts(art);
+            }
+            // adapters registered on any replica, and on PostgreSQL shared quotas
+            let bound = listener.local_addr()?;
+            state
+                .enable_replicas(&bound.to_string())
+                .await
+                .context("joining the replicas on this store")?;
             state
                 .enable_safety()
                 .await
@@ -255,7 +284,7 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             // (with --database-url nothing else has created it yet)
             fs_err::create_dir_all(&a.data_dir).context("--data-dir")?;
             let data_dir = a.data_dir.canonicalize().context("--data-dir")?;
-            let base_dir = a.model.canonicalize().context("--model")?;
+            let base_dir = model_dir.canonicalize().context("--model")?;
             state.enable_fine_tuning(fount_server::finetuning::FineTuningConfig {
                 dir: data_dir.join("fine_tuning"),
                 base_dir,
@@ -263,7 +292,7 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
                 every: std::time::Duration::from_millis(100),
             });
             tokio::spawn(fount_server::finetuning::follow::run(state.clone()));
-            let index = fount_server::ledger::log_deployment(&state, &a.model)
+            let index = fount_server::ledger::log_deployment(&state, &model_dir)
                 .await
                 .context("logging the deployment to the ledger")?;
             tracing::info!(index, key = %ledger.verifier_key(), "ledger: deployment logged");
@@ -291,6 +320,7 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
             t.flush().await;
             // the bill so far: every record stored is committed before the store closes
             fount_server::ledger::commit_all_usage(&state).await;
+            state.leave_replicas().await;
             t.store().close().await;
         }
         tracing::info!("drained; exiting");

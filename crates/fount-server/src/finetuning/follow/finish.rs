@@ -28,8 +28,14 @@ impl Follower {
             .copied()
             .or(job.total_steps)
             .unwrap_or(0);
-        self.checkpoint(state, store, job, last, &out).await?;
-        self.register(state, &job.tenant_id, &name, &out);
+        let (location, digest) = self.checkpoint(state, store, job, last, &out).await?;
+        self.register(
+            state,
+            &job.tenant_id,
+            &name,
+            &out,
+            (&location, digest.as_deref()),
+        );
         let result_file = write_results(state, store, job, &rows).await?;
         let tokens = job.billable_tokens.unwrap_or(0);
         let price = store

@@ -225,7 +225,8 @@ impl Follower {
         Ok(())
     }
 
-    /// Records and serves the checkpoint of `step` held in `path`.
+    /// Records and serves the checkpoint of `step` held in `path` (uploaded to the artifacts
+    /// store, when there is one); returns where it is kept and its digest.
     pub(super) async fn checkpoint(
         &mut self,
         state: &AppState,
@@ -233,16 +234,32 @@ impl Follower {
         job: &FtJob,
         step: i64,
         path: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(String, Option<String>), String> {
         let model = format!("{}:ckpt-step-{step}", model_name(store, job).await?);
-        self.register(state, &job.tenant_id, &model, path);
+        // with an artifacts store every checkpoint is uploaded, and every replica serves it
+        // from there
+        let (location, digest) = match state.artifacts() {
+            Some(a) => {
+                let key = format!("fine_tuning/{}/step-{step}", job.id);
+                let m = a.put_dir(path, &key).await.map_err(|e| e.to_string())?;
+                (format!("{}{key}", crate::artifacts::SCHEME), Some(m.digest))
+            }
+            None => (path.display().to_string(), None),
+        };
+        self.register(
+            state,
+            &job.tenant_id,
+            &model,
+            path,
+            (&location, digest.as_deref()),
+        );
         let row = self.rows.get(&job.id).and_then(|r| r.get(&step)).copied();
         let c = FtCheckpoint {
             id: fount_store::ft_id("ftckpt").replacen('-', "_", 1),
             job_id: job.id.clone(),
             step,
             model: model.clone(),
-            path: path.display().to_string(),
+            path: location.clone(),
             metrics: metrics(row.as_ref(), step).to_string(),
             created_at_ms: fount_store::now_ms(),
         };
@@ -260,7 +277,7 @@ impl Follower {
             None,
         )
         .await;
-        Ok(())
+        Ok((location, digest))
     }
 }
 

@@ -13,7 +13,7 @@
 //!    moment `succeeded` is visible), the results file and the trained tokens' usage record.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -221,17 +221,34 @@ impl Follower {
             // a little overlap: a model committed late with an earlier time is still seen
             self.models_since = self.models_since.max(m.created_at_ms - 10_000);
             let name = private_name(&m.tenant_id, &m.name);
-            if self.registered.insert(name.clone()) {
-                state.register_adapter(&name, PathBuf::from(&m.path));
+            if self.registered.contains(&name) {
+                continue;
             }
+            // a model kept in the artifacts store is registered by its digest, fetched on use
+            let digest = match (crate::artifacts::key_of(&m.path), state.artifacts()) {
+                (Some(key), Some(a)) => Some(a.manifest(key).await.map_err(|e| e.to_string())?.digest),
+                _ => None,
+            };
+            state.register_location(&name, &m.path, digest.as_deref());
+            self.registered.insert(name);
         }
         Ok(())
     }
 
-    fn register(&mut self, state: &AppState, tenant: &str, model: &str, path: &Path) {
+    /// Serves `model` of `tenant` from `path` here (kept at `location`, with `digest`, for the
+    /// other replicas).
+    fn register(
+        &mut self,
+        state: &AppState,
+        tenant: &str,
+        model: &str,
+        path: &Path,
+        location: (&str, Option<&str>),
+    ) {
         let name = private_name(tenant, model);
         if self.registered.insert(name.clone()) {
             state.register_adapter(&name, path.to_path_buf());
+            state.registry.applied(&name, location.0, location.1);
             crate::ledger::log_model_in_background(state, model, path, "fine-tuned adapter");
         }
     }

@@ -45,7 +45,11 @@ impl Follower {
                 .await
                 .map_err(|e| e.to_string())?
                 .is_some();
-            if !found || tokio::fs::copy(&src, &dest).await.is_err() {
+            let fetched = !found
+                || crate::files::local_copy(state, &job.tenant_id, id, &src)
+                    .await
+                    .is_ok();
+            if !found || !fetched || tokio::fs::copy(&src, &dest).await.is_err() {
                 let r = validate::Refusal {
                     code: which.invalid(),
                     message: format!("The file {id} no longer exists"),
@@ -169,8 +173,15 @@ impl Follower {
             .await
             .map_err(|e| e.to_string())?;
         if !queued {
-            // cancelled while its files were checked
-            let _ = store.ask_job(&pool_job.id, fount_store::Ask::Cancel).await;
+            // cancelled while its files were checked, or queued first by another server
+            // following the store, which may hold this very pool job: that one runs
+            let now = store
+                .ft_job(&job.tenant_id, &job.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            if now.and_then(|j| j.pool_job_id).as_deref() != Some(pool_job.id.as_str()) {
+                let _ = store.ask_job(&pool_job.id, fount_store::Ask::Cancel).await;
+            }
             return Ok(());
         }
         if train.truncated > 0 {
