@@ -55,3 +55,23 @@ CREATE TABLE registry_version (
     version BIGINT NOT NULL
 );
 INSERT INTO registry_version (id, version) VALUES (1, 0);
+
+-- tokens used per tenant ('t:{id}') and key ('k:{id}') per UTC day (day_ms: the day's start,
+-- Unix ms), kept by the transaction that writes usage records on PostgreSQL: budgets shared by
+-- replicas read at most 31 rows instead of summing a month of records; filled from the records
+-- already written
+CREATE TABLE quota_days (
+    subject TEXT NOT NULL,
+    day_ms BIGINT NOT NULL,
+    tokens BIGINT NOT NULL,
+    PRIMARY KEY (subject, day_ms)
+);
+INSERT INTO quota_days (subject, day_ms, tokens)
+SELECT 't:' || tenant_id, created_at_ms - (created_at_ms % 86400000),
+       SUM(prompt_tokens + completion_tokens)
+FROM usage_records GROUP BY tenant_id, created_at_ms - (created_at_ms % 86400000);
+INSERT INTO quota_days (subject, day_ms, tokens)
+SELECT 'k:' || key_id, created_at_ms - (created_at_ms % 86400000),
+       SUM(prompt_tokens + completion_tokens)
+FROM usage_records WHERE key_id <> ''
+GROUP BY key_id, created_at_ms - (created_at_ms % 86400000);

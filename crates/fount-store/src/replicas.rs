@@ -201,22 +201,59 @@ impl Store {
         Ok(row.try_get("n")?)
     }
 
-    /// Admits a request against quotas every replica shares: under the tenant's and the key's
-    /// locks (PostgreSQL advisory locks, in that order), reads their [`Counters`] as
-    /// `a.wants` asks, and when `decide` allows, charges the minute of each subject with a
-    /// minute limit and records the request as open. `decide`'s refusal is returned as is and
-    /// nothing is charged.
+    /// Admits a request against quotas every replica shares: [`Store::admit_batch`] of one.
     pub async fn admit_shared<E>(
         &self,
         a: &Admission<'_>,
         decide: impl FnOnce(&[Counters; 2]) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<(), E>> {
+        let mut decide = Some(decide);
+        let mut out = self
+            .admit_batch(std::slice::from_ref(a), |_, c| match decide.take() {
+                Some(d) => d(c),
+                None => Ok(()),
+            })
+            .await?;
+        Ok(out.pop().unwrap_or(Ok(())))
+    }
+
+    /// Admits requests of one tenant and key against quotas every replica shares, in one
+    /// transaction: under the tenant's and the key's locks (PostgreSQL advisory locks, in that
+    /// order) it reads their [`Counters`], lets `decide`
+    /// judge each admission in turn against the counters with the ones before it charged (all
+    /// read as any admission's `wants` asks), then
+    /// charges the minute of each subject with a minute limit for those admitted and records
+    /// them as open. Returns each admission's verdict, in order. The commit does not wait for
+    /// the disk (`synchronous_commit = off`): a database crash may forget the admissions of its
+    /// last moments, never a usage record.
+    pub async fn admit_batch<E>(
+        &self,
+        batch: &[Admission<'_>],
+        mut decide: impl FnMut(usize, &[Counters; 2]) -> std::result::Result<(), E>,
+    ) -> Result<Vec<std::result::Result<(), E>>> {
+        let Some(a) = batch.first() else {
+            return Ok(Vec::new());
+        };
         let subjects = [Subject::Tenant(a.tenant_id), Subject::Key(a.key_id)];
         let mut tx = self.pool.begin().await?;
         let mut counters = [Counters::default(), Counters::default()];
-        if a.wants.iter().any(Wants::any) {
-            match self.backend() {
-                Backend::Postgres => {
+        // what any of them needs read
+        let wants = batch.iter().fold([Wants::default(); 2], |mut w, b| {
+            for (w, b) in w.iter_mut().zip(&b.wants) {
+                w.minute |= b.minute;
+                w.concurrent |= b.concurrent;
+                w.day |= b.day;
+                w.month |= b.month;
+            }
+            w
+        });
+        let reads = wants.iter().any(Wants::any);
+        match self.backend() {
+            Backend::Postgres => {
+                sqlx::query("SET LOCAL synchronous_commit TO OFF")
+                    .execute(&mut *tx)
+                    .await?;
+                if reads {
                     for who in subjects {
                         sqlx::query(LOCK)
                             .bind(subject_key(who))
@@ -224,104 +261,143 @@ impl Store {
                             .await?;
                     }
                 }
-                // SQLite has one writer: write first to hold it (a transaction that read first
-                // could not take it later without failing at once)
-                Backend::Sqlite => {
-                    sqlx::query("UPDATE registry_version SET version = version WHERE id = 1")
-                        .execute(&mut *tx)
-                        .await?;
-                }
             }
-            let second = a.now_ms.div_euclid(1000);
-            for ((who, wants), c) in subjects.iter().zip(&a.wants).zip(&mut counters) {
-                if wants.minute {
-                    let r = sqlx::query(
-                        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS r, \
-                                CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t, \
-                                CAST(COALESCE(SUM(CASE WHEN second = $3 THEN requests ELSE 0 END), 0) AS BIGINT) AS s, \
-                                MIN(second) AS oldest \
-                         FROM quota_seconds WHERE subject = $1 AND second > $2",
-                    )
-                    .bind(subject_key(*who))
-                    .bind(second - 60)
-                    .bind(second)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    c.minute_requests = r.try_get("r")?;
-                    c.minute_tokens = r.try_get("t")?;
-                    c.second_requests = r.try_get("s")?;
-                    c.oldest_second = r.try_get("oldest")?;
-                }
-                if !(wants.concurrent || wants.day || wants.month) {
-                    continue;
-                }
-                let (column, id) = match who {
-                    Subject::Tenant(id) => ("tenant_id", *id),
-                    Subject::Key(id) => ("key_id", *id),
-                };
-                let r = sqlx::query(&format!(
-                    "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t \
-                     FROM open_requests WHERE {column} = $1"
-                ))
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-                c.in_flight = r.try_get("n")?;
-                let reserved: i64 = r.try_get("t")?;
-                for (want, from, slot) in [
-                    (wants.day, day_start(a.now_ms), &mut c.day),
-                    (wants.month, month_start(a.now_ms), &mut c.month),
-                ] {
-                    if !want {
-                        continue;
-                    }
-                    let r = sqlx::query(&format!(
-                        "SELECT CAST(COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS BIGINT) AS t \
-                         FROM usage_records WHERE {column} = $1 AND created_at_ms >= $2"
-                    ))
-                    .bind(id)
-                    .bind(from)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    *slot = Some((r.try_get("t")?, reserved));
-                }
-            }
-            if let Err(e) = decide(&counters) {
-                tx.rollback().await?;
-                return Ok(Err(e));
-            }
-            for (who, wants) in subjects.iter().zip(&a.wants) {
-                if wants.minute {
-                    sqlx::query(
-                        "INSERT INTO quota_seconds (subject, second, requests, tokens) VALUES ($1, $2, 1, $3) \
-                         ON CONFLICT (subject, second) DO UPDATE SET \
-                         requests = quota_seconds.requests + 1, tokens = quota_seconds.tokens + excluded.tokens",
-                    )
-                    .bind(subject_key(*who))
-                    .bind(second)
-                    .bind(a.tokens)
+            // SQLite has one writer: write first to hold it (a transaction that read first
+            // could not take it later without failing at once)
+            Backend::Sqlite => {
+                sqlx::query("UPDATE registry_version SET version = version WHERE id = 1")
                     .execute(&mut *tx)
                     .await?;
-                }
             }
-        } else if let Err(e) = decide(&counters) {
-            return Ok(Err(e));
         }
-        sqlx::query(
-            "INSERT INTO open_requests (request_id, replica_id, tenant_id, key_id, model, tokens, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(a.request_id)
-        .bind(a.replica_id)
-        .bind(a.tenant_id)
-        .bind(a.key_id)
-        .bind(a.model)
-        .bind(a.tokens)
-        .bind(a.now_ms)
-        .execute(&mut *tx)
-        .await?;
+        let second = a.now_ms.div_euclid(1000);
+        if reads {
+            for ((who, wants), c) in subjects.iter().zip(&wants).zip(&mut counters) {
+                self.read_counters(&mut tx, *who, wants, a.now_ms, c).await?;
+            }
+        }
+        let mut verdicts = Vec::with_capacity(batch.len());
+        let mut admitted: Vec<&Admission<'_>> = Vec::with_capacity(batch.len());
+        for (i, b) in batch.iter().enumerate() {
+            let v = decide(i, &counters);
+            if v.is_ok() {
+                for c in &mut counters {
+                    c.minute_requests += 1;
+                    c.minute_tokens += b.tokens;
+                    c.second_requests += 1;
+                    c.oldest_second.get_or_insert(second);
+                    c.in_flight += 1;
+                    for r in [c.day.as_mut(), c.month.as_mut()].into_iter().flatten() {
+                        r.1 += b.tokens;
+                    }
+                }
+                admitted.push(b);
+            }
+            verdicts.push(v);
+        }
+        if admitted.is_empty() {
+            tx.rollback().await?;
+            return Ok(verdicts);
+        }
+        let tokens: i64 = admitted.iter().map(|b| b.tokens).sum();
+        for (who, wants) in subjects.iter().zip(&wants) {
+            if wants.minute {
+                sqlx::query(
+                    "INSERT INTO quota_seconds (subject, second, requests, tokens) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (subject, second) DO UPDATE SET \
+                     requests = quota_seconds.requests + excluded.requests, \
+                     tokens = quota_seconds.tokens + excluded.tokens",
+                )
+                .bind(subject_key(*who))
+                .bind(second)
+                .bind(admitted.len() as i64)
+                .bind(tokens)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let sql = format!(
+            "INSERT INTO open_requests (request_id, replica_id, tenant_id, key_id, model, tokens, created_at_ms) VALUES {}",
+            crate::usage::placeholders(admitted.len(), 7)
+        );
+        let mut q = sqlx::query(&sql);
+        for b in &admitted {
+            q = q
+                .bind(b.request_id)
+                .bind(b.replica_id)
+                .bind(b.tenant_id)
+                .bind(b.key_id)
+                .bind(b.model)
+                .bind(b.tokens)
+                .bind(b.now_ms);
+        }
+        q.execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(Ok(()))
+        Ok(verdicts)
+    }
+
+    /// Reads what `who` has used, as `wants` asks, into `c`.
+    async fn read_counters(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        who: Subject<'_>,
+        wants: &Wants,
+        now_ms: i64,
+        c: &mut Counters,
+    ) -> Result<()> {
+        let second = now_ms.div_euclid(1000);
+        if wants.minute {
+            let r = sqlx::query(
+                "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS r, \
+                        CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t, \
+                        CAST(COALESCE(SUM(CASE WHEN second = $3 THEN requests ELSE 0 END), 0) AS BIGINT) AS s, \
+                        MIN(second) AS oldest \
+                 FROM quota_seconds WHERE subject = $1 AND second > $2",
+            )
+            .bind(subject_key(who))
+            .bind(second - 60)
+            .bind(second)
+            .fetch_one(&mut **tx)
+            .await?;
+            c.minute_requests = r.try_get("r")?;
+            c.minute_tokens = r.try_get("t")?;
+            c.second_requests = r.try_get("s")?;
+            c.oldest_second = r.try_get("oldest")?;
+        }
+        if !(wants.concurrent || wants.day || wants.month) {
+            return Ok(());
+        }
+        let (column, id) = match who {
+            Subject::Tenant(id) => ("tenant_id", id),
+            Subject::Key(id) => ("key_id", id),
+        };
+        let r = sqlx::query(&format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t \
+             FROM open_requests WHERE {column} = $1"
+        ))
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await?;
+        c.in_flight = r.try_get("n")?;
+        let reserved: i64 = r.try_get("t")?;
+        for (want, from, slot) in [
+            (wants.day, day_start(now_ms), &mut c.day),
+            (wants.month, month_start(now_ms), &mut c.month),
+        ] {
+            if !want {
+                continue;
+            }
+            let r = sqlx::query(
+                "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t \
+                 FROM quota_days WHERE subject = $1 AND day_ms >= $2",
+            )
+            .bind(subject_key(who))
+            .bind(from)
+            .fetch_one(&mut **tx)
+            .await?;
+            *slot = Some((r.try_get("t")?, reserved));
+        }
+        Ok(())
     }
 
     /// Registers (or replaces) adapter `name` at `location` with `digest`; returns the new

@@ -315,9 +315,43 @@ impl Store {
         let mut written = 0;
         for chunk in records.chunks(USAGE_ROWS) {
             let sql = usage_sql(chunk.len());
-            let q = bind_usage(sqlx::query(&sql), chunk);
-            written += q.execute(&mut **tx).await?.rows_affected();
-            if self.backend() == crate::Backend::Postgres {
+            if self.backend() == crate::Backend::Sqlite {
+                let q = bind_usage(sqlx::query(&sql), chunk);
+                written += q.execute(&mut **tx).await?.rows_affected();
+                continue;
+            }
+            // the records written now (not those already there) count to their tenant's and
+            // key's day, in the same transaction (budgets shared by replicas)
+            let sql = format!(
+                "{sql} RETURNING tenant_id, key_id, prompt_tokens + completion_tokens AS tokens, created_at_ms"
+            );
+            let rows = bind_usage(sqlx::query(&sql), chunk)
+                .fetch_all(&mut **tx)
+                .await?;
+            written += rows.len() as u64;
+            let mut days: std::collections::BTreeMap<(String, i64), i64> = Default::default();
+            for r in &rows {
+                let (tenant, key): (String, String) = (r.try_get("tenant_id")?, r.try_get("key_id")?);
+                let (tokens, at): (i64, i64) = (r.try_get("tokens")?, r.try_get("created_at_ms")?);
+                let day = at - at.rem_euclid(86_400_000);
+                *days.entry((format!("t:{tenant}"), day)).or_default() += tokens;
+                if !key.is_empty() {
+                    *days.entry((format!("k:{key}"), day)).or_default() += tokens;
+                }
+            }
+            if !days.is_empty() {
+                let sql = format!(
+                    "INSERT INTO quota_days (subject, day_ms, tokens) VALUES {} \
+                     ON CONFLICT (subject, day_ms) DO UPDATE SET tokens = quota_days.tokens + excluded.tokens",
+                    placeholders(days.len(), 3)
+                );
+                let mut q = sqlx::query(&sql);
+                for ((subject, day), tokens) in &days {
+                    q = q.bind(subject.clone()).bind(*day).bind(*tokens);
+                }
+                q.execute(&mut **tx).await?;
+            }
+            {
                 // the requests recorded are no longer open (replicas' shared quotas)
                 let sql = format!(
                     "DELETE FROM open_requests WHERE request_id IN ({})",

@@ -17,6 +17,7 @@
 mod metering;
 mod prices;
 mod quota;
+mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,6 +75,8 @@ pub struct Tenancy {
     backlog_limit: AtomicUsize,
     /// This replica's id, when replicas share quotas through the store ([`Tenancy::share`]).
     replica: std::sync::OnceLock<String>,
+    /// Requests waiting for admission against the shared quotas.
+    admissions: Arc<shared::Queues>,
 }
 
 /// Records that may wait for the writer before new requests are refused.
@@ -141,6 +144,7 @@ impl Tenancy {
             backlog,
             backlog_limit: AtomicUsize::new(BACKLOG_LIMIT),
             replica: std::sync::OnceLock::new(),
+            admissions: Arc::default(),
         })
     }
 

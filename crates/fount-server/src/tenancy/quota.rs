@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use fount_store::{
-    day_start, month_start, now_ms, utc_day, Admission, Counters, Quota, Subject, Wants,
+    day_start, month_start, now_ms, utc_day, Counters, Quota, Subject, Wants,
 };
 
 use super::{Caller, Metering, Tenancy, QUOTA_TTL};
@@ -142,7 +142,7 @@ fn retry_after(c: &Counters, now: i64) -> u64 {
 }
 
 /// What an admission reads of a subject with quota `q`.
-fn wants(q: &Quota) -> Wants {
+pub(super) fn wants(q: &Quota) -> Wants {
     Wants {
         minute: q.requests_per_minute.is_some() || q.tokens_per_minute.is_some(),
         concurrent: q.concurrent_requests.is_some(),
@@ -152,7 +152,13 @@ fn wants(q: &Quota) -> Wants {
 }
 
 /// A refusal by one subject's counters (the same rules locally and across replicas).
-fn check(c: &Counters, q: &Quota, now: i64, tokens: i64, whose: &str) -> Result<(), ApiError> {
+pub(super) fn check(
+    c: &Counters,
+    q: &Quota,
+    now: i64,
+    tokens: i64,
+    whose: &str,
+) -> Result<(), ApiError> {
     let limited = |message: String| ApiError::RateLimited {
         message,
         retry_after: retry_after(c, now),
@@ -344,27 +350,23 @@ impl Tenancy {
         let quotas = [&limits.tenant, &limits.key];
         let whose = ["tenant's", "key's"];
         if let Some(replica) = self.replica.get() {
-            // replicas on one PostgreSQL: one transaction under the tenant's and the key's locks
-            let a = Admission {
-                request_id: open.0,
-                replica_id: replica,
-                tenant_id: &caller.tenant.id,
-                key_id: &caller.key.id,
-                model: open.1,
+            // replicas on one PostgreSQL: admitted in the store under the tenant's and the
+            // key's locks, with the pair's other waiting requests
+            self.refresh_prices().await?;
+            let (reply, verdict) = tokio::sync::oneshot::channel();
+            let w = super::shared::Waiting {
+                request_id: open.0.to_string(),
+                model: open.1.to_string(),
                 tokens,
                 now_ms: now,
-                wants: quotas.map(wants),
+                quotas: [limits.tenant.clone(), limits.key.clone()],
+                reply,
             };
-            self.refresh_prices().await?;
-            self.store
-                .admit_shared(&a, |c| {
-                    for ((c, q), whose) in c.iter().zip(quotas).zip(whose) {
-                        check(c, q, now, tokens, whose)?;
-                    }
-                    Ok::<(), ApiError>(())
-                })
+            let pair = (caller.tenant.id.clone(), caller.key.id.clone());
+            super::shared::enqueue(&self.admissions, &self.store, replica, pair, w);
+            verdict
                 .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??;
+                .map_err(|_| ApiError::Internal("the admission was dropped".into()))??;
             return Ok(Reservation {
                 windows: Vec::new(),
                 tokens,

@@ -25,6 +25,9 @@ pub enum BenchCommand {
     Serve(super::bench_serve::ServeBench),
     /// API keys, quotas and metering on against off, and the HTTP layer over a minimal model.
     Tenancy(super::bench_tenancy::TenancyBench),
+    /// Several replicas on one PostgreSQL: requests/s with 1, 2 and 3 against one on SQLite,
+    /// the quota error, registry propagation, and the store's own rates.
+    Replicas(super::bench_replicas::ReplicasBench),
     /// What moderation costs: a policy's rules on streams (tokens/s, time to first token), the
     /// moderation endpoint, a guard model's share of a request.
     Safety(super::bench_safety::SafetyBench),
@@ -84,6 +87,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Engine(a) => super::bench_engine::bench_engine(a, threads),
         BenchCommand::Serve(a) => super::bench_serve::bench_serve(a, threads),
         BenchCommand::Tenancy(a) => super::bench_tenancy::bench_tenancy(a, threads),
+        BenchCommand::Replicas(a) => super::bench_replicas::bench_replicas(a, threads),
         BenchCommand::Safety(a) => super::bench_safety::bench_safety(a, threads),
         BenchCommand::Train(a) => super::bench_train::bench_train(a, threads),
         BenchCommand::Pool(a) => super::bench_pool::bench_pool(a, threads),

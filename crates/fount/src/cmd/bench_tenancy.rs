@@ -47,10 +47,10 @@ pub struct TenancyBench {
     pub database_url: Option<String>,
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// The two models: the tiny test model, and the one-layer 8-wide one.
-fn models() -> Result<Vec<(&'static str, PathBuf)>> {
+pub(crate) fn models() -> Result<Vec<(&'static str, PathBuf)>> {
     let tiny = preset(Arch::Qwen2, "tiny")?;
     let minimal = Shape {
         name: "minimal",
@@ -130,10 +130,10 @@ async fn server(dir: &Path, store: Option<Store>) -> Result<(String, Option<Stri
 }
 
 /// Requests per second and generated tokens per second of `clients` closed loops for
-/// `seconds`.
-async fn load(
+/// `seconds`, client `c` sending to `bases[c % bases.len()]` (an even balancer).
+pub(crate) async fn load(
     client: &HttpClient,
-    base: &str,
+    bases: &[String],
     key: Option<&str>,
     clients: usize,
     seconds: f64,
@@ -143,6 +143,7 @@ async fn load(
     let deadline = start + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for c in 0..clients {
+        let base = &bases[c % bases.len().max(1)];
         let (client, url) = (client.clone(), format!("{base}/completions"));
         let auth = key.map(|k| format!("Bearer {k}"));
         let (requests, tokens) = (requests.clone(), tokens.clone());
@@ -188,7 +189,7 @@ async fn load(
     ))
 }
 
-fn median(mut xs: Vec<(f64, f64)>) -> (f64, f64) {
+pub(crate) fn median(mut xs: Vec<(f64, f64)>) -> (f64, f64) {
     xs.sort_by(|a, b| a.0.total_cmp(&b.0));
     xs[xs.len() / 2]
 }
@@ -225,8 +226,8 @@ pub fn bench_tenancy(a: TenancyBench, threads: Option<usize>) -> Result<()> {
             let (off_url, _) = server(&dir, None).await?;
             let (on_url, key) = server(&dir, Some(store.clone())).await?;
             // warm the connection pool, the allocator and the store
-            load(&client, &off_url, None, a.clients, 0.3).await?;
-            load(&client, &on_url, key.as_deref(), a.clients, 0.3).await?;
+            load(&client, std::slice::from_ref(&off_url), None, a.clients, 0.3).await?;
+            load(&client, std::slice::from_ref(&on_url), key.as_deref(), a.clients, 0.3).await?;
             if let Some(side) = &a.only {
                 let (url, key) = match side.as_str() {
                     "on" => (&on_url, key.as_deref()),
@@ -235,7 +236,7 @@ pub fn bench_tenancy(a: TenancyBench, threads: Option<usize>) -> Result<()> {
                 };
                 let mut runs = Vec::new();
                 for _ in 0..a.rounds {
-                    runs.push(load(&client, url, key, a.clients, a.seconds).await?);
+                    runs.push(load(&client, std::slice::from_ref(url), key, a.clients, a.seconds).await?);
                 }
                 let m = median(runs);
                 println!("| {label} | {side} | {:.0} | {:.0} |", m.0, m.1);
@@ -244,11 +245,11 @@ pub fn bench_tenancy(a: TenancyBench, threads: Option<usize>) -> Result<()> {
             let (mut on, mut off) = (Vec::new(), Vec::new());
             for round in 0..a.rounds {
                 if round % 2 == 0 {
-                    on.push(load(&client, &on_url, key.as_deref(), a.clients, a.seconds).await?);
-                    off.push(load(&client, &off_url, None, a.clients, a.seconds).await?);
+                    on.push(load(&client, std::slice::from_ref(&on_url), key.as_deref(), a.clients, a.seconds).await?);
+                    off.push(load(&client, std::slice::from_ref(&off_url), None, a.clients, a.seconds).await?);
                 } else {
-                    off.push(load(&client, &off_url, None, a.clients, a.seconds).await?);
-                    on.push(load(&client, &on_url, key.as_deref(), a.clients, a.seconds).await?);
+                    off.push(load(&client, std::slice::from_ref(&off_url), None, a.clients, a.seconds).await?);
+                    on.push(load(&client, std::slice::from_ref(&on_url), key.as_deref(), a.clients, a.seconds).await?);
                 }
             }
             let (on, off) = (median(on), median(off));

@@ -9,6 +9,7 @@ pub mod bench_engine;
 pub mod bench_finetuning;
 pub mod bench_ledger;
 pub mod bench_pool;
+pub mod bench_replicas;
 pub mod bench_safety;
 pub mod bench_serve;
 pub mod bench_tenancy;
