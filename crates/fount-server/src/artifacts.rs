@@ -1,4 +1,4 @@
-//! Artifacts in object storage on the server ([`fount_store::artifacts`]): adapters registered
+//! Artifacts in object storage on the server ([`fount_artifacts`]): adapters registered
 //! through the API are uploaded and registered by their key, fine-tuned models and checkpoints
 //! are uploaded when made, tenants' files are kept there as well as on local disk, and every
 //! replica fetches an adapter the first time a request needs it, into its cache checked by
@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use fount_store::artifacts::Artifacts;
+use fount_artifacts::Artifacts;
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -54,7 +54,7 @@ impl AppState {
             return Ok(());
         };
         let dir = a.cache_dir(digest.as_deref().unwrap_or("unknown"));
-        if dir.join(fount_store::artifacts::MANIFEST).exists() {
+        if dir.join(fount_artifacts::MANIFEST).exists() {
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -73,12 +73,12 @@ impl AppState {
         a: &Artifacts,
         name: &str,
         dir: &Path,
-    ) -> Result<(String, String), fount_store::Error> {
+    ) -> Result<(String, String), fount_artifacts::Error> {
         let m = {
             let dir = dir.to_path_buf();
-            tokio::task::spawn_blocking(move || fount_store::artifacts::manifest_of(&dir))
+            tokio::task::spawn_blocking(move || fount_artifacts::manifest_of(&dir))
                 .await
-                .map_err(|e| fount_store::Error::Artifacts(e.to_string()))??
+                .map_err(|e| fount_artifacts::Error::Store(e.to_string()))??
         };
         let key = format!("adapters/{name}/{}", m.digest);
         if a.manifest(&key).await.is_err() {

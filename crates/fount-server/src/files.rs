@@ -277,9 +277,12 @@ pub async fn upload(
     // with an artifacts store the bytes are kept there too: every replica (and every pool
     // node) reads them, whichever replica took the upload
     if let Some(a) = state.artifacts() {
-        a.put_file(&partial.path, &crate::artifacts::file_key(&caller.tenant.id, &id))
-            .await
-            .map_err(internal)?;
+        a.put_file(
+            &partial.path,
+            &crate::artifacts::file_key(&caller.tenant.id, &id),
+        )
+        .await
+        .map_err(internal)?;
     }
     tokio::fs::rename(&partial.path, dir.join(&id))
         .await

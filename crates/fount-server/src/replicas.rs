@@ -76,7 +76,12 @@ async fn sync(state: &AppState, store: &Store) -> Result<(), fount_store::Error>
     for e in store.registry_since(seen).await? {
         last = last.max(e.version);
         if e.removed {
-            if state.registry.known.lock().is_ok_and(|k| k.contains_key(&e.name)) {
+            if state
+                .registry
+                .known
+                .lock()
+                .is_ok_and(|k| k.contains_key(&e.name))
+            {
                 state.engine.adapters().remove(&e.name);
                 if let Ok(mut t) = state.adapter_times.lock() {
                     t.remove(&e.name);
@@ -134,7 +139,10 @@ impl AppState {
         if store.backend() != Backend::Postgres {
             return Ok(None);
         }
-        let id = format!("rep_{}", crate::answer::random_id("r").trim_start_matches("r-"));
+        let id = format!(
+            "rep_{}",
+            crate::answer::random_id("r").trim_start_matches("r-")
+        );
         store.join_replica(&id, address, now_ms()).await?;
         tenancy.share(&id);
         let (beat_id, address) = (id.clone(), address.to_string());
@@ -157,7 +165,10 @@ impl AppState {
                 let dead_before = now - i64::try_from(DEAD_AFTER.as_millis()).unwrap_or(5_000);
                 match store.sweep(dead_before, now).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::warn!(records = n, "recorded a dead replica's open requests as abandoned"),
+                    Ok(n) => tracing::warn!(
+                        records = n,
+                        "recorded a dead replica's open requests as abandoned"
+                    ),
                     Err(e) => tracing::error!(error = %e, "sweeping dead replicas"),
                 }
             }

@@ -319,12 +319,15 @@ pub async fn register_adapter(
     let (dir, stored) = match crate::artifacts::key_of(&body.path) {
         Some(key) => {
             let a = state.artifacts().ok_or_else(|| {
-                ApiError::invalid("path", "this server keeps no artifacts store (fount serve --artifacts)")
+                ApiError::invalid(
+                    "path",
+                    "this server keeps no artifacts store (fount serve --artifacts)",
+                )
             })?;
             let dir = a.fetch_dir(key, None).await.map_err(|e| {
                 ApiError::invalid("path", format!("no usable adapter at {:?}: {e}", body.path))
             })?;
-            let digest = fount_store::artifacts::manifest_of(&dir).map_err(internal)?.digest;
+            let digest = fount_artifacts::manifest_of(&dir).map_err(internal)?.digest;
             (dir, Some((body.path.clone(), digest)))
         }
         None => {

@@ -85,7 +85,7 @@ pub struct AppState {
     /// What this replica has applied of the store's adapter registry.
     pub(crate) registry: crate::replicas::Registry,
     /// Where adapters, fine-tuned models and files are kept besides local disk.
-    pub(crate) artifacts: std::sync::OnceLock<fount_store::artifacts::Artifacts>,
+    pub(crate) artifacts: std::sync::OnceLock<fount_artifacts::Artifacts>,
 }
 
 /// A running generation request; see [`AppState::requests_in_flight`].

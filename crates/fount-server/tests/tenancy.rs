@@ -8,10 +8,16 @@ use serde_json::json;
 
 use crate::util::{adapter_dir, call, call_as, no_eos, state, until_idle};
 
-/// A server with tenancy on over `store`.
-fn tenant_state(store: &Store) -> Arc<AppState> {
+/// A server with tenancy on over `store`, joined to the replicas on it: on PostgreSQL its
+/// quotas are the store's shared ones, so every quota test here runs on both paths.
+async fn tenant_state(store: &Store) -> Arc<AppState> {
     let s = state();
     s.enable_tenancy(store.clone());
+    let joined = s.enable_replicas("127.0.0.1:0").await.unwrap();
+    assert_eq!(
+        joined.is_some(),
+        store.backend() == fount_store::Backend::Postgres
+    );
     s
 }
 
@@ -31,7 +37,7 @@ async fn every_v1_request_needs_a_valid_key() {
     // on SQLite and on PostgreSQL
     for (store, _dir) in stores("every_v1_request_nee").await {
         backends.push(store.backend());
-        let s = tenant_state(&store);
+        let s = tenant_state(&store).await;
         let (tid, key) = tenant_key(&store, "acme", &[Scope::Inference]).await;
         let r = call(&s, Method::POST, "/v1/completions", &ask("tiny")).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
@@ -79,7 +85,7 @@ async fn every_v1_request_needs_a_valid_key() {
 async fn tenants_see_only_their_own_adapters_usage_and_cache() {
     // on SQLite and on PostgreSQL
     for (store, _dir) in stores("tenants_see_only_the").await {
-        let s = tenant_state(&store);
+        let s = tenant_state(&store).await;
         let (_, a) = tenant_key(&store, "alpha", &[Scope::Inference]).await;
         let (_, b) = tenant_key(&store, "beta", &[Scope::Inference]).await;
         let dir = adapter_dir("alpha-private", 3);
@@ -173,7 +179,7 @@ async fn tenants_see_only_their_own_adapters_usage_and_cache() {
 async fn quotas_refuse_with_openai_codes() {
     // on SQLite and on PostgreSQL
     for (store, _dir) in stores("quotas_refuse_with_o").await {
-        let s = tenant_state(&store);
+        let s = tenant_state(&store).await;
         let (tid, key) = tenant_key(&store, "small", &[Scope::Inference]).await;
         store
             .set_quota(
@@ -266,7 +272,7 @@ async fn every_request_is_recorded_exactly_once_with_the_engines_counts() {
     use rand::{Rng, SeedableRng};
     // on SQLite and on PostgreSQL
     for (store, _dir) in stores("every_request_is_rec").await {
-        let s = tenant_state(&store);
+        let s = tenant_state(&store).await;
         let mut keys = Vec::new();
         for name in ["t0", "t1", "t2"] {
             keys.push(tenant_key(&store, name, &[Scope::Inference]).await);
@@ -425,7 +431,7 @@ async fn every_request_is_recorded_exactly_once_with_the_engines_counts() {
 async fn the_admin_api_manages_tenants_keys_and_quotas() {
     // on SQLite and on PostgreSQL
     for (store, _dir) in stores("admin_api").await {
-        let s = tenant_state(&store);
+        let s = tenant_state(&store).await;
         let (_, admin) = tenant_key(&store, "ops", &[Scope::Admin]).await;
         let (_, user) = tenant_key(&store, "user", &[Scope::Inference]).await;
         let post = |key: &str, path: &str, body: serde_json::Value| {
@@ -601,7 +607,7 @@ async fn the_admin_api_manages_tenants_keys_and_quotas() {
 async fn a_keys_quota_applies_on_top_of_its_tenants() {
     // on SQLite and on PostgreSQL
     for (store, _dir) in stores("key_quota").await {
-        let s = tenant_state(&store);
+        let s = tenant_state(&store).await;
         let (tid, narrow) = tenant_key(&store, "team", &[Scope::Inference]).await;
         let (wide, wide_info) = store
             .create_key(&tid, "wide", &[Scope::Inference], None)
@@ -668,7 +674,7 @@ async fn a_keys_quota_applies_on_top_of_its_tenants() {
 async fn records_carry_their_cost_at_the_models_price() {
     // on SQLite and on PostgreSQL
     for (store, _dir) in stores("prices").await {
-        let s = tenant_state(&store);
+        let s = tenant_state(&store).await;
         let (tid, key) = tenant_key(&store, "payer", &[Scope::Inference]).await;
         let base = Price {
             input: 500_000,

@@ -22,9 +22,6 @@ pub enum Error {
     /// first).
     #[error("{0}")]
     Conflict(String),
-    /// The object store failed an operation.
-    #[error("artifacts: {0}")]
-    Artifacts(String),
     /// The tenant, key or record does not exist.
     #[error("{0} not found")]
     NotFound(String),

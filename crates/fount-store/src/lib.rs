@@ -17,7 +17,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod artifacts;
 pub mod error;
 mod files;
 mod finetuning;

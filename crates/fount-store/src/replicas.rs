@@ -43,7 +43,7 @@ pub struct Counters {
 /// What an admission needs to read of one subject.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Wants {
-    /// A requests- or tokens-per-minute limit.
+    /// A requests- or tokens-per-minute limit (the minute is charged either way).
     pub minute: bool,
     /// A limit of concurrent requests.
     pub concurrent: bool,
@@ -219,11 +219,10 @@ impl Store {
 
     /// Admits requests of one tenant and key against quotas every replica shares, in one
     /// transaction: under the tenant's and the key's locks (PostgreSQL advisory locks, in that
-    /// order) it reads their [`Counters`], lets `decide`
-    /// judge each admission in turn against the counters with the ones before it charged (all
-    /// read as any admission's `wants` asks), then
-    /// charges the minute of each subject with a minute limit for those admitted and records
-    /// them as open. Returns each admission's verdict, in order. The commit does not wait for
+    /// order) it reads their [`Counters`] (as any admission's `wants` asks), lets `decide` judge
+    /// each admission in turn against the counters with the ones before it charged, then charges
+    /// the minute of both subjects with those admitted (limited or not) and records them as
+    /// open. Returns each admission's verdict, in order. The commit does not wait for
     /// the disk (`synchronous_commit = off`): a database crash may forget the admissions of its
     /// last moments, never a usage record.
     pub async fn admit_batch<E>(
@@ -273,7 +272,8 @@ impl Store {
         let second = a.now_ms.div_euclid(1000);
         if reads {
             for ((who, wants), c) in subjects.iter().zip(&wants).zip(&mut counters) {
-                self.read_counters(&mut tx, *who, wants, a.now_ms, c).await?;
+                self.read_counters(&mut tx, *who, wants, a.now_ms, c)
+                    .await?;
             }
         }
         let mut verdicts = Vec::with_capacity(batch.len());
@@ -300,22 +300,20 @@ impl Store {
             return Ok(verdicts);
         }
         let tokens: i64 = admitted.iter().map(|b| b.tokens).sum();
-        for (who, wants) in subjects.iter().zip(&wants) {
-            if wants.minute {
-                sqlx::query(
-                    "INSERT INTO quota_seconds (subject, second, requests, tokens) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (subject, second) DO UPDATE SET \
-                     requests = quota_seconds.requests + excluded.requests, \
-                     tokens = quota_seconds.tokens + excluded.tokens",
-                )
-                .bind(subject_key(*who))
-                .bind(second)
-                .bind(admitted.len() as i64)
-                .bind(tokens)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
+        // every minute is charged, limited or not: a limit set later counts what came before
+        sqlx::query(
+            "INSERT INTO quota_seconds (subject, second, requests, tokens) VALUES ($1, $2, $3, $4), ($5, $2, $3, $4) \
+             ON CONFLICT (subject, second) DO UPDATE SET \
+             requests = quota_seconds.requests + excluded.requests, \
+             tokens = quota_seconds.tokens + excluded.tokens",
+        )
+        .bind(subject_key(subjects[0]))
+        .bind(second)
+        .bind(admitted.len() as i64)
+        .bind(tokens)
+        .bind(subject_key(subjects[1]))
+        .execute(&mut *tx)
+        .await?;
         let sql = format!(
             "INSERT INTO open_requests (request_id, replica_id, tenant_id, key_id, model, tokens, created_at_ms) VALUES {}",
             crate::usage::placeholders(admitted.len(), 7)

@@ -331,7 +331,8 @@ impl Store {
             written += rows.len() as u64;
             let mut days: std::collections::BTreeMap<(String, i64), i64> = Default::default();
             for r in &rows {
-                let (tenant, key): (String, String) = (r.try_get("tenant_id")?, r.try_get("key_id")?);
+                let (tenant, key): (String, String) =
+                    (r.try_get("tenant_id")?, r.try_get("key_id")?);
                 let (tokens, at): (i64, i64) = (r.try_get("tokens")?, r.try_get("created_at_ms")?);
                 let day = at - at.rem_euclid(86_400_000);
                 *days.entry((format!("t:{tenant}"), day)).or_default() += tokens;
@@ -355,7 +356,10 @@ impl Store {
                 // the requests recorded are no longer open (replicas' shared quotas)
                 let sql = format!(
                     "DELETE FROM open_requests WHERE request_id IN ({})",
-                    (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+                    (1..=chunk.len())
+                        .map(|i| format!("${i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 let mut q = sqlx::query(&sql);
                 for r in chunk {

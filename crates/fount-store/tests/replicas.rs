@@ -133,13 +133,22 @@ async fn concurrent_admissions_from_several_replicas_charge_one_window() {
                     .unwrap();
             }
             for r in [0, 2] {
-                assert!(s.heartbeat(&format!("rep-{r}"), now + 10_000).await.unwrap());
+                assert!(s
+                    .heartbeat(&format!("rep-{r}"), now + 10_000)
+                    .await
+                    .unwrap());
             }
-            let (a, b2) = tokio::join!(s.sweep(now + 5_000, now + 10_000), s.sweep(now + 5_000, now + 10_000));
+            let (a, b2) = tokio::join!(
+                s.sweep(now + 5_000, now + 10_000),
+                s.sweep(now + 5_000, now + 10_000)
+            );
             let swept = a.unwrap() + b2.unwrap();
             let on_dead = ids[1..].iter().filter(|(_, r)| r == "rep-1").count() as u64;
             assert!(on_dead > 0 && done_on.starts_with("rep-"));
-            assert_eq!(swept, on_dead, "one record for each of the dead replica's requests");
+            assert_eq!(
+                swept, on_dead,
+                "one record for each of the dead replica's requests"
+            );
             assert!(!s.heartbeat("rep-1", now + 11_000).await.unwrap());
             let records = s.usage(Some(&t.id), 0, i64::MAX).await.unwrap();
             let abandoned: Vec<_> = records
@@ -167,7 +176,10 @@ async fn the_adapter_registry_versions_every_change() {
             .registry_put("ten_1/sql", "adapters/ten_1/sql/ab12", Some("ab12"), 1)
             .await
             .unwrap();
-        let v2 = s.registry_put("public", "/srv/public", None, 2).await.unwrap();
+        let v2 = s
+            .registry_put("public", "/srv/public", None, 2)
+            .await
+            .unwrap();
         assert!(v0 < v1 && v1 < v2, "{b:?}");
         let all = s.registry_since(v0).await.unwrap();
         assert_eq!(all.len(), 2, "{b:?}");
@@ -180,7 +192,9 @@ async fn the_adapter_registry_versions_every_change() {
         assert!(changed[0].removed);
         assert_eq!(s.registry_version().await.unwrap(), changed[0].version);
         // registering it again brings it back
-        s.registry_put("public", "/srv/public2", None, 5).await.unwrap();
+        s.registry_put("public", "/srv/public2", None, 5)
+            .await
+            .unwrap();
         let back = s.registry_since(changed[0].version).await.unwrap();
         assert_eq!(back.len(), 1);
         assert!(!back[0].removed && back[0].location == "/srv/public2");

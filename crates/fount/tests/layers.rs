@@ -13,6 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fount-model", &["fount-tokenizer"]),
     ("fount-data", &["fount-tokenizer"]),
     ("fount-store", &[]),
+    ("fount-artifacts", &[]),
     ("fount-ledger", &["fount-store"]),
     ("fount-train", &["fount-model", "fount-data"]),
     ("fount-engine", &["fount-model"]),
@@ -21,6 +22,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "fount-server",
         &[
+            "fount-artifacts",
             "fount-engine",
             "fount-ledger",
             "fount-model",
@@ -31,6 +33,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "fount",
         &[
+            "fount-artifacts",
             "fount-data",
             "fount-engine",
             "fount-ledger",
@@ -189,6 +192,26 @@ fn the_ledger_links_no_compute_and_no_http_server() {
         assert!(
             !seen.contains(*banned),
             "fount-ledger reaches {banned}; the log holds digests and names, never tensors or requests"
+        );
+    }
+}
+
+#[test]
+fn artifacts_link_no_database_and_no_http_server() {
+    let g = graph();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec!["fount-artifacts".to_string()];
+    while let Some(n) = todo.pop() {
+        for d in &g[&n] {
+            if seen.insert(d.clone()) {
+                todo.push(d.clone());
+            }
+        }
+    }
+    for banned in ["sqlx", "sqlx-core", "axum", "fount-store", "candle-core"] {
+        assert!(
+            !seen.contains(banned),
+            "fount-artifacts reaches {banned}; it moves files, it keeps no records"
         );
     }
 }

@@ -110,7 +110,6 @@ impl Proc {
     }
 }
 
-
 fn json_of(status_body: (u16, String), want: u16) -> Value {
     let (status, body) = status_body;
     assert_eq!(status, want, "{body}");

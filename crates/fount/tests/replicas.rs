@@ -87,25 +87,39 @@ fn balancer(dir: &Path, backends: &[u16]) -> (Killed, u16) {
     }
     let file = dir.join("haproxy.cfg");
     std::fs::write(&file, cfg).unwrap_or_else(|e| panic!("{e}"));
-    let child = Command::new(program("haproxy", "scripts/test installs it (apt-get install haproxy)"))
-        .arg("-db")
-        .arg("-f")
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("haproxy: {e}"));
+    let child = Command::new(program(
+        "haproxy",
+        "scripts/test installs it (apt-get install haproxy)",
+    ))
+    .arg("-db")
+    .arg("-f")
+    .arg(&file)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap_or_else(|e| panic!("haproxy: {e}"));
     let lb = Killed(child);
     wait_until("haproxy serving", Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && http("GET", &format!("http://127.0.0.1:{port}/health"), None, None).0 == 200
+            && http(
+                "GET",
+                &format!("http://127.0.0.1:{port}/health"),
+                None,
+                None,
+            )
+            .0 == 200
     });
     (lb, port)
 }
 
 fn completion(url: &str, key: &str, model: &str) -> (u16, String) {
     let body = json!({"model": model, "prompt": "hello", "max_tokens": 2}).to_string();
-    http("POST", &format!("{url}/v1/completions"), Some(key), Some(&body))
+    http(
+        "POST",
+        &format!("{url}/v1/completions"),
+        Some(key),
+        Some(&body),
+    )
 }
 
 fn admin(pg: &str, args: &[&str]) -> String {
@@ -118,7 +132,14 @@ fn key_of(pg: &str, tenant: &str) -> String {
     admin(pg, &["tenant", "create", tenant]);
     let out = admin(
         pg,
-        &["key", "create", "--tenant", tenant, "--scopes", "files,fine_tuning,inference"],
+        &[
+            "key",
+            "create",
+            "--tenant",
+            tenant,
+            "--scopes",
+            "files,fine_tuning,inference",
+        ],
     );
     out.trim().to_string()
 }
@@ -146,7 +167,11 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         .envs(env)
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
     let common = ["--database-url", pg.as_str(), "--artifacts", artifacts];
     let data: Vec<PathBuf> = (0..3).map(|i| root.join(format!("replica{i}"))).collect();
     let first = Server::launch_in(&data[0], &model, &common, None, "info", &env);
@@ -181,7 +206,17 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
 
     // --- 20 requests a minute across three replicas: 20, not 60 ---
     let burst = key_of(&pg, "burst");
-    admin(&pg, &["quota", "set", "--tenant", "burst", "--requests-per-minute", "20"]);
+    admin(
+        &pg,
+        &[
+            "quota",
+            "set",
+            "--tenant",
+            "burst",
+            "--requests-per-minute",
+            "20",
+        ],
+    );
     let codes: Vec<u16> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..6)
             .map(|_| {
@@ -203,7 +238,17 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
 
     // --- 60 a minute is also 1 a second (OpenAI's quantisation), across all three ---
     let paced = key_of(&pg, "paced");
-    admin(&pg, &["quota", "set", "--tenant", "paced", "--requests-per-minute", "60"]);
+    admin(
+        &pg,
+        &[
+            "quota",
+            "set",
+            "--tenant",
+            "paced",
+            "--requests-per-minute",
+            "60",
+        ],
+    );
     let start = Instant::now();
     let mut served = 0;
     while start.elapsed() < Duration::from_secs(6) {
@@ -211,18 +256,28 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // one a second over 6 seconds (7 distinct seconds at most); 3 a second if not shared
-    assert!((5..=7).contains(&served), "{served} served in 6 s at 60 a minute");
+    assert!(
+        (5..=7).contains(&served),
+        "{served} served in 6 s at 60 a minute"
+    );
 
     // --- an adapter registered through replica A answers through B and C within a second ---
     let support = adapters.join("support").display().to_string();
     let body = json!({"name": "shared-lora", "path": support}).to_string();
-    let (code, text) = http("POST", &format!("{}/v1/adapters", urls[0]), Some(&admin_key), Some(&body));
+    let (code, text) = http(
+        "POST",
+        &format!("{}/v1/adapters", urls[0]),
+        Some(&admin_key),
+        Some(&body),
+    );
     assert_eq!(code, 200, "{text}");
     let t0 = Instant::now();
     for url in &urls[1..] {
-        wait_until("the adapter on another replica", Duration::from_secs(1), || {
-            completion(url, &admin_key, "shared-lora").0 == 200
-        });
+        wait_until(
+            "the adapter on another replica",
+            Duration::from_secs(1),
+            || completion(url, &admin_key, "shared-lora").0 == 200,
+        );
     }
     let propagated = t0.elapsed();
     eprintln!("adapter answered on both other replicas {propagated:?} after its registration");
@@ -237,26 +292,56 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         assert!(cached, "{}: no adapter in the cache", d.display());
     }
     // removed through B: gone on C within a second
-    let (code, text) = http("DELETE", &format!("{}/v1/adapters/shared-lora", urls[1]), Some(&admin_key), None);
+    let (code, text) = http(
+        "DELETE",
+        &format!("{}/v1/adapters/shared-lora", urls[1]),
+        Some(&admin_key),
+        None,
+    );
     assert_eq!(code, 200, "{text}");
-    wait_until("the removal on another replica", Duration::from_secs(1), || {
-        completion(&urls[2], &admin_key, "shared-lora").0 == 404
-    });
+    wait_until(
+        "the removal on another replica",
+        Duration::from_secs(1),
+        || completion(&urls[2], &admin_key, "shared-lora").0 == 404,
+    );
 
     // --- a key revoked through A is refused by B on the next request ---
     let body = json!({"tenant": "burst", "name": "short-lived"}).to_string();
-    let (code, text) = http("POST", &format!("{}/admin/v1/keys", urls[0]), Some(&admin_key), Some(&body));
+    let (code, text) = http(
+        "POST",
+        &format!("{}/admin/v1/keys", urls[0]),
+        Some(&admin_key),
+        Some(&body),
+    );
     assert_eq!(code, 200, "{text}");
     let created: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let (secret, id) = (
         created["key"].as_str().unwrap_or_default().to_string(),
-        created["info"]["id"].as_str().unwrap_or_default().to_string(),
+        created["info"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
     );
-    let (code, _) = http("GET", &format!("{}/v1/models", urls[1]), Some(&secret), None);
+    let (code, _) = http(
+        "GET",
+        &format!("{}/v1/models", urls[1]),
+        Some(&secret),
+        None,
+    );
     assert_eq!(code, 200);
-    let (code, text) = http("DELETE", &format!("{}/admin/v1/keys/{id}", urls[0]), Some(&admin_key), None);
+    let (code, text) = http(
+        "DELETE",
+        &format!("{}/admin/v1/keys/{id}", urls[0]),
+        Some(&admin_key),
+        None,
+    );
     assert_eq!(code, 200, "{text}");
-    let (code, _) = http("GET", &format!("{}/v1/models", urls[1]), Some(&secret), None);
+    let (code, _) = http(
+        "GET",
+        &format!("{}/v1/models", urls[1]),
+        Some(&secret),
+        None,
+    );
     assert_eq!(code, 401, "a revoked key answered on another replica");
 
     // --- fine-tuning through the balancer; the model is served by every replica ---
@@ -288,7 +373,11 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(said.contains("replicas: all checks passed"), "{said}\n{}", logs(&replicas));
+    assert!(
+        said.contains("replicas: all checks passed"),
+        "{said}\n{}",
+        logs(&replicas)
+    );
     eprintln!("{said}");
     // the adapter is in the object store, under the job's key
     let listed = Command::new(env!("CARGO_BIN_EXE_fount"))
@@ -314,7 +403,9 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         .spawn()
         .unwrap_or_else(|e| panic!("python3: {e}"));
     let lines = |f: &Path| std::fs::read_to_string(f).map_or(0, |s| s.lines().count());
-    wait_until("the load going", Duration::from_secs(120), || lines(&ids_file) >= 40);
+    wait_until("the load going", Duration::from_secs(120), || {
+        lines(&ids_file) >= 40
+    });
     let _ = replicas[2].child.kill();
     let _ = replicas[2].child.wait();
     let status = load.wait().unwrap_or_else(|e| panic!("{e}"));
@@ -325,7 +416,11 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         .map(str::to_string)
         .collect();
     // a stream cut off by the kill is not retried: nearly all answered
-    assert!(completed.len() >= 140, "{} of 150 answered", completed.len());
+    assert!(
+        completed.len() >= 140,
+        "{} of 150 answered",
+        completed.len()
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -338,24 +433,37 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         rt.block_on(store.open_requests()).unwrap_or(-1) == 0
     });
     eprintln!("open requests of the killed replica recorded {swept:?} after the kill");
-    let out = admin(&pg, &["usage", "export", "--format", "json", "--tenant", "loader"]);
+    let out = admin(
+        &pg,
+        &["usage", "export", "--format", "json", "--tenant", "loader"],
+    );
     let records: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    let mut ids: Vec<&str> = records.iter().filter_map(|r| r["request_id"].as_str()).collect();
+    let mut ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
     ids.sort();
     let all = ids.len();
     ids.dedup();
     assert_eq!(all, ids.len(), "a request recorded twice");
     for id in &completed {
-        assert!(ids.binary_search(&id.as_str()).is_ok(), "{id} completed but has no record");
+        assert!(
+            ids.binary_search(&id.as_str()).is_ok(),
+            "{id} completed but has no record"
+        );
     }
     let abandoned = records.iter().filter(|r| r["status"] == 502).count();
     let answered = records.iter().filter(|r| r["status"] == 200).count();
     // every record is an answer or a request the dead replica had open; an answer the client
     // did not see end (the kill cut its last bytes) is one of its failed attempts
-    assert_eq!(records.len(), answered + abandoned, "statuses other than 200 and 502");
+    assert_eq!(
+        records.len(),
+        answered + abandoned,
+        "statuses other than 200 and 502"
+    );
     assert!(
         (completed.len()..=150).contains(&answered),
         "{answered} answers recorded, {} seen",

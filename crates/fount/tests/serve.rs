@@ -35,7 +35,14 @@ impl Server {
 
     /// Starts `fount serve` with `FOUNT_LOG=log`.
     fn launch(model: &Path, extra: &[&str], known_key: Option<&str>, log: &str) -> Server {
-        Server::launch_in(&model.with_extension("data"), model, extra, known_key, log, &[])
+        Server::launch_in(
+            &model.with_extension("data"),
+            model,
+            extra,
+            known_key,
+            log,
+            &[],
+        )
     }
 
     /// Starts `fount serve` on data directory `data` with `FOUNT_LOG=log` and `env` set.

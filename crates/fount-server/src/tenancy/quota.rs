@@ -8,9 +8,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use fount_store::{
-    day_start, month_start, now_ms, utc_day, Counters, Quota, Subject, Wants,
-};
+use fount_store::{day_start, month_start, now_ms, utc_day, Counters, Quota, Subject, Wants};
 
 use super::{Caller, Metering, Tenancy, QUOTA_TTL};
 use crate::error::ApiError;

@@ -40,7 +40,9 @@ pub(super) fn enqueue(
 ) {
     let start = {
         let Ok(mut q) = queues.0.lock() else {
-            let _ = w.reply.send(Err(ApiError::Internal("admission queue poisoned".into())));
+            let _ = w
+                .reply
+                .send(Err(ApiError::Internal("admission queue poisoned".into())));
             return;
         };
         match q.get_mut(&pair) {

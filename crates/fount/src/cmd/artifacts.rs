@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use fount_store::artifacts::Artifacts;
+use fount_artifacts::Artifacts;
 
 /// Where the artifacts are.
 #[derive(Debug, Args)]

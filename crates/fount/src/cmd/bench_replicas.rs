@@ -115,7 +115,10 @@ async fn post(client: &HttpClient, url: &str, key: &str, body: serde_json::Value
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {key}"))
         .body(Full::new(Bytes::from(body.to_string())))?;
-    let res = client.request(req).await.with_context(|| format!("POST {url}"))?;
+    let res = client
+        .request(req)
+        .await
+        .with_context(|| format!("POST {url}"))?;
     let status = res.status().as_u16();
     res.into_body().collect().await?;
     Ok(status)
@@ -169,20 +172,39 @@ fn record(id: String, tenant: &str, key: &str) -> UsageRecord {
 }
 
 /// The store alone: admissions/s over `tenants` tenants (one task each) and usage records/s.
-async fn store_rates(url: &str, tasks: usize, seconds: f64, run: &str) -> Result<Vec<(String, f64)>> {
+async fn store_rates(
+    url: &str,
+    tasks: usize,
+    seconds: f64,
+    run: &str,
+) -> Result<Vec<(String, f64)>> {
     let store = Arc::new(Store::connect(url).await?);
     // a replica alive, so no sweep takes its open requests for a dead one's
-    store.join_replica("bench", "-", fount_store::now_ms()).await?;
+    store
+        .join_replica("bench", "-", fount_store::now_ms())
+        .await?;
     let mut ids = Vec::new();
     for i in 0..tasks {
         let t = store.create_tenant(&format!("store{run}x{i}")).await?;
-        let (_, k) = store.create_key(&t.id, "bench", &[Scope::Inference], None).await?;
+        let (_, k) = store
+            .create_key(&t.id, "bench", &[Scope::Inference], None)
+            .await?;
         ids.push((t.id, k.id));
     }
     let ids = Arc::new(ids);
     let wants = [
-        Wants { minute: true, concurrent: true, day: true, month: false },
-        Wants { minute: true, concurrent: true, day: false, month: false },
+        Wants {
+            minute: true,
+            concurrent: true,
+            day: true,
+            month: false,
+        },
+        Wants {
+            minute: true,
+            concurrent: true,
+            day: false,
+            month: false,
+        },
     ];
     let mut out = Vec::new();
     for (label, shared) in [
@@ -237,10 +259,7 @@ pub fn bench_replicas(a: ReplicasBench, threads: Option<usize>) -> Result<()> {
     }
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let (_, model) = models()?
-        .into_iter()
-        .nth(1)
-        .context("the minimal model")?;
+    let (_, model) = models()?.into_iter().nth(1).context("the minimal model")?;
     let scratch = tempfile::tempdir()?;
     let adapter = scratch.path().join("adapter");
     let cfg = fount_model::HfConfig::from_file(&model.join("config.json"))?.resolve()?;

@@ -47,7 +47,8 @@ pub struct TenancyBench {
     pub database_url: Option<String>,
 }
 
-pub(crate) type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient =
+    Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// The two models: the tiny test model, and the one-layer 8-wide one.
 pub(crate) fn models() -> Result<Vec<(&'static str, PathBuf)>> {

@@ -197,7 +197,7 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
     let artifacts = a
         .artifacts
         .as_deref()
-        .map(|url| fount_store::artifacts::Artifacts::open(url, a.data_dir.join("cache")))
+        .map(|url| fount_artifacts::Artifacts::open(url, a.data_dir.join("cache")))
         .transpose()
         .context("--artifacts")?;
     let model_dir = super::artifacts::local_model(&a.model, artifacts.as_ref())?;

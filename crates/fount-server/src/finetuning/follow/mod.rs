@@ -226,7 +226,9 @@ impl Follower {
             }
             // a model kept in the artifacts store is registered by its digest, fetched on use
             let digest = match (crate::artifacts::key_of(&m.path), state.artifacts()) {
-                (Some(key), Some(a)) => Some(a.manifest(key).await.map_err(|e| e.to_string())?.digest),
+                (Some(key), Some(a)) => {
+                    Some(a.manifest(key).await.map_err(|e| e.to_string())?.digest)
+                }
                 _ => None,
             };
             state.register_location(&name, &m.path, digest.as_deref());

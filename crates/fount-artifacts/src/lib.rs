@@ -1,4 +1,4 @@
-//! Artifacts in object storage: models, adapters, curated shards, fine-tuning files and
+//! `fount-artifacts`: artifacts in object storage for fount's replicas: models, adapters, curated shards, fine-tuning files and
 //! checkpoints at `s3://bucket/prefix` (AWS S3 or any S3-compatible server; the endpoint and
 //! credentials come from the `AWS_*` environment: `AWS_ENDPOINT`, `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`) or in a local directory
@@ -11,8 +11,8 @@
 //! visible, so a cached directory is always whole and what was stored.
 //!
 //! ```no_run
-//! # async fn run() -> fount_store::Result<()> {
-//! use fount_store::artifacts::Artifacts;
+//! # async fn run() -> fount_artifacts::Result<()> {
+//! use fount_artifacts::Artifacts;
 //! let a = Artifacts::open("s3://models/fount", "cache")?;
 //! let stored = a.put_dir("adapters/sql".as_ref(), "adapters/sql").await?;
 //! let local = a.fetch_dir("adapters/sql", Some(&stored.digest)).await?;
@@ -29,7 +29,25 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::error::{Error, Result};
+/// Everything that can go wrong with artifacts.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object store failed an operation.
+    #[error("object store: {0}")]
+    Store(String),
+    /// A local file or directory could not be used.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A key, URL or stored artifact fount cannot use (a digest that does not match included).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such artifact.
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The manifest stored beside a directory's files.
 pub const MANIFEST: &str = "fount-manifest.json";
@@ -74,7 +92,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn store_error(e: object_store::Error) -> Error {
-    Error::Artifacts(e.to_string())
+    Error::Store(e.to_string())
 }
 
 /// A key or relative path fount accepts: no empty, `.` or `..` parts, no backslashes.
@@ -82,7 +100,9 @@ fn checked(key: &str) -> Result<&str> {
     let key = key.trim_matches('/');
     if key.is_empty()
         || key.contains('\\')
-        || key.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+        || key
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
     {
         return Err(Error::Invalid(format!("{key:?} is not an artifact key")));
     }
@@ -147,28 +167,29 @@ impl Artifacts {
     /// Artifacts at `url` (`s3://bucket[/prefix]`, `file:///dir` or a directory path), with
     /// fetched directories cached under `cache`.
     pub fn open(url: &str, cache: impl Into<PathBuf>) -> Result<Artifacts> {
-        let (inner, prefix): (Arc<dyn ObjectStore>, ObjectPath) =
-            if let Some(rest) = url.strip_prefix("s3://") {
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                if bucket.is_empty() {
-                    return Err(Error::Invalid(format!("{url:?} names no bucket")));
-                }
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(store_error)?;
-                (Arc::new(s3), ObjectPath::from(prefix.trim_matches('/')))
-            } else if url.contains("://") && !url.starts_with("file://") {
-                return Err(Error::Invalid(format!(
+        let (inner, prefix): (Arc<dyn ObjectStore>, ObjectPath) = if let Some(rest) =
+            url.strip_prefix("s3://")
+        {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::Invalid(format!("{url:?} names no bucket")));
+            }
+            let s3 = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(store_error)?;
+            (Arc::new(s3), ObjectPath::from(prefix.trim_matches('/')))
+        } else if url.contains("://") && !url.starts_with("file://") {
+            return Err(Error::Invalid(format!(
                     "unsupported artifacts URL {url:?} (s3://bucket/prefix, file:///dir or a directory)"
                 )));
-            } else {
-                let dir = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
-                fs_err::create_dir_all(&dir)?;
-                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(store_error)?;
-                (Arc::new(fs), ObjectPath::from(""))
-            };
+        } else {
+            let dir = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+            fs_err::create_dir_all(&dir)?;
+            let fs =
+                object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(store_error)?;
+            (Arc::new(fs), ObjectPath::from(""))
+        };
         Ok(Artifacts {
             inner,
             prefix,
@@ -210,10 +231,16 @@ impl Artifacts {
 
     /// Downloads `key` to `to` (written beside it first, then renamed: never half there).
     pub async fn fetch_file(&self, key: &str, to: &Path) -> Result<()> {
-        let got = self.inner.get(&self.path(key)?).await.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => Error::NotFound(format!("artifact {key:?}")),
-            e => store_error(e),
-        })?;
+        let got = self
+            .inner
+            .get(&self.path(key)?)
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => {
+                    Error::NotFound(format!("artifact {key:?}"))
+                }
+                e => store_error(e),
+            })?;
         if let Some(parent) = to.parent() {
             tokio::fs::create_dir_all(parent).await?;
         }
@@ -278,14 +305,19 @@ impl Artifacts {
             let dir = dir.to_path_buf();
             tokio::task::spawn_blocking(move || manifest_of(&dir))
                 .await
-                .map_err(|e| Error::Artifacts(e.to_string()))??
+                .map_err(|e| Error::Store(e.to_string()))??
         };
         for (rel, _) in &manifest.files {
-            self.put_file(&dir.join(rel), &format!("{key}/{rel}")).await?;
+            self.put_file(&dir.join(rel), &format!("{key}/{rel}"))
+                .await?;
         }
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
         self.inner
-            .put(&self.path(&format!("{key}/{MANIFEST}"))?, PutPayload::from(json))
+            .put(
+                &self.path(&format!("{key}/{MANIFEST}"))?,
+                PutPayload::from(json),
+            )
             .await
             .map_err(store_error)?;
         Ok(manifest)
@@ -303,8 +335,7 @@ impl Artifacts {
             }
             Err(e) => return Err(store_error(e)),
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Invalid(format!("{key}/{MANIFEST}: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{key}/{MANIFEST}: {e}")))
     }
 
     /// The directory stored at `key`, in the local cache: downloaded unless cached, each file
@@ -350,7 +381,7 @@ impl Artifacts {
                     let to = to.clone();
                     tokio::task::spawn_blocking(move || sha256_file(&to))
                         .await
-                        .map_err(|e| Error::Artifacts(e.to_string()))??
+                        .map_err(|e| Error::Store(e.to_string()))??
                 };
                 if got != *sha {
                     return Err(Error::Invalid(format!(
@@ -358,8 +389,8 @@ impl Artifacts {
                     )));
                 }
             }
-            let json = serde_json::to_vec_pretty(&manifest)
-                .map_err(|e| Error::Invalid(e.to_string()))?;
+            let json =
+                serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
             tokio::fs::write(partial.join(MANIFEST), json).await?;
             match tokio::fs::rename(&partial, &done).await {
                 Ok(()) => Ok(()),
@@ -391,14 +422,24 @@ mod tests {
         fs_err::create_dir_all(src.join("sub")).unwrap();
         fs_err::write(src.join("adapter_config.json"), b"{}").unwrap();
         fs_err::write(src.join("sub/w.bin"), vec![7u8; 3 << 20]).unwrap();
-        let a = Artifacts::open(tmp.path().join("bucket").to_str().unwrap(), tmp.path().join("cache")).unwrap();
+        let a = Artifacts::open(
+            tmp.path().join("bucket").to_str().unwrap(),
+            tmp.path().join("cache"),
+        )
+        .unwrap();
         let m = a.put_dir(&src, "adapters/x").await.unwrap();
         assert_eq!(m.files.len(), 2);
         assert_eq!(m, manifest_of(&src).unwrap());
         let got = a.fetch_dir("adapters/x", Some(&m.digest)).await.unwrap();
-        assert_eq!(fs_err::read(got.join("sub/w.bin")).unwrap(), vec![7u8; 3 << 20]);
+        assert_eq!(
+            fs_err::read(got.join("sub/w.bin")).unwrap(),
+            vec![7u8; 3 << 20]
+        );
         assert_eq!(manifest_of(&got).unwrap().digest, m.digest);
-        assert_eq!(a.fetch_dir("adapters/x", Some(&m.digest)).await.unwrap(), got);
+        assert_eq!(
+            a.fetch_dir("adapters/x", Some(&m.digest)).await.unwrap(),
+            got
+        );
         assert!(matches!(
             a.fetch_dir("adapters/y", None).await,
             Err(Error::NotFound(_))
@@ -413,7 +454,11 @@ mod tests {
         let e = b.fetch_dir("adapters/x", None).await.unwrap_err();
         assert!(e.to_string().contains("not its manifest's"), "{e}");
         assert_eq!(fs_err::read_dir(&other).unwrap().count(), 0);
-        assert!(a.list("adapters/x").await.unwrap().contains(&MANIFEST.to_string()));
+        assert!(a
+            .list("adapters/x")
+            .await
+            .unwrap()
+            .contains(&MANIFEST.to_string()));
         assert!(Artifacts::open("gs://b", tmp.path()).is_err());
         assert!(a.exists("adapters/../x").await.is_err());
     }
