@@ -530,7 +530,9 @@ pub struct RegisterAdapter {
     /// model's name).
     #[schema(min_length = 1, max_length = 128)]
     pub name: String,
-    /// A PEFT adapter directory on the server's file system.
+    /// A PEFT adapter directory on the server's file system (uploaded to the artifacts store,
+    /// when the server has one, for every replica), or `artifacts:{key}`: an adapter already
+    /// stored there (`fount artifacts put`).
     pub path: String,
 }
 

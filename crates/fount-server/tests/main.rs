@@ -9,6 +9,9 @@ mod files;
 mod generation;
 /// Models, adapters, health, metrics and the OpenAPI document.
 mod operations;
+/// Replicas on one store: the adapter registry, adapters fetched from the artifacts store and
+/// checked by digest.
+mod replicas;
 /// Safety: moderations, tenants' policies on input and output, suspensions, audit records.
 mod safety;
 /// Tenancy: API keys, isolation, quotas, exact metering.
