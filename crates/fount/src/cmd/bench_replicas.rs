@@ -171,13 +171,46 @@ fn record(id: String, tenant: &str, key: &str) -> UsageRecord {
     }
 }
 
-/// The store alone: admissions/s over `tenants` tenants (one task each) and usage records/s.
+/// CPU seconds used so far by every process named `postgres` on this machine (user plus
+/// system, from `/proc`), or `None` where there is none to read.
+fn postgres_cpu() -> Option<f64> {
+    let mut ticks = 0u64;
+    let mut found = false;
+    for e in fs_err::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = fs_err::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((name, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        if !name.ends_with("(postgres") {
+            continue;
+        }
+        found = true;
+        // after the name: utime and stime are the 12th and 13th fields
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    // the kernel's USER_HZ is 100 on Linux
+    found.then_some(ticks as f64 / 100.0)
+}
+
+/// PostgreSQL's CPU microseconds per operation since `cpu0`, at `rate` operations a second
+/// for `seconds`.
+fn cpu_per(cpu0: Option<f64>, rate: f64, seconds: f64) -> Option<f64> {
+    let used = postgres_cpu()? - cpu0?;
+    Some(used * 1e6 / (rate * seconds).max(1.0))
+}
+
+/// The store alone: admissions/s over `tenants` tenants (one task each) and usage records/s,
+/// with PostgreSQL's CPU time per operation when it runs on this machine.
 async fn store_rates(
     url: &str,
     tasks: usize,
     seconds: f64,
     run: &str,
-) -> Result<Vec<(String, f64)>> {
+) -> Result<Vec<(String, f64, Option<f64>)>> {
     let store = Arc::new(Store::connect(url).await?);
     // a replica alive, so no sweep takes its open requests for a dead one's
     store
@@ -212,6 +245,7 @@ async fn store_rates(
         (format!("admissions/s, one tenant from {tasks} tasks"), true),
     ] {
         let (s, ids, run) = (store.clone(), ids.clone(), format!("{run}{shared}"));
+        let cpu0 = postgres_cpu();
         let r = rate(tasks, seconds, move |t, i| {
             let (s, ids, run) = (s.clone(), ids.clone(), run.clone());
             async move {
@@ -234,9 +268,11 @@ async fn store_rates(
             }
         })
         .await?;
-        out.push((format!("{label} (each with its usage record)"), r));
+        let per = cpu_per(cpu0, r, seconds);
+        out.push((format!("{label} (each with its usage record)"), r, per));
     }
     let (s, ids, run) = (store.clone(), ids.clone(), run.to_string());
+    let cpu0 = postgres_cpu();
     let r = rate(tasks.min(4), seconds, move |t, i| {
         let (s, ids, run) = (s.clone(), ids.clone(), run.clone());
         async move {
@@ -248,7 +284,8 @@ async fn store_rates(
         }
     })
     .await?;
-    out.push(("usage records/s, batches of 256".into(), r));
+    let per = cpu_per(cpu0, r, seconds);
+    out.push(("usage records/s, batches of 256".into(), r, per));
     Ok(out)
 }
 
@@ -308,18 +345,31 @@ pub fn bench_replicas(a: ReplicasBench, threads: Option<usize>) -> Result<()> {
             load(&client, b, Some(key), a.clients, 0.3).await?;
         }
         let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); setups.len()];
+        // PostgreSQL's CPU seconds and the requests served, by setup
+        let mut pg_cpu = vec![(0.0f64, 0.0f64); setups.len()];
         for round in 0..a.rounds {
             for k in 0..setups.len() {
                 let i = (k + round) % setups.len();
-                runs[i].push(load(&client, &bases[i], Some(setups[i].2), a.clients, a.seconds).await?);
+                let cpu0 = postgres_cpu();
+                let r = load(&client, &bases[i], Some(setups[i].2), a.clients, a.seconds).await?;
+                if let (Some(c0), Some(c1)) = (cpu0, postgres_cpu()) {
+                    pg_cpu[i].0 += c1 - c0;
+                    pg_cpu[i].1 += r.0 * a.seconds;
+                }
+                runs[i].push(r);
             }
         }
-        println!("| setup | requests/s | vs 1 replica on SQLite |");
-        println!("|---|---|---|");
+        println!("| setup | requests/s | vs 1 replica on SQLite | PostgreSQL CPU per request |");
+        println!("|---|---|---|---|");
         let base = median(runs[0].clone()).0;
         for (i, (label, _, _)) in setups.iter().enumerate() {
             let m = median(runs[i].clone()).0;
-            println!("| {label} | {m:.0} | {:.3}× |", m / base);
+            let cpu = if i == 0 || pg_cpu[i].1 == 0.0 {
+                "-".to_string()
+            } else {
+                format!("{:.0} µs", pg_cpu[i].0 * 1e6 / pg_cpu[i].1)
+            };
+            println!("| {label} | {m:.0} | {:.3}× | {cpu} |", m / base);
         }
 
         // the quota error: bursts at 50 a minute over three replicas
@@ -375,10 +425,13 @@ pub fn bench_replicas(a: ReplicasBench, threads: Option<usize>) -> Result<()> {
         );
         drop(setups);
 
-        println!("\n| the store alone (PostgreSQL on this machine) | per second |");
-        println!("|---|---|");
-        for (label, r) in store_rates(url, 16, a.seconds, &run.to_string()).await? {
-            println!("| {label} | {r:.0} |");
+        println!(
+            "\n| the store alone (PostgreSQL on this machine) | per second | PostgreSQL CPU per operation |"
+        );
+        println!("|---|---|---|");
+        for (label, r, cpu) in store_rates(url, 16, a.seconds, &run.to_string()).await? {
+            let cpu = cpu.map_or("-".to_string(), |c| format!("{c:.0} µs"));
+            println!("| {label} | {r:.0} | {cpu} |");
         }
         Ok(())
     })
