@@ -134,16 +134,7 @@ fn workspace_crates_depend_only_downward() {
 fn compute_crates_link_no_database_and_no_http_server() {
     let g = graph();
     for krate in COMPUTE {
-        // everything reachable from the crate
-        let mut seen = BTreeSet::new();
-        let mut todo = vec![krate.to_string()];
-        while let Some(n) = todo.pop() {
-            for d in &g[&n] {
-                if seen.insert(d.clone()) {
-                    todo.push(d.clone());
-                }
-            }
-        }
+        let seen = reachable(&g, krate);
         for banned in NOT_IN_COMPUTE {
             assert!(
                 !seen.contains(*banned),
@@ -153,11 +144,10 @@ fn compute_crates_link_no_database_and_no_http_server() {
     }
 }
 
-#[test]
-fn the_pool_links_no_training_code() {
-    let g = graph();
+/// Every crate `from` reaches through normal and build dependencies.
+fn reachable(g: &BTreeMap<String, BTreeSet<String>>, from: &str) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
-    let mut todo = vec!["fount-pool".to_string()];
+    let mut todo = vec![from.to_string()];
     while let Some(n) = todo.pop() {
         for d in &g[&n] {
             if seen.insert(d.clone()) {
@@ -165,6 +155,13 @@ fn the_pool_links_no_training_code() {
             }
         }
     }
+    seen
+}
+
+#[test]
+fn the_pool_links_no_training_code() {
+    let g = graph();
+    let seen = reachable(&g, "fount-pool");
     for banned in NOT_IN_POOL {
         assert!(
             !seen.contains(*banned),
@@ -176,15 +173,7 @@ fn the_pool_links_no_training_code() {
 #[test]
 fn the_ledger_links_no_compute_and_no_http_server() {
     let g = graph();
-    let mut seen = BTreeSet::new();
-    let mut todo = vec!["fount-ledger".to_string()];
-    while let Some(n) = todo.pop() {
-        for d in &g[&n] {
-            if seen.insert(d.clone()) {
-                todo.push(d.clone());
-            }
-        }
-    }
+    let seen = reachable(&g, "fount-ledger");
     for banned in NOT_IN_POOL
         .iter()
         .chain(["fount-engine", "axum", "hyper"].iter())
@@ -199,15 +188,7 @@ fn the_ledger_links_no_compute_and_no_http_server() {
 #[test]
 fn artifacts_link_no_database_and_no_http_server() {
     let g = graph();
-    let mut seen = BTreeSet::new();
-    let mut todo = vec!["fount-artifacts".to_string()];
-    while let Some(n) = todo.pop() {
-        for d in &g[&n] {
-            if seen.insert(d.clone()) {
-                todo.push(d.clone());
-            }
-        }
-    }
+    let seen = reachable(&g, "fount-artifacts");
     for banned in ["sqlx", "sqlx-core", "axum", "fount-store", "candle-core"] {
         assert!(
             !seen.contains(banned),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::serve::{model_with_adapter, python_script, Server};
+use crate::serve::{each_once, model_with_adapter, parse_records, python_script, Server};
 use crate::util::{fount_ok, http};
 
 /// A child process killed when dropped.
@@ -437,24 +437,8 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         &pg,
         &["usage", "export", "--format", "json", "--tenant", "loader"],
     );
-    let records: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
-    let mut ids: Vec<&str> = records
-        .iter()
-        .filter_map(|r| r["request_id"].as_str())
-        .collect();
-    ids.sort();
-    let all = ids.len();
-    ids.dedup();
-    assert_eq!(all, ids.len(), "a request recorded twice");
-    for id in &completed {
-        assert!(
-            ids.binary_search(&id.as_str()).is_ok(),
-            "{id} completed but has no record"
-        );
-    }
+    let records = parse_records(&out);
+    each_once(&records, &completed, "across replicas");
     let abandoned = records.iter().filter(|r| r["status"] == 502).count();
     let answered = records.iter().filter(|r| r["status"] == 200).count();
     // every record is an answer or a request the dead replica had open; an answer the client

@@ -145,6 +145,33 @@ impl Server {
     }
 }
 
+/// Usage records as `fount admin usage export --format json` prints them.
+pub(crate) fn parse_records(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Billing's invariants after a kill: no request recorded twice, every completed one recorded.
+pub(crate) fn each_once(records: &[serde_json::Value], completed: &[String], what: &str) {
+    let mut ids: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    ids.sort();
+    let all = ids.len();
+    ids.dedup();
+    assert_eq!(all, ids.len(), "{what}: a request recorded twice");
+    for id in completed {
+        assert!(
+            ids.binary_search(&id.as_str()).is_ok(),
+            "{what}: {id} completed but has no record ({} completed, {} records)",
+            completed.len(),
+            ids.len()
+        );
+    }
+}
+
 pub(crate) fn python_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
@@ -483,26 +510,8 @@ fn a_killed_server_keeps_exactly_one_record_per_completed_request() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect();
-        let mut ids: Vec<&str> = records
-            .iter()
-            .filter_map(|r| r["request_id"].as_str())
-            .collect();
-        ids.sort();
-        let unique = ids.len();
-        ids.dedup();
-        assert_eq!(unique, ids.len(), "{name}: a request recorded twice");
-        for id in &completed {
-            assert!(
-                ids.binary_search(&id.as_str()).is_ok(),
-                "{name}: {id} completed but has no record ({} completed, {} records)",
-                completed.len(),
-                ids.len()
-            );
-        }
+        let records = parse_records(&String::from_utf8_lossy(&out.stdout));
+        each_once(&records, &completed, name);
         // and the server starts again on it
         let again = Server::start_with_key(&model, &store_args, &server.key);
         drop(again);
