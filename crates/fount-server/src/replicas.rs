@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ pub struct Registry {
     version: Mutex<i64>,
     /// Adapters applied here: name → (location, digest).
     known: Mutex<HashMap<String, (String, Option<String>)>>,
+    /// Set when this replica left at a clean stop: its heartbeat stops.
+    left: Arc<AtomicBool>,
 }
 
 impl Registry {
@@ -146,9 +149,13 @@ impl AppState {
         store.join_replica(&id, address, now_ms()).await?;
         tenancy.share(&id);
         let (beat_id, address) = (id.clone(), address.to_string());
+        let left = self.registry.left.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(BEAT).await;
+                if left.load(Ordering::SeqCst) {
+                    return;
+                }
                 let now = now_ms();
                 match store.heartbeat(&beat_id, now).await {
                     Ok(true) => {}
@@ -181,6 +188,7 @@ impl AppState {
     pub async fn leave_replicas(&self) {
         let Some(t) = self.tenancy() else { return };
         if let Some(id) = t.replica() {
+            self.registry.left.store(true, Ordering::SeqCst);
             if let Err(e) = t.store().leave_replica(id).await {
                 tracing::warn!(error = %e, "leaving the replicas");
             }
