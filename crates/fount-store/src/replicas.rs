@@ -334,7 +334,7 @@ impl Store {
         Ok(verdicts)
     }
 
-    /// Reads what `who` has used, as `wants` asks, into `c`.
+    /// Reads what `who` has used into `c` (the budgets as `wants` asks), in one statement.
     async fn read_counters(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -344,56 +344,44 @@ impl Store {
         c: &mut Counters,
     ) -> Result<()> {
         let second = now_ms.div_euclid(1000);
-        if wants.minute {
-            let r = sqlx::query(
-                "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) AS r, \
-                        CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t, \
-                        CAST(COALESCE(SUM(CASE WHEN second = $3 THEN requests ELSE 0 END), 0) AS BIGINT) AS s, \
-                        MIN(second) AS oldest \
-                 FROM quota_seconds WHERE subject = $1 AND second > $2",
-            )
-            .bind(subject_key(who))
-            .bind(second - 60)
-            .bind(second)
-            .fetch_one(&mut **tx)
-            .await?;
-            c.minute_requests = r.try_get("r")?;
-            c.minute_tokens = r.try_get("t")?;
-            c.second_requests = r.try_get("s")?;
-            c.oldest_second = r.try_get("oldest")?;
-        }
-        if !(wants.concurrent || wants.day || wants.month) {
-            return Ok(());
-        }
         let (column, id) = match who {
             Subject::Tenant(id) => ("tenant_id", id),
             Subject::Key(id) => ("key_id", id),
         };
+        let minute = "FROM quota_seconds WHERE subject = $1 AND second > $2";
+        let days = "FROM quota_days WHERE subject = $1 AND day_ms >=";
+        let open = format!("FROM open_requests WHERE {column} = $4");
         let r = sqlx::query(&format!(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t \
-             FROM open_requests WHERE {column} = $1"
+            "SELECT \
+               (SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) {minute}) AS r, \
+               (SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) {minute}) AS t, \
+               (SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM quota_seconds \
+                  WHERE subject = $1 AND second = $3) AS s, \
+               (SELECT MIN(second) {minute}) AS oldest, \
+               (SELECT CAST(COUNT(*) AS BIGINT) {open}) AS n, \
+               (SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) {open}) AS reserved, \
+               (SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) {days} $5) AS day, \
+               (SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) {days} $6) AS month"
         ))
+        .bind(subject_key(who))
+        .bind(second - 60)
+        .bind(second)
         .bind(id)
+        .bind(day_start(now_ms))
+        .bind(month_start(now_ms))
         .fetch_one(&mut **tx)
         .await?;
+        c.minute_requests = r.try_get("r")?;
+        c.minute_tokens = r.try_get("t")?;
+        c.second_requests = r.try_get("s")?;
+        c.oldest_second = r.try_get("oldest")?;
         c.in_flight = r.try_get("n")?;
-        let reserved: i64 = r.try_get("t")?;
-        for (want, from, slot) in [
-            (wants.day, day_start(now_ms), &mut c.day),
-            (wants.month, month_start(now_ms), &mut c.month),
-        ] {
-            if !want {
-                continue;
-            }
-            let r = sqlx::query(
-                "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) AS t \
-                 FROM quota_days WHERE subject = $1 AND day_ms >= $2",
-            )
-            .bind(subject_key(who))
-            .bind(from)
-            .fetch_one(&mut **tx)
-            .await?;
-            *slot = Some((r.try_get("t")?, reserved));
+        let reserved: i64 = r.try_get("reserved")?;
+        if wants.day {
+            c.day = Some((r.try_get("day")?, reserved));
+        }
+        if wants.month {
+            c.month = Some((r.try_get("month")?, reserved));
         }
         Ok(())
     }
