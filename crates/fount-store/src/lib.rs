@@ -39,7 +39,7 @@ pub use jobs::{
 };
 pub use keys::{ApiKey, Scope};
 pub use ledger::{LedgerEntry, LedgerTx, NodeId, UsageCommit};
-pub use replicas::{AdapterEntry, Admission, Counters, Wants, ABANDONED_STATUS};
+pub use replicas::{AdapterEntry, Admission, Counters, Replica, Wants, ABANDONED_STATUS};
 pub use safety::{AuditRecord, SuspendKind, Suspension};
 pub use store::{Backend, KeyInfo, Quota, Store, Subject, Tenant};
 pub use time::{day_start, day_start_ms, month_start, now_ms, utc_day};

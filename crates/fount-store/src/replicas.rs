@@ -80,6 +80,21 @@ pub struct Admission<'a> {
     pub wants: [Wants; 2],
 }
 
+/// A replica on the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// `rep_…`.
+    pub id: String,
+    /// Where it listens.
+    pub address: String,
+    /// When it joined, Unix ms.
+    pub started_at_ms: i64,
+    /// Its last heartbeat, Unix ms.
+    pub heartbeat_ms: i64,
+    /// Requests it has admitted and not yet recorded.
+    pub open_requests: i64,
+}
+
 /// An adapter in the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterEntry {
@@ -133,16 +148,27 @@ impl Store {
         Ok(())
     }
 
-    /// The replicas alive (heartbeat at or after `since_ms`): `(id, address)`.
-    pub async fn replicas(&self, since_ms: i64) -> Result<Vec<(String, String)>> {
+    /// The replicas whose heartbeat is at or after `since_ms`, oldest first, with the requests
+    /// each has open.
+    pub async fn replicas(&self, since_ms: i64) -> Result<Vec<Replica>> {
         let rows = sqlx::query(
-            "SELECT id, address FROM replicas WHERE heartbeat_ms >= $1 ORDER BY started_at_ms, id",
+            "SELECT id, address, started_at_ms, heartbeat_ms, \
+               (SELECT CAST(COUNT(*) AS BIGINT) FROM open_requests o WHERE o.replica_id = r.id) AS open \
+             FROM replicas r WHERE heartbeat_ms >= $1 ORDER BY started_at_ms, id",
         )
         .bind(since_ms)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("id")?, r.try_get("address")?)))
+            .map(|r| {
+                Ok(Replica {
+                    id: r.try_get("id")?,
+                    address: r.try_get("address")?,
+                    started_at_ms: r.try_get("started_at_ms")?,
+                    heartbeat_ms: r.try_get("heartbeat_ms")?,
+                    open_requests: r.try_get("open")?,
+                })
+            })
             .collect()
     }
 

@@ -461,6 +461,13 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         "{} completed, {answered} answered, {abandoned} abandoned on the killed replica",
         completed.len()
     );
+    // what an operator sees of them
+    let listed = admin(&pg, &["replicas"]);
+    assert!(
+        listed.contains(&format!("127.0.0.1:{}\talive", replicas[0].port)),
+        "{listed}"
+    );
+
     // --- SIGTERM: the replica drains and leaves at once (no sweep needed) ---
     let pid = replicas[1].child.id().to_string();
     let term = Command::new("kill").args(["-TERM", &pid]).status();
@@ -469,11 +476,11 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
     let alive = rt.block_on(store.replicas(0)).unwrap_or_default();
     let address = |r: &Server| format!("127.0.0.1:{}", r.port);
     assert!(
-        alive.iter().any(|(_, a)| *a == address(&replicas[0])),
+        alive.iter().any(|r| r.address == address(&replicas[0])),
         "{alive:?}"
     );
     assert!(
-        !alive.iter().any(|(_, a)| *a == address(&replicas[1])),
+        !alive.iter().any(|r| r.address == address(&replicas[1])),
         "a replica that stopped cleanly left at once: {alive:?}"
     );
 

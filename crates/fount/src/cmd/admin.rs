@@ -62,6 +62,9 @@ pub enum AdminCommand {
     /// The audit trail of moderation decisions and operator acts.
     #[command(subcommand)]
     Audit(super::admin_safety::AuditCommand),
+    /// The `fount serve` replicas on this store (PostgreSQL): where each listens, its last
+    /// heartbeat, the requests it has open.
+    Replicas,
 }
 
 /// Whose quota: a tenant's or one key's.
@@ -300,6 +303,28 @@ pub async fn tenant_id(store: &Store, name: &str) -> Result<String> {
         .id)
 }
 
+/// Prints the replicas on the store, one per line.
+async fn replicas(store: &Store) -> Result<()> {
+    let now = fount_store::now_ms();
+    let all = store.replicas(0).await?;
+    if all.is_empty() {
+        println!("no replicas (they join on PostgreSQL only)");
+    }
+    for r in all {
+        let silent = (now - r.heartbeat_ms).max(0);
+        let state = if silent > 5_000 { "silent" } else { "alive" };
+        println!(
+            "{}\t{}\t{state} (heartbeat {:.1} s ago)\tup {:.0} s\t{} open",
+            r.id,
+            r.address,
+            silent as f64 / 1000.0,
+            (now - r.started_at_ms).max(0) as f64 / 1000.0,
+            r.open_requests
+        );
+    }
+    Ok(())
+}
+
 /// Runs `fount admin`.
 pub fn run(a: AdminArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -323,6 +348,7 @@ pub fn run(a: AdminArgs) -> Result<()> {
             AdminCommand::Suspend(a) => super::admin_safety::suspend(&store, a, &acts).await?,
             AdminCommand::Resume(w) => super::admin_safety::resume(&store, w, &acts).await?,
             AdminCommand::Audit(c) => super::admin_safety::audit(&store, c).await?,
+            AdminCommand::Replicas => replicas(&store).await?,
         }
         store.close().await;
         Ok(())
