@@ -180,3 +180,78 @@ fn generate_with_an_adapter() {
     let err = fount_err(&bad);
     assert!(err.contains("adapter") && err.contains("nope"), "{err}");
 }
+
+#[test]
+fn artifacts_go_in_and_out_checked_and_bad_input_is_named() {
+    let d = tmp();
+    let store = d.path().join("objects").display().to_string();
+    let data = d.path().join("data").display().to_string();
+    let model = d.path().join("m");
+    tiny_model("qwen2", &model);
+    let m = model.display().to_string();
+    let base = [
+        "artifacts",
+        "--artifacts",
+        store.as_str(),
+        "--data-dir",
+        data.as_str(),
+    ];
+    let with =
+        |rest: &[&str]| -> Vec<String> { base.iter().chain(rest).map(|s| s.to_string()).collect() };
+    let (put, _) = fount_ok(&refs(&with(&["put", &m, "models/tiny"])));
+    let digest = put
+        .trim()
+        .split('\t')
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        put.starts_with("artifacts:models/tiny\t") && digest.len() == 64,
+        "{put}"
+    );
+    let (listed, _) = fount_ok(&refs(&with(&["ls", "models/tiny"])));
+    assert!(
+        listed.contains("config.json") && listed.contains("fount-manifest.json"),
+        "{listed}"
+    );
+    let (got, _) = fount_ok(&refs(&with(&["get", "models/tiny", "--digest", &digest])));
+    let got = std::path::PathBuf::from(got.trim());
+    assert_eq!(
+        std::fs::read(got.join("config.json")).unwrap(),
+        std::fs::read(model.join("config.json")).unwrap()
+    );
+    // the model serves from there: `generate` reads the fetched directory
+    let (text, _) = fount_ok(&[
+        "generate",
+        "--model",
+        got.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(!text.is_empty());
+    // errors name what is wrong
+    let e = fount_err(&refs(&with(&["get", "models/tiny", "--digest", "00ff"])));
+    assert!(e.contains("not the 00ff expected"), "{e}");
+    let e = fount_err(&refs(&with(&["get", "models/none"])));
+    assert!(e.contains("not found"), "{e}");
+    let e = fount_err(&refs(&with(&["put", "/no/such/dir", "x"])));
+    assert!(e.contains("no such file or directory"), "{e}");
+    let e = fount_err(&refs(&with(&["put", &m, "../escape"])));
+    assert!(e.contains("not an artifact key"), "{e}");
+    let e = fount_err(&["artifacts", "--artifacts", "gs://bucket", "ls", "x"]);
+    assert!(e.contains("unsupported artifacts URL"), "{e}");
+    let e = fount_err(&[
+        "serve",
+        "--model",
+        "artifacts:models/tiny",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(e.contains("give --artifacts"), "{e}");
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
