@@ -252,6 +252,160 @@ fn artifacts_go_in_and_out_checked_and_bad_input_is_named() {
     assert!(e.contains("give --artifacts"), "{e}");
 }
 
+/// `fount finetune` reads its base model, its data and its validation file from the artifacts
+/// store (so a pool job runs on any node): the adapter is byte for byte the one trained from the
+/// same local files; a missing key, or `artifacts:` without a store, is named.
+#[test]
+fn finetune_reads_its_inputs_from_the_artifacts_store() {
+    let d = tmp();
+    let p = |name: &str| d.path().join(name).display().to_string();
+    let (store, data) = (p("objects"), p("data"));
+    tiny_model("qwen2", &d.path().join("m"));
+    let chat = |from: usize| -> String {
+        (from..from + 24)
+            .map(|i| {
+                format!(
+                    "{{\"messages\":[{{\"role\":\"user\",\"content\":\"say {i}\"}},{{\"role\":\"assistant\",\"content\":\"{i}\"}}]}}\n"
+                )
+            })
+            .collect()
+    };
+    std::fs::write(p("train.jsonl"), chat(0)).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(p("valid.jsonl"), chat(100)).unwrap_or_else(|e| panic!("{e}"));
+    let put = |path: &str, key: &str| {
+        fount_ok(&[
+            "artifacts",
+            "--artifacts",
+            &store,
+            "--data-dir",
+            &data,
+            "put",
+            path,
+            key,
+        ]);
+    };
+    put(&p("m"), "models/tiny");
+    put(&p("train.jsonl"), "sets/train.jsonl");
+    put(&p("valid.jsonl"), "sets/valid.jsonl");
+    let settings = "epochs = 1.0\nr = 2\nseed = 3\n";
+    let config = |name: &str, valid: &str| {
+        let text = format!("{settings}validation_file = {valid:?}\n");
+        std::fs::write(p(name), text).unwrap_or_else(|e| panic!("{e}"));
+        p(name)
+    };
+    let local_cfg = config("local.toml", &p("valid.jsonl"));
+    let stored_cfg = config("stored.toml", "artifacts:sets/valid.jsonl");
+    let finetune = |base: &str, train: &str, cfg: &str, out: &str, store: Option<&str>| {
+        let mut args = vec!["finetune", "--base", base, "--data", train, "--out", out];
+        args.extend(["--config", cfg, "--data-dir", &data, "--no-ledger"]);
+        if let Some(url) = store {
+            args.extend(["--artifacts", url]);
+        }
+        crate::util::fount(&args)
+    };
+    let ok = |o: std::process::Output| {
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    ok(finetune(
+        &p("m"),
+        &p("train.jsonl"),
+        &local_cfg,
+        &p("local"),
+        None,
+    ));
+    let said = ok(crate::util::fount(&[
+        "finetune",
+        "--base",
+        "artifacts:models/tiny",
+        "--data",
+        "artifacts:sets/train.jsonl",
+        "--out",
+        &p("stored"),
+        "--config",
+        &stored_cfg,
+        "--data-dir",
+        &data,
+        "--artifacts",
+        &store,
+        "--publish",
+        "adapters/tiny-ft",
+    ]));
+    assert!(
+        said.contains("24 held out") && said.contains("held-out loss"),
+        "the validation file was not read: {said}"
+    );
+    let weights = |dir: &str| {
+        std::fs::read(d.path().join(dir).join("adapter_model.safetensors"))
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+    };
+    assert!(
+        weights("local") == weights("stored"),
+        "the adapter trained from the store differs from the one trained from local files"
+    );
+    // the adapter, not its checkpoints, is published with its provenance; it fetches whole
+    assert!(
+        said.contains("published to artifacts:adapters/tiny-ft"),
+        "{said}"
+    );
+    let (listed, _) = fount_ok(&["artifacts", "--artifacts", &store, "ls", "adapters/tiny-ft"]);
+    assert!(
+        listed.contains("adapter_model.safetensors")
+            && listed.contains("provenance.json")
+            && !listed.contains("checkpoints"),
+        "{listed}"
+    );
+    let (got, _) = fount_ok(&[
+        "artifacts",
+        "--artifacts",
+        &store,
+        "--data-dir",
+        &data,
+        "get",
+        "adapters/tiny-ft",
+    ]);
+    assert!(
+        std::fs::read(std::path::Path::new(got.trim()).join("adapter_model.safetensors"))
+            .is_ok_and(|w| w == weights("stored"))
+    );
+    // errors name the input
+    let e = fount_err(&[
+        "finetune",
+        "--base",
+        "artifacts:models/tiny",
+        "--data",
+        &p("train.jsonl"),
+        "--out",
+        &p("x"),
+        "--data-dir",
+        &data,
+    ]);
+    assert!(
+        e.contains("--base artifacts:models/tiny: give --artifacts"),
+        "{e}"
+    );
+    let e = String::from_utf8_lossy(
+        &finetune(
+            "artifacts:models/tiny",
+            "artifacts:sets/none.jsonl",
+            &local_cfg,
+            &p("x"),
+            Some(&store),
+        )
+        .stderr,
+    )
+    .into_owned();
+    assert!(
+        e.contains("fetching --data artifacts:sets/none.jsonl") && e.contains("not found"),
+        "{e}"
+    );
+    assert!(
+        !d.path().join("x").exists(),
+        "a failed fetch wrote an adapter"
+    );
+}
+
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }

@@ -1035,6 +1035,48 @@ fn serve_runs_the_pool() {
     assert!(adapter(&out) == f.reference("short"));
 }
 
+/// A pooled fine-tune that names only `artifacts:` inputs and publishes its adapter runs from the
+/// object store (a directory here; the same code path as S3) and publishes the very adapter a
+/// direct run from local files makes.
+#[test]
+fn a_pooled_finetune_reads_and_publishes_through_the_artifacts_store() {
+    let f = fixture();
+    let d = scratch("artifacts");
+    let (store, objects, cache) = (d.join("store"), s(&d.join("objects")), s(&d.join("cache")));
+    let put = |path: &Path, key: &str| {
+        let args = [
+            "artifacts",
+            "--artifacts",
+            &objects,
+            "--data-dir",
+            &cache,
+            "put",
+        ];
+        fount_ok(&[&args[..], &[&s(path), key]].concat());
+    };
+    put(&f.base, "models/base");
+    put(&f.data, "sets/train.jsonl");
+    let mut command = f.finetune("short", &d.join("out"));
+    command[2] = "artifacts:models/base".into();
+    command[4] = "artifacts:sets/train.jsonl".into();
+    command.extend(["--publish".into(), "adapters/pooled".into()]);
+    let _pool = PoolProcess::start(&store, &[], &[("FOUNT_ARTIFACTS", objects.as_str())]);
+    let id = submit(&store, &[], &command);
+    wait_ok(&store, &id, 60);
+    let get = [
+        "artifacts",
+        "--artifacts",
+        &objects,
+        "--data-dir",
+        &cache,
+        "get",
+        "adapters/pooled",
+    ];
+    let (got, _) = fount_ok(&get);
+    let published = std::fs::read(Path::new(got.trim()).join("adapter_model.safetensors"));
+    assert!(published.is_ok_and(|w| w == f.reference("short")));
+}
+
 /// The same on PostgreSQL: jobs live in the database (logs in the data directory); a fine-tune
 /// preempted by another ends bit-identical, and its attempts are billed there.
 #[test]

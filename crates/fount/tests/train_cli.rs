@@ -104,6 +104,106 @@ fn a_model_pretrained_on_synth_shards_learns_well_below_the_unigram_entropy() {
         "8",
     ]);
     assert!(!text.is_empty());
+
+    // the same model and shards from the artifacts store (`artifacts:KEY` in the config, so a
+    // pool job runs on any node) train to the same bytes as from the local directories
+    let (store, cache) = (s(&d.join("objects")), s(&d.join("cache")));
+    for (path, key) in [(&model, "models/init"), (&data, "shards/synth")] {
+        fount_ok(&[
+            "artifacts",
+            "--artifacts",
+            &store,
+            "--data-dir",
+            &cache,
+            "put",
+            &s(path),
+            key,
+        ]);
+    }
+    let short = "steps = 4\nseq_len = 32\nmicro_batch = 4\n";
+    let trained = |name: &str, model: &str, data: &str, store: Option<&str>| {
+        let cfg = d.join(format!("{name}.toml"));
+        let text = format!(
+            "model = {model:?}\ndata = {data:?}\nout = {:?}\n{short}",
+            s(&d.join(name))
+        );
+        std::fs::write(&cfg, text).unwrap_or_else(|e| panic!("{e}"));
+        let mut args = vec!["train", "--config", cfg.to_str().unwrap_or_default()];
+        args.extend(["--data-dir", &cache, "--no-ledger"]);
+        args.extend(store.map(|u| ["--artifacts", u]).iter().flatten());
+        crate::util::fount(&args)
+    };
+    let weights = |name: &str| {
+        std::fs::read(d.join(name).join("final/model.safetensors"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let (m, sh) = (s(&model), s(&data));
+    for (name, model, data, store) in [
+        ("local", m.as_str(), sh.as_str(), None),
+        (
+            "stored",
+            "artifacts:models/init",
+            "artifacts:shards/synth",
+            Some(store.as_str()),
+        ),
+    ] {
+        let o = trained(name, model, data, store);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(
+        weights("local") == weights("stored"),
+        "training from the store changed the model"
+    );
+    // a run that publishes its final model to the store: it fetches whole, the same bytes
+    let cfg = d.join("stored.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+    let published = d.join("published.toml");
+    std::fs::write(&published, text.replace("stored", "published"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, err) = fount_ok(&[
+        "train",
+        "--config",
+        &s(&published),
+        "--data-dir",
+        &cache,
+        "--artifacts",
+        &store,
+        "--publish",
+        "models/trained",
+    ]);
+    assert!(
+        err.contains("published to artifacts:models/trained"),
+        "{err}"
+    );
+    let get = [
+        "artifacts",
+        "--artifacts",
+        &store,
+        "--data-dir",
+        &cache,
+        "get",
+        "models/trained",
+    ];
+    let (got, _) = fount_ok(&get);
+    let got = std::fs::read(Path::new(got.trim()).join("model.safetensors"));
+    assert!(got.is_ok_and(|w| w == weights("stored")));
+    let o = trained(
+        "x",
+        "artifacts:models/init",
+        "artifacts:shards/none",
+        Some(&store),
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("fetching data artifacts:shards/none"),
+        "{e}"
+    );
+    let o = trained("x", "artifacts:models/init", &sh, None);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("model artifacts:models/init: give --artifacts"),
+        "{e}"
+    );
 }
 
 /// Starts `fount train`, kills it with SIGKILL after `after`; whether a checkpoint save was cut.

@@ -131,7 +131,8 @@ impl TrainConfig {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.model, &mut cfg.data, &mut cfg.out] {
-            if p.is_relative() {
+            // `artifacts:KEY` names a stored input, fetched by the command that runs the config
+            if p.is_relative() && !p.to_string_lossy().starts_with("artifacts:") {
                 *p = base.join(&*p);
             }
         }

@@ -43,6 +43,10 @@ pub struct FinetuneArgs {
     /// Where the adapter is logged.
     #[command(flatten)]
     pub ledger: super::ledger::LedgerTarget,
+    /// Where `--base`, `--data` and the configuration's `validation_file` given as
+    /// `artifacts:KEY` are read from, and the adapter published to.
+    #[command(flatten)]
+    pub artifacts: super::artifacts::RunArtifacts,
 }
 
 /// `fount finetune …` subcommands.
@@ -70,7 +74,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         eprintln!("merged model written to {}", out.display());
         return Ok(());
     }
-    let (Some(base), Some(data), Some(out)) = (a.base, a.data, a.out) else {
+    let (Some(mut base), Some(mut data), Some(out)) = (a.base, a.data, a.out) else {
         bail!("fount finetune needs --base, --data and --out (or the merge subcommand)");
     };
     let mut cfg = match &a.config {
@@ -79,6 +83,16 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
         None => FinetuneConfig::default(),
     };
+    let mut valid = cfg.validation_file.take().unwrap_or_default();
+    a.artifacts.localise(
+        &a.ledger.data_dir,
+        &mut [
+            ("--base", &mut base),
+            ("--data", &mut data),
+            ("validation_file", &mut valid),
+        ],
+    )?;
+    cfg.validation_file = (!valid.as_os_str().is_empty()).then_some(valid);
     cfg.truncate |= a.truncate;
     let stop = Arc::new(AtomicBool::new(false));
     super::train::stop_on_signals(stop.clone())?;
@@ -91,7 +105,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if outcome.interrupted {
         return Err(super::train::Checkpointed("continue with --resume".into()).into());
     }
-    record_adapter(&a.ledger, &base, &data, &outcome.adapter, &cfg, started_ms)
+    record_adapter(&a.ledger, &base, &data, &outcome.adapter, &cfg, started_ms)?;
+    a.artifacts.publish(&a.ledger.data_dir, &outcome.adapter)
 }
 
 /// Logs a finished adapter: the base model's and the data's digests are its inputs.

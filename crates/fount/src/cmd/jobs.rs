@@ -138,18 +138,21 @@ pub fn check(command: &[String], cwd: &Path) -> Result<Checked> {
             let (Some(base), Some(data), Some(out)) = (a.base, a.data, a.out) else {
                 bail!("fount finetune needs --base, --data and --out");
             };
+            // `artifacts:KEY` inputs are fetched by the job wherever it runs
+            let stored = |p: &Path| p.to_str().is_some_and(|t| t.starts_with("artifacts:"));
+            let (local_base, local_data) = (!stored(&base), !stored(&data));
             let (base, data, out) = (
                 absolute(cwd, &base),
                 absolute(cwd, &data),
                 absolute(cwd, &out),
             );
-            if !base.join("config.json").is_file() {
+            if local_base && !base.join("config.json").is_file() {
                 bail!(
                     "--base {}: no config.json (not a model directory)",
                     base.display()
                 );
             }
-            if !data.is_file() {
+            if local_data && !data.is_file() {
                 bail!("--data {}: no such file", data.display());
             }
             if let Some(c) = &a.config {

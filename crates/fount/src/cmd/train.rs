@@ -22,6 +22,10 @@ pub struct TrainArgs {
     /// Where the final model is logged.
     #[command(flatten)]
     pub ledger: super::ledger::LedgerTarget,
+    /// Where `model` and `data` given as `artifacts:KEY` are read from, and the final model
+    /// published to.
+    #[command(flatten)]
+    pub artifacts: super::artifacts::RunArtifacts,
 }
 
 /// The error with which `fount train` and `fount finetune` end when a signal stopped them after
@@ -132,15 +136,19 @@ fn collective() -> Result<Box<dyn fount_train::Collective>> {
 
 /// Runs `fount train`.
 pub fn run(a: TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::from_file(&a.config)
+    let mut cfg = TrainConfig::from_file(&a.config)
         .with_context(|| format!("reading {}", a.config.display()))?;
+    a.artifacts.localise(
+        &a.ledger.data_dir,
+        &mut [("model", &mut cfg.model), ("data", &mut cfg.data)],
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone())?;
     let resume_hint = format!("fount train --config {} --resume", a.config.display());
-    if pretrain(&cfg, a.resume, &stop, &resume_hint, Some(&a.ledger))?.is_none() {
+    let Some(done) = pretrain(&cfg, a.resume, &stop, &resume_hint, Some(&a.ledger))? else {
         return Err(Checkpointed(format!("continue with: {resume_hint}")).into());
-    }
-    Ok(())
+    };
+    a.artifacts.publish(&a.ledger.data_dir, &done)
 }
 
 /// Trains with a progress bar until done or `stop`; draws the loss curve at the end. Returns the
