@@ -98,7 +98,8 @@ pub struct FtJob {
     pub error: Option<String>,
     /// The pool job that trains it, once queued.
     pub pool_job_id: Option<String>,
-    /// Where its pool job writes.
+    /// Where its pool job writes (relative: under the fine-tuning directory of the server that
+    /// follows it).
     pub out_dir: String,
     /// `ft:…`, once succeeded.
     pub fine_tuned_model: Option<String>,

@@ -182,8 +182,11 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("{e}"));
         std::fs::copy(data[0].join("ledger.key"), d.join("ledger.key"))
             .unwrap_or_else(|e| panic!("{e}"));
+        // the first replica runs the pool and does the fine-tuning work; these two take
+        // fine-tuning requests and serve the models from the object store, never reading a
+        // job's working directory
         let mut extra = common.to_vec();
-        extra.push("--no-pool");
+        extra.extend(["--no-pool", "--no-fine-tuning-work"]);
         replicas.push(Server::launch_in(
             d,
             Path::new("artifacts:models/tiny"),
@@ -391,6 +394,18 @@ fn three_replicas_behind_haproxy_behave_as_one_service() {
         .unwrap_or_else(|e| panic!("{e}"));
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
     assert!(listed.contains("adapter_model.safetensors"), "{listed}");
+    // the job's working directory is the first replica's alone
+    let jobs_in = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d.join("fine_tuning"))
+            .map(|e| {
+                e.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("ftjob-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(jobs_in(&data[0]).len(), 1, "{:?}", jobs_in(&data[0]));
+    assert!(jobs_in(&data[1]).is_empty() && jobs_in(&data[2]).is_empty());
 
     // --- SIGKILL one replica under load: every completed request has one record, and the
     // requests it had open are recorded as abandoned by the others ---

@@ -47,6 +47,9 @@ pub struct FineTuningConfig {
     pub priority: Priority,
     /// How often jobs are followed.
     pub every: std::time::Duration,
+    /// Whether this server checks new jobs' files and follows their runs (it reads and writes
+    /// `dir`); without, it only serves the models jobs make, from the artifacts store.
+    pub work: bool,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -206,7 +209,7 @@ pub async fn create(
     caller: Option<Extension<Caller>>,
     JsonBody(body): JsonBody<CreateJob>,
 ) -> ApiResult<Json<JobObject>> {
-    let (caller, store, cfg) = context(&state, &caller)?;
+    let (caller, store, _) = context(&state, &caller)?;
     let tenancy = state.tenancy().ok_or_else(|| internal("tenancy is off"))?;
     if body.model != state.cfg.model_name || !tenancy.limits(caller).await?.allows(&body.model) {
         return Err(ApiError::NotFound {
@@ -283,7 +286,8 @@ pub async fn create(
         status: FtStatus::ValidatingFiles,
         error: None,
         pool_job_id: None,
-        out_dir: cfg.dir.join(&id).join("adapter").display().to_string(),
+        // relative: under the fine-tuning directory of whichever server validates and follows it
+        out_dir: format!("{id}/adapter"),
         fine_tuned_model: None,
         billable_tokens: None,
         total_steps: None,

@@ -345,6 +345,7 @@ fn step_serve(dir: &Path, a: &DemoArgs, base: PathBuf, adapters: PathBuf) -> Res
         database_url: None,
         artifacts: None,
         no_auth: false,
+        no_fine_tuning_work: false,
         no_pool: false,
         pool: super::pool::PoolArgs::default(),
         witnesses: Vec::new(),

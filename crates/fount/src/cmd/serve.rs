@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// store, or no pool at all).
     #[arg(long, env = "FOUNT_NO_POOL")]
     pub no_pool: bool,
+    /// Take fine-tuning requests and serve the models they make, but leave checking a job's
+    /// files and following its run to the replicas without this flag: with it, this replica
+    /// never reads the fine-tuning work directory, so it need not share it with the pool.
+    #[arg(long, env = "FOUNT_NO_FINE_TUNING_WORK")]
+    pub no_fine_tuning_work: bool,
     #[command(flatten)]
     pub pool: super::pool::PoolArgs,
     /// A witness to take the ledger's checkpoints to, `URL=VERIFIER_KEY` (repeat for several);
@@ -290,6 +295,7 @@ pub fn run_with(a: ServeArgs, on_listen: impl FnOnce(SocketAddr)) -> Result<()> 
                 base_dir,
                 priority: fount_store::Priority::Normal,
                 every: std::time::Duration::from_millis(100),
+                work: !a.no_fine_tuning_work,
             });
             tokio::spawn(fount_server::finetuning::follow::run(state.clone()));
             let index = fount_server::ledger::log_deployment(&state, &model_dir)

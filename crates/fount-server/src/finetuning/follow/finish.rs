@@ -2,7 +2,7 @@
 //! and its bill.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine as _;
 use fount_store::{FileRecord, FtJob, FtStatus, FtUpdate, Store, UsageKind, UsageRecord};
@@ -17,10 +17,9 @@ impl Follower {
         state: &AppState,
         store: &Store,
         job: &FtJob,
-        dir: &Path,
+        out: &Path,
     ) -> Result<(), String> {
         let name = model_name(store, job).await?;
-        let out = PathBuf::from(&job.out_dir);
         let rows = self.rows.get(&job.id).cloned().unwrap_or_default();
         let last = rows
             .keys()
@@ -28,12 +27,12 @@ impl Follower {
             .copied()
             .or(job.total_steps)
             .unwrap_or(0);
-        let (location, digest) = self.checkpoint(state, store, job, last, &out).await?;
+        let (location, digest) = self.checkpoint(state, store, job, last, out).await?;
         self.register(
             state,
             &job.tenant_id,
             &name,
-            &out,
+            out,
             (&location, digest.as_deref()),
         );
         let result_file = write_results(state, store, job, &rows).await?;
@@ -97,7 +96,6 @@ impl Follower {
                 None,
             )
             .await;
-            let _ = dir;
         }
         Ok(())
     }

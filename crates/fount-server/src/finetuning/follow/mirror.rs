@@ -40,14 +40,15 @@ impl Follower {
             .ok_or_else(|| format!("its pool job {pool_id} is gone"))?;
         self.history_events(store, job, &pool).await?;
         let dir = cfg.dir.join(&job.id);
+        let out = super::out_dir(cfg, job);
         self.metrics_events(store, job, &dir).await;
-        self.checkpoints(state, store, job, &dir).await?;
+        self.checkpoints(state, store, job, &dir, &out).await?;
         let to = match (pool.state, pool.stop) {
             (JobState::Queued | JobState::Preempted, _) => FtStatus::Queued,
             (JobState::Running, Some((Stop::Pause, _))) => FtStatus::Paused,
             (JobState::Running, _) => FtStatus::Running,
             (JobState::Paused, _) => FtStatus::Paused,
-            (JobState::Succeeded, _) => return self.succeed(state, store, job, &dir).await,
+            (JobState::Succeeded, _) => return self.succeed(state, store, job, &out).await,
             (JobState::Failed, _) => {
                 let first = pool
                     .error
@@ -184,8 +185,9 @@ impl Follower {
         store: &Store,
         job: &FtJob,
         dir: &Path,
+        out: &Path,
     ) -> Result<(), String> {
-        let root = Path::new(&job.out_dir).join("checkpoints");
+        let root = out.join("checkpoints");
         let Ok(mut entries) = tokio::fs::read_dir(&root).await else {
             return Ok(());
         };

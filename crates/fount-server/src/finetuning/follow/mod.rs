@@ -1,5 +1,6 @@
 //! The loop that moves fine-tuning jobs along (every server runs one; what it writes is keyed,
-//! so two servers following one store write each event, checkpoint and bill once).
+//! so two servers following one store write each event, checkpoint and bill once; a server
+//! with `work` off only registers the models, steps 2 to 4 being left to the others).
 //!
 //! Each tick:
 //! 1. models made by fine-tuning (here or on another server) are registered as their tenant's
@@ -169,6 +170,9 @@ impl Follower {
         };
         let store = tenancy.store().clone();
         self.register_models(state, &store).await?;
+        if !cfg.work {
+            return Ok(());
+        }
         let jobs = store.live_ft_jobs().await.map_err(|e| e.to_string())?;
         for job in &jobs {
             let r = match job.status {
@@ -231,7 +235,12 @@ impl Follower {
                 }
                 _ => None,
             };
-            state.register_location(&name, &m.path, digest.as_deref());
+            // a relative path (a job's `out_dir`) is under the fine-tuning directory
+            let path = match state.fine_tuning() {
+                Some(cfg) if digest.is_none() => cfg.dir.join(&m.path).display().to_string(),
+                _ => m.path.clone(),
+            };
+            state.register_location(&name, &path, digest.as_deref());
             self.registered.insert(name);
         }
         Ok(())
@@ -254,6 +263,13 @@ impl Follower {
             crate::ledger::log_model_in_background(state, model, path, "fine-tuned adapter");
         }
     }
+}
+
+/// Where a job's trainer writes its adapter and checkpoints: its recorded `out_dir`, under the
+/// fine-tuning directory of the server that follows it (jobs are recorded with a relative one,
+/// so the replica that took the request need not be the one whose directory the job uses).
+fn out_dir(cfg: &crate::finetuning::FineTuningConfig, job: &FtJob) -> std::path::PathBuf {
+    cfg.dir.join(&job.out_dir)
 }
 
 /// `ft:{base}:{tenant}:{suffix}:{id}`: the id is the job id's first 8 characters after `ftjob-`.

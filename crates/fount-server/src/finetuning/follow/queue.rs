@@ -1,6 +1,6 @@
 //! A new job: its files copied into its directory and checked, then its pool job queued.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use fount_store::{FtJob, FtStatus, FtUpdate, Job, NewJob, Store};
@@ -108,7 +108,7 @@ impl Follower {
         let method = json!({"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": mult,
         }}});
-        let out = PathBuf::from(&job.out_dir);
+        let out = super::out_dir(cfg, job);
         let mut toml = format!(
             "# fine-tuning job {id}: OpenAI's hyperparameters as fount finetune settings\n\
              lr = {lr:e}\nepochs = {epochs}\nbatch_size = {batch}\nseed = {seed}\n\
