@@ -109,6 +109,12 @@ fn checked(key: &str) -> Result<&str> {
     Ok(key)
 }
 
+/// Refuses a key fount does not accept (what every operation checks), for callers that want to
+/// know before they start long work.
+pub fn check_key(key: &str) -> Result<()> {
+    checked(key).map(|_| ())
+}
+
 /// The SHA-256 of a file, read in chunks.
 fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;

@@ -385,6 +385,21 @@ fn finetune_reads_its_inputs_from_the_artifacts_store() {
         e.contains("--base artifacts:models/tiny: give --artifacts"),
         "{e}"
     );
+    // publishing needs a store, and a key it accepts: both refused before any training
+    let publish = |key: &str, store: Option<&str>| {
+        let (m, t, x) = (p("m"), p("train.jsonl"), p("x"));
+        let mut args = vec!["finetune", "--base", &m, "--data", &t, "--out", &x];
+        args.extend(["--data-dir", &data, "--publish", key]);
+        args.extend(store.map(|u| ["--artifacts", u]).iter().flatten());
+        fount_err(&args)
+    };
+    let e = publish("adapters/x", None);
+    assert!(e.contains("--publish adapters/x: give --artifacts"), "{e}");
+    let e = publish("../x", Some(&store));
+    assert!(
+        e.contains("--publish ../x") && e.contains("not an artifact key"),
+        "{e}"
+    );
     let e = String::from_utf8_lossy(
         &finetune(
             "artifacts:models/tiny",

@@ -101,8 +101,11 @@ impl RunArtifacts {
     /// fetched into the cache (each file checked against its manifest), a stored file is
     /// downloaded to `cache/files/KEY`. Other paths are left as they are.
     pub fn localise(&self, data_dir: &Path, paths: &mut [(&str, &mut PathBuf)]) -> Result<()> {
-        if let (Some(key), None) = (&self.publish, &self.url) {
-            bail!("--publish {key}: give --artifacts (or FOUNT_ARTIFACTS) to publish to");
+        if let Some(key) = &self.publish {
+            if self.url.is_none() {
+                bail!("--publish {key}: give --artifacts (or FOUNT_ARTIFACTS) to publish to");
+            }
+            fount_artifacts::check_key(key).with_context(|| format!("--publish {key}"))?;
         }
         if !paths.iter().any(|(_, p)| key_of(p).is_some()) {
             return Ok(());
