@@ -19,15 +19,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fount_engine::EngineConfig;
-use fount_server::{AppState, ServerConfig};
-use fount_store::{Admission, Quota, Scope, Store, Subject, UsageKind, UsageRecord, Wants};
+use fount_store::{Admission, Scope, Store, Subject, UsageKind, UsageRecord, Wants};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::bench_tenancy::{load, median, models, HttpClient};
+use super::bench_tenancy::{bench_state, every_limit, load, median, models, HttpClient};
 
 /// Arguments of `fount bench replicas`.
 #[derive(Debug, Args)]
@@ -66,15 +64,7 @@ impl Drop for Replica {
 /// A replica over `model` with its own connections to the store at `url` (SQLite in `dir` when
 /// `url` is `None`).
 async fn replica(model: &Path, dir: &Path, url: Option<&str>) -> Result<Replica> {
-    let engine = EngineConfig {
-        kv_bytes: 64 << 20,
-        ..Default::default()
-    };
-    let cfg = ServerConfig {
-        model_name: "bench".into(),
-        ..Default::default()
-    };
-    let state = AppState::load(model, None, engine, cfg)?;
+    let state = bench_state(model)?;
     let store = Store::open(dir, url).await?;
     state.enable_tenancy(store);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -96,15 +86,7 @@ async fn tenant(store: &Store, name: &str, rpm: Option<i64>) -> Result<String> {
     let (key, info) = store
         .create_key(&t.id, "bench", &[Scope::Inference, Scope::Admin], None)
         .await?;
-    let big = Some(i64::MAX / 4);
-    let q = Quota {
-        requests_per_minute: Some(rpm.unwrap_or(1_000_000_000)),
-        tokens_per_minute: big,
-        tokens_per_day: big,
-        tokens_per_month: big,
-        concurrent_requests: Some(1_000_000),
-        ..Quota::default()
-    };
+    let q = every_limit(rpm);
     store.set_quota(Subject::Tenant(&t.id), &q).await?;
     store.set_quota(Subject::Key(&info.id), &q).await?;
     Ok(key.expose().to_string())

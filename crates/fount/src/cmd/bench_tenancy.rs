@@ -79,16 +79,7 @@ pub(crate) fn models() -> Result<Vec<(&'static str, PathBuf)>> {
 /// A server over `dir` on loopback; with `store`, tenancy on with a tenant whose quotas set every
 /// limit (high enough never to refuse) and a key. Returns the base URL and the key.
 async fn server(dir: &Path, store: Option<Store>) -> Result<(String, Option<String>)> {
-    let engine = EngineConfig {
-        kv_bytes: 64 << 20,
-        ..Default::default()
-    };
-    let cfg = ServerConfig {
-        model_name: "bench".into(),
-        ..Default::default()
-    };
-    let state = AppState::load(dir, None, engine, cfg)
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let state = bench_state(dir)?;
     let key = match store {
         None => None,
         Some(store) => {
@@ -98,16 +89,11 @@ async fn server(dir: &Path, store: Option<Store>) -> Result<(String, Option<Stri
             let (key, info) = store
                 .create_key(&t.id, "bench", &[Scope::Inference], None)
                 .await?;
-            let big = Some(i64::MAX / 4);
             let q = Quota {
-                requests_per_minute: Some(1_000_000_000),
-                tokens_per_minute: big,
-                tokens_per_day: big,
-                tokens_per_month: big,
-                concurrent_requests: Some(1_000_000),
                 max_context: Some(1_000_000),
                 models: Some(vec!["bench".into()]),
                 weight: Some(1),
+                ..every_limit(None)
             };
             store.set_quota(Subject::Tenant(&t.id), &q).await?;
             store
@@ -128,6 +114,33 @@ async fn server(dir: &Path, store: Option<Store>) -> Result<(String, Option<Stri
     let base = format!("http://{}/v1", listener.local_addr()?);
     tokio::spawn(fount_server::serve(listener, state, std::future::pending()));
     Ok((base, key))
+}
+
+/// The served model `bench` over `dir`, with a 64 MiB KV cache.
+pub(crate) fn bench_state(dir: &Path) -> Result<Arc<AppState>> {
+    let engine = EngineConfig {
+        kv_bytes: 64 << 20,
+        ..Default::default()
+    };
+    let cfg = ServerConfig {
+        model_name: "bench".into(),
+        ..Default::default()
+    };
+    AppState::load(dir, None, engine, cfg).with_context(|| format!("loading {}", dir.display()))
+}
+
+/// A quota that sets every rate and budget, high enough never to refuse (but `rpm` requests a
+/// minute, when given), so that each rule is checked on every request.
+pub(crate) fn every_limit(rpm: Option<i64>) -> Quota {
+    let big = Some(i64::MAX / 4);
+    Quota {
+        requests_per_minute: Some(rpm.unwrap_or(1_000_000_000)),
+        tokens_per_minute: big,
+        tokens_per_day: big,
+        tokens_per_month: big,
+        concurrent_requests: Some(1_000_000),
+        ..Quota::default()
+    }
 }
 
 /// Requests per second and generated tokens per second of `clients` closed loops for
